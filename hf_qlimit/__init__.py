@@ -1,0 +1,25 @@
+"""hf_qlimit: post-training quantization of transformers models with BRECQ / QDrop block reconstruction.
+
+`import hf_qlimit` registers the "qlimit" quantization method with transformers (so `from_pretrained` loads
+quantized checkpoints) and adds `PreTrainedModel.quantize_qlimit`.
+"""
+
+from transformers.quantizers import register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from .api import patch_pretrained_model, quantize
+from .config import PRESETS, QLimitConfig
+from .hf_quantizer import QLimitHfQuantizer
+from .models import register_adapter, supported_model_types
+from .modules import register_attention
+
+__version__ = "0.1.0"
+
+if "qlimit" not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config("qlimit")(QLimitConfig)
+if "qlimit" not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer("qlimit")(QLimitHfQuantizer)
+register_attention()
+patch_pretrained_model()
+
+__all__ = ["PRESETS", "QLimitConfig", "QLimitHfQuantizer", "quantize", "register_adapter", "supported_model_types"]

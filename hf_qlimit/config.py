@@ -1,0 +1,165 @@
+"""`QLimitConfig`: what to quantize, to how many bits, and how to calibrate it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+METHODS = ("rtn", "adaround", "brecq", "qdrop")
+LOSSES = ("mse", "fisher")
+
+# Reconstruction settings of each preset. "paper" is the BRECQ/QDrop setting; "fast" trades a little
+# accuracy for a run of minutes on a laptop CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000},
+    "fast": {"num_samples": 256, "batch_size": 32, "iters": 500},
+}
+_RECON_DEFAULTS: dict[str, Any] = {
+    "round_loss_weight": 0.01,
+    "beta_range": (20.0, 2.0),
+    "warmup": 0.2,
+    "drop_prob": 0.5,
+    "loss": "mse",
+    "weight_lr": 1e-3,
+    "act_lr": 4e-5,
+}
+
+
+def _check_bits(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        allowed = "an integer from 2 to 8" + (", or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+@dataclass
+class QLimitConfig(QuantizationConfigMixin):
+    """Configuration of Q-Limit post-training quantization (BRECQ / QDrop block reconstruction).
+
+    Args:
+        weight_bits: bits of the weights of the transformer blocks (2-8).
+        act_bits: bits of the activations (inputs of every quantized Linear and of the attention matmuls),
+            or `None` for weight-only quantization.
+        method: `"rtn"` (round to nearest), `"adaround"` (each Linear on its own), `"brecq"` (block
+            reconstruction) or `"qdrop"` (block reconstruction with activation dropping).
+        group_size: weights share one scale per `group_size` input features; `None` is one per output channel.
+        weight_sym / act_sym: symmetric instead of asymmetric (zero-point) grids.
+        first_last_bits: bits of the embeddings and of the task / LM head, in weights and in their input
+            activations; `None` leaves them in full precision.
+        modules_to_not_convert: fnmatch patterns of module names kept in full precision.
+        module_bits: fnmatch pattern or module name -> weight bits, applied after the rules above. Mixed
+            precision writes its allocation here.
+        quantize_attention: also quantize the inputs of the Q·Kᵀ and P·V matmuls (when `act_bits` is set).
+        lp_norm: the p of the Lp error minimised by the initial range search.
+        preset: `"paper"` or `"fast"`; fills `num_samples`, `batch_size` and `iters` where they are not given.
+        num_samples, batch_size, iters: calibration samples, reconstruction batch size, iterations per block.
+        round_loss_weight: λ of the AdaRound regulariser.
+        beta_range: (start, end) of the annealed β of the AdaRound regulariser.
+        warmup: fraction of the iterations before the regulariser starts.
+        drop_prob: QDrop's probability of keeping an activation in full precision.
+        loss: `"mse"` or `"fisher"` (output error weighted by squared gradients of the KL at the block output).
+        weight_lr, act_lr: Adam learning rates of the rounding variables and of the activation step sizes.
+        seed: seed of sampling and dropping; the same seed and data give identical tensors.
+        max_length: calibration sequences are truncated to this many tokens.
+        layer_config: filled in by quantization: the resolved bits of every converted module, which
+            `from_pretrained` rebuilds. Not meant to be set by hand.
+    """
+
+    weight_bits: int = 4
+    act_bits: int | None = 8
+    method: str = "qdrop"
+    group_size: int | None = None
+    weight_sym: bool = False
+    act_sym: bool = False
+    first_last_bits: int | None = 8
+    modules_to_not_convert: list[str] | None = None
+    module_bits: dict[str, int] = field(default_factory=dict)
+    quantize_attention: bool = True
+    lp_norm: float = 2.4
+    preset: str = "fast"
+    num_samples: int | None = None
+    batch_size: int | None = None
+    iters: int | None = None
+    round_loss_weight: float | None = None
+    beta_range: tuple[float, float] | None = None
+    warmup: float | None = None
+    drop_prob: float | None = None
+    loss: str | None = None
+    weight_lr: float | None = None
+    act_lr: float | None = None
+    seed: int = 0
+    max_length: int | None = 512
+    layer_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quant_method: str = "qlimit"
+
+    def __post_init__(self) -> None:
+        self.quant_method = "qlimit"
+        if self.preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {self.preset!r}.")
+        for key, value in {**PRESETS[self.preset], **_RECON_DEFAULTS}.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.beta_range = tuple(float(b) for b in self.beta_range)
+        self.module_bits = dict(self.module_bits or {})
+        if self.modules_to_not_convert is not None:
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises `ValueError` naming the first field that holds an impossible value."""
+        _check_bits("weight_bits", self.weight_bits)
+        _check_bits("act_bits", self.act_bits, allow_none=True)
+        _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
+        for name, bits in self.module_bits.items():
+            _check_bits(f"module_bits[{name!r}]", bits)
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r}.")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"`group_size` must be a positive integer or None, got {self.group_size!r}.")
+        for name in ("num_samples", "batch_size", "iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "iters" else 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"`max_length` must be a positive integer or None, got {self.max_length!r}.")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise ValueError(f"`drop_prob` must lie in [0, 1], got {self.drop_prob!r}.")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"`warmup` must lie in [0, 1), got {self.warmup!r}.")
+        if len(self.beta_range) != 2 or min(self.beta_range) <= 0:
+            raise ValueError(f"`beta_range` must be two positive numbers (start, end), got {self.beta_range!r}.")
+        if self.lp_norm <= 0:
+            raise ValueError(f"`lp_norm` must be positive, got {self.lp_norm!r}.")
+        for name in ("round_loss_weight", "weight_lr", "act_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)!r}.")
+
+    @property
+    def drop_probability(self) -> float:
+        """Probability that an activation stays in full precision during reconstruction (0 unless QDrop)."""
+        return self.drop_prob if self.method == "qdrop" else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        out["beta_range"] = list(out["beta_range"])
+        return out
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown QLimitConfig fields {unknown}: the checkpoint was written by another hf_qlimit version "
+                f"or is not a qlimit checkpoint. Known fields: {sorted(known)}."
+            )
+        return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()

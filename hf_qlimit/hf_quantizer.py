@@ -1,0 +1,53 @@
+"""The `HfQuantizer` that lets `from_pretrained` rebuild a qlimit checkpoint: thin glue, no math."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from transformers.quantizers import HfQuantizer
+from transformers.utils import logging
+
+from .config import QLimitConfig
+from .integration import convert_model, quantized_modules
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.get_logger(__name__)
+
+
+class QLimitHfQuantizer(HfQuantizer):
+    """Loads models quantized by `quantize_qlimit`; quantizing happens there, with calibration data."""
+
+    requires_calibration = True
+    quantization_config: QLimitConfig
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        if not self.quantization_config.layer_config:
+            raise ValueError(
+                "This quantization_config has no `layer_config`, so it describes no quantized checkpoint. To quantize a "
+                "model, load it in full precision and call `model.quantize_qlimit(calib_ds, QLimitConfig(...))`."
+            )
+
+    def update_attn_implementation(self, config):
+        if any(spec["kind"] == "attention" for spec in self.quantization_config.layer_config.values()):
+            from .modules import register_attention
+
+            register_attention()
+            config._attn_implementation = "qlimit"
+        return config
+
+    def _process_model_before_weight_loading(self, model: "PreTrainedModel", **kwargs) -> None:
+        convert_model(model, self.quantization_config.layer_config, self.quantization_config, frozen=True)
+
+    def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs) -> "PreTrainedModel":
+        for _, module in quantized_modules(model):
+            module.invalidate_cache()
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

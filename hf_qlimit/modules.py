@@ -1,0 +1,166 @@
+"""Quantized modules that replace `nn.Linear`, `nn.Embedding` and the attention matmuls.
+
+Each module has two states. While calibrating it holds the FP weight and fake-quantizes it (RTN or AdaRound).
+`freeze()` turns the weight into packed integer codes; from then on, and after `from_pretrained`, the forward
+pass dequantizes those codes, so the in-memory and the reloaded model compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import pack_codes, packed_row_bytes, unpack_codes
+from .quantizers import ActQuantizer, WeightQuantizer
+
+
+class _QuantWeightMixin:
+    """Weight handling shared by `QuantLinear` and `QuantEmbedding`: rows are output channels."""
+
+    weight_quantizer: WeightQuantizer
+
+    def _init_weight(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool, frozen: bool):
+        self.rows, self.cols = rows, cols
+        self.weight_quantizer = WeightQuantizer(bits, (rows, cols), group_size, sym)
+        if frozen:
+            self.weight = None
+            self.register_buffer("qweight", torch.zeros(rows, packed_row_bytes(cols, bits), dtype=torch.uint8))
+        self.register_buffer("_dequantized", None, persistent=False)
+
+    @property
+    def is_frozen(self) -> bool:
+        return self.weight is None
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Round for good: keep only the packed integer codes of the weight."""
+        codes = self.weight_quantizer.codes(self.weight)
+        self.weight_quantizer.alpha = None
+        del self.weight
+        self.weight = None
+        self.register_buffer("qweight", pack_codes(codes, self.weight_quantizer.bits))
+        self._dequantized = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        if not self.is_frozen:
+            return self.weight_quantizer(self.weight)
+        if self._dequantized is None or self._dequantized.device != self.qweight.device:
+            codes = unpack_codes(self.qweight, self.weight_quantizer.bits, self.cols)
+            self._dequantized = self.weight_quantizer.dequantize(codes)
+        return self._dequantized
+
+    def invalidate_cache(self) -> None:
+        self._dequantized = None
+
+
+class QuantLinear(_QuantWeightMixin, nn.Module):
+    """`nn.Linear` with a quantized weight and, if `act_bits` is set, a quantized input."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight_bits: int,
+        act_bits: int | None,
+        group_size: int | None = None,
+        weight_sym: bool = False,
+        act_sym: bool = False,
+        frozen: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if not frozen:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self._init_weight(out_features, in_features, weight_bits, group_size, weight_sym, frozen)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.input_quantizer = ActQuantizer(act_bits, act_sym) if act_bits is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: dict, group_size, weight_sym, act_sym) -> "QuantLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec["w"], spec.get("a"),
+                     group_size, weight_sym, act_sym, frozen=False)  # fmt: skip
+        module.weight, module.bias = linear.weight, linear.bias
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(_QuantWeightMixin, nn.Module):
+    """`nn.Embedding` with one quantization scale per embedding row."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, weight_bits: int,
+                 weight_sym: bool = False, frozen: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        if not frozen:
+            self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self._init_weight(num_embeddings, embedding_dim, weight_bits, None, weight_sym, frozen)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, spec: dict, weight_sym: bool) -> "QuantEmbedding":
+        module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, spec["w"], weight_sym, frozen=False)
+        module.weight = emb.weight
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.quantized_weight(), self.padding_idx)
+
+
+class AttentionQuantizers(nn.Module):
+    """Quantizers of the attention matmul inputs: Q and K for Q·Kᵀ, the probabilities P and V for P·V."""
+
+    def __init__(self, act_bits: int, act_sym: bool = False) -> None:
+        super().__init__()
+        self.query = ActQuantizer(act_bits, act_sym)
+        self.key = ActQuantizer(act_bits, act_sym)
+        self.value = ActQuantizer(act_bits, act_sym)
+        # Softmax outputs lie in [0, 1]: an asymmetric grid wastes no code on negatives.
+        self.probs = ActQuantizer(act_bits, False)
+
+
+ATTENTION_ATTR = "qlimit_attention"
+
+
+def qlimit_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with quantized matmul inputs; registered in transformers' `AttentionInterface` as "qlimit"."""
+    quant: AttentionQuantizers | None = getattr(module, ATTENTION_ATTR, None)
+    if quant is not None:
+        query, key, value = quant.query(query), quant.key(key), quant.value(value)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    if quant is not None:
+        probs = quant.probs(probs)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register("qlimit", qlimit_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("qlimit", eager_mask)

@@ -1,0 +1,85 @@
+"""Activation quantizer: one learned step size per tensor (LSQ), with QDrop's random dropping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .fake_quant import fake_quantize
+from .range_search import search_activation_range
+
+_SAMPLE_PER_CALL = 4096
+_SAMPLE_MAX = 1 << 18
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes a tensor on a per-tensor grid whose step size is trained (LSQ); the zero point stays fixed.
+
+    Lifecycle: `observe()` -> forwards record extremes and a value sample -> `finish_observing()` sets the grid
+    by Lp search. During reconstruction `drop_prob` > 0 keeps each element in FP with that probability (QDrop).
+    """
+
+    def __init__(self, bits: int, symmetric: bool = False) -> None:
+        super().__init__()
+        self.bits, self.symmetric = bits, symmetric
+        self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
+        self.register_buffer("zero", torch.tensor(0.0))
+        self.enabled = True
+        self.drop_prob = 0.0
+        self._observing = False
+        self._stats: dict | None = None
+
+    def observe(self) -> None:
+        self._observing = True
+        self._stats = {"min": math.inf, "max": -math.inf, "samples": [], "count": 0}
+
+    @torch.no_grad()
+    def _record(self, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                "NaN or Inf activations reached an activation quantizer during calibration. Check the model in full "
+                "precision on the calibration data first (a half-precision overflow is the usual cause; load in float32)."
+            )
+        stats = self._stats
+        flat = x.detach().reshape(-1).float()
+        stats["min"] = min(stats["min"], flat.min().item())
+        stats["max"] = max(stats["max"], flat.max().item())
+        if stats["count"] < _SAMPLE_MAX:
+            idx = torch.randint(0, flat.numel(), (min(_SAMPLE_PER_CALL, flat.numel()),), device=flat.device)
+            stats["samples"].append(flat[idx].cpu())
+            stats["count"] += idx.numel()
+
+    @property
+    def has_observed(self) -> bool:
+        return bool(self._stats and self._stats["samples"])
+
+    def stop_observing(self) -> None:
+        """Ends an observation without touching the grid (for a quantizer that saw no data yet)."""
+        self._observing, self._stats = False, None
+
+    @torch.no_grad()
+    def finish_observing(self, p: float) -> None:
+        if self._stats is None or not self._stats["samples"]:
+            raise RuntimeError("An activation quantizer saw no data during calibration; the module was never called.")
+        stats, self._stats, self._observing = self._stats, None, False
+        sample = torch.cat(stats["samples"])
+        scale, zero = search_activation_range(sample, stats["min"], stats["max"], self.bits, self.symmetric, p)
+        self.scale.data.fill_(scale.item())
+        self.zero.fill_(zero.item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observing:
+            self._record(x)
+            return x
+        if not self.enabled:
+            return x
+        xq = fake_quantize(x, self.scale.to(x.dtype), self.zero.to(x.dtype), self.bits)
+        if self.training and self.drop_prob > 0:
+            keep_fp = torch.rand_like(x) < self.drop_prob
+            return torch.where(keep_fp, x, xq)
+        return xq
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}"

@@ -1,0 +1,223 @@
+"""Reconstruction of one block (BRECQ / QDrop) or of its Linears one by one (AdaRound).
+
+min ‖block_q(x) − block_fp(x_fp)‖² + λ Σ (1 − |2h − 1|^β) over AdaRound's rounding variables (Adam, lr 1e-3)
+and the LSQ step sizes (Adam, lr 4e-5, cosine decay). QDrop mixes the block input element-wise between the
+quantized and the FP stream and keeps each activation in FP with probability `drop_prob`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .block_inputs import BlockInputs, block_output, run_block
+from .config import QLimitConfig
+from .integration import act_quantizers, quant_state, quantized_modules
+from .modules import QuantLinear
+from .quantizers import beta_schedule
+
+
+@dataclass
+class BlockData:
+    """Everything the reconstruction of one block needs; all tensors on CPU, first dimension = samples."""
+
+    fp_in: torch.Tensor
+    q_in: torch.Tensor
+    fp_out: torch.Tensor
+    inputs: BlockInputs
+    token_mask: torch.Tensor  # (samples, length): False on padding, which the loss ignores
+    fisher: torch.Tensor | None = None  # squared output gradients, normalised to mean 1
+
+
+def _masked_error(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Squared error summed over features and averaged over real tokens."""
+    err = (out - target).pow(2)
+    if weight is not None:
+        err = err * weight
+    err = err.sum(-1)
+    mask = mask.to(err.dtype).reshape(mask.shape + (1,) * (err.dim() - mask.dim()))
+    return (err * mask).sum() / mask.expand_as(err).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def block_output_error(block: nn.Module, data: BlockData, batch_size: int, device: torch.device,
+                       q_out: torch.Tensor | None = None) -> float:  # fmt: skip
+    """Mean squared output error per token of the quantized block against the FP block."""
+    if q_out is None:
+        q_out = run_block(block, data.q_in, data.inputs, batch_size, device)
+    return _masked_error(q_out, data.fp_out, data.token_mask, None).item()
+
+
+def _optimize(modules: list[QuantLinear], acts: list, step_fn: Callable, config: QLimitConfig, desc: str) -> None:
+    """The shared loop: `step_fn(index)` returns (output, target, mask, weight) for a random mini-batch."""
+    for module in modules:
+        module.weight_quantizer.init_adaround(module.weight)
+    alphas = [m.weight_quantizer.alpha for m in modules]
+    scales = [q.scale for q in acts]
+    for p in scales:
+        p.requires_grad_(True)
+    opt_w = torch.optim.Adam(alphas, lr=config.weight_lr) if alphas else None
+    opt_a = torch.optim.Adam(scales, lr=config.act_lr) if scales else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=max(1, config.iters)) if opt_a else None
+    for q in acts:
+        q.drop_prob = config.drop_probability
+        q.train()  # only the quantizers: the block stays in eval mode, so dropout stays off
+    bar = tqdm(range(config.iters), desc=desc, leave=False)
+    try:
+        for step in bar:
+            out, target, mask, weight = step_fn()
+            rec = _masked_error(out, target, mask, weight)
+            beta = beta_schedule(step, config.iters, config.warmup, *config.beta_range)
+            loss = rec
+            if beta is not None and alphas:
+                loss = rec + config.round_loss_weight * sum(m.weight_quantizer.rounding_loss(beta) for m in modules)
+            for opt in (opt_w, opt_a):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in (opt_w, opt_a):
+                if opt is not None:
+                    opt.step()
+            if sched is not None:
+                sched.step()
+            for q in acts:  # a step size must stay positive
+                q.scale.data.clamp_(min=1e-8)
+            if step % 50 == 0 or step == config.iters - 1:
+                bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
+    finally:
+        for q in acts:
+            q.drop_prob = 0.0
+            q.eval()
+        for p in scales:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+def _sample(n: int, batch_size: int) -> torch.Tensor:
+    return torch.randint(0, n, (min(batch_size, n),))
+
+
+def reconstruct_block(block: nn.Module, data: BlockData, config: QLimitConfig, device: torch.device, desc: str) -> None:
+    """Learns the rounding of every weight and the step of every activation quantizer of `block`."""
+    if config.method == "adaround":
+        return _reconstruct_layerwise(block, data, config, device, desc)
+    modules = [m for _, m in quantized_modules(block)]
+    acts = list(act_quantizers(block))
+    drop = config.drop_probability
+
+    def step():
+        index = _sample(data.q_in.shape[0], config.batch_size)
+        x = data.q_in[index].to(device)
+        if drop > 0:  # QDrop: each input element comes from the FP stream with probability drop_prob
+            x = torch.where(torch.rand_like(x) < drop, data.fp_in[index].to(device), x)
+        args, kwargs = data.inputs.select(index, device)
+        out = block_output(block(x, *args, **kwargs))
+        weight = data.fisher[index].to(device) if data.fisher is not None else None
+        return out, data.fp_out[index].to(device), data.token_mask[index].to(device), weight
+
+    with quant_state(block, weights=True, acts=True):
+        _optimize(modules, acts, step, config, desc)
+
+
+@torch.no_grad()
+def _linear_inputs(block: nn.Module, linear: nn.Module, hidden: torch.Tensor, data: BlockData,
+                   batch_size: int, device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Inputs that reach `linear` (before its own quantizer) when `hidden` runs through the block."""
+    seen = []
+    handle = linear.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().cpu()))
+    try:
+        run_block(block, hidden, data.inputs, batch_size, device)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def _reconstruct_layerwise(block: nn.Module, data: BlockData, config: QLimitConfig, device: torch.device, desc: str) -> None:
+    """AdaRound: each Linear on its own, fed by the quantized stream, targeting the FP Linear on FP inputs."""
+    for name, module in quantized_modules(block):
+        if not isinstance(module, QuantLinear):
+            continue
+        with quant_state(block, weights=False, acts=False):
+            x_fp = _linear_inputs(block, module, data.fp_in, data, config.batch_size, device)
+            target = torch.cat([module(x_fp[i : i + 256].to(device)).cpu() for i in range(0, len(x_fp), 256)])
+        with quant_state(block, weights=True, acts=True):
+            x_q = _linear_inputs(block, module, data.q_in, data, config.batch_size, device)
+
+        def step():
+            index = _sample(x_q.shape[0], config.batch_size)
+            out = module(x_q[index].to(device))
+            return out, target[index].to(device), data.token_mask[index].to(device), None
+
+        acts = [module.input_quantizer] if module.input_quantizer is not None else []
+        with quant_state(module, weights=True, acts=True):
+            _optimize([module], acts, step, config, f"{desc} {name}")
+        # Hard rounding from here on, while the FP stream can still switch this module off.
+        module.weight_quantizer.harden()
+
+
+def _output_logits(output) -> list[torch.Tensor]:
+    return [v for k, v in output.items() if k.endswith("logits") and isinstance(v, torch.Tensor)]
+
+
+def fisher_weights(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], device: torch.device) -> list[torch.Tensor]:
+    """Squared gradients, at every block output, of KL(FP output ‖ output with round-to-nearest weights).
+
+    One forward and backward pass per batch serves all blocks. Each block's weights are normalised to mean 1
+    over real tokens, so the loss keeps the scale of the plain MSE and λ keeps its meaning.
+    """
+    grads: list[list[torch.Tensor]] = [[] for _ in blocks]
+    outputs: list[torch.Tensor] = []
+
+    def keep(module, args, out):
+        hidden = block_output(out)
+        if hidden.requires_grad:
+            hidden.retain_grad()
+            outputs.append(hidden)
+
+    def start_graph(module, args, kwargs):
+        args = list(args)
+        if args:
+            args[0] = args[0].detach().requires_grad_(True)
+        else:
+            kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        return tuple(args), kwargs
+
+    regression = getattr(model.config, "problem_type", None) == "regression" or getattr(model.config, "num_labels", 2) == 1
+    handles = [b.register_forward_hook(keep) for b in blocks]
+    handles.append(blocks[0].register_forward_pre_hook(start_graph, with_kwargs=True))
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mask = batch["attention_mask"].bool()
+            with torch.no_grad(), quant_state(model, weights=False, acts=False):
+                outputs.clear()
+                fp = _output_logits(model(**batch, use_cache=False))
+            outputs.clear()
+            with quant_state(model, weights=True, acts=False):
+                q = _output_logits(model(**batch, use_cache=False))
+            loss = 0.0
+            for f, g in zip(fp, q):
+                if regression:
+                    loss = loss + F.mse_loss(g, f, reduction="sum")
+                    continue
+                kl = F.kl_div(F.log_softmax(g, -1), F.log_softmax(f, -1), log_target=True, reduction="none").sum(-1)
+                loss = loss + (kl[mask].sum() if kl.shape == mask.shape else kl.sum())
+            loss.backward()
+            for i, hidden in enumerate(outputs):
+                grads[i].append(hidden.grad.detach().pow(2).cpu())
+            outputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    token_mask = torch.cat([b["attention_mask"] for b in batches]).bool()
+    result = []
+    for g in grads:
+        g = torch.cat(g)
+        mean = g[token_mask].mean().clamp(min=1e-20)
+        result.append(g / mean)
+    return result
