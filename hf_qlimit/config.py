@@ -65,6 +65,12 @@ class QLimitConfig(QuantizationConfigMixin):
         weight_lr, act_lr: Adam learning rates of the rounding variables and of the activation step sizes.
         seed: seed of sampling and dropping; the same seed and data give identical tensors.
         max_length: calibration sequences are truncated to this many tokens.
+        bit_candidates: mixed precision: the weight bit-widths each block Linear may get, e.g. [2, 4, 8]. `None`
+            (the default) quantizes every block Linear to `weight_bits`.
+        avg_bits: mixed-precision budget as the average weight bits over the block Linears.
+        size_budget_bytes: mixed-precision budget as the bytes of the block Linears' packed weights.
+        bops_budget: optional extra budget in bit-operations (weight bits × activation bits × MACs per token).
+        sensitivity_cache: file where measured sensitivities are kept, so other budgets skip the measurement.
         layer_config: filled in by quantization: the resolved bits of every converted module, which
             `from_pretrained` rebuilds. Not meant to be set by hand.
     """
@@ -93,6 +99,11 @@ class QLimitConfig(QuantizationConfigMixin):
     act_lr: float | None = None
     seed: int = 0
     max_length: int | None = 512
+    bit_candidates: list[int] | None = None
+    avg_bits: float | None = None
+    size_budget_bytes: int | None = None
+    bops_budget: float | None = None
+    sensitivity_cache: str | None = None
     layer_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     quant_method: str = "qlimit"
 
@@ -126,6 +137,14 @@ class QLimitConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "iters" else 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.bit_candidates is not None:
+            if not self.bit_candidates:
+                raise ValueError("`bit_candidates` must list at least one bit-width, e.g. [2, 4, 8].")
+            for bits in self.bit_candidates:
+                _check_bits("bit_candidates", bits)
+            self.bit_candidates = sorted(set(self.bit_candidates))
+            if self.avg_bits is None and self.size_budget_bytes is None:
+                raise ValueError("Mixed precision (`bit_candidates`) needs a budget: set `avg_bits` or `size_budget_bytes`.")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"`max_length` must be a positive integer or None, got {self.max_length!r}.")
         if not 0.0 <= self.drop_prob <= 1.0:
