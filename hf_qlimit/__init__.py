@@ -4,6 +4,8 @@
 quantized checkpoints) and adds `PreTrainedModel.quantize_qlimit`.
 """
 
+import logging as _logging
+
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -21,5 +23,7 @@ if "qlimit" not in AUTO_QUANTIZER_MAPPING:
     register_quantizer("qlimit")(QLimitHfQuantizer)
 register_attention()
 patch_pretrained_model()
+# hf_qlimit's loggers follow transformers' verbosity and handler (`transformers.logging.set_verbosity_info()`).
+_logging.getLogger("hf_qlimit").parent = _logging.getLogger("transformers")
 
 __all__ = ["PRESETS", "QLimitConfig", "QLimitHfQuantizer", "quantize", "register_adapter", "supported_model_types"]

@@ -16,37 +16,37 @@ from .quantizers import ActQuantizer, WeightQuantizer
 
 
 class _QuantWeightMixin:
-    """Weight handling shared by `QuantLinear` and `QuantEmbedding`: rows are output channels."""
+    """Weight handling shared by `QuantLinear` and `QuantEmbedding`: rows are output channels.
+
+    Frozen, `weight` is a flat uint8 buffer of packed codes. Flat on purpose: a transformers without hf_qlimit
+    then fails loudly on the shape mismatch instead of reading codes as float weights.
+    """
 
     weight_quantizer: WeightQuantizer
 
     def _init_weight(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool, frozen: bool):
         self.rows, self.cols = rows, cols
         self.weight_quantizer = WeightQuantizer(bits, (rows, cols), group_size, sym)
+        self.is_frozen = frozen
         if frozen:
-            self.weight = None
-            self.register_buffer("qweight", torch.zeros(rows, packed_row_bytes(cols, bits), dtype=torch.uint8))
+            self.register_buffer("weight", torch.zeros(rows * packed_row_bytes(cols, bits), dtype=torch.uint8))
         self.register_buffer("_dequantized", None, persistent=False)
-
-    @property
-    def is_frozen(self) -> bool:
-        return self.weight is None
 
     @torch.no_grad()
     def freeze(self) -> None:
         """Round for good: keep only the packed integer codes of the weight."""
         codes = self.weight_quantizer.codes(self.weight)
-        self.weight_quantizer.alpha = None
+        self.weight_quantizer.alpha = self.weight_quantizer.w_floor = None
         del self.weight
-        self.weight = None
-        self.register_buffer("qweight", pack_codes(codes, self.weight_quantizer.bits))
+        self.register_buffer("weight", pack_codes(codes, self.weight_quantizer.bits).reshape(-1))
+        self.is_frozen = True
         self._dequantized = None
 
     def quantized_weight(self) -> torch.Tensor:
         if not self.is_frozen:
             return self.weight_quantizer(self.weight)
-        if self._dequantized is None or self._dequantized.device != self.qweight.device:
-            codes = unpack_codes(self.qweight, self.weight_quantizer.bits, self.cols)
+        if self._dequantized is None or self._dequantized.device != self.weight.device:
+            codes = unpack_codes(self.weight.reshape(self.rows, -1), self.weight_quantizer.bits, self.cols)
             self._dequantized = self.weight_quantizer.dequantize(codes)
         return self._dequantized
 

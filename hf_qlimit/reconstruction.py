@@ -137,21 +137,26 @@ def _linear_inputs(block: nn.Module, linear: nn.Module, hidden: torch.Tensor, da
     return torch.cat(seen)
 
 
+def _valid_tokens(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """(samples, length, features) or (samples · length, features) -> (real tokens, features)."""
+    return x.reshape(-1, x.shape[-1])[token_mask.reshape(-1)]
+
+
 def _reconstruct_layerwise(block: nn.Module, data: BlockData, config: QLimitConfig, device: torch.device, desc: str) -> None:
     """AdaRound: each Linear on its own, fed by the quantized stream, targeting the FP Linear on FP inputs."""
     for name, module in quantized_modules(block):
         if not isinstance(module, QuantLinear):
             continue
         with quant_state(block, weights=False, acts=False):
-            x_fp = _linear_inputs(block, module, data.fp_in, data, config.batch_size, device)
-            target = torch.cat([module(x_fp[i : i + 256].to(device)).cpu() for i in range(0, len(x_fp), 256)])
+            x_fp = _valid_tokens(_linear_inputs(block, module, data.fp_in, data, config.batch_size, device), data.token_mask)
+            target = torch.cat([module(x_fp[i : i + 4096].to(device)).cpu() for i in range(0, len(x_fp), 4096)])
         with quant_state(block, weights=True, acts=True):
-            x_q = _linear_inputs(block, module, data.q_in, data, config.batch_size, device)
+            x_q = _valid_tokens(_linear_inputs(block, module, data.q_in, data, config.batch_size, device), data.token_mask)
+        tokens_per_batch = config.batch_size * data.token_mask.shape[1]
 
         def step():
-            index = _sample(x_q.shape[0], config.batch_size)
-            out = module(x_q[index].to(device))
-            return out, target[index].to(device), data.token_mask[index].to(device), None
+            index = _sample(x_q.shape[0], tokens_per_batch)
+            return module(x_q[index].to(device)), target[index].to(device), torch.ones(len(index), dtype=torch.bool, device=device), None
 
         acts = [module.input_quantizer] if module.input_quantizer is not None else []
         with quant_state(module, weights=True, acts=True):

@@ -24,6 +24,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape[0], groups))
         self.register_buffer("zero", torch.zeros(shape[0], groups, dtype=torch.uint8))
         self.alpha: nn.Parameter | None = None  # AdaRound's V, same shape as the grouped weight
+        self.register_buffer("w_floor", None, persistent=False)  # floor(w / s): fixed while V is learned
         self.enabled = True
 
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +41,8 @@ class WeightQuantizer(nn.Module):
         """V such that h(V) equals the fractional part of w / s, i.e. the soft weight starts at the FP weight."""
         scale, _ = self._grid()
         w = group_view(weight.detach().float(), self.group_size) / scale
-        rest = (w - w.floor()).clamp(1e-4, 1 - 1e-4)
+        self.w_floor = w.floor()
+        rest = (w - self.w_floor).clamp(1e-4, 1 - 1e-4)
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
 
     def soft_rounding(self) -> torch.Tensor:
@@ -67,7 +69,7 @@ class WeightQuantizer(nn.Module):
         else:
             h = (self.alpha >= 0).to(w.dtype) if hard else self.soft_rounding()
             qmin, qmax = qrange(self.bits)
-            q = torch.clamp(torch.floor(w / scale) + h + zero, qmin, qmax)
+            q = torch.clamp(self.w_floor + h + zero, qmin, qmax)
         return dequantize_codes(q, scale, zero).reshape(weight.shape)
 
     @torch.no_grad()
@@ -79,7 +81,7 @@ class WeightQuantizer(nn.Module):
             q = quantize_codes(w, scale, zero, self.bits)
         else:
             qmin, qmax = qrange(self.bits)
-            q = torch.clamp(torch.floor(w / scale) + (self.alpha >= 0).float() + zero, qmin, qmax)
+            q = torch.clamp(self.w_floor + (self.alpha >= 0).float() + zero, qmin, qmax)
         return q.reshape(weight.shape).to(torch.uint8)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:

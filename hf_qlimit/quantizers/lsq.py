@@ -7,11 +7,10 @@ import math
 import torch
 from torch import nn
 
-from .fake_quant import fake_quantize
 from .range_search import search_activation_range
 
 _SAMPLE_PER_CALL = 4096
-_SAMPLE_MAX = 1 << 18
+_SAMPLE_MAX = 1 << 17
 
 
 class ActQuantizer(nn.Module):
@@ -75,7 +74,14 @@ class ActQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
-        xq = fake_quantize(x, self.scale.to(x.dtype), self.zero.to(x.dtype), self.bits)
+        qmax = 2**self.bits - 1
+        if self.scale.requires_grad and torch.is_grad_enabled():
+            # torch's fused kernel with the LSQ gradient for the step size
+            xq = torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale.reshape(1), self.zero.reshape(1), 0, qmax, 1.0
+            )
+        else:
+            xq = torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero.round().int(), 0, qmax)
         if self.training and self.drop_prob > 0:
             keep_fp = torch.rand_like(x) < self.drop_prob
             return torch.where(keep_fp, x, xq)

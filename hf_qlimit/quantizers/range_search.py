@@ -6,13 +6,35 @@ import torch
 
 from .fake_quant import dequantize_codes, quantize_codes, scale_zero_from_range
 
-# Fractions of the observed range tried as the clipping range.
-_CANDIDATES = torch.linspace(1.0, 0.2, 81).tolist()
+# Fractions of the observed range tried as the clipping range: a coarse grid, then a finer one around the best.
+_COARSE = torch.linspace(1.0, 0.2, 17).tolist()
+_FINE_STEP = 0.05 / 4
+_CHUNK = 1 << 18  # weights are searched in chunks of rows that stay in the CPU cache across candidates
 
 
 def _lp_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, p: float, dim) -> torch.Tensor:
     err = dequantize_codes(quantize_codes(x, scale, zero, bits), scale, zero) - x
     return err.abs().pow(p).sum(dim=dim)
+
+
+def _search_rows(w: torch.Tensor, bits: int, symmetric: bool, p: float, xmin=None, xmax=None):
+    """Best (scale, zero) for each row of `w` (the last dim holds the values), clipping [xmin, xmax]."""
+    if xmin is None:
+        xmin, xmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+
+    def best_of(alphas: list[torch.Tensor]) -> torch.Tensor:
+        best_err = torch.full_like(xmin, float("inf"))
+        best_alpha = torch.ones_like(xmin)
+        for alpha in alphas:
+            scale, zero = scale_zero_from_range(alpha * xmin, alpha * xmax, bits, symmetric)
+            err = _lp_error(w, scale, zero, bits, p, dim=-1).unsqueeze(-1)
+            better = err < best_err
+            best_err, best_alpha = torch.where(better, err, best_err), torch.where(better, alpha, best_alpha)
+        return best_alpha
+
+    coarse = best_of([torch.full_like(xmin, a) for a in _COARSE])
+    fine = best_of([(coarse + k * _FINE_STEP).clamp(0.05, 1.0) for k in range(-3, 4)])
+    return scale_zero_from_range(fine * xmin, fine * xmax, bits, symmetric)
 
 
 @torch.no_grad()
@@ -21,17 +43,11 @@ def search_weight_range(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output channel (or per group of `group_size` inputs) scale and zero point, each of shape (out, groups)."""
     w = group_view(weight.detach().float(), group_size)
-    xmin, xmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
-    best_err = torch.full(xmin.shape, float("inf"), device=w.device)
-    best_scale, best_zero = torch.ones_like(xmin), torch.zeros_like(xmin)
-    for alpha in _CANDIDATES:
-        scale, zero = scale_zero_from_range(alpha * xmin, alpha * xmax, bits, symmetric)
-        err = _lp_error(w, scale, zero, bits, p, dim=-1).unsqueeze(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale.squeeze(-1), best_zero.squeeze(-1)
+    rows = max(1, _CHUNK // (w.shape[1] * w.shape[2]))
+    parts = [_search_rows(w[i : i + rows], bits, symmetric, p) for i in range(0, w.shape[0], rows)]
+    scale = torch.cat([s for s, _ in parts]).squeeze(-1)
+    zero = torch.cat([z for _, z in parts]).squeeze(-1)
+    return scale, zero
 
 
 @torch.no_grad()
@@ -39,15 +55,9 @@ def search_activation_range(
     sample: torch.Tensor, xmin: float, xmax: float, bits: int, symmetric: bool, p: float = 2.4
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale and zero point for a whole tensor, from a sample of its values and its observed extremes."""
-    lo, hi = torch.tensor(xmin), torch.tensor(xmax)
-    sample = sample.float().cpu()
-    best = (float("inf"), None, None)
-    for alpha in _CANDIDATES:
-        scale, zero = scale_zero_from_range(alpha * lo, alpha * hi, bits, symmetric)
-        err = _lp_error(sample, scale, zero, bits, p, dim=0).item()
-        if err < best[0]:
-            best = (err, scale, zero)
-    return best[1], best[2]
+    row = sample.float().cpu().reshape(1, -1)
+    scale, zero = _search_rows(row, bits, symmetric, p, torch.tensor([[xmin]]), torch.tensor([[xmax]]))
+    return scale.reshape(()), zero.reshape(())
 
 
 def group_view(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:

@@ -1,0 +1,47 @@
+import pytest
+
+from hf_qlimit import QLimitConfig
+from transformers.quantizers.auto import AutoQuantizationConfig
+
+
+def test_round_trip_is_exact():
+    config = QLimitConfig(weight_bits=2, act_bits=None, method="brecq", group_size=64, module_bits={"*.fc1": 8},
+                          modules_to_not_convert=["lm_head"], preset="paper", loss="fisher", beta_range=(16, 4))  # fmt: skip
+    data = config.to_dict()
+    again = QLimitConfig.from_dict(data)
+    assert again.to_dict() == data
+    assert AutoQuantizationConfig.from_dict(data).to_dict() == data  # the path from_pretrained takes
+
+
+def test_presets_fill_only_unset_fields():
+    paper = QLimitConfig(preset="paper")
+    assert (paper.num_samples, paper.batch_size, paper.iters) == (1024, 32, 20000)
+    fast = QLimitConfig(preset="fast", iters=7)
+    assert fast.iters == 7 and fast.num_samples == QLimitConfig(preset="fast").num_samples
+    assert paper.round_loss_weight == 0.01 and paper.beta_range == (20.0, 2.0) and paper.warmup == 0.2
+    assert paper.drop_prob == 0.5 and paper.act_lr == 4e-5 and paper.weight_lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"weight_bits": 1}, "weight_bits"),
+        ({"weight_bits": 9}, "weight_bits"),
+        ({"act_bits": 0}, "act_bits"),
+        ({"method": "gptq"}, "method"),
+        ({"loss": "kl"}, "loss"),
+        ({"preset": "slow"}, "preset"),
+        ({"group_size": 0}, "group_size"),
+        ({"drop_prob": 1.5}, "drop_prob"),
+        ({"module_bits": {"fc1": 12}}, "module_bits"),
+        ({"num_samples": 0}, "num_samples"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QLimitConfig(**kwargs)
+
+
+def test_foreign_config_is_rejected():
+    with pytest.raises(ValueError, match="Unknown QLimitConfig fields"):
+        QLimitConfig.from_dict({"quant_method": "qlimit", "bits": 4})

@@ -1,0 +1,159 @@
+"""quantize -> save -> reload, the packed format, and the errors of the entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import MODELS, calib_samples, logits, tiny_bert, tiny_opt
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import hf_qlimit
+from hf_qlimit import QLimitConfig
+from hf_qlimit.modules import QuantLinear
+
+AUTO = {"bert": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM}
+
+
+@pytest.mark.parametrize("arch", ["bert", "opt"])
+def test_reload_in_fresh_process_gives_identical_outputs(arch, inputs, tmp_path):
+    model = MODELS[arch]()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=4, act_bits=8, method="rtn", batch_size=8))
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "q")
+    torch.save({"inputs": inputs}, tmp_path / "inputs.pt")  # test-only fixture; the checkpoint has no pickle
+    script = textwrap.dedent(f"""
+        import torch, hf_qlimit
+        from transformers import {AUTO[arch].__name__} as Auto
+        model = Auto.from_pretrained({str(tmp_path / "q")!r})
+        ids = torch.load({str(tmp_path / "inputs.pt")!r})["inputs"]
+        with torch.no_grad():
+            torch.save(model(input_ids=ids).logits, {str(tmp_path / "out.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_checkpoint_is_packed_safetensors(tmp_path):
+    model = tiny_bert()
+    fp_bytes = model.bert.encoder.layer[0].intermediate.dense.weight.numel() * 4
+    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=4, act_bits=8, method="rtn"))
+    model.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "qlimit"
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        packed = f.get_tensor("bert.encoder.layer.0.intermediate.dense.weight")
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == fp_bytes / 4 / 2  # 4 bits: two codes per byte, 1/8 of the fp32 bytes
+        assert f.get_tensor("bert.encoder.layer.0.intermediate.dense.weight_quantizer.scale").shape == (64, 1)
+        assert f.get_tensor("bert.encoder.layer.0.intermediate.dense.input_quantizer.scale").numel() == 1
+        assert f.get_tensor("bert.encoder.layer.0.attention.self.qlimit_attention.probs.scale").numel() == 1
+        classifier = f.get_tensor("classifier.weight")  # the last layer stays at 8 bits by default
+        assert classifier.numel() == model.classifier.rows * model.classifier.cols
+
+
+def test_group_size_and_weight_only_round_trip(inputs, tmp_path):
+    model = tiny_opt()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=3, act_bits=None, group_size=16, method="rtn"))
+    layer = model.model.decoder.layers[0].fc1
+    assert layer.input_quantizer is None and layer.weight_quantizer.scale.shape == (64, 2)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
+def test_weights_lie_on_the_integer_grid():
+    model = tiny_bert()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=2, act_bits=8, method="rtn"))
+    layer: QuantLinear = model.bert.encoder.layer[1].output.dense
+    w = layer.quantized_weight()
+    q = w / layer.weight_quantizer.scale + layer.weight_quantizer.zero.float()
+    assert torch.allclose(q, q.round(), atol=1e-4)
+    assert q.round().min() >= 0 and q.round().max() <= 3
+
+
+def test_w8a8_stays_close_while_w2a8_degrades(inputs):
+    def hidden(model):
+        with torch.no_grad():
+            return model.bert(input_ids=inputs).last_hidden_state
+
+    fp = hidden(tiny_bert())
+    errors = {}
+    for bits in (8, 2):
+        model = tiny_bert()
+        # Embeddings in FP: in a random-init BERT they dominate the residual stream and would mask the blocks.
+        config = QLimitConfig(weight_bits=bits, act_bits=8, first_last_bits=None, method="rtn")
+        model.quantize_qlimit(calib_samples(32), config)
+        errors[bits] = ((hidden(model) - fp).norm() / fp.norm()).item()
+    assert errors[8] < 0.02
+    assert errors[2] > 5 * errors[8]
+
+
+def test_calibration_accepts_a_datasets_dataset():
+    from datasets import Dataset
+
+    ds = Dataset.from_list(calib_samples(8))
+    model = tiny_bert()
+    hf_qlimit.quantize(model, ds, QLimitConfig(method="rtn"))
+    assert model.is_quantized and model.config.quantization_config.layer_config
+
+
+def test_empty_calibration_set_is_an_error():
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        tiny_bert().quantize_qlimit([], QLimitConfig(method="rtn"))
+
+
+def test_wrong_columns_are_an_error():
+    with pytest.raises(ValueError, match="input_ids"):
+        tiny_bert().quantize_qlimit([{"sentence": "hello"}], QLimitConfig(method="rtn"))
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="Supported model types: .*bert.*opt"):
+        model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+
+
+def test_nan_activations_are_an_error():
+    model = tiny_bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+
+
+def test_quantizing_twice_is_an_error():
+    model = tiny_bert()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+    with pytest.raises(ValueError, match="already quantized"):
+        model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+
+
+def test_loading_without_hf_qlimit_fails_loudly(tmp_path):
+    model = tiny_bert()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+    model.save_pretrained(tmp_path)
+    script = f"from transformers import AutoModelForSequenceClassification as A; A.from_pretrained({str(tmp_path)!r})"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "qlimit" in result.stderr and "mismatch" in result.stderr.lower()
+
+
+def test_corrupt_checkpoint_is_an_error(tmp_path):
+    model = tiny_bert()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["layer_config"]["bert.encoder.layer.0.intermediate.dense"]["w"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
