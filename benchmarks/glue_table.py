@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""GLUE results table of examples/glue/README.md: runs examples/glue/run_glue.py on the reference models.
+
+For sst2, mrpc and stsb (models from ../shared/models/minilm-l6-<task>, data from ../shared/data/glue), each
+method (RTN, QDrop) and each setting (W8A8, W4A8, W2A8), runs the script in its own process, collects the
+`results.json` files and rewrites the table between `<!-- glue-table:start -->` and `<!-- glue-table:end -->`
+in examples/glue/README.md, with the machine and the date.
+
+    python benchmarks/glue_table.py                 # everything: hours on a laptop CPU
+    python benchmarks/glue_table.py --reuse         # only the runs without a results.json yet
+    python benchmarks/glue_table.py --quick         # one tiny run (sst2, RTN W8A8, 64 dev sentences), printed only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_GLUE = REPO / "examples" / "glue" / "run_glue.py"
+README = REPO / "examples" / "glue" / "README.md"
+START, END = "<!-- glue-table:start -->", "<!-- glue-table:end -->"
+
+MODELS = {"sst2": "minilm-l6-sst2", "mrpc": "minilm-l6-mrpc", "stsb": "minilm-l6-stsb"}
+TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B"}
+METHODS = {"RTN": "rtn", "QDrop": "qdrop"}
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W2A8": (2, 8)}
+METRIC_NAMES = {
+    "accuracy": "acc",
+    "f1": "F1",
+    "pearson": "Pearson",
+    "spearmanr": "Spearman",
+    "matthews_correlation": "MCC",
+}
+# A smoke test of the whole chain, not a measurement: a few sentences, one setting.
+QUICK = {
+    "tasks": ["sst2"],
+    "methods": ["RTN"],
+    "settings": ["W8A8"],
+    "extra": ["--max_eval_samples", "64", "--num_samples", "16"],
+}
+
+Key = tuple[str, str, str]  # (task, method, setting)
+
+
+def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, extra: list[str], reuse: bool):
+    """results.json of one run (reused when asked and present), or None when the run failed."""
+    weight_bits, act_bits = SETTINGS[setting]
+    out = out_dir / task / f"{METHODS[method]}-{setting.lower()}"
+    if reuse and (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    cmd = [
+        sys.executable,
+        str(RUN_GLUE),
+        "--model_name_or_path",
+        str(shared / "models" / MODELS[task]),
+        "--task_name",
+        task,
+        "--data_dir",
+        str(shared / "data" / "glue"),
+        "--output_dir",
+        str(out),
+        "--method",
+        METHODS[method],
+        "--weight_bits",
+        str(weight_bits),
+        "--act_bits",
+        str(act_bits),
+        "--per_device_eval_batch_size",
+        "64",
+        *extra,
+    ]
+    print(f"[glue_table] {task} {method} {setting}: {' '.join(cmd)}", flush=True)
+    if subprocess.run(cmd, check=False).returncode != 0:  # one failed run should not cost the others
+        print(f"[glue_table] FAILED: {task} {method} {setting}", file=sys.stderr)
+        return None
+    return json.loads((out / "results.json").read_text())
+
+
+def _cell(metrics: dict[str, dict[str, float]]) -> str:
+    """Every metric of every split, in percent: '78.4/85.4'."""
+    return "/".join(f"{100 * v:.1f}" for split in metrics.values() for v in split.values())
+
+
+def _metric_label(metrics: dict[str, dict[str, float]]) -> str:
+    names = [METRIC_NAMES.get(name, name) for split in metrics.values() for name in split]
+    return "/".join(names)
+
+
+def build_tables(
+    results: dict[Key, dict[str, Any] | None], tasks: list[str], methods: list[str], settings: list[str]
+) -> str:
+    """Markdown: a metric table (FP and each method x setting) and a table of quantization times."""
+    columns = [(m, s) for m in methods for s in settings]
+    head = "| " + " | ".join(f"{m} {s}" for m, s in columns) + " |"
+    rule = "|---|---|" + "---:|" * len(columns)
+    metric_rows, time_rows = [], []
+    for task in tasks:
+        runs = [results.get((task, m, s)) for m, s in columns]
+        done = [r for r in runs if r is not None]
+        fp = _cell(done[0]["fp"]) if done else "–"
+        label = _metric_label(done[0]["fp"]) if done else ""
+        cells = [_cell(r["quantized"]) if r else "failed" for r in runs]
+        metric_rows.append(f"| {TASK_NAMES.get(task, task)} ({label}) | {fp} | " + " | ".join(cells) + " |")
+        times = [f"{r['timings_s']['quantize_s']:.0f}" if r else "–" for r in runs]
+        time_rows.append(f"| {TASK_NAMES.get(task, task)} | " + " | ".join(times) + " |")
+    return "\n".join(
+        [
+            "| Task (metric) | FP " + head,
+            rule,
+            *metric_rows,
+            "",
+            "Quantization time (s):",
+            "",
+            "| Task " + head,
+            "|---|" + "---:|" * len(columns),
+            *time_rows,
+        ]
+    )
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:  # the model name is more telling than the architecture on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch  # here, so that --help is quick
+
+    threads = torch.get_num_threads()
+    return f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads)"
+
+
+def render_section(tables: str, results: dict[Key, dict[str, Any] | None], date: str, host: str) -> str:
+    lines = [START, tables, "", f"Measured {date} on {host}. Generated by `python benchmarks/glue_table.py`."]
+    done = {task: r for (task, _, _), r in results.items() if r is not None}
+    if done:
+        sample = next(iter(done.values()))
+        config = sample["qlimit_config"]
+        sizes = ", ".join(f"{TASK_NAMES.get(t, t)} {sum(r['eval_samples'].values())}" for t, r in done.items())
+        lines.append(
+            f"Calibration: {sample['calibration']['num_samples']} train sentences, preset `{config['preset']}` "
+            f"({config['iters']} reconstruction iterations per block for QDrop). Dev sentences: {sizes}."
+        )
+    return "\n".join([*lines, END])
+
+
+def rewrite_readme(readme: Path, section: str) -> None:
+    """Replaces the text from the start marker to the end marker (both included) with `section`."""
+    text = readme.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no `{START}` ... `{END}` markers to put the table between.")
+    readme.write_text(text[:start] + section + text[end + len(END) :])
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="One tiny run (sst2, RTN W8A8); prints, writes nothing.")
+    parser.add_argument("--tasks", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="Folder with models/ and data/.")
+    parser.add_argument("--out_dir", type=Path, default=REPO / "benchmarks" / "out" / "glue")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--reuse", action="store_true", help="Keep runs that already have a results.json.")
+    parser.add_argument("--write", action="store_true", help="With --quick: rewrite the README all the same.")
+    args = parser.parse_args(argv)
+    extra: list[str] = []
+    if args.quick:
+        args.tasks, args.methods, args.settings, extra = (
+            QUICK["tasks"],
+            QUICK["methods"],
+            QUICK["settings"],
+            QUICK["extra"],
+        )
+        args.out_dir = args.out_dir.parent / "glue-quick"
+    for path in [args.shared / "models", args.shared / "data" / "glue"]:
+        if not path.is_dir():
+            raise ValueError(f"{path} does not exist: pass --shared with the folder holding models/ and data/glue/.")
+
+    results: dict[Key, dict[str, Any] | None] = {}
+    for task in args.tasks:
+        for method in args.methods:
+            for setting in args.settings:
+                results[task, method, setting] = run_one(
+                    task, method, setting, args.shared, args.out_dir, extra, args.reuse
+                )
+    tables = build_tables(results, args.tasks, args.methods, args.settings)
+    section = render_section(tables, results, datetime.date.today().isoformat(), machine())
+    print(section)
+    if not args.quick or args.write:
+        rewrite_readme(args.readme, section)
+        print(f"[glue_table] table written to {args.readme}")
+    if any(r is None for r in results.values()):
+        raise SystemExit("[glue_table] some runs failed; see above.")
+    return section
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""benchmarks/glue_table.py: the table it builds from results.json contents and the README rewrite."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def glue_table():
+    spec = importlib.util.spec_from_file_location("glue_table", REPO / "benchmarks" / "glue_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["glue_table"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(fp: dict, quantized: dict, seconds: float, n_eval: int) -> dict:
+    return {
+        "fp": {"validation": fp},
+        "quantized": {"validation": quantized},
+        "timings_s": {"quantize_s": seconds},
+        "eval_samples": {"validation": n_eval},
+        "calibration": {"num_samples": 256},
+        "qlimit_config": {"preset": "fast", "iters": 500},
+    }
+
+
+def test_table_and_readme_rewrite(glue_table, tmp_path):
+    results = {
+        ("sst2", "RTN", "W8A8"): _result({"accuracy": 0.8888}, {"accuracy": 0.8853}, 12.3, 872),
+        ("sst2", "RTN", "W4A8"): None,  # a failed run
+        ("mrpc", "RTN", "W8A8"): _result({"accuracy": 0.7843, "f1": 0.8538}, {"accuracy": 0.7794, "f1": 0.851}, 7, 408),
+        ("mrpc", "RTN", "W4A8"): _result({"accuracy": 0.7843, "f1": 0.8538}, {"accuracy": 0.70, "f1": 0.80}, 6.6, 408),
+    }
+    tables = glue_table.build_tables(results, ["sst2", "mrpc"], ["RTN"], ["W8A8", "W4A8"])
+    lines = tables.splitlines()
+    assert lines[0] == "| Task (metric) | FP | RTN W8A8 | RTN W4A8 |"
+    assert lines[2] == "| SST-2 (acc) | 88.9 | 88.5 | failed |"
+    assert lines[3] == "| MRPC (acc/F1) | 78.4/85.4 | 77.9/85.1 | 70.0/80.0 |"
+    assert "| SST-2 | 12 | – |" in lines and "| MRPC | 7 | 7 |" in lines
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n## Results\n\n{glue_table.START}\nold table\n{glue_table.END}\n\nAfter.\n")
+    section = glue_table.render_section(tables, results, "2026-01-02", "Linux, Some CPU")
+    glue_table.rewrite_readme(readme, section)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# Title\n") and text.endswith("\n\nAfter.\n")
+    assert text.count(glue_table.START) == 1 and text.count(glue_table.END) == 1
+    assert "Measured 2026-01-02 on Linux, Some CPU." in text and "Dev sentences: SST-2 872, MRPC 408." in text
+    glue_table.rewrite_readme(readme, section)  # rerunning replaces, never appends
+    assert readme.read_text() == text
+
+    readme.write_text("# No markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        glue_table.rewrite_readme(readme, section)
