@@ -1,0 +1,69 @@
+"""Tests of benchmarks/squad_table.py without running any model: settings, table and README rewriting."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import squad_table  # noqa: E402
+
+HEADER = {
+    "date": "2026-01-01",
+    "machine": "Test CPU",
+    "threads": "1",
+    "torch": "2.x",
+    "preset": "fast",
+    "data": "SQuAD v1.1 dev, odd articles",
+    "reference": "Reference FP: EM 51.01, F1 65.12.",
+}
+
+
+def _results(label: str | None, em: float, f1: float, reloaded_f1: float | None = None) -> dict:
+    stages = {}
+    if label is None:
+        stages["fp"] = {"exact_match": em, "f1": f1}
+        return {"results": stages}
+    stages["quantized"] = {"exact_match": em, "f1": f1}
+    if reloaded_f1 is not None:
+        stages["reloaded"] = {"exact_match": em, "f1": reloaded_f1}
+    return {"results": stages, "quantization": {"label": label, "quantize_seconds": 120.0}}
+
+
+def test_setting_flags():
+    assert squad_table.setting_args("fp") == ["--no_quantize"]
+    flags = squad_table.setting_args("qdrop-w2a8")
+    assert flags == ["--method", "qdrop", "--weight_bits", "2", "--act_bits", "8", "--no_eval_fp"]
+    assert "--no_eval_fp" not in squad_table.setting_args("rtn-w4anone", eval_fp=True)
+    with pytest.raises(ValueError):
+        squad_table.setting_args("gptq-w4a8")
+
+
+def test_table_rows_sorted_and_reloaded_scores_reported():
+    rows = squad_table.rows_from(_results("qdrop W2A8", 10.0, 20.0, reloaded_f1=21.0))
+    rows += squad_table.rows_from(_results("rtn W8A8", 50.0, 64.0))
+    rows += squad_table.rows_from(_results(None, 51.0, 65.0))
+    rows.sort(key=squad_table._row_order)
+    assert [(r["label"], r["bits"]) for r in rows] == [("FP", "FP32"), ("RTN", "8/8"), ("QDrop", "2/8")]
+    assert rows[2]["f1"] == 21.0  # the model reloaded from disk is what counts
+    table = squad_table.format_table(rows, HEADER)
+    assert "| QDrop | 2/8 | 10.00 | 21.00 | -44.00 | 2.0 min |" in table
+    assert "| FP | FP32 | 51.00 | 65.00 |  |  |" in table
+    assert "Test CPU" in table and "2026-01-01" in table
+
+
+def test_readme_table_replaced_between_markers_only():
+    text = f"intro\n{squad_table.START}\nold table\n{squad_table.END}\noutro\n"
+    new = squad_table.replace_table(text, "| new |")
+    assert new == f"intro\n{squad_table.START}\n| new |\n{squad_table.END}\noutro\n"
+    assert squad_table.replace_table(new, "| new |") == new  # idempotent
+    with pytest.raises(ValueError):
+        squad_table.replace_table("no markers", "| new |")
+
+
+def test_shipped_readme_has_markers():
+    text = squad_table.README.read_text()
+    assert text.count(squad_table.START) == 1 and text.count(squad_table.END) == 1
