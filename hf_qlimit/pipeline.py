@@ -84,6 +84,7 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
         q_in = captured["q_in"]
     fisher = fisher_weights(model, blocks, batches, device) if config.loss == "fisher" and config.method != "rtn" else None
 
+    stats: list[dict[str, float]] = []
     for i, block in enumerate(tqdm(blocks, desc="Quantizing blocks", unit="block")):
         with quant_state(block, weights=False, acts=False):
             fp_out = run_block(block, fp_in, inputs, config.batch_size, device)
@@ -98,6 +99,7 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
         q_out = run_block(block, q_in, inputs, config.batch_size, device)
         error = block_output_error(block, data_i, config.batch_size, device, q_out=q_out)
         logger.info(f"block {i}: output MSE {rtn_error:.4g} with round-to-nearest, {error:.4g} after {config.method}")
+        stats.append({"block": i, "rtn_mse": rtn_error, "mse": error})
         fp_in, q_in = fp_out, q_out
 
     model.config.quantization_config = config
@@ -112,6 +114,7 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
         if not module.is_frozen:
             module.freeze()
     _attach_quantizer(model, config)
+    model.qlimit_block_errors = stats  # per block: output MSE against FP, round-to-nearest vs final
     logger.info(f"Quantized {len(config.layer_config)} modules in {time.perf_counter() - started:.1f}s")
     return model
 

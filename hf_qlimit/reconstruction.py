@@ -205,6 +205,11 @@ def fisher_weights(model: nn.Module, blocks: nn.ModuleList, batches: list[dict],
             outputs.clear()
             with quant_state(model, weights=True, acts=False):
                 q = _output_logits(model(**batch, use_cache=False))
+            if not fp:
+                raise ValueError(
+                    f"loss='fisher' needs a model whose output has logits; {type(model).__name__} has none. "
+                    "Use loss='mse', or quantize the model with its task or LM head."
+                )
             loss = 0.0
             for f, g in zip(fp, q):
                 if regression:

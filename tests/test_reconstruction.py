@@ -1,0 +1,86 @@
+"""AdaRound, BRECQ and QDrop on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calib_samples, logits, tiny_bert, tiny_opt
+from transformers import AutoModelForCausalLM
+
+from hf_qlimit import QLimitConfig
+from hf_qlimit.quantizers import ActQuantizer, WeightQuantizer, beta_schedule
+
+FAST = {"iters": 60, "batch_size": 8}
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
+def test_reconstruction_lowers_block_error_against_rtn(method):
+    model = tiny_bert()
+    model.quantize_qlimit(calib_samples(24), QLimitConfig(weight_bits=2, act_bits=8, method=method, **FAST))
+    errors = model.qlimit_block_errors
+    assert len(errors) == 2
+    for block in errors:
+        assert block["mse"] < block["rtn_mse"], block
+
+
+def test_hard_rounding_leaves_weights_on_the_grid():
+    model = tiny_bert()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=3, act_bits=8, method="qdrop", **FAST))
+    for layer in (model.bert.encoder.layer[0].attention.self.query, model.bert.encoder.layer[1].output.dense):
+        q = layer.quantized_weight() / layer.weight_quantizer.scale + layer.weight_quantizer.zero.float()
+        assert torch.allclose(q, q.round(), atol=1e-4)
+        assert q.round().min() >= 0 and q.round().max() <= 7
+
+
+def test_adaround_starts_at_the_fp_weight():
+    w = torch.randn(16, 32)
+    quantizer = WeightQuantizer(4, (16, 32), None, False)
+    quantizer.init_range(w, 2.4)
+    quantizer.init_adaround(w)
+    scale, zero = quantizer._grid()
+    real = w / scale.squeeze(-1) + zero.squeeze(-1)  # position on the integer grid
+    frac = real - real.floor()
+    inside = (real > 0) & (real < 15) & (frac > 1e-3) & (frac < 1 - 1e-3)  # not clipped, not at the h clamp
+    assert inside.float().mean() > 0.9
+    assert torch.allclose(quantizer(w)[inside], w[inside], atol=1e-5)
+
+
+def test_beta_anneals_after_warmup():
+    assert beta_schedule(19, 100, 0.2, 20, 2) is None
+    assert beta_schedule(20, 100, 0.2, 20, 2) == pytest.approx(20)
+    assert beta_schedule(60, 100, 0.2, 20, 2) == pytest.approx(11)
+    assert beta_schedule(100, 100, 0.2, 20, 2) == pytest.approx(2)
+
+
+def test_qdrop_quantizes_at_the_configured_rate():
+    quantizer = ActQuantizer(4)
+    quantizer.scale.data.fill_(0.37)
+    quantizer.zero.fill_(7)
+    x = torch.randn(200_000)
+    exact = quantizer(x)
+    quantizer.train()
+    quantizer.drop_prob = 0.5
+    torch.manual_seed(0)
+    mixed = quantizer(x)
+    changed = exact != x
+    quantized_share = (mixed[changed] == exact[changed]).float().mean().item()
+    assert quantized_share == pytest.approx(0.5, abs=0.01)
+
+
+def test_reconstructed_model_reloads_identically(inputs, tmp_path):
+    model = tiny_opt()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=4, act_bits=8, method="qdrop", loss="fisher", **FAST))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
+def test_same_seed_gives_identical_tensors():
+    states = []
+    for _ in range(2):
+        model = tiny_bert()
+        model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=2, act_bits=8, method="qdrop", seed=3, **FAST))
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
