@@ -1,8 +1,9 @@
-"""Capture what the first block receives (hidden states, masks, position embeddings...) for every sample.
+"""Capture what the first block receives (hidden states, masks, position embeddings...) for every batch.
 
 Like GPTQ's "Catcher": a pre-hook on block 0 records its arguments and stops the forward pass, so the model
-prefix runs once. Arguments whose first dimension is the batch are stored per sample, so reconstruction can
-draw random mini-batches; the others (shared position embeddings, flags) are kept once.
+prefix runs once. Calibration batches group samples of similar length and are trimmed to their longest one,
+so short sentences do not pay for the longest sample's padding; every stream is a list with one tensor per
+batch, and the block's other arguments are kept per batch too.
 """
 
 from __future__ import annotations
@@ -11,67 +12,56 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_map
+
+Stream = list[torch.Tensor]  # one (batch, length, hidden) tensor per calibration batch, on CPU
 
 
 class _Stop(Exception):
     pass
 
 
+def _to(obj: Any, device: torch.device) -> Any:
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, obj)
+
+
 class BlockInputs:
-    """Per-sample extra arguments of a block (everything but the hidden states)."""
+    """The extra positional and keyword arguments (everything but the hidden states) of each batch."""
 
-    def __init__(self, leaves: list[Any], batched: list[bool], spec: Any) -> None:
-        self.leaves, self.batched, self.spec = leaves, batched, spec
+    def __init__(self, per_batch: list[tuple[tuple, dict]]) -> None:
+        self.per_batch = per_batch
 
-    def select(self, index: torch.Tensor | slice, device: torch.device) -> tuple[tuple, dict]:
-        leaves = [
-            (leaf[index] if batched else leaf).to(device) if isinstance(leaf, torch.Tensor) else leaf
-            for leaf, batched in zip(self.leaves, self.batched)
-        ]
-        args, kwargs = tree_unflatten(leaves, self.spec)
-        return args, kwargs
+    def get(self, batch: int, device: torch.device) -> tuple[tuple, dict]:
+        return _to(self.per_batch[batch], device)
 
 
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, block: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
-) -> tuple[torch.Tensor, BlockInputs]:
-    """Runs the model prefix on each batch; returns the block's hidden-state inputs (on CPU) and other arguments."""
-    records: list[tuple[torch.Tensor, list, Any]] = []
+) -> tuple[Stream, BlockInputs]:
+    """Runs the model prefix on each batch; returns the block's hidden-state inputs and its other arguments."""
+    hidden: Stream = []
+    extra: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        leaves, spec = tree_flatten((tuple(args[1:]), kwargs))
-        records.append((hidden.detach().cpu(), leaves, spec))
+        kwargs = dict(kwargs)
+        states = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(states.detach().cpu())
+        extra.append(_to((tuple(args[1:]), kwargs), torch.device("cpu")))
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
             try:
-                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                model(**_to(batch, device), use_cache=False)
             except _Stop:
                 pass
     finally:
         handle.remove()
-    if len(records) != len(batches):
+    if len(hidden) != len(batches):
         raise RuntimeError("The first block was not called by the model's forward; the adapter points at the wrong module.")
-
-    hidden = torch.cat([r[0] for r in records])
-    spec = records[0][2]
-    leaves, batched = [], []
-    for i, leaf in enumerate(records[0][1]):
-        per_batch = [r[1][i] for r in records]
-        is_batched = isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and all(
-            t.shape[0] == r[0].shape[0] for t, r in zip(per_batch, records)
-        )
-        if is_batched:
-            leaves.append(torch.cat([t.detach().cpu() for t in per_batch]))
-        else:
-            leaves.append(leaf.detach().cpu() if isinstance(leaf, torch.Tensor) else leaf)
-        batched.append(is_batched)
-    return hidden, BlockInputs(leaves, batched, spec)
+    return hidden, BlockInputs(extra)
 
 
 def block_output(out: Any) -> torch.Tensor:
@@ -79,14 +69,12 @@ def block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def call_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs, batch: int, device: torch.device):
+    args, kwargs = inputs.get(batch, device)
+    return block_output(block(hidden.to(device), *args, **kwargs))
+
+
 @torch.no_grad()
-def run_block(
-    block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """The block's outputs for all samples, computed in mini-batches and returned on CPU."""
-    outs = []
-    for start in range(0, hidden.shape[0], batch_size):
-        index = slice(start, start + batch_size)
-        args, kwargs = inputs.select(index, device)
-        outs.append(block_output(block(hidden[index].to(device), *args, **kwargs)).cpu())
-    return torch.cat(outs)
+def run_block(block: nn.Module, hidden: Stream, inputs: BlockInputs, device: torch.device) -> Stream:
+    """The block's outputs for every batch, on CPU."""
+    return [call_block(block, h, inputs, j, device).cpu() for j, h in enumerate(hidden)]

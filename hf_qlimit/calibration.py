@@ -79,3 +79,15 @@ def prepare_calibration(
             out[i, : len(s[key])] = s[key]
         batch[key] = out
     return batch
+
+
+def length_sorted_batches(data: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of samples of similar length, each trimmed to its longest sample."""
+    lengths = data["attention_mask"].sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        width = int(lengths[index].max())
+        batches.append({k: v[index, :width] for k, v in data.items()})
+    return batches

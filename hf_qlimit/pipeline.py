@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .block_inputs import capture_block_inputs, run_block
-from .calibration import prepare_calibration
+from .calibration import length_sorted_batches, prepare_calibration
 from .config import QLimitConfig
 from .integration import act_quantizers, convert_model, quant_state, quantized_modules
 from .models import get_adapter
@@ -53,8 +53,8 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
     device = _execution_device(model)
     pad_id = getattr(model.config, "pad_token_id", None)
     data = prepare_calibration(calib_ds, config.num_samples, config.max_length, pad_id, config.seed)
-    token_mask = data["attention_mask"].bool()
-    batches = [{k: v[i : i + config.batch_size] for k, v in data.items()} for i in range(0, len(token_mask), config.batch_size)]
+    batches = length_sorted_batches(data, config.batch_size)
+    token_mask = [b["attention_mask"].bool() for b in batches]
     torch.manual_seed(config.seed)
     started = time.perf_counter()
 
@@ -87,17 +87,17 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
     stats: list[dict[str, float]] = []
     for i, block in enumerate(tqdm(blocks, desc="Quantizing blocks", unit="block")):
         with quant_state(block, weights=False, acts=False):
-            fp_out = run_block(block, fp_in, inputs, config.batch_size, device)
+            fp_out = run_block(block, fp_in, inputs, device)
         with quant_state(block, weights=True, acts=True):
-            _observe(list(act_quantizers(block)), lambda: run_block(block, q_in, inputs, config.batch_size, device), config.lp_norm)
+            _observe(list(act_quantizers(block)), lambda: run_block(block, q_in, inputs, device), config.lp_norm)
         data_i = BlockData(fp_in, q_in, fp_out, inputs, token_mask, None if fisher is None else fisher[i])
-        rtn_error = block_output_error(block, data_i, config.batch_size, device)
+        rtn_error = block_output_error(block, data_i, device)
         if config.method != "rtn":
             reconstruct_block(block, data_i, config, device, desc=f"block {i}")
         for _, module in quantized_modules(block):
             module.freeze()
-        q_out = run_block(block, q_in, inputs, config.batch_size, device)
-        error = block_output_error(block, data_i, config.batch_size, device, q_out=q_out)
+        q_out = run_block(block, q_in, inputs, device)
+        error = block_output_error(block, data_i, device, q_out=q_out)
         logger.info(f"block {i}: output MSE {rtn_error:.4g} with round-to-nearest, {error:.4g} after {config.method}")
         stats.append({"block": i, "rtn_mse": rtn_error, "mse": error})
         fp_in, q_in = fp_out, q_out

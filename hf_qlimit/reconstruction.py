@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_inputs import BlockInputs, block_output, run_block
+from .block_inputs import BlockInputs, Stream, block_output, call_block, run_block
 from .config import QLimitConfig
 from .integration import act_quantizers, quant_state, quantized_modules
 from .modules import QuantLinear
@@ -24,14 +24,14 @@ from .quantizers import beta_schedule
 
 @dataclass
 class BlockData:
-    """Everything the reconstruction of one block needs; all tensors on CPU, first dimension = samples."""
+    """Everything the reconstruction of one block needs: one CPU tensor per calibration batch in each list."""
 
-    fp_in: torch.Tensor
-    q_in: torch.Tensor
-    fp_out: torch.Tensor
+    fp_in: Stream
+    q_in: Stream
+    fp_out: Stream
     inputs: BlockInputs
-    token_mask: torch.Tensor  # (samples, length): False on padding, which the loss ignores
-    fisher: torch.Tensor | None = None  # squared output gradients, normalised to mean 1
+    token_mask: list[torch.Tensor]  # (batch, length): False on padding, which the loss ignores
+    fisher: Stream | None = None  # squared output gradients, normalised to mean 1
 
 
 def _masked_error(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -45,16 +45,16 @@ def _masked_error(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, w
 
 
 @torch.no_grad()
-def block_output_error(block: nn.Module, data: BlockData, batch_size: int, device: torch.device,
-                       q_out: torch.Tensor | None = None) -> float:  # fmt: skip
+def block_output_error(block: nn.Module, data: BlockData, device: torch.device, q_out: Stream | None = None) -> float:
     """Mean squared output error per token of the quantized block against the FP block."""
     if q_out is None:
-        q_out = run_block(block, data.q_in, data.inputs, batch_size, device)
-    return _masked_error(q_out, data.fp_out, data.token_mask, None).item()
+        q_out = run_block(block, data.q_in, data.inputs, device)
+    total = sum(_masked_error(q, t, m, None) * m.sum() for q, t, m in zip(q_out, data.fp_out, data.token_mask))
+    return (total / sum(m.sum() for m in data.token_mask)).item()
 
 
 def _optimize(modules: list[QuantLinear], acts: list, step_fn: Callable, config: QLimitConfig, desc: str) -> None:
-    """The shared loop: `step_fn(index)` returns (output, target, mask, weight) for a random mini-batch."""
+    """The shared loop: `step_fn()` returns (output, target, mask, weight) for a random mini-batch."""
     for module in modules:
         module.weight_quantizer.init_adaround(module.weight)
     alphas = [m.weight_quantizer.alpha for m in modules]
@@ -111,52 +111,47 @@ def reconstruct_block(block: nn.Module, data: BlockData, config: QLimitConfig, d
     drop = config.drop_probability
 
     def step():
-        index = _sample(data.q_in.shape[0], config.batch_size)
-        x = data.q_in[index].to(device)
+        j = int(torch.randint(0, len(data.q_in), ()))  # a random calibration batch
+        x = data.q_in[j].to(device)
         if drop > 0:  # QDrop: each input element comes from the FP stream with probability drop_prob
-            x = torch.where(torch.rand_like(x) < drop, data.fp_in[index].to(device), x)
-        args, kwargs = data.inputs.select(index, device)
-        out = block_output(block(x, *args, **kwargs))
-        weight = data.fisher[index].to(device) if data.fisher is not None else None
-        return out, data.fp_out[index].to(device), data.token_mask[index].to(device), weight
+            x = torch.where(torch.rand_like(x) < drop, data.fp_in[j].to(device), x)
+        out = call_block(block, x, data.inputs, j, device)
+        weight = data.fisher[j].to(device) if data.fisher is not None else None
+        return out, data.fp_out[j].to(device), data.token_mask[j].to(device), weight
 
     with quant_state(block, weights=True, acts=True):
         _optimize(modules, acts, step, config, desc)
 
 
 @torch.no_grad()
-def _linear_inputs(block: nn.Module, linear: nn.Module, hidden: torch.Tensor, data: BlockData,
-                   batch_size: int, device: torch.device) -> torch.Tensor:  # fmt: skip
-    """Inputs that reach `linear` (before its own quantizer) when `hidden` runs through the block."""
+def _linear_inputs(block: nn.Module, linear: nn.Module, hidden: Stream, data: BlockData, device: torch.device) -> torch.Tensor:
+    """Inputs that reach `linear` (before its own quantizer) from `hidden`, one row per real token."""
     seen = []
     handle = linear.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().cpu()))
     try:
-        run_block(block, hidden, data.inputs, batch_size, device)
+        run_block(block, hidden, data.inputs, device)
     finally:
         handle.remove()
-    return torch.cat(seen)
-
-
-def _valid_tokens(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """(samples, length, features) or (samples · length, features) -> (real tokens, features)."""
-    return x.reshape(-1, x.shape[-1])[token_mask.reshape(-1)]
+    # (batch, length, features) or, in OPT's FFN, (batch · length, features): keep the real tokens
+    return torch.cat([x.reshape(-1, x.shape[-1])[m.reshape(-1)] for x, m in zip(seen, data.token_mask)])
 
 
 def _reconstruct_layerwise(block: nn.Module, data: BlockData, config: QLimitConfig, device: torch.device, desc: str) -> None:
     """AdaRound: each Linear on its own, fed by the quantized stream, targeting the FP Linear on FP inputs."""
+    tokens_per_batch = max(1, int(sum(m.sum() for m in data.token_mask)) // len(data.token_mask))
     for name, module in quantized_modules(block):
         if not isinstance(module, QuantLinear):
             continue
         with quant_state(block, weights=False, acts=False):
-            x_fp = _valid_tokens(_linear_inputs(block, module, data.fp_in, data, config.batch_size, device), data.token_mask)
+            x_fp = _linear_inputs(block, module, data.fp_in, data, device)
             target = torch.cat([module(x_fp[i : i + 4096].to(device)).cpu() for i in range(0, len(x_fp), 4096)])
         with quant_state(block, weights=True, acts=True):
-            x_q = _valid_tokens(_linear_inputs(block, module, data.q_in, data, config.batch_size, device), data.token_mask)
-        tokens_per_batch = config.batch_size * data.token_mask.shape[1]
+            x_q = _linear_inputs(block, module, data.q_in, data, device)
 
-        def step():
+        def step(module=module, x_q=x_q, target=target):
             index = _sample(x_q.shape[0], tokens_per_batch)
-            return module(x_q[index].to(device)), target[index].to(device), torch.ones(len(index), dtype=torch.bool, device=device), None
+            mask = torch.ones(len(index), dtype=torch.bool, device=device)
+            return module(x_q[index].to(device)), target[index].to(device), mask, None
 
         acts = [module.input_quantizer] if module.input_quantizer is not None else []
         with quant_state(module, weights=True, acts=True):
@@ -169,7 +164,7 @@ def _output_logits(output) -> list[torch.Tensor]:
     return [v for k, v in output.items() if k.endswith("logits") and isinstance(v, torch.Tensor)]
 
 
-def fisher_weights(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], device: torch.device) -> list[torch.Tensor]:
+def fisher_weights(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], device: torch.device) -> list[Stream]:
     """Squared gradients, at every block output, of KL(FP output ‖ output with round-to-nearest weights).
 
     One forward and backward pass per batch serves all blocks. Each block's weights are normalised to mean 1
@@ -224,10 +219,9 @@ def fisher_weights(model: nn.Module, blocks: nn.ModuleList, batches: list[dict],
     finally:
         for h in handles:
             h.remove()
-    token_mask = torch.cat([b["attention_mask"] for b in batches]).bool()
+    masks = [b["attention_mask"].bool() for b in batches]
     result = []
-    for g in grads:
-        g = torch.cat(g)
-        mean = g[token_mask].mean().clamp(min=1e-20)
-        result.append(g / mean)
+    for per_batch in grads:
+        mean = torch.cat([g[m] for g, m in zip(per_batch, masks)]).mean().clamp(min=1e-20)
+        result.append([g / mean for g in per_batch])
     return result
