@@ -88,16 +88,19 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
     for i, block in enumerate(tqdm(blocks, desc="Quantizing blocks", unit="block")):
         with quant_state(block, weights=False, acts=False):
             fp_out = run_block(block, fp_in, inputs, device)
+        if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
+            _freeze(block)
         with quant_state(block, weights=True, acts=True):
             _observe(list(act_quantizers(block)), lambda: run_block(block, q_in, inputs, device), config.lp_norm)
         data_i = BlockData(fp_in, q_in, fp_out, inputs, token_mask, None if fisher is None else fisher[i])
-        rtn_error = block_output_error(block, data_i, device)
         if config.method != "rtn":
+            rtn_error = block_output_error(block, data_i, device)
             reconstruct_block(block, data_i, config, device, desc=f"block {i}")
-        for _, module in quantized_modules(block):
-            module.freeze()
+            _freeze(block)
         q_out = run_block(block, q_in, inputs, device)
         error = block_output_error(block, data_i, device, q_out=q_out)
+        if config.method == "rtn":
+            rtn_error = error
         logger.info(f"block {i}: output MSE {rtn_error:.4g} with round-to-nearest, {error:.4g} after {config.method}")
         stats.append({"block": i, "rtn_mse": rtn_error, "mse": error})
         fp_in, q_in = fp_out, q_out
@@ -110,9 +113,7 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
 
     with quant_state(model, weights=True, acts=True):
         _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
-    for _, module in quantized_modules(model):
-        if not module.is_frozen:
-            module.freeze()
+    _freeze(model)
     _attach_quantizer(model, config)
     model.qlimit_block_errors = stats  # per block: output MSE against FP, round-to-nearest vs final
     logger.info(f"Quantized {len(config.layer_config)} modules in {time.perf_counter() - started:.1f}s")
@@ -144,6 +145,12 @@ def _calibrate_outside_blocks(model: nn.Module, quantizers: list, run: Callable[
                 module.input_quantizer = None
                 model.config.quantization_config.layer_config[name]["a"] = None
     return pending
+
+
+def _freeze(module: nn.Module) -> None:
+    for _, child in quantized_modules(module):
+        if not child.is_frozen:
+            child.freeze()
 
 
 def _attach_quantizer(model: nn.Module, config: QLimitConfig) -> None:

@@ -1,6 +1,6 @@
 """Architecture adapters: one short file per family."""
 
-from . import bert, opt  # noqa: F401  (registers the adapters)
+from . import bert, llama, opt  # noqa: F401  (registers the adapters)
 from .base import ArchitectureAdapter
 from .registry import get_adapter, register_adapter, supported_model_types
 
