@@ -27,7 +27,7 @@ def _result(fp: dict, quantized: dict, seconds: float, n_eval: int) -> dict:
         "timings_s": {"quantize_s": seconds},
         "eval_samples": {"validation": n_eval},
         "calibration": {"num_samples": 256},
-        "qlimit_config": {"preset": "fast", "iters": 500},
+        "qlimit_config": {"preset": "fast", "iters": 500, "batch_size": 32},
     }
 
 
