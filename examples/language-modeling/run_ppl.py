@@ -1,0 +1,358 @@
+#!/usr/bin/env python
+"""Quantize a decoder LM (OPT, Llama, Qwen2, Mistral) with hf_qlimit and measure its perplexity.
+
+Perplexity follows the GPTQ protocol: the evaluation texts are joined with "\\n\\n", tokenized once, cut into
+non-overlapping windows of `seq_len` tokens (the tail shorter than a window is dropped), and the perplexity is
+exp(mean NLL) over every predicted token (all but the first of each window). Calibration takes `num_calib_samples`
+random windows of `seq_len` tokens from the calibration text, drawn with `--seed`.
+
+The FP model is evaluated, quantized, saved to `--output_dir`, reloaded from disk with `from_pretrained` and
+evaluated again; `results.json` is written there and a one-line summary printed.
+
+    # online: WikiText-2 (raw) from the Hub, as in the GPTQ paper
+    python examples/language-modeling/run_ppl.py --model_name_or_path facebook/opt-125m \
+        --method rtn --weight_bits 4 --act_bits none --output_dir out/opt125m-rtn-w4
+    # offline: local text files (one paragraph per line, WikiText layout)
+    python examples/language-modeling/run_ppl.py --model_name_or_path smollm2-135m-instruct-q4_1 \
+        --eval_file ../shared/data/wikitext-2/test.txt --calib_file ../shared/data/wikitext-2/valid.txt \
+        --seq_len 512 --method qdrop --weight_bits 4 --act_bits 8 --output_dir out/smollm2-w4a8
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+logger = hf_logging.get_logger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Hub id or folder of the model (or of the GGUF file)."})
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside model_name_or_path, dequantized to FP."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
+    dtype: str = field(default="float32", metadata={"help": "Dtype the FP model is loaded and quantized in."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are stored."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models with code on the Hub."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset; default Salesforce/wikitext without --eval_file."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Default wikitext-2-raw-v1 for WikiText."})
+    eval_split: str = field(default="test", metadata={"help": "Hub split whose perplexity is measured."})
+    calib_split: str = field(default="train", metadata={"help": "Hub split the calibration windows come from."})
+    text_column: str = field(default="text", metadata={"help": "Column of the Hub dataset holding the text."})
+    eval_file: str | None = field(default=None, metadata={"help": "Local text file to evaluate (one text a line)."})
+    calib_file: str | None = field(default=None, metadata={"help": "Local text file of calibration text."})
+    seq_len: int | None = field(default=None, metadata={"help": "Window length; default: the model's context."})
+    num_calib_samples: int | None = field(
+        default=None, metadata={"help": "Calibration windows; default: the preset's."}
+    )
+    max_eval_windows: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first N windows (quick runs)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.eval_file is None and self.dataset_name is None:
+            self.dataset_name = "Salesforce/wikitext"  # the Hub's "wikitext" (parquet, no loading script)
+        if self.dataset_name in ("wikitext", "Salesforce/wikitext") and self.dataset_config_name is None:
+            self.dataset_config_name = "wikitext-2-raw-v1"
+        if self.eval_file is not None and self.dataset_name is not None:
+            raise ValueError("Pass either --eval_file (local text) or --dataset_name (Hub), not both.")
+
+
+@dataclass
+class QuantizationArguments:
+    """Mapped onto `hf_qlimit.QLimitConfig`; `None` leaves the preset's value."""
+
+    weight_bits: int = field(default=4, metadata={"help": "Weight bits of the transformer blocks (2-8)."})
+    act_bits: str = field(default="none", metadata={"help": "Activation bits (2-8), or 'none' for weight-only."})
+    group_size: int | None = field(
+        default=None, metadata={"help": "Input features per weight scale; none: per channel."}
+    )
+    method: str = field(default="qdrop", metadata={"help": "rtn, adaround, brecq or qdrop."})
+    preset: str = field(default="fast", metadata={"help": "fast or paper: fills num_samples, batch_size, iters."})
+    iters: int | None = field(default=None, metadata={"help": "Reconstruction iterations per block."})
+    num_samples: int | None = field(
+        default=None, metadata={"help": "Calibration windows (same as --num_calib_samples)."}
+    )
+    batch_size: int | None = field(default=None, metadata={"help": "Reconstruction batch size."})
+    loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher."})
+    first_last_bits: str = field(default="8", metadata={"help": "Bits of embeddings and LM head, or 'none' for FP."})
+    seed: int = field(default=0, metadata={"help": "Seed of the calibration windows and of reconstruction."})
+
+
+@dataclass
+class RunArguments:
+    output_dir: str = field(metadata={"help": "Where the quantized model and results.json are written."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda; default cuda when available."})
+    eval_batch_size: int = field(default=1, metadata={"help": "Windows per forward pass when evaluating."})
+    skip_fp_eval: bool = field(default=False, metadata={"help": "Do not evaluate the FP model (saves a pass)."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (torch.set_num_threads)."})
+
+
+def _optional_bits(name: str, value: str) -> int | None:
+    if value.strip().lower() in ("none", "fp", ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--{name} must be an integer from 2 to 8 or 'none', got {value!r}.") from None
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """The lines of a text file as the Hub's wikitext builder yields them: newline kept, blank lines as ""."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    return [line if line.strip() else "" for line in lines]
+
+
+def load_texts(data_args: DataArguments, split: str, cache_dir: str | None) -> list[str]:
+    """The texts of the evaluation ("eval") or calibration ("calib") data."""
+    local = data_args.eval_file if split == "eval" else data_args.calib_file
+    if local is not None:
+        return read_text_file(local)
+    if data_args.dataset_name is None:  # local evaluation file but no calibration file
+        logger.warning(
+            "No --calib_file: calibrating on the evaluation text, so the quantized perplexity is optimistic."
+        )
+        return read_text_file(data_args.eval_file)
+    import datasets
+
+    hub_split = data_args.eval_split if split == "eval" else data_args.calib_split
+    ds = datasets.load_dataset(
+        data_args.dataset_name, data_args.dataset_config_name, split=hub_split, cache_dir=cache_dir
+    )
+    return list(ds[data_args.text_column])
+
+
+def tokenize_corpus(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """All texts joined with "\\n\\n" and tokenized once, as GPTQ does: a 1-D tensor of token ids."""
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt", verbose=False).input_ids[0]
+    if ids.numel() == 0:
+        raise ValueError("The text is empty.")
+    return ids
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """(windows, seq_len) non-overlapping windows; the tail shorter than `seq_len` is dropped."""
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"The evaluation text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}.")
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def calibration_windows(ids: torch.Tensor, seq_len: int, num: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`num` windows of `seq_len` tokens at seeded random offsets (GPTQ's sampling)."""
+    if ids.numel() <= seq_len:
+        raise ValueError(f"The calibration text has {ids.numel()} tokens; it needs more than seq_len={seq_len}.")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seq_len - 1) for _ in range(num)]
+    return [{"input_ids": ids[s : s + seq_len].clone()} for s in starts]
+
+
+@torch.no_grad()
+def perplexity(
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """exp(mean NLL) over every predicted token of every window (each window predicts seq_len - 1 tokens)."""
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        labels = batch[:, 1:]
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+        count += labels.numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": windows.shape[0]}
+
+
+def build_qlimit_config(quant_args: QuantizationArguments, num_calib_samples: int | None, seq_len: int):
+    """Imports hf_qlimit only here, so the data and evaluation parts of this script run without it."""
+    from hf_qlimit import QLimitConfig  # also patches PreTrainedModel.quantize_qlimit and from_pretrained
+
+    num_samples = quant_args.num_samples
+    if num_calib_samples is not None and num_samples is not None and num_calib_samples != num_samples:
+        raise ValueError(f"--num_calib_samples {num_calib_samples} and --num_samples {num_samples} disagree; pass one.")
+    return QLimitConfig(
+        weight_bits=quant_args.weight_bits,
+        act_bits=_optional_bits("act_bits", quant_args.act_bits),
+        group_size=quant_args.group_size,
+        method=quant_args.method,
+        preset=quant_args.preset,
+        iters=quant_args.iters,
+        num_samples=num_calib_samples if num_calib_samples is not None else num_samples,
+        batch_size=quant_args.batch_size,
+        loss=quant_args.loss,
+        first_last_bits=_optional_bits("first_last_bits", quant_args.first_last_bits),
+        seed=quant_args.seed,
+        max_length=seq_len,
+    )
+
+
+def check_group_size(model: PreTrainedModel, qconfig: Any) -> None:
+    """Fails before any evaluation when `group_size` does not divide the input features of a quantized Linear."""
+    from hf_qlimit.models import get_adapter
+
+    if qconfig.group_size is None:
+        return
+    for name, spec in get_adapter(model).layer_config(model, qconfig).items():
+        in_features = getattr(model.get_submodule(name), "in_features", None)
+        if spec["kind"] == "linear" and in_features > qconfig.group_size and in_features % qconfig.group_size:
+            raise ValueError(
+                f"--group_size {qconfig.group_size} does not divide the {in_features} input features of {name!r}; "
+                "choose a divisor (e.g. 64 for SmolLM2's 576), or no --group_size for per-channel scales."
+            )
+
+
+def load_model_and_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedModel, Any, dict | None]:
+    """(FP model, tokenizer, GGUF provenance or None). A GGUF file is dequantized into a plain FP model."""
+    dtype = getattr(torch, model_args.dtype)
+    common = {"cache_dir": model_args.cache_dir, "trust_remote_code": model_args.trust_remote_code}
+    if model_args.gguf_file is not None:
+        from hf_qlimit.gguf import load_gguf_as_float
+
+        path = Path(model_args.model_name_or_path) / model_args.gguf_file
+        if not path.is_file():  # a Hub repository holding the GGUF file
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model_args.model_name_or_path, model_args.gguf_file, cache_dir=model_args.cache_dir)
+        model, tokenizer, source = load_gguf_as_float(path)
+        if model_args.tokenizer_name:
+            tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name, **common)
+        return model.to(dtype), tokenizer, source
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **common)
+    # dtype explicitly: transformers 5 loads the checkpoint's dtype by default (fp16 for OPT on the Hub).
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, **common)
+    source_file = Path(model_args.model_name_or_path) / "gguf_source.json"  # a folder made by hf_qlimit.gguf
+    return model, tokenizer, json.loads(source_file.read_text()) if source_file.is_file() else None
+
+
+def _summary(results: dict[str, Any]) -> str:
+    q = results["qlimit_config"]
+    bits = f"W{q['weight_bits']}A{q['act_bits'] or 16}" + (f" g{q['group_size']}" if q["group_size"] else "")
+    fp, qp = results["fp"], results["quantized"]
+    ppl = (
+        f"ppl Q {qp['ppl']:.3f}"
+        if fp is None
+        else f"ppl FP {fp['ppl']:.3f} -> Q {qp['ppl']:.3f} ({qp['ppl'] - fp['ppl']:+.3f})"
+    )
+    data = results["data"]
+    return (f"{data['eval']} | {q['method']} {bits} | seq_len {data['seq_len']}, {qp['windows']} windows, "
+            f"{qp['tokens']} tokens | {ppl} | quantized in {results['timings_s']['quantize_s']:.1f}s")  # fmt: skip
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(  # no-op where a handler exists already (pytest, a calling script)
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO)
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, QuantizationArguments, RunArguments))
+    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, quant_args, run_args = parser.parse_json_file(json_file=sys.argv[1])
+    else:
+        model_args, data_args, quant_args, run_args = parser.parse_args_into_dataclasses(args=args)
+    _setup_logging()
+    if run_args.num_threads:
+        torch.set_num_threads(run_args.num_threads)
+    output_dir = Path(run_args.output_dir)
+    device = torch.device(run_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    model, tokenizer, gguf_source = load_model_and_tokenizer(model_args)
+    seq_len = data_args.seq_len or model.config.max_position_embeddings
+    qconfig = build_qlimit_config(quant_args, data_args.num_calib_samples, seq_len)
+    check_group_size(model, qconfig)
+    eval_ids = tokenize_corpus(tokenizer, load_texts(data_args, "eval", model_args.cache_dir))
+    windows = eval_windows(eval_ids, seq_len, data_args.max_eval_windows)
+    calib_ids = tokenize_corpus(tokenizer, load_texts(data_args, "calib", model_args.cache_dir))
+    calib = calibration_windows(calib_ids, seq_len, qconfig.num_samples, qconfig.seed)
+    logger.info(
+        f"{eval_ids.numel()} evaluation tokens -> {windows.shape[0]} windows of {seq_len}; {len(calib)} calibration windows"
+    )
+    model.to(device)
+
+    fp = None
+    if not run_args.skip_fp_eval:
+        tick = time.perf_counter()
+        fp = perplexity(model, windows, run_args.eval_batch_size, device)
+        timings["fp_eval_s"] = time.perf_counter() - tick
+        logger.info(f"FP perplexity {fp['ppl']:.4f}")
+
+    quant_settings = qconfig.to_dict()
+    quant_settings.pop("layer_config", None)  # filled by quantization: per-module detail, not a setting
+    tick = time.perf_counter()
+    model.quantize_qlimit(calib, qconfig)
+    timings["quantize_s"] = time.perf_counter() - tick
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    del model  # what is evaluated next is only what was written to disk
+
+    tick = time.perf_counter()
+    reloaded = AutoModelForCausalLM.from_pretrained(output_dir).to(device)
+    timings["load_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    quantized = perplexity(reloaded, windows, run_args.eval_batch_size, device)
+    timings["quantized_eval_s"] = time.perf_counter() - tick
+    timings["total_s"] = time.perf_counter() - start
+    logger.info(f"Quantized perplexity {quantized['ppl']:.4f}")
+
+    results = {
+        "model_name_or_path": model_args.model_name_or_path,
+        "gguf_source": gguf_source,
+        "data": {
+            "eval": data_args.eval_file
+            or f"hub:{data_args.dataset_name}/{data_args.dataset_config_name}:{data_args.eval_split}",
+            "calib": data_args.calib_file
+            or data_args.eval_file
+            or f"hub:{data_args.dataset_name}/{data_args.dataset_config_name}:{data_args.calib_split}",
+            "seq_len": seq_len,
+            "eval_tokens_total": eval_ids.numel(),
+            "max_eval_windows": data_args.max_eval_windows,
+            "calib_windows": len(calib),
+        },
+        "fp": fp,
+        "quantized": quantized,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "qlimit_config": quant_settings,
+        "run": {**asdict(run_args), "device": str(device), "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(_summary(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

