@@ -58,6 +58,10 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
     torch.manual_seed(config.seed)
     started = time.perf_counter()
 
+    if config.bit_candidates is not None:  # mixed precision: choose each block Linear's bits on the FP model
+        from .mixed_precision import allocate_bits
+
+        config.module_bits = {**config.module_bits, **allocate_bits(model, adapter, batches, config, device)}
     config.layer_config = adapter.layer_config(model, config)
     if not config.layer_config:
         raise ValueError("The configuration leaves nothing to quantize (check modules_to_not_convert and first_last_bits).")
