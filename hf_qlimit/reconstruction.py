@@ -20,6 +20,7 @@ from .config import QLimitConfig
 from .integration import act_quantizers, quant_state, quantized_modules
 from .modules import QuantLinear
 from .quantizers import beta_schedule
+from .quantizers.lsq import mix
 
 
 @dataclass
@@ -114,7 +115,7 @@ def reconstruct_block(block: nn.Module, data: BlockData, config: QLimitConfig, d
         j = int(torch.randint(0, len(data.q_in), ()))  # a random calibration batch
         x = data.q_in[j].to(device)
         if drop > 0:  # QDrop: each input element comes from the FP stream with probability drop_prob
-            x = torch.where(torch.rand_like(x) < drop, data.fp_in[j].to(device), x)
+            x = mix(x, data.fp_in[j].to(device), drop)
         out = call_block(block, x, data.inputs, j, device)
         weight = data.fisher[j].to(device) if data.fisher is not None else None
         return out, data.fp_out[j].to(device), data.token_mask[j].to(device), weight

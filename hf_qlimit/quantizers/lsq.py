@@ -13,6 +13,14 @@ _SAMPLE_PER_CALL = 4096
 _SAMPLE_MAX = 1 << 17
 
 
+def mix(quantized: torch.Tensor, fp: torch.Tensor, p: float) -> torch.Tensor:
+    """Each element from `fp` with probability p, else from `quantized` (QDrop).
+
+    lerp with a 0/1 float mask: several times faster than torch.where on CPU, same gradients.
+    """
+    return torch.lerp(quantized, fp, torch.rand_like(fp).lt_(p))
+
+
 class ActQuantizer(nn.Module):
     """Fake-quantizes a tensor on a per-tensor grid whose step size is trained (LSQ); the zero point stays fixed.
 
@@ -83,8 +91,7 @@ class ActQuantizer(nn.Module):
         else:
             xq = torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero.round().int(), 0, qmax)
         if self.training and self.drop_prob > 0:
-            keep_fp = torch.rand_like(x) < self.drop_prob
-            return torch.where(keep_fp, x, xq)
+            return mix(xq, x, self.drop_prob)
         return xq
 
     def extra_repr(self) -> str:
