@@ -9,6 +9,8 @@ from transformers import BertConfig, BertForSequenceClassification, OPTConfig, O
 import hf_qlimit  # noqa: F401  (registers the quantizer)
 
 VOCAB = 120
+# Tiny models gain nothing from threads, and spinning threads on a shared CPU slow every op down.
+torch.set_num_threads(1)
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
