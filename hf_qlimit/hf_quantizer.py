@@ -9,6 +9,13 @@ from transformers.utils import logging
 
 from .config import QLimitConfig
 from .integration import convert_model, quantized_modules
+from .quantizers import ActQuantizer, WeightQuantizer
+
+
+def _quantized_and_activation_modules(model):
+    for name, module in model.named_modules():
+        if isinstance(module, (ActQuantizer, WeightQuantizer)) or hasattr(module, "weight_quantizer"):
+            yield name, module
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -41,6 +48,19 @@ class QLimitHfQuantizer(HfQuantizer):
         convert_model(model, self.quantization_config.layer_config, self.quantization_config, frozen=True)
 
     def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs) -> "PreTrainedModel":
+        # transformers flags every tensor it read from the checkpoint; a quantized tensor it had to make up
+        # (zeros, ones) would give a silently wrong model, so refuse it.
+        missing = []
+        for name, module in _quantized_and_activation_modules(model):
+            for tensor_name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                persistent = tensor_name not in module._non_persistent_buffers_set
+                if persistent and tensor.device.type != "meta" and not getattr(tensor, "_is_hf_initialized", False):
+                    missing.append(f"{name}.{tensor_name}")
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} quantized tensors (first: {missing[:3]}): it is truncated, corrupt, "
+                "or written by another hf_qlimit version. Quantize the full-precision model again."
+            )
         for _, module in quantized_modules(model):
             module.invalidate_cache()
         return model

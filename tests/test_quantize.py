@@ -157,3 +157,16 @@ def test_corrupt_checkpoint_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="mismatch"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_checkpoint_missing_quantized_tensors_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_bert()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["bert.encoder.layer.1.output.dense.input_quantizer.scale"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 quantized tensors"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)
