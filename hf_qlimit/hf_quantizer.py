@@ -65,8 +65,12 @@ class QLimitHfQuantizer(HfQuantizer):
             module.invalidate_cache()
         return model
 
+    failed = False  # set when quantize_qlimit stopped half-way: such a model must not be saved
+
     def is_serializable(self) -> bool:
-        return True
+        if self.failed:
+            logger.error("This model's quantization failed half-way; it cannot be saved. Reload it and quantize again.")
+        return not self.failed
 
     @property
     def is_trainable(self) -> bool:

@@ -67,6 +67,16 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
         raise ValueError("The configuration leaves nothing to quantize (check modules_to_not_convert and first_last_bits).")
     model.eval()
     model.requires_grad_(False)
+    try:
+        return _quantize_converted(model, adapter, config, batches, token_mask, device, started)
+    except BaseException:
+        # The modules were swapped in place: a half-quantized model must not be saved by mistake.
+        _attach_quantizer(model, config, failed=True)
+        logger.error("Quantization failed; the model was modified in place and is unusable. Reload it to retry.")
+        raise
+
+
+def _quantize_converted(model, adapter, config, batches, token_mask, device, started) -> nn.Module:
     convert_model(model, config.layer_config, config, frozen=False)
     for _, module in quantized_modules(model):
         module.weight_quantizer.init_range(module.weight, config.lp_norm)
@@ -157,11 +167,12 @@ def _freeze(module: nn.Module) -> None:
             child.freeze()
 
 
-def _attach_quantizer(model: nn.Module, config: QLimitConfig) -> None:
+def _attach_quantizer(model: nn.Module, config: QLimitConfig, failed: bool = False) -> None:
     from .hf_quantizer import QLimitHfQuantizer
 
     model.config.quantization_config = config
     model.hf_quantizer = QLimitHfQuantizer(config, pre_quantized=True)
+    model.hf_quantizer.failed = failed
     model.is_quantized = True
     model.quantization_method = config.quant_method
     model.requires_grad_(False)

@@ -170,3 +170,13 @@ def test_checkpoint_missing_quantized_tensors_is_an_error(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 1 quantized tensors"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_a_failed_quantization_cannot_be_saved(tmp_path):
+    model = tiny_bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.bias.fill_(float("inf"))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path)
