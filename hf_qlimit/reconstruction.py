@@ -91,6 +91,8 @@ def _optimize(modules: list[QuantLinear], acts: list, step_fn: Callable, config:
             if step % 50 == 0 or step == config.iters - 1:
                 bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
     finally:
+        for module in modules:
+            module.weight_quantizer._h = None  # drops the last iteration's graph
         for q in acts:
             q.drop_prob = 0.0
             q.eval()

@@ -25,6 +25,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero", torch.zeros(shape[0], groups, dtype=torch.uint8))
         self.alpha: nn.Parameter | None = None  # AdaRound's V, same shape as the grouped weight
         self.register_buffer("w_floor", None, persistent=False)  # floor(w / s): fixed while V is learned
+        self._h: torch.Tensor | None = None
         self.enabled = True
 
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,9 @@ class WeightQuantizer(nn.Module):
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
         """Σ (1 - |2h - 1|^β): pushes every h to 0 or 1."""
-        return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
+        # Reuse the h of this iteration's forward pass (same graph) instead of computing it twice.
+        h, self._h = (self._h, None) if self._h is not None else (self.soft_rounding(), None)
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
     def forward(self, weight: torch.Tensor, hard: bool = False) -> torch.Tensor:
         if not self.enabled:
@@ -68,6 +71,7 @@ class WeightQuantizer(nn.Module):
             q = quantize_codes(w, scale, zero, self.bits)
         else:
             h = (self.alpha >= 0).to(w.dtype) if hard else self.soft_rounding()
+            self._h = h if h.requires_grad else None
             qmin, qmax = qrange(self.bits)
             q = torch.clamp(self.w_floor + h + zero, qmin, qmax)
         return dequantize_codes(q, scale, zero).reshape(weight.shape)
