@@ -40,6 +40,19 @@ def test_reload_in_fresh_process_gives_identical_outputs(arch, inputs, tmp_path)
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
 
+def test_roberta_round_trip(inputs, tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=130, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=70, pad_token_id=1)  # fmt: skip
+    model = RobertaForSequenceClassification(config).eval()
+    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=4, act_bits=8, method="brecq", iters=5))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
 def test_checkpoint_is_packed_safetensors(tmp_path):
     model = tiny_bert()
     fp_bytes = model.bert.encoder.layer[0].intermediate.dense.weight.numel() * 4
