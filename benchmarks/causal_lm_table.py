@@ -15,7 +15,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,13 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
+import _common
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "examples" / "language-modeling" / "README.md"
-START, END = "<!-- causal-lm-table:start -->", "<!-- causal-lm-table:end -->"
+MARKER = "causal-lm-table"
+START, END = _common.markers(MARKER)
 MODEL_LABEL = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to FP32)"
 # (label, run_ppl arguments)
 SETTINGS: list[tuple[str, list[str]]] = [
@@ -44,21 +47,6 @@ def _load_run_ppl():
     sys.modules["run_ppl"] = module  # dataclasses look their module up while the script runs
     spec.loader.exec_module(module)
     return module
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{_cpu_name()}, torch threads: {torch.get_num_threads()}{gpu}, {platform.system()} {platform.release()}"
 
 
 def ensure_model(model_dir: Path) -> Path:
@@ -94,12 +82,7 @@ def render(rows: dict[str, dict[str, float]], fp: float, meta: dict[str, Any]) -
 
 
 def write_readme(table: str, readme: Path = README) -> None:
-    text = readme.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} has no {START} ... {END} markers.")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}", encoding="utf-8")
+    _common.rewrite_between_markers(readme, MARKER, _common.section(MARKER, table))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -137,7 +120,7 @@ def main(argv: list[str] | None = None) -> str:
         "windows": last["quantized"]["windows"], "seq_len": args.seq_len, "tokens": last["quantized"]["tokens"],
         "calib": last["data"]["calib_windows"], "quick": args.quick,
         "recon": f"QDrop {q['iters']} iterations per block, batch {q['batch_size']}",
-        "machine": machine(), "date": datetime.date.today().isoformat(),
+        "machine": _common.machine(), "date": datetime.date.today().isoformat(),
         "transformers": last["versions"]["transformers"], "wall_min": (time.perf_counter() - started) / 60,
     }  # fmt: skip
     table = render(rows, fp, meta)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import random
-import re
 import sys
 import tempfile
 import time
@@ -30,8 +28,12 @@ from hf_qlimit import mixed_precision as mp
 from hf_qlimit.calibration import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
+import _common
+
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- mixed-table:start -->", "<!-- mixed-table:end -->"
+MARKER = "mixed-table"
+START, END = _common.markers(MARKER)
 # (label, avg-bits budget of a mixed allocation, or the bits of a uniform one)
 SETTINGS = [("uniform W2", None, 2), ("mixed 2.5", 2.5, None), ("uniform W3", None, 3), ("mixed 3.0", 3.0, None)]
 
@@ -53,15 +55,6 @@ def accuracy(model, tokenizer, rows: list[dict[str, str]], batch_size: int = 64)
         pred = model(**enc).logits.argmax(-1)
         correct += int((pred == torch.tensor([int(r["label"]) for r in chunk])).sum())
     return correct / len(rows)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        found = re.search(r"model name\s*:\s*(.+)", info.read_text())
-        cpu = found.group(1).strip() if found else cpu
-    return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
 
 
 def base_config(method: str, args: argparse.Namespace, **kwargs) -> QLimitConfig:
@@ -141,7 +134,8 @@ def main() -> None:
     note = (
         f"SST-2 dev accuracy ({len(dev)} sentences); {num_samples} calibration sentences from train; mixed = the "
         f"ILP's choice from {args.candidates} at that average, {pairs} pair terms; block Linears MiB = packed "
-        f"codes + scales + zero points. Machine: {machine()}. Date: {datetime.date.today()}. Command: `{command}`"
+        f"codes + scales + zero points. Machine: {_common.machine()}. Date: {datetime.date.today()}. "
+        f"Command: `{command}`"
     )
     text = "\n".join([note, "", *table])
     print(text)
@@ -151,10 +145,10 @@ def main() -> None:
 
 def write_table(path: Path, text: str) -> None:
     """Replaces what lies between the markers, or appends a section with them."""
-    block = f"{START}\n{text}\n{END}"
+    block = _common.section(MARKER, text)
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
+        new = _common.replace_between_markers(old, MARKER, block, where=str(path))
     else:
         new = old.rstrip("\n") + "\n\n## Mixed precision vs uniform at the same budget\n\n" + block + "\n"
     path.write_text(new)

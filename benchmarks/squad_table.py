@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -26,13 +25,17 @@ from typing import Any
 
 from transformers.utils import logging
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
+import _common
+
 logger = logging.get_logger("transformers.benchmarks.squad_table")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 RUN_QA = REPO / "examples" / "squad" / "run_qa.py"
 README = REPO / "examples" / "squad" / "README.md"
-START, END = "<!-- squad-table:start -->", "<!-- squad-table:end -->"
+MARKER = "squad-table"
+START, END = _common.markers(MARKER)
 ALL_SETTINGS = ["fp"] + [f"{m}-w{w}a8" for m in ("rtn", "qdrop") for w in (8, 4, 2)]
 _SETTING = re.compile(r"^(rtn|adaround|brecq|qdrop)-w(\d)a(\d|none)$")
 
@@ -85,16 +88,6 @@ def run_setting(setting: str, args: argparse.Namespace, extra: list[str]) -> dic
     return results
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def format_table(rows: list[dict[str, Any]], header: dict[str, str]) -> str:
     """Markdown table; `rows` hold label, bits, em, f1 and quantize_seconds (None for FP)."""
     fp = next((r for r in rows if r["bits"] == "FP32"), None)
@@ -116,10 +109,7 @@ def format_table(rows: list[dict[str, Any]], header: dict[str, str]) -> str:
 
 def replace_table(text: str, table: str) -> str:
     """Replaces what lies between the two markers (kept) by `table`."""
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"The README needs {START} followed by {END}.")
-    return text[: start + len(START)] + "\n" + table + "\n" + text[end:]
+    return _common.replace_between_markers(text, MARKER, _common.section(MARKER, table), where="The README")
 
 
 def rows_from(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -207,7 +197,7 @@ def main(argv: list[str] | None = None) -> str:
     n_questions = f"first {args.max_eval_samples} questions" if args.max_eval_samples else "all 4,905 questions"
     header = {
         "date": datetime.date.today().isoformat(),
-        "machine": cpu_name(),
+        "machine": _common.cpu_name(),
         "threads": str(args.threads),
         "torch": torch.__version__,
         "preset": args.preset + (" (--quick: 32 samples, 20 iters)" if args.quick else ""),

@@ -10,6 +10,7 @@ from transformers.quantizers import register_quantization_config, register_quant
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from .api import patch_pretrained_model, quantize
+from .arguments import QuantizationArguments
 from .config import PRESETS, QLimitConfig
 from .hf_quantizer import QLimitHfQuantizer
 from .models import register_adapter, supported_model_types
@@ -26,4 +27,12 @@ patch_pretrained_model()
 # hf_qlimit's loggers follow transformers' verbosity and handler (`transformers.logging.set_verbosity_info()`).
 _logging.getLogger("hf_qlimit").parent = _logging.getLogger("transformers")
 
-__all__ = ["PRESETS", "QLimitConfig", "QLimitHfQuantizer", "quantize", "register_adapter", "supported_model_types"]
+__all__ = [
+    "PRESETS",
+    "QLimitConfig",
+    "QLimitHfQuantizer",
+    "QuantizationArguments",
+    "quantize",
+    "register_adapter",
+    "supported_model_types",
+]

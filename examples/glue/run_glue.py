@@ -42,6 +42,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from hf_qlimit.arguments import QuantizationArguments  # importing hf_qlimit adds PreTrainedModel.quantize_qlimit
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # glue_data.py sits beside this script
 from glue_data import TASK_LABELS, TASKS, check_task, eval_splits, load_raw_datasets, text_keys
 
@@ -77,59 +79,6 @@ class DataTrainingArguments:
 
     def __post_init__(self) -> None:
         self.task_name = check_task(self.task_name)
-
-
-@dataclass
-class QuantizationArguments:
-    """Mapped onto `hf_qlimit.QLimitConfig`; `None` leaves the preset's value."""
-
-    weight_bits: int = field(default=4, metadata={"help": "Weight bits of the transformer blocks (2-8)."})
-    act_bits: str = field(default="8", metadata={"help": "Activation bits (2-8), or 'none' for weight-only."})
-    method: str = field(default="qdrop", metadata={"help": "rtn, adaround, brecq or qdrop."})
-    preset: str = field(default="fast", metadata={"help": "fast or paper: fills num_samples, batch_size, iters."})
-    num_samples: int | None = field(default=None, metadata={"help": "Calibration sentences drawn from train."})
-    iters: int | None = field(default=None, metadata={"help": "Reconstruction iterations per block."})
-    batch_size: int | None = field(default=None, metadata={"help": "Reconstruction batch size."})
-    group_size: int | None = field(
-        default=None, metadata={"help": "Input features per weight scale; none: per channel."}
-    )
-    loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher."})
-    drop_prob: float | None = field(default=None, metadata={"help": "QDrop's probability of keeping FP activations."})
-    first_last_bits: str = field(default="8", metadata={"help": "Bits of embeddings and head, or 'none' for FP."})
-    modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "fnmatch patterns kept in FP."})
-    # `--seed` belongs to TrainingArguments; argparse refuses a second one, hence the prefix.
-    quant_seed: int | None = field(default=None, metadata={"help": "Seed of calibration sampling; default: --seed."})
-
-
-def _optional_bits(name: str, value: str) -> int | None:
-    if value.strip().lower() in ("none", "fp", ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"--{name} must be an integer from 2 to 8 or 'none', got {value!r}.") from None
-
-
-def build_qlimit_config(quant_args: QuantizationArguments, max_length: int, seed: int):
-    """Imports hf_qlimit only here, so the data and metric parts of this script run without it."""
-    from hf_qlimit import QLimitConfig  # also patches PreTrainedModel.quantize_qlimit and from_pretrained
-
-    return QLimitConfig(
-        weight_bits=quant_args.weight_bits,
-        act_bits=_optional_bits("act_bits", quant_args.act_bits),
-        method=quant_args.method,
-        preset=quant_args.preset,
-        num_samples=quant_args.num_samples,
-        iters=quant_args.iters,
-        batch_size=quant_args.batch_size,
-        group_size=quant_args.group_size,
-        loss=quant_args.loss,
-        drop_prob=quant_args.drop_prob,
-        first_last_bits=_optional_bits("first_last_bits", quant_args.first_last_bits),
-        modules_to_not_convert=quant_args.modules_to_not_convert,
-        seed=quant_args.quant_seed if quant_args.quant_seed is not None else seed,
-        max_length=max_length,
-    )
 
 
 def glue_metric_path() -> str:
@@ -247,7 +196,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         model_args.token,
     )
     is_regression, label_list = resolve_labels(raw, task)
-    qconfig = build_qlimit_config(quant_args, data_args.max_seq_length, training_args.seed)
+    qconfig = quant_args.to_config(seed=training_args.seed, max_length=data_args.max_seq_length)
 
     num_labels = 1 if is_regression else len(label_list)
     common = {

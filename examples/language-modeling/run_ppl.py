@@ -27,7 +27,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 from transformers.utils import logging as hf_logging
+
+from hf_qlimit.arguments import QuantizationArguments
 
 logger = hf_logging.get_logger(__name__)
 
@@ -81,23 +83,10 @@ class DataArguments:
 
 
 @dataclass
-class QuantizationArguments:
-    """Mapped onto `hf_qlimit.QLimitConfig`; `None` leaves the preset's value."""
+class LMQuantizationArguments(QuantizationArguments):
+    """`hf_qlimit.QuantizationArguments`, weight-only by default, with the run's `--seed` (no TrainingArguments)."""
 
-    weight_bits: int = field(default=4, metadata={"help": "Weight bits of the transformer blocks (2-8)."})
     act_bits: str = field(default="none", metadata={"help": "Activation bits (2-8), or 'none' for weight-only."})
-    group_size: int | None = field(
-        default=None, metadata={"help": "Input features per weight scale; none: per channel."}
-    )
-    method: str = field(default="qdrop", metadata={"help": "rtn, adaround, brecq or qdrop."})
-    preset: str = field(default="fast", metadata={"help": "fast or paper: fills num_samples, batch_size, iters."})
-    iters: int | None = field(default=None, metadata={"help": "Reconstruction iterations per block."})
-    num_samples: int | None = field(
-        default=None, metadata={"help": "Calibration windows (same as --num_calib_samples)."}
-    )
-    batch_size: int | None = field(default=None, metadata={"help": "Reconstruction batch size."})
-    loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher."})
-    first_last_bits: str = field(default="8", metadata={"help": "Bits of embeddings and LM head, or 'none' for FP."})
     seed: int = field(default=0, metadata={"help": "Seed of the calibration windows and of reconstruction."})
 
 
@@ -108,15 +97,6 @@ class RunArguments:
     eval_batch_size: int = field(default=1, metadata={"help": "Windows per forward pass when evaluating."})
     skip_fp_eval: bool = field(default=False, metadata={"help": "Do not evaluate the FP model (saves a pass)."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (torch.set_num_threads)."})
-
-
-def _optional_bits(name: str, value: str) -> int | None:
-    if value.strip().lower() in ("none", "fp", ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"--{name} must be an integer from 2 to 8 or 'none', got {value!r}.") from None
 
 
 def read_text_file(path: str | Path) -> list[str]:
@@ -187,27 +167,14 @@ def perplexity(
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": windows.shape[0]}
 
 
-def build_qlimit_config(quant_args: QuantizationArguments, num_calib_samples: int | None, seq_len: int):
-    """Imports hf_qlimit only here, so the data and evaluation parts of this script run without it."""
-    from hf_qlimit import QLimitConfig  # also patches PreTrainedModel.quantize_qlimit and from_pretrained
-
+def build_qlimit_config(quant_args: LMQuantizationArguments, num_calib_samples: int | None, seq_len: int):
+    """The `QLimitConfig`; `--num_calib_samples` is another name of `--num_samples`."""
     num_samples = quant_args.num_samples
     if num_calib_samples is not None and num_samples is not None and num_calib_samples != num_samples:
         raise ValueError(f"--num_calib_samples {num_calib_samples} and --num_samples {num_samples} disagree; pass one.")
-    return QLimitConfig(
-        weight_bits=quant_args.weight_bits,
-        act_bits=_optional_bits("act_bits", quant_args.act_bits),
-        group_size=quant_args.group_size,
-        method=quant_args.method,
-        preset=quant_args.preset,
-        iters=quant_args.iters,
-        num_samples=num_calib_samples if num_calib_samples is not None else num_samples,
-        batch_size=quant_args.batch_size,
-        loss=quant_args.loss,
-        first_last_bits=_optional_bits("first_last_bits", quant_args.first_last_bits),
-        seed=quant_args.seed,
-        max_length=seq_len,
-    )
+    if num_calib_samples is not None:
+        quant_args = replace(quant_args, num_samples=num_calib_samples)
+    return quant_args.to_config(seed=quant_args.seed, max_length=seq_len)
 
 
 def check_group_size(model: PreTrainedModel, qconfig: Any) -> None:
@@ -272,7 +239,7 @@ def _setup_logging() -> None:
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, QuantizationArguments, RunArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, LMQuantizationArguments, RunArguments))
     if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, quant_args, run_args = parser.parse_json_file(json_file=sys.argv[1])
     else:

@@ -35,6 +35,8 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from hf_qlimit.arguments import QuantizationArguments, parse_bits
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils_qa import (  # noqa: E402  (the example directory is not a package)
     PARITIES,
@@ -91,49 +93,14 @@ class DataTrainingArguments:
     eval_reloaded: bool = field(default=True, metadata={"help": "Save, reload and evaluate the quantized model."})
 
 
-def _bits(value: str | None) -> int | None:
-    return None if value is None or str(value).lower() == "none" else int(value)
-
-
 @dataclass
-class QuantizationArguments:
-    """Maps onto `hf_qlimit.QLimitConfig`; unset reconstruction settings come from the preset."""
+class QAQuantizationArguments(QuantizationArguments):
+    """`hf_qlimit.QuantizationArguments` plus the choice of a full-precision run only."""
 
     quantize: bool = field(default=True, metadata={"help": "Quantize (--no_quantize: full-precision run only)."})
-    weight_bits: int = field(default=4, metadata={"help": "Weight bits of the transformer blocks (2-8)."})
-    act_bits: str = field(default="8", metadata={"help": "Activation bits, or 'none' for weight-only."})
-    first_last_bits: str = field(default="8", metadata={"help": "Bits of embeddings and QA head, or 'none'."})
-    method: str = field(default="qdrop", metadata={"choices": ["rtn", "adaround", "brecq", "qdrop"]})
-    preset: str = field(default="fast", metadata={"choices": ["fast", "paper"]})
-    num_samples: int | None = field(default=None, metadata={"help": "Calibration features (default: preset)."})
-    iters: int | None = field(default=None, metadata={"help": "Reconstruction iterations per block."})
-    batch_size: int | None = field(default=None, metadata={"help": "Reconstruction batch size."})
-    group_size: int | None = field(default=None, metadata={"help": "Input features per weight scale."})
-    loss: str | None = field(default=None, metadata={"choices": ["mse", "fisher"]})
-    drop_prob: float | None = field(default=None, metadata={"help": "QDrop's keep-FP probability."})
-    quant_seed: int | None = field(default=None, metadata={"help": "Seed of calibration (default: --seed)."})
-
-    def to_config(self, seed: int) -> Any:
-        # Imported here so that a full-precision run and the data tests do not need the quantization core.
-        from hf_qlimit import QLimitConfig
-
-        return QLimitConfig(
-            weight_bits=self.weight_bits,
-            act_bits=_bits(self.act_bits),
-            first_last_bits=_bits(self.first_last_bits),
-            method=self.method,
-            preset=self.preset,
-            num_samples=self.num_samples,
-            iters=self.iters,
-            batch_size=self.batch_size,
-            group_size=self.group_size,
-            loss=self.loss,
-            drop_prob=self.drop_prob,
-            seed=seed,
-        )
 
     def label(self) -> str:
-        act = _bits(self.act_bits)
+        act = parse_bits("act_bits", self.act_bits)
         return f"{self.method} W{self.weight_bits}A{act if act is not None else 16}"
 
 
@@ -272,7 +239,7 @@ def _em_f1(scores: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, QuantizationArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, QAQuantizationArguments, TrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, quant_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
     else:
@@ -282,7 +249,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # INFO for this example (run_qa + utils_qa), while transformers itself stays at its own verbosity.
     logging.get_logger("transformers.examples.squad").setLevel(logging.INFO)
     set_seed(training_args.seed)
-    seed = quant_args.quant_seed if quant_args.quant_seed is not None else training_args.seed
     os.makedirs(training_args.output_dir, exist_ok=True)
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -340,10 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "No calibration data: give --train_file (or a --dataset_name with a train split), or an "
                 "--article_parity so that calibration uses the other articles of --validation_file."
             )
-        import hf_qlimit  # noqa: F401  (registers the qlimit quantizer and PreTrainedModel.quantize_qlimit)
-
-        qconfig = quant_args.to_config(seed)
-        calib = calibration_features(calib_examples, tokenizer, data_args, qconfig.num_samples, seed)
+        qconfig = quant_args.to_config(seed=training_args.seed)  # the seed of --quant_seed, or else --seed
+        calib = calibration_features(calib_examples, tokenizer, data_args, qconfig.num_samples, qconfig.seed)
         logger.info(f"Quantizing ({quant_args.label()}, preset {qconfig.preset}) on {len(calib)} calibration windows.")
         t0 = time.perf_counter()
         quantized = model.quantize_qlimit(calib, qconfig)

@@ -1,0 +1,73 @@
+"""What the benchmark scripts share: a description of the machine, and a README section between two markers.
+
+The scripts put this folder on `sys.path` and `import _common`, which works when they run as
+`python benchmarks/<script>.py` and when the tests load them from their file.
+
+A section is the text from `<!-- MARKER:start -->` to `<!-- MARKER:end -->`, both markers included; rewriting a
+README replaces it, so that a rerun never appends a second table.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, more telling than the architecture), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """'<platform>, <CPU>, <n> CPUs, torch <version> (<threads> threads)[, GPU <name>]'."""
+    import torch  # here, so that a script's --help is quick
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"{platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs, {torch_info}{gpu}"
+
+
+def markers(marker: str) -> tuple[str, str]:
+    """The start and end markers of a section: `<!-- MARKER:start -->`, `<!-- MARKER:end -->`."""
+    return f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+
+
+def section(marker: str, body: str) -> str:
+    """`body` between the two markers, each on its own line."""
+    start, end = markers(marker)
+    return f"{start}\n{body}\n{end}"
+
+
+def replace_between_markers(text: str, marker: str, section: str, where: str = "The text") -> str:
+    """`text` with its section of `marker` (markers included) replaced by `section`.
+
+    Raises `ValueError` naming the markers that are missing (`where` names the text in the message).
+    """
+    start_tag, end_tag = markers(marker)
+    start = text.find(start_tag)
+    end = text.find(end_tag, start + len(start_tag)) if start >= 0 else text.find(end_tag)
+    if start < 0 and end < 0:
+        raise ValueError(f"{where} lacks the markers {start_tag} and {end_tag} (the table goes between them).")
+    if start < 0:
+        raise ValueError(
+            f"{where} lacks the start marker {start_tag} before {end_tag} (the table goes between the markers)."
+        )
+    if end < 0:
+        raise ValueError(
+            f"{where} lacks the end marker {end_tag} after {start_tag} (the table goes between the markers)."
+        )
+    return text[:start] + section + text[end + len(end_tag) :]
+
+
+def rewrite_between_markers(readme: Path, marker: str, section: str) -> None:
+    """Replaces the section of `marker` in the file `readme` (markers included) by `section`."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    readme.write_text(replace_between_markers(text, marker, section, where=str(readme)), encoding="utf-8")

@@ -1,0 +1,98 @@
+"""`QuantizationArguments`: the command-line flags of the example scripts, mapped onto `QLimitConfig`.
+
+A dataclass for `transformers.HfArgumentParser`, shared by examples/glue/run_glue.py, examples/squad/run_qa.py
+and examples/language-modeling/run_ppl.py:
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, QuantizationArguments, TrainingArguments))
+    ..., quant_args, training_args = parser.parse_args_into_dataclasses()
+    qconfig = quant_args.to_config(seed=training_args.seed, max_length=512)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import LOSSES, METHODS, PRESETS, QLimitConfig
+
+_FULL_PRECISION = ("none", "fp", "")
+
+
+def parse_bits(name: str, value: Any) -> int | None:
+    """Bits given on the command line (or in a JSON file): an integer, or "none" / "fp" / "" for full precision.
+
+    The range (2-8) is checked by `QLimitConfig`; this only turns the text into an int or None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in _FULL_PRECISION:
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ValueError(f"--{name} must be an integer from 2 to 8 or 'none', got {value!r}.") from None
+
+
+@dataclass
+class QuantizationArguments:
+    """Mapped onto `hf_qlimit.QLimitConfig` by `to_config`; `None` leaves the preset's value."""
+
+    weight_bits: int = field(default=4, metadata={"help": "Weight bits of the transformer blocks (2-8)."})
+    act_bits: str = field(default="8", metadata={"help": "Activation bits (2-8), or 'none' for weight-only."})
+    method: str = field(default="qdrop", metadata={"help": "rtn, adaround, brecq or qdrop."})
+    preset: str = field(default="fast", metadata={"help": "fast or paper: fills num_samples, batch_size, iters."})
+    num_samples: int | None = field(
+        default=None, metadata={"help": "Calibration samples (sentences, windows or features); none: the preset's."}
+    )
+    iters: int | None = field(default=None, metadata={"help": "Reconstruction iterations per block."})
+    batch_size: int | None = field(default=None, metadata={"help": "Reconstruction batch size."})
+    group_size: int | None = field(
+        default=None, metadata={"help": "Input features per weight scale; none: per channel."}
+    )
+    loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher."})
+    drop_prob: float | None = field(default=None, metadata={"help": "QDrop's probability of keeping FP activations."})
+    first_last_bits: str = field(
+        default="8", metadata={"help": "Bits of embeddings and the task / LM head, or 'none' for FP."}
+    )
+    modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "fnmatch patterns kept in FP."})
+    # `--seed` belongs to TrainingArguments; argparse refuses a second one, hence the prefix.
+    quant_seed: int | None = field(default=None, metadata={"help": "Seed of calibration sampling; default: --seed."})
+
+    def __post_init__(self) -> None:
+        # The choices fail at parsing, before any data or model is loaded (the bits are checked by `to_config`).
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r} (--method).")
+        if self.preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {self.preset!r} (--preset).")
+        if self.loss is not None and self.loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r} (--loss).")
+
+    def to_config(self, *, seed: int, max_length: int | None = None) -> QLimitConfig:
+        """The `QLimitConfig` of these arguments.
+
+        Args:
+            seed: the run's seed, used unless `quant_seed` is set.
+            max_length: calibration sequences are truncated to this many tokens; `None` keeps
+                `QLimitConfig`'s default.
+
+        Raises `ValueError` naming the flag or field whose value is impossible.
+        """
+        extra = {} if max_length is None else {"max_length": max_length}
+        return QLimitConfig(
+            weight_bits=self.weight_bits,
+            act_bits=parse_bits("act_bits", self.act_bits),
+            method=self.method,
+            preset=self.preset,
+            num_samples=self.num_samples,
+            iters=self.iters,
+            batch_size=self.batch_size,
+            group_size=self.group_size,
+            loss=self.loss,
+            drop_prob=self.drop_prob,
+            first_last_bits=parse_bits("first_last_bits", self.first_last_bits),
+            modules_to_not_convert=self.modules_to_not_convert,
+            seed=self.quant_seed if self.quant_seed is not None else seed,
+            **extra,
+        )
