@@ -131,6 +131,29 @@ def build_tables(
     )
 
 
+def build_method_tables(
+    results: dict[Key, dict[str, Any] | None], tasks: list[str], methods: list[str], settings: list[str]
+) -> str:
+    """Markdown, one row per task and method with a column per setting: readable with many methods.
+
+    Each cell is "metric (quantization seconds)"; tasks without any measured run are left out.
+    """
+    lines = ["| Task (metric) | FP | Method | " + " | ".join(settings) + " |", "|---|---:|---|" + "---:|" * len(settings)]
+    for task in tasks:
+        done = [r for (t, _, _), r in results.items() if t == task and r]
+        if not done:
+            continue
+        title = f"{TASK_NAMES.get(task, task)} ({_metric_label(done[0]['fp'])})"
+        for method in methods:
+            cells = []
+            for setting in settings:
+                r = results.get((task, method, setting))
+                cells.append(f"{_cell(r['quantized'])} ({r['timings_s']['quantize_s']:.0f} s)" if r else
+                             ("–" if r == {} else "failed"))  # fmt: skip
+            lines.append(f"| {title} | {_cell(done[0]['fp'])} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_section(
     tables: str, results: dict[Key, dict[str, Any] | None], date: str, host: str, marker: str = MARKER,
     command: str = "python benchmarks/glue_table.py",
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--reuse", action="store_true", help="Keep runs that already have a results.json.")
     parser.add_argument("--table_only", action="store_true", help="Run nothing: a table of the existing results.")
+    parser.add_argument("--by_method", action="store_true", help="One row per task and method (many methods).")
     parser.add_argument("--write", action="store_true", help="With --quick: rewrite the README all the same.")
     args = parser.parse_args(argv)
     extra: list[str] = list(args.extra)
@@ -189,7 +213,8 @@ def main(argv: list[str] | None = None) -> str:
                 results[task, method, setting] = run_one(
                     task, method, setting, args.shared, args.out_dir, extra, "only" if args.table_only else args.reuse
                 )
-    tables = build_tables(results, args.tasks, args.methods, args.settings)
+    build = build_method_tables if args.by_method else build_tables
+    tables = build(results, args.tasks, args.methods, args.settings)
     command = "python benchmarks/glue_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = render_section(
         tables, results, datetime.date.today().isoformat(), _common.machine(), args.marker, command.strip()

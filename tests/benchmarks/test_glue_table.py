@@ -59,3 +59,17 @@ def test_table_and_readme_rewrite(glue_table, tmp_path):
     readme.write_text("# No markers\n")
     with pytest.raises(ValueError, match="markers"):
         glue_table.rewrite_readme(readme, section)
+
+
+def test_method_rows_layout(glue_table):
+    results = {
+        ("sst2", "RTN", "W2A8"): _result({"accuracy": 0.8888}, {"accuracy": 0.8165}, 12.4, 872),
+        ("sst2", "QDrop", "W2A8"): _result({"accuracy": 0.8888}, {"accuracy": 0.8658}, 882.1, 872),
+        ("sst2", "QDrop", "W4A4"): {},
+        ("stsb", "RTN", "W2A8"): {},
+    }
+    lines = glue_table.build_method_tables(results, ["sst2", "stsb"], ["RTN", "QDrop"], ["W2A8", "W4A4"]).splitlines()
+    assert lines[0] == "| Task (metric) | FP | Method | W2A8 | W4A4 |"
+    assert lines[2] == "| SST-2 (acc) | 88.9 | RTN | 81.7 (12 s) | failed |"
+    assert lines[3] == "| SST-2 (acc) | 88.9 | QDrop | 86.6 (882 s) | – |"
+    assert len(lines) == 4  # STS-B has no measured run
