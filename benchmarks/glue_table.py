@@ -104,6 +104,7 @@ def build_tables(
 ) -> str:
     """Markdown: a metric table (FP and each method x setting) and a table of quantization times."""
     columns = [(m, s) for m in methods for s in settings]
+    tasks = [t for t in tasks if any(results.get((t, m, s)) for m, s in columns)]  # nothing measured: no row
     head = "| " + " | ".join(f"{m} {s}" for m, s in columns) + " |"
     rule = "|---|---|" + "---:|" * len(columns)
     metric_rows, time_rows = [], []
