@@ -34,15 +34,6 @@ SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_h
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: several intra-op threads only spin against each other, 10-50x slower on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(kind: str, seed: int = 0, tie: bool = True):
     torch.manual_seed(seed)
     if kind == "opt":

@@ -22,15 +22,6 @@ WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "river", "city", "
 SEQ_LEN = 16  # also the tiny model's context, so the script's default seq_len
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: several intra-op threads only spin against each other, 10-50x slower on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run_ppl():
     spec = importlib.util.spec_from_file_location("run_ppl", SCRIPT_DIR / "run_ppl.py")
