@@ -1,13 +1,11 @@
-"""Uniform affine fake quantization: codes q in [0, 2^b - 1], x ≈ (q - z) · s."""
+"""Uniform affine grids: codes q in [0, 2^b - 1], x ≈ (q - z) · s.
+
+Activations use torch's fused fake-quant kernels (see lsq.py); these helpers serve weights and range search.
+"""
 
 from __future__ import annotations
 
 import torch
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through gradient."""
-    return (x.round() - x).detach() + x
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -30,13 +28,6 @@ def scale_zero_from_range(
         scale = ((xmax - xmin) / (qmax - qmin)).clamp(min=1e-8)
         zero = (qmin - xmin / scale).round().clamp(qmin, qmax)
     return scale, zero
-
-
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize-dequantize with straight-through rounding; gradients reach `x` and `scale` (LSQ)."""
-    qmin, qmax = qrange(bits)
-    q = torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
-    return (q - zero) * scale
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
