@@ -62,7 +62,7 @@ class WeightQuantizer(nn.Module):
         h, self._h = (self._h, None) if self._h is not None else (self.soft_rounding(), None)
         return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
-    def forward(self, weight: torch.Tensor, hard: bool = False) -> torch.Tensor:
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
         scale, zero = self._grid()
@@ -70,7 +70,7 @@ class WeightQuantizer(nn.Module):
         if self.alpha is None:
             q = quantize_codes(w, scale, zero, self.bits)
         else:
-            h = (self.alpha >= 0).to(w.dtype) if hard else self.soft_rounding()
+            h = self.soft_rounding()  # exactly 0 or 1 once `harden()` has run
             self._h = h if h.requires_grad else None
             qmin, qmax = qrange(self.bits)
             q = torch.clamp(self.w_floor + h + zero, qmin, qmax)
