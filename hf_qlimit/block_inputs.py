@@ -21,7 +21,8 @@ class _Stop(Exception):
     pass
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Every tensor in a (nested) batch or argument structure, moved to `device`."""
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, obj)
 
 
@@ -32,7 +33,7 @@ class BlockInputs:
         self.per_batch = per_batch
 
     def get(self, batch: int, device: torch.device) -> tuple[tuple, dict]:
-        return _to(self.per_batch[batch], device)
+        return to_device(self.per_batch[batch], device)
 
 
 @torch.no_grad()
@@ -47,14 +48,14 @@ def capture_block_inputs(
         kwargs = dict(kwargs)
         states = args[0] if args else kwargs.pop("hidden_states")
         hidden.append(states.detach().cpu())
-        extra.append(_to((tuple(args[1:]), kwargs), torch.device("cpu")))
+        extra.append(to_device((tuple(args[1:]), kwargs), torch.device("cpu")))
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
             try:
-                model(**_to(batch, device), use_cache=False)
+                model(**to_device(batch, device), use_cache=False)
             except _Stop:
                 pass
     finally:

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .block_inputs import block_output
+from .block_inputs import block_output, to_device
 from .config import QLimitConfig
 from .models.base import ArchitectureAdapter, matches
 from .modules import QuantLinear
@@ -208,7 +208,7 @@ def measure_sensitivity(model: nn.Module, adapter: ArchitectureAdapter, batches:
         stride, pair_count = max(1, len(batches) // -(-_PAIR_SAMPLES * len(batches) // count)), 0
         for step, batch in enumerate(tqdm(batches, desc="Measuring sensitivity", unit="batch")):
             with_pairs = used_blocks if step % stride == 0 and pair_count < _PAIR_SAMPLES else []
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             mask = batch["attention_mask"].bool()
             seen.clear()
             with torch.enable_grad():

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .block_inputs import capture_block_inputs, run_block
+from .block_inputs import capture_block_inputs, run_block, to_device
 from .calibration import length_sorted_batches, prepare_calibration
 from .config import QLimitConfig
 from .integration import act_quantizers, convert_model, quant_state, quantized_modules
@@ -123,7 +123,7 @@ def _quantize_converted(model, adapter, config, batches, token_mask, device, sta
 
     def run_model() -> None:
         for batch in batches:
-            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            model(**to_device(batch, device), use_cache=False)
 
     with quant_state(model, weights=True, acts=True):
         _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)

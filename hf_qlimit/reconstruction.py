@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_inputs import BlockInputs, Stream, block_output, call_block, run_block
+from .block_inputs import BlockInputs, Stream, block_output, call_block, run_block, to_device
 from .config import QLimitConfig
 from .integration import act_quantizers, quant_state, quantized_modules
 from .modules import QuantLinear
@@ -195,7 +195,7 @@ def fisher_weights(model: nn.Module, blocks: nn.ModuleList, batches: list[dict],
     handles.append(blocks[0].register_forward_pre_hook(start_graph, with_kwargs=True))
     try:
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             mask = batch["attention_mask"].bool()
             with torch.no_grad(), quant_state(model, weights=False, acts=False):
                 outputs.clear()
