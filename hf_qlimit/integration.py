@@ -39,13 +39,13 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
                 f"The checkpoint's quantization_config says {name!r} is a quantized {spec['kind']}, but the model has "
                 f"a {type(module).__name__} there: the checkpoint does not belong to this model class."
             )
-        if frozen:
-            with torch.device(_device_of(module)):
+        with torch.device(_device_of(module)):  # quantizer buffers next to the weight (CUDA, not CPU)
+            if frozen:
                 new = _empty_module(module, spec, config)
-        elif spec["kind"] == "linear":
-            new = QuantLinear.from_linear(module, spec, config.group_size, config.weight_sym, config.act_sym)
-        else:
-            new = QuantEmbedding.from_embedding(module, spec, config.weight_sym)
+            elif spec["kind"] == "linear":
+                new = QuantLinear.from_linear(module, spec, config.group_size, config.weight_sym, config.act_sym)
+            else:
+                new = QuantEmbedding.from_embedding(module, spec, config.weight_sym)
         model.set_submodule(name, new)
     if any(spec["kind"] == "attention" for spec in layer_config.values()):
         register_attention()
