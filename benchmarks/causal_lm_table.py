@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> str:
         "calib": last["data"]["calib_windows"], "quick": args.quick,
         "recon": f"QDrop {q['iters']} iterations per block, batch {q['batch_size']}",
         "machine": _common.machine(), "date": datetime.date.today().isoformat(),
-        "transformers": last["versions"]["transformers"], "wall_min": (time.perf_counter() - started) / 60,
+        "transformers": last["environment"]["versions"]["transformers"], "wall_min": (time.perf_counter() - started) / 60,
     }  # fmt: skip
     table = render(rows, fp, meta)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,12 @@ and examples/language-modeling/run_ppl.py:
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+import transformers
 
 from .config import LOSSES, METHODS, PRESETS, QLimitConfig
 
@@ -96,3 +100,16 @@ class QuantizationArguments:
             seed=self.quant_seed if self.quant_seed is not None else seed,
             **extra,
         )
+
+
+def run_environment(device: torch.device | str) -> dict[str, Any]:
+    """Where a run ran, for its results.json: tables built later must not guess whether a time is CPU or GPU."""
+    device = torch.device(device)
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }

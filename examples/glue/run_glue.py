@@ -26,7 +26,6 @@ import datasets
 import evaluate
 import numpy as np
 import torch
-import transformers
 from torch.utils.data import DataLoader
 from transformers import (
     AutoConfig,
@@ -42,7 +41,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from hf_qlimit.arguments import QuantizationArguments  # importing hf_qlimit adds PreTrainedModel.quantize_qlimit
+from hf_qlimit.arguments import (  # importing hf_qlimit adds PreTrainedModel.quantize_qlimit
+    QuantizationArguments,
+    run_environment,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # glue_data.py sits beside this script
 from glue_data import TASK_LABELS, TASKS, check_task, eval_splits, load_raw_datasets, text_keys
@@ -324,7 +326,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         "quantized": q_metrics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "qlimit_config": quant_settings,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "environment": run_environment(device),
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(_summary(task, quant_settings, fp_metrics, q_metrics, timings["quantize_s"]))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import random
 import sys
 import time
@@ -33,11 +32,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from hf_qlimit.arguments import QuantizationArguments
+from hf_qlimit.arguments import QuantizationArguments, run_environment
 
 logger = hf_logging.get_logger(__name__)
 
@@ -308,13 +306,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         "quantized": quantized,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "qlimit_config": quant_settings,
-        "run": {**asdict(run_args), "device": str(device), "torch_threads": torch.get_num_threads()},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "run": asdict(run_args),
+        "environment": run_environment(device),
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(_summary(results))

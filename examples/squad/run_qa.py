@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_qlimit.arguments import QuantizationArguments, parse_bits
+from hf_qlimit.arguments import QuantizationArguments, parse_bits, run_environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils_qa import (  # noqa: E402  (the example directory is not a package)
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_examples": len(eval_examples),
         "eval_features": len(eval_features),
         "data": {k: v for k, v in asdict(data_args).items() if k not in ("eval_fp", "eval_reloaded")},
-        "torch_threads": torch.get_num_threads(),
+        "environment": run_environment(training_args.device),
         "results": {},
     }
     summary = [f"[squad] {Path(model_args.model_name_or_path).name} | {len(eval_examples)} questions"]
