@@ -89,6 +89,16 @@ def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, e
     return json.loads((out / "results.json").read_text())
 
 
+def _gpu(result: dict[str, Any]) -> str | None:
+    """The GPU a run quantized on, or None for a CPU run (results without `environment` predate GPU runs)."""
+    return (result.get("environment") or {}).get("gpu")
+
+
+def _seconds(result: dict[str, Any]) -> str:
+    """Quantization wall time; † marks a GPU run, whose time is not comparable with the CPU ones."""
+    return f"{result['timings_s']['quantize_s']:.0f} s" + (" †" if _gpu(result) else "")
+
+
 def _cell(metrics: dict[str, dict[str, float]]) -> str:
     """Every metric of every split, in percent: '78.4/85.4'."""
     return "/".join(f"{100 * v:.1f}" for split in metrics.values() for v in split.values())
@@ -115,7 +125,7 @@ def build_tables(
         label = _metric_label(done[0]["fp"]) if done else ""
         cells = [_cell(r["quantized"]) if r else ("–" if r == {} else "failed") for r in runs]
         metric_rows.append(f"| {TASK_NAMES.get(task, task)} ({label}) | {fp} | " + " | ".join(cells) + " |")
-        times = [f"{r['timings_s']['quantize_s']:.0f}" if r else "–" for r in runs]
+        times = [_seconds(r) if r else "–" for r in runs]
         time_rows.append(f"| {TASK_NAMES.get(task, task)} | " + " | ".join(times) + " |")
     return "\n".join(
         [
@@ -123,7 +133,7 @@ def build_tables(
             rule,
             *metric_rows,
             "",
-            "Quantization time (s):",
+            "Quantization time:",
             "",
             "| Task " + head,
             "|---|" + "---:|" * len(columns),
@@ -149,7 +159,7 @@ def build_method_tables(
             cells = []
             for setting in settings:
                 r = results.get((task, method, setting))
-                cells.append(f"{_cell(r['quantized'])} ({r['timings_s']['quantize_s']:.0f} s)" if r else
+                cells.append(f"{_cell(r['quantized'])} ({_seconds(r)})" if r else
                              ("–" if r == {} else "failed"))  # fmt: skip
             lines.append(f"| {title} | {_cell(done[0]['fp'])} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -168,8 +178,13 @@ def render_section(
         lines.append(
             f"Calibration: {sample['calibration']['num_samples']} train sentences, preset `{config['preset']}` "
             f"({config['iters']} reconstruction iterations per block, batch {config['batch_size']}). "
-            f"Dev sentences: {sizes}. Wall time includes the whole quantization on this machine."
+            f"Dev sentences: {sizes}. Wall time includes the whole quantization."
         )
+        gpus = sorted({_gpu(r) for r in results.values() if r and _gpu(r)})
+        if gpus:
+            lines.append(f"Times marked † were measured on a GPU ({', '.join(gpus)}), several runs sharing it; the "
+                         "GPU draws its random numbers (activation samples, QDrop masks) from its own generator, so a GPU cell is "
+                         "another sample of the method, not the CPU run's number.")  # fmt: skip
     return _common.section(marker, "\n".join(lines))
 
 
@@ -185,7 +200,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     parser.add_argument("--marker", default=MARKER, help="The README markers <!-- MARKER:start/end -->.")
-    parser.add_argument("--extra", nargs="*", default=[], help="More run_glue.py arguments, e.g. --extra=--iters=300")
+    parser.add_argument(
+        "--extra", action="extend", nargs="*", default=[], help="More run_glue.py arguments: --extra=--iters=300 --extra=--seed=1"
+    )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="Folder with models/ and data/.")
     parser.add_argument("--out_dir", type=Path, default=REPO / "benchmarks" / "out" / "glue")
     parser.add_argument("--readme", type=Path, default=README)

@@ -30,12 +30,23 @@ from hf_qlimit.reconstruction import BlockData, reconstruct_block
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _time(fn, repeats: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: time them, not their launches
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    _sync(device)
     return (time.perf_counter() - start) / repeats
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -45,15 +56,17 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=32)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    device = torch.device(args.device)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path).eval().requires_grad_(False)
+    model.to(device)
     fp_model = copy.deepcopy(model)
     ids = torch.randint(1000, 20000, (args.batch_size, args.seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    device = torch.device("cpu")
 
     adapter = get_adapter(model)
     config = QLimitConfig(weight_bits=4, act_bits=8, method="qdrop", iters=args.iters)
@@ -76,20 +89,22 @@ def main() -> None:
     # (a) the same block in FP: forward and backward through its weights
     fp_block = adapter.blocks(fp_model)[1].requires_grad_(True)
     args_, kwargs = inputs.get(0, device)
-    x = hidden[0].clone().requires_grad_(True)
+    x = hidden[0].to(device).clone().requires_grad_(True)
 
     def fp_step() -> None:
         out = fp_block(x, *args_, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         out.pow(2).sum().backward()
 
-    fp_seconds = _time(fp_step, args.iters)
+    fp_seconds = _time(fp_step, args.iters, device)
+    _sync(device)
     start = time.perf_counter()
     reconstruct_block(block, data, config, device, desc="timing")
+    _sync(device)
     recon_seconds = (time.perf_counter() - start) / args.iters
     print(
         f"block of {type(model).__name__}, batch {args.batch_size} x {args.seq_len} tokens, {args.threads} threads, "
-        f"{platform.processor() or platform.machine()}: FP fwd+bwd {1000 * fp_seconds:.1f} ms, QDrop iteration "
+        f"{device.type} {_device_name(device)}: FP fwd+bwd {1000 * fp_seconds:.1f} ms, QDrop iteration "
         f"{1000 * recon_seconds:.1f} ms, ratio {recon_seconds / fp_seconds:.2f}"
     )
 

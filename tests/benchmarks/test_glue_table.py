@@ -20,6 +20,9 @@ def glue_table():
     return module
 
 
+GPU = {"device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3"}
+
+
 def _result(fp: dict, quantized: dict, seconds: float, n_eval: int) -> dict:
     return {
         "fp": {"validation": fp},
@@ -43,7 +46,7 @@ def test_table_and_readme_rewrite(glue_table, tmp_path):
     assert lines[0] == "| Task (metric) | FP | RTN W8A8 | RTN W4A8 |"
     assert lines[2] == "| SST-2 (acc) | 88.9 | 88.5 | failed |"
     assert lines[3] == "| MRPC (acc/F1) | 78.4/85.4 | 77.9/85.1 | 70.0/80.0 |"
-    assert "| SST-2 | 12 | – |" in lines and "| MRPC | 7 | 7 |" in lines
+    assert "| SST-2 | 12 s | – |" in lines and "| MRPC | 7 s | 7 s |" in lines
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\n## Results\n\n{glue_table.START}\nold table\n{glue_table.END}\n\nAfter.\n")
@@ -65,11 +68,16 @@ def test_method_rows_layout(glue_table):
     results = {
         ("sst2", "RTN", "W2A8"): _result({"accuracy": 0.8888}, {"accuracy": 0.8165}, 12.4, 872),
         ("sst2", "QDrop", "W2A8"): _result({"accuracy": 0.8888}, {"accuracy": 0.8658}, 882.1, 872),
-        ("sst2", "QDrop", "W4A4"): {},
+        ("sst2", "QDrop", "W4A4"): {**_result({"accuracy": 0.8888}, {"accuracy": 0.79}, 75, 872), "environment": GPU},
+        ("sst2", "BRECQ", "W4A4"): {},
         ("stsb", "RTN", "W2A8"): {},
     }
-    lines = glue_table.build_method_tables(results, ["sst2", "stsb"], ["RTN", "QDrop"], ["W2A8", "W4A4"]).splitlines()
+    tables = glue_table.build_method_tables(results, ["sst2", "stsb"], ["RTN", "BRECQ", "QDrop"], ["W2A8", "W4A4"])
+    lines = tables.splitlines()
     assert lines[0] == "| Task (metric) | FP | Method | W2A8 | W4A4 |"
     assert lines[2] == "| SST-2 (acc) | 88.9 | RTN | 81.7 (12 s) | failed |"
-    assert lines[3] == "| SST-2 (acc) | 88.9 | QDrop | 86.6 (882 s) | – |"
-    assert len(lines) == 4  # STS-B has no measured run
+    assert lines[3] == "| SST-2 (acc) | 88.9 | BRECQ | failed | – |"
+    assert lines[4] == "| SST-2 (acc) | 88.9 | QDrop | 86.6 (882 s) | 79.0 (75 s †) |"  # † a GPU run
+    assert len(lines) == 5  # STS-B has no measured run
+    section = glue_table.render_section(tables, results, "2026-01-02", "Linux, Some CPU")
+    assert "Times marked † were measured on a GPU (NVIDIA H100 80GB HBM3)" in section
