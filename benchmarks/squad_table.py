@@ -55,6 +55,8 @@ def setting_args(setting: str, eval_fp: bool = False) -> list[str]:
 
 def run_setting(setting: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     out_dir = Path(args.output_dir) / setting
+    if args.reuse and (out_dir / "results.json").is_file():
+        return json.loads((out_dir / "results.json").read_text())
     cmd = [
         sys.executable,
         str(RUN_QA),
@@ -86,6 +88,18 @@ def run_setting(setting: str, args: argparse.Namespace, extra: list[str]) -> dic
     results = json.loads((out_dir / "results.json").read_text())
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return results
+
+
+def _machine(environments: list[dict[str, Any] | None]) -> dict[str, str]:
+    """Machine, threads and torch of the runs, from their results.json (older results: this machine)."""
+    import torch
+
+    described = {
+        (env.get("gpu") or env.get("processor"), str(env.get("torch_threads", "?")), env["versions"]["torch"])
+        if env else (_common.cpu_name(), str(torch.get_num_threads()), torch.__version__)
+        for env in environments
+    }  # fmt: skip
+    return {key: ", ".join(sorted({d[i] for d in described})) for i, key in enumerate(("machine", "threads", "torch"))}
 
 
 def format_table(rows: list[dict[str, Any]], header: dict[str, str]) -> str:
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--preset", default="fast", choices=["fast", "paper"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--reuse", action="store_true", help="keep settings that already have a results.json")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -183,11 +198,12 @@ def main(argv: list[str] | None = None) -> str:
     readme = args.readme or (args.output_dir / "README.quick.md" if args.quick else README)
 
     rows: list[dict[str, Any]] = []
+    environments = []
     for setting in settings:
-        rows += rows_from(run_setting(setting, args, extra))
+        results = run_setting(setting, args, extra)
+        rows += rows_from(results)
+        environments.append(results.get("environment"))
     rows.sort(key=_row_order)
-
-    import torch
 
     reference = ""
     ref_file = Path(args.model) / "reference.json"
@@ -197,9 +213,7 @@ def main(argv: list[str] | None = None) -> str:
     n_questions = f"first {args.max_eval_samples} questions" if args.max_eval_samples else "all 4,905 questions"
     header = {
         "date": datetime.date.today().isoformat(),
-        "machine": _common.cpu_name(),
-        "threads": str(args.threads),
-        "torch": torch.__version__,
+        **_machine(environments),
         "preset": args.preset + (" (--quick: 32 samples, 20 iters)" if args.quick else ""),
         "data": f"SQuAD v1.1 dev, odd title-sorted articles ({n_questions}), max_seq_length 256, doc_stride 64",
         "reference": reference,

@@ -67,3 +67,13 @@ def test_readme_table_replaced_between_markers_only():
 def test_shipped_readme_has_markers():
     text = squad_table.README.read_text()
     assert text.count(squad_table.START) == 1 and text.count(squad_table.END) == 1
+
+
+def test_machine_comes_from_the_runs_environment():
+    gpu = {"gpu": "NVIDIA H100 80GB HBM3", "processor": "x86_64", "torch_threads": 2,
+           "versions": {"torch": "2.11.0+cu130"}}  # fmt: skip
+    cpu = {"gpu": None, "processor": "x86_64", "torch_threads": 1, "versions": {"torch": "2.13.0+cpu"}}
+    assert squad_table._machine([gpu, gpu]) == {"machine": "NVIDIA H100 80GB HBM3", "threads": "2",
+                                                "torch": "2.11.0+cu130"}  # fmt: skip
+    mixed = squad_table._machine([gpu, cpu])
+    assert mixed["machine"] == "NVIDIA H100 80GB HBM3, x86_64" and mixed["torch"] == "2.11.0+cu130, 2.13.0+cpu"
