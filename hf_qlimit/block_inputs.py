@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-Stream = list[torch.Tensor]  # one (batch, length, hidden) tensor per calibration batch, on CPU
+from .cache import ActivationCache, Stream  # a Stream holds one (batch, length, hidden) CPU tensor per batch
 
 
 class _Stop(Exception):
@@ -38,16 +38,20 @@ class BlockInputs:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, block: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+    model: nn.Module,
+    block: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    cache: ActivationCache | None = None,
 ) -> tuple[Stream, BlockInputs]:
     """Runs the model prefix on each batch; returns the block's hidden-state inputs and its other arguments."""
-    hidden: Stream = []
+    hidden = (cache or ActivationCache()).stream()
     extra: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
         states = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(states.detach().cpu())
+        hidden.append(states)
         extra.append(to_device((tuple(args[1:]), kwargs), torch.device("cpu")))
         raise _Stop
 
@@ -76,6 +80,8 @@ def call_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs, batc
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: Stream, inputs: BlockInputs, device: torch.device) -> Stream:
+def run_block(
+    block: nn.Module, hidden: Stream, inputs: BlockInputs, device: torch.device, cache: ActivationCache | None = None
+) -> Stream:
     """The block's outputs for every batch, on CPU."""
-    return [call_block(block, h, inputs, j, device).cpu() for j, h in enumerate(hidden)]
+    return (cache or ActivationCache()).stream(call_block(block, h, inputs, j, device) for j, h in enumerate(hidden))
