@@ -8,8 +8,11 @@ outputs of blocks < i. The pipeline feeds `reconstruct_block`; it knows nothing 
 from __future__ import annotations
 
 import copy
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,18 +21,16 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .block_inputs import capture_block_inputs, run_block, to_device
+from .cache import ActivationCache
 from .calibration import length_sorted_batches, prepare_calibration
 from .config import QLimitConfig
 from .integration import act_quantizers, convert_model, quant_state, quantized_modules
 from .models import get_adapter
+from .offload import Offloader, default_device, is_dispatched
 from .reconstruction import BlockData, block_output_error, fisher_weights, reconstruct_block
+from .resume import WorkDir, fingerprint
 
 logger = logging.get_logger(__name__)
-
-
-def _execution_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters())
-    return param.device if param.device.type != "meta" else torch.device("cpu")
 
 
 def _observe(quantizers: list, run, p: float) -> None:
@@ -41,34 +42,71 @@ def _observe(quantizers: list, run, p: float) -> None:
         q.finish_observing(p)
 
 
-def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    calib_ds: Any,
+    config: QLimitConfig,
+    *,
+    device: str | torch.device | None = None,
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    cache_budget_bytes: int | None = None,
+) -> nn.Module:
     """Quantizes `model` in place with Q-Limit PTQ and returns it, ready for `save_pretrained`."""
     if getattr(model, "is_quantized", False):
         raise ValueError("This model is already quantized; load the full-precision model to quantize it again.")
     if not isinstance(config, QLimitConfig):
         raise TypeError(f"`config` must be a QLimitConfig, got {type(config).__name__}.")
+    if resume and work_dir is None:
+        raise ValueError("resume=True needs the work_dir of the interrupted run.")
     adapter = get_adapter(model)
     config = copy.deepcopy(config)
     config.validate()
-    device = _execution_device(model)
+    dispatched = is_dispatched(model)
+    if work_dir is not None and config.loss == "fisher" and config.method != "rtn":
+        raise ValueError("work_dir (resumable runs) does not support loss='fisher' yet: use loss='mse'.")
+    if dispatched and (config.loss == "fisher" or config.bit_candidates is not None):
+        raise ValueError(
+            "loss='fisher' and mixed precision need forward and backward passes through the whole model, which an "
+            "offloaded model (device_map with 'disk' or 'cpu' offload) cannot hold: use loss='mse' and fixed bits."
+        )
+    device = torch.device(device) if device is not None else default_device(model)
     pad_id = getattr(model.config, "pad_token_id", None)
     data = prepare_calibration(calib_ds, config.num_samples, config.max_length, pad_id, config.seed)
     batches = length_sorted_batches(data, config.batch_size)
-    token_mask = [b["attention_mask"].bool() for b in batches]
+    run = _Run(
+        device=device,
+        offloader=Offloader(model, device),
+        cache=ActivationCache(cache_budget_bytes, work_dir),
+        work=WorkDir(work_dir, fingerprint(config.to_dict(), batches, model)) if work_dir is not None else None,
+        home=None if dispatched else next(model.parameters()).device,
+        token_mask=[b["attention_mask"].bool() for b in batches],
+    )
+    if run.work is not None:
+        run.done = run.work.done_blocks()
+        if run.done and not resume:
+            raise ValueError(
+                f"{work_dir} holds {run.done} finished blocks of this same quantization: pass resume=True to carry "
+                "on from there, or use an empty work_dir to start over."
+            )
     torch.manual_seed(config.seed)
     started = time.perf_counter()
 
-    if config.bit_candidates is not None:  # mixed precision: choose each block Linear's bits on the FP model
-        from .mixed_precision import allocate_bits
+    saved = run.work.layer_config() if run.done else None
+    if saved is not None:  # the bits chosen by the interrupted run (mixed precision is not redone)
+        config.module_bits, config.layer_config = saved["module_bits"], saved["layer_config"]
+    else:
+        if config.bit_candidates is not None:  # mixed precision: choose each block Linear's bits on the FP model
+            from .mixed_precision import allocate_bits
 
-        config.module_bits = {**config.module_bits, **allocate_bits(model, adapter, batches, config, device)}
-    config.layer_config = adapter.layer_config(model, config)
+            config.module_bits = {**config.module_bits, **allocate_bits(model, adapter, batches, config, device)}
+        config.layer_config = adapter.layer_config(model, config)
     if not config.layer_config:
         raise ValueError("The configuration leaves nothing to quantize (check modules_to_not_convert and first_last_bits).")
     model.eval()
     model.requires_grad_(False)
     try:
-        return _quantize_converted(model, adapter, config, batches, token_mask, device, started)
+        return _quantize_converted(model, adapter, config, batches, run, started)
     except BaseException:
         # The modules were swapped in place: a half-quantized model must not be saved by mistake.
         _attach_quantizer(model, config, failed=True)
@@ -76,32 +114,89 @@ def quantize_model(model: nn.Module, calib_ds: Any, config: QLimitConfig) -> nn.
         raise
 
 
-def _quantize_converted(model, adapter, config, batches, token_mask, device, started) -> nn.Module:
-    convert_model(model, config.layer_config, config, frozen=False)
-    for _, module in quantized_modules(model):
-        module.weight_quantizer.init_range(module.weight, config.lp_norm)
+@dataclass
+class _Run:
+    """Where and how this quantization runs: execution device, offload, caches, resume state."""
 
+    device: torch.device
+    offloader: Offloader
+    cache: ActivationCache
+    work: WorkDir | None
+    home: torch.device | None  # where an undispatched model lives, and goes back to; None: offloaded (-> CPU)
+    token_mask: list[torch.Tensor]
+    done: int = 0  # blocks finished by an interrupted run
+
+
+def _convert(model: nn.Module, names: list[str], run: _Run, config: QLimitConfig, frozen: bool) -> list[nn.Module]:
+    """Materializes the modules `names` on the execution device and swaps them for quantized ones."""
+    for name in names:
+        run.offloader.materialize(name)
+    convert_model(model, {n: config.layer_config[n] for n in names}, config, frozen=frozen)
+    modules = [model.get_submodule(n) for n in names]
+    if not frozen:
+        for module in modules:
+            if hasattr(module, "weight_quantizer"):
+                module.weight_quantizer.init_range(module.weight, config.lp_norm)
+    return modules
+
+
+def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> nn.Module:
+    device, cache = run.device, run.cache
     blocks = adapter.blocks(model)
+    blocks_name = adapter.blocks_name(model) + "."
+    outer = [n for n in config.layer_config if not n.startswith(blocks_name)]
+    prefix = _prefix_modules(model, blocks[0], batches[0])
+    for name in prefix:  # the model prefix runs whole on the execution device
+        run.offloader.materialize(name, recurse=False)
+    prefix_quantized = [n for n in outer if n in prefix]
+    _convert(model, prefix_quantized, run, config, frozen=run.done > 0)
+
     in_blocks = {id(q) for q in act_quantizers(blocks)}
-    outer_acts = [q for q in act_quantizers(model) if id(q) not in in_blocks]
-    with quant_state(model, weights=False, acts=False):
-        fp_in, inputs = capture_block_inputs(model, blocks[0], batches, device)
-    with quant_state(model, weights=True, acts=True):
-        captured = {}
+    if run.done:
+        run.work.load_prefix({n: model.get_submodule(n) for n in prefix_quantized})
+        inputs, state = run.work.load_state(run.done)
+        fp_in, q_in = cache.stream(state["streams"]["fp_in"]), cache.stream(state["streams"]["q_in"])
+        stats, pending = state["stats"], []
+    else:
+        outer_acts = [q for q in act_quantizers(model) if id(q) not in in_blocks]  # the prefix's: nothing else yet
+        with quant_state(model, weights=False, acts=False):
+            fp_in, inputs = capture_block_inputs(model, blocks[0], batches, device, cache)
+        with quant_state(model, weights=True, acts=True):
+            captured = {}
 
-        def capture_quantized() -> None:
-            captured["q_in"] = capture_block_inputs(model, blocks[0], batches, device)[0]
+            def capture_quantized() -> None:
+                captured["q_in"] = capture_block_inputs(model, blocks[0], batches, device, cache)[0]
 
-        pending = _calibrate_outside_blocks(model, outer_acts, capture_quantized, config.lp_norm, last=False)
-        if len(pending) < len(outer_acts):  # the prefix has quantized activations: capture again with them set
-            capture_quantized()
-        q_in = captured["q_in"]
-    fisher = fisher_weights(model, blocks, batches, device) if config.loss == "fisher" and config.method != "rtn" else None
+            pending = _calibrate_outside_blocks(model, outer_acts, capture_quantized, config.lp_norm, last=False)
+            if len(pending) < len(outer_acts):  # the prefix has quantized activations: capture again with them set
+                capture_quantized()
+            q_in = captured["q_in"]
+        stats = []
+    fisher = None
+    if config.loss == "fisher" and config.method != "rtn":
+        _convert(model, [n for n in config.layer_config if n not in prefix_quantized], run, config, frozen=False)
+        fisher = fisher_weights(model, blocks, batches, device)
+    _freeze_named(model, prefix_quantized)  # RTN weights, final; the FP prefix is no longer needed
+    if run.work is not None and not run.done:
+        layer_config = {"module_bits": config.module_bits, "layer_config": config.layer_config}
+        run.work.save_start(layer_config, {n: model.get_submodule(n) for n in prefix_quantized}, inputs)
 
-    stats: list[dict[str, float]] = []
+    token_mask = run.token_mask
     for i, block in enumerate(tqdm(blocks, desc="Quantizing blocks", unit="block")):
+        name = f"{blocks_name}{i}"
+        names = [n for n in config.layer_config if n.startswith(name + ".")]
+        if i < run.done:  # finished by the interrupted run: rebuild it from the work folder
+            run.offloader.materialize(name)
+            _convert(model, names, run, config, frozen=True)
+            run.work.load_block(i, block)
+            _park(block, run)
+            continue
+        tick = time.perf_counter()
+        run.offloader.materialize(name)
+        if fisher is None:
+            _convert(model, names, run, config, frozen=False)
         with quant_state(block, weights=False, acts=False):
-            fp_out = run_block(block, fp_in, inputs, device)
+            fp_out = run_block(block, fp_in, inputs, device, cache)
         if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
             _freeze(block)
         with quant_state(block, weights=True, acts=True):
@@ -111,27 +206,108 @@ def _quantize_converted(model, adapter, config, batches, token_mask, device, sta
             rtn_error = block_output_error(block, data_i, device)
             reconstruct_block(block, data_i, config, device, desc=f"block {i}")
             _freeze(block)
-        q_out = run_block(block, q_in, inputs, device)
+        q_out = run_block(block, q_in, inputs, device, cache)
         error = block_output_error(block, data_i, device, q_out=q_out)
         if config.method == "rtn":
             rtn_error = error
         logger.info(f"block {i}: output MSE {rtn_error:.4g} with round-to-nearest, {error:.4g} after {config.method}")
-        stats.append({"block": i, "rtn_mse": rtn_error, "mse": error})
+        stats.append({"block": i, "rtn_mse": rtn_error, "mse": error, "seconds": time.perf_counter() - tick})
         fp_in, q_in = fp_out, q_out
+        del data_i, fp_out, q_out
+        _park(block, run)
+        if run.work is not None:
+            run.work.save_block(i, block, {"fp_in": fp_in, "q_in": q_in}, stats)
 
+    head = [n for n in outer if n not in prefix_quantized]
+    if fisher is None:
+        _convert(model, head, run, config, frozen=False)
+    pending += [q for n in head for q in act_quantizers(model.get_submodule(n))]
+    for name in _rest_of_model(model, blocks_name):
+        run.offloader.materialize(name, recurse=False)
     model.config.quantization_config = config
 
     def run_model() -> None:
-        for batch in batches:
-            model(**to_device(batch, device), use_cache=False)
+        with _blocks_visiting(blocks, device, run):
+            for batch in batches:
+                model(**to_device(batch, device), use_cache=False)
 
     with quant_state(model, weights=True, acts=True):
         _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
     _freeze(model)
+    if run.home is None:
+        run.offloader.release()
+        model.to("cpu")
+    elif run.home != device:
+        model.to(run.home)
     _attach_quantizer(model, config)
-    model.qlimit_block_errors = stats  # per block: output MSE against FP, round-to-nearest vs final
+    model.qlimit_block_errors = stats  # per block: output MSE against FP, round-to-nearest vs final, seconds
     logger.info(f"Quantized {len(config.layer_config)} modules in {time.perf_counter() - started:.1f}s")
     return model
+
+
+def _park(block: nn.Module, run: _Run) -> None:
+    """A finished block leaves the execution device when the model lives elsewhere (offloaded or on CPU)."""
+    home = run.home or torch.device("cpu")
+    if home != run.device:
+        block.to(home)
+
+
+@contextmanager
+def _blocks_visiting(blocks: nn.ModuleList, device: torch.device, run: _Run) -> Iterator[None]:
+    """Whole-model passes with parked blocks: each block visits the execution device for its own forward."""
+    if (run.home or torch.device("cpu")) == device:
+        yield
+        return
+    def visit(block: nn.Module, args: Any) -> None:
+        block.to(device)
+
+    handles = []
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(visit))
+        handles.append(block.register_forward_hook(lambda m, args, out: _park(m, run)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def _prefix_modules(model: nn.Module, first_block: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the modules the forward pass calls before the first block (embeddings, rotary, project_in)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    inside = {id(m) for m in first_block.modules()}
+    seen: dict[str, None] = {}
+
+    def record(module, args):
+        if id(module) not in inside:
+            seen[names[id(module)]] = None
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if id(m) not in inside]
+    try:
+        capture_block_inputs(model, first_block, [batch], _input_device(model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(seen)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    # accelerate's hooks move a dispatched model's inputs themselves; an undispatched model takes them where it is
+    param = next(model.parameters())
+    return torch.device("cpu") if is_dispatched(model) or param.device.type == "meta" else param.device
+
+
+def _rest_of_model(model: nn.Module, blocks_name: str) -> list[str]:
+    """Modules outside the blocks (final norm, head...): materialized for the last whole-model pass."""
+    return [n for n, _ in model.named_modules() if not n.startswith(blocks_name) and n + "." != blocks_name]
+
+
+def _freeze_named(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        module = model.get_submodule(name)
+        if not module.is_frozen:
+            module.freeze()
 
 
 @torch.no_grad()

@@ -1,0 +1,88 @@
+"""Models dispatched by accelerate (`device_map=...`, disk or CPU offload): bring modules in one at a time.
+
+Quantization replaces modules, so accelerate's per-module hooks cannot stay: `Offloader.materialize` loads a
+module's offloaded weights through the hook's own weights map (accelerate's offload loader, memory-mapped),
+places them on the execution device with `set_module_tensor_to_device`, and removes the hook. A model that was
+never dispatched has no hooks, and materializing is then only a move to the execution device.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_module
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+
+
+def _align_hook(module: nn.Module) -> AlignDevicesHook | None:
+    hook = getattr(module, "_hf_hook", None)
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return next((h for h in hooks if isinstance(h, AlignDevicesHook)), None)
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate hooks manage some of the model's modules (offloaded or spread over devices)."""
+    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
+
+
+def default_device(model: nn.Module) -> torch.device:
+    """Where computation happens unless asked otherwise: the model's own device, or CUDA (else CPU) if offloaded."""
+    param = next(model.parameters())
+    if param.device.type != "meta" and not is_dispatched(model):
+        return param.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Offloader:
+    """Materializes modules of a (possibly dispatched) model on the execution device, on demand."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        # Tied weights (an LM head sharing the embedding) are one meta Parameter under two names: once one
+        # module is materialized the other must still find the values, through the first name's weights map.
+        first: dict[int, str] = {}
+        self._alias: dict[str, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            self._alias[name] = first.setdefault(id(param), name)
+        self._maps: dict[str, object] = {}
+
+    def materialize(self, name: str, device: torch.device | None = None, recurse: bool = True) -> nn.Module:
+        """The module `name` with its weights real and on `device` (default: the execution device).
+
+        recurse=False handles only the module's own tensors (a container such as the decoder, whose children
+        are brought in separately).
+        """
+        device = device or self.device
+        module = self.model.get_submodule(name)
+        subs = module.named_modules(prefix=name) if recurse else [(name, module)]
+        for sub_name, sub in subs:
+            hook = _align_hook(sub)
+            if hook is not None and hook.offload:
+                self._maps[sub_name] = hook.weights_map
+            for tensor_name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                full = f"{sub_name}.{tensor_name}" if sub_name else tensor_name
+                value = self._load(full) if tensor.device.type == "meta" else None
+                set_module_tensor_to_device(sub, tensor_name, device, value=value)
+            if getattr(sub, "_hf_hook", None) is not None:
+                remove_hook_from_module(sub)
+        return module
+
+    def _load(self, full_name: str) -> torch.Tensor:
+        for candidate in dict.fromkeys([full_name, self._alias.get(full_name, full_name)]):
+            module_name, _, param_name = candidate.rpartition(".")
+            weights = self._maps.get(module_name)
+            if weights is None:
+                hook = _align_hook(self.model.get_submodule(module_name))
+                weights = hook.weights_map if hook is not None and hook.offload else None
+            if weights is not None:
+                try:
+                    return weights[param_name]
+                except KeyError:
+                    continue
+        raise RuntimeError(f"{full_name} is on the meta device and no accelerate offload map holds its values.")
+
+    def release(self) -> None:
+        """Everything still managed by accelerate, materialized on CPU; the model is then plain torch."""
+        self.materialize("", torch.device("cpu"))
+        if hasattr(self.model, "hf_device_map"):
+            del self.model.hf_device_map  # no longer dispatched: save_pretrained must not look for offloaded files
