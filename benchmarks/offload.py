@@ -1,0 +1,483 @@
+#!/usr/bin/env python
+"""Quantizing a model larger than the memory budget: OPT-1.3b-shaped (5.3 GB in fp32) under disk offload.
+
+Three measured runs, each in a fresh process so that its peak resident memory (`ru_maxrss`) is its own:
+  large:   the OPT-1.3b-shaped model loaded with `device_map={"": "disk"}`, W4A8 QDrop with `work_dir` and a
+           `cache_budget_bytes` (activation caches past it spill to memory-mapped files), `save_pretrained` in
+           small shards; PASS when the peak RSS is at most `--rss_limit_gb` (1.5 GB).
+  compare: an OPT-125m-shaped model quantized twice with the same seed and settings, once loaded in memory
+           (caches in RAM), once with disk offload and spilled caches; the saved tensors must be identical.
+The models have random weights (seeded): this measures memory and time, not accuracy. The table goes between
+`<!-- offload-table:start -->` and `<!-- offload-table:end -->` of README.md; the JSON into benchmarks/out/offload/.
+
+    python benchmarks/offload.py --build     # once: writes the two random models (5.3 GB + 0.5 GB; needs ~12 GB RAM)
+    python benchmarks/offload.py             # measure both, rewrite the README table
+    python benchmarks/offload.py --quick     # a tiny OPT through the whole chain (< 1 min); prints, README untouched
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
+import _common
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+MARKER = "offload-table"
+OUT = REPO / "benchmarks" / "out" / "offload"
+PREFIX = "[offload]"
+GB, MIB = 10**9, 2**20
+
+# OPTConfig arguments of the models built by --build (and --quick); real OPT shapes, random weights.
+SHAPES: dict[str, dict[str, int]] = {
+    "opt-1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192, "num_attention_heads": 32,
+                 "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 2048},
+    "opt-125m": {"hidden_size": 768, "num_hidden_layers": 12, "ffn_dim": 3072, "num_attention_heads": 12,
+                 "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 768},
+    "opt-tiny": {"hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 256, "num_attention_heads": 4,
+                 "vocab_size": 1000, "max_position_embeddings": 256, "word_embed_proj_dim": 64},
+}  # fmt: skip
+LABELS = {"opt-1.3b": "OPT-1.3b-shaped", "opt-125m": "OPT-125m-shaped", "opt-tiny": "tiny OPT"}
+LOAD_LABELS = {"disk": "disk offload", "memory": "in memory", "cpu": 'device_map="cpu"', "auto": 'device_map="auto"'}
+# --quick: every step of the chain on a model that loads in a second; the small cache budget forces spilling.
+QUICK = {"large": "opt-tiny", "compare": "opt-tiny", "num_samples": 8, "seq_len": 32, "batch_size": 4, "iters": 5,
+         "cache_budget_mib": 1 / 64, "compare_cache_budget_mib": 1 / 64}  # fmt: skip
+
+
+def log(message: str) -> None:
+    print(f"{PREFIX} {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- pure helpers
+
+
+def peak_rss_bytes(ru_maxrss: int, platform: str = sys.platform) -> int:
+    """`ru_maxrss` in bytes: Linux reports KiB, macOS bytes."""
+    return ru_maxrss if platform == "darwin" else ru_maxrss * 1024
+
+
+def format_bytes(n: float | None) -> str:
+    """Decimal units, as the 1.5 GB limit is stated: '1.23 GB', '812 MB', '4.1 kB'; None is '–'."""
+    if n is None:
+        return "–"
+    for unit, size in (("GB", GB), ("MB", 10**6), ("kB", 10**3)):
+        if abs(n) >= size:
+            value = n / size
+            digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0  # three significant figures
+            return f"{value:.{digits}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def rss_verdict(peak_bytes: int | None, limit_bytes: int) -> str:
+    """'PASS' when the peak is within the limit, 'FAIL' above it, 'FAIL (no measurement)' without one."""
+    if peak_bytes is None:
+        return "FAIL (no measurement)"
+    return "PASS" if peak_bytes <= limit_bytes else "FAIL"
+
+
+def calibration_data(num_samples: int, seq_len: int, vocab_size: int, seed: int) -> list[dict[str, list[int]]]:
+    """Unpadded samples of random token ids (above OPT's special ids 0-2), the same for a seed on any machine."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (num_samples, seq_len), generator=g)
+    return [{"input_ids": row.tolist()} for row in ids]
+
+
+def compare_state_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Tensor by tensor with `torch.equal`: 'equal', else the names that differ and the largest |a - b|.
+
+    A name missing on one side, or a shape or dtype mismatch, counts as a difference of infinity.
+    """
+    import torch
+
+    differing: dict[str, float] = {}
+    for name in sorted(set(a) | set(b)):
+        x, y = a.get(name), b.get(name)
+        if x is None or y is None or x.shape != y.shape or x.dtype != y.dtype:
+            differing[name] = math.inf
+        elif not torch.equal(x, y):
+            differing[name] = (x.double() - y.double()).abs().max().item()  # packed int codes too: in float64
+    return {
+        "equal": not differing,
+        "tensors": len(set(a) | set(b)),
+        "differing": sorted(differing),
+        "max_abs_diff": max(differing.values(), default=0.0),
+        "only_in_first": sorted(set(a) - set(b)),
+        "only_in_second": sorted(set(b) - set(a)),
+    }
+
+
+def comparison_text(cmp: dict[str, Any] | None, label: str) -> str:
+    if cmp is None:
+        return f"Bit-identity, {label}, in memory against disk offload: not measured (a run failed)."
+    if cmp["equal"]:
+        return (f"Bit-identity, {label}, in memory against disk offload: **equal** (all {cmp['tensors']} saved "
+                "tensors, `torch.equal`).")  # fmt: skip
+    names = ", ".join(f"`{n}`" for n in cmp["differing"][:5]) + (", …" if len(cmp["differing"]) > 5 else "")
+    return (f"Bit-identity, {label}, in memory against disk offload: **differ** in {len(cmp['differing'])} of "
+            f"{cmp['tensors']} saved tensors, max abs difference {cmp['max_abs_diff']:.3g} ({names}).")  # fmt: skip
+
+
+def format_seconds(x: float) -> str:
+    """'812 s', '3.2 s': tenths only where they matter."""
+    return f"{x:.1f} s" if x < 10 else f"{x:.0f} s"
+
+
+def _row(run: str, result: dict[str, Any] | None, limit_bytes: int) -> str:
+    if not result or "error" in result:
+        return f"| {run} | failed | – | – | – | – | – | – | – |"
+    blocks = [b["seconds"] for b in result["block_errors"] if b.get("seconds") is not None]
+    per_block = f"{format_seconds(sum(blocks) / len(blocks))} / {format_seconds(max(blocks))}" if blocks else "–"
+    rss = f"{format_bytes(result['peak_rss_bytes'])}"
+    if run == "large":  # the limit is the large run's target; the others are there for comparison
+        rss += f" ({rss_verdict(result['peak_rss_bytes'], limit_bytes)}, limit {format_bytes(limit_bytes)})"
+    mse = result["block_errors"]
+    errors = (f"{sum(b['rtn_mse'] for b in mse) / len(mse):.3g} → {sum(b['mse'] for b in mse) / len(mse):.3g}"
+              if mse else "–")  # fmt: skip
+    return (
+        f"| {LABELS.get(result['model'], result['model'])}, {LOAD_LABELS.get(result['load'], result['load'])} | "
+        f"{format_bytes(result['model_bytes'])} | {rss} | {format_seconds(result['seconds']['load'])} | "
+        f"{format_seconds(result['seconds']['quantize'])} | {per_block} | {errors} | "
+        f"{format_bytes(result.get('work_dir_bytes'))} | {format_bytes(result['saved_bytes'])} |"
+    )
+
+
+def render_table(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The README section's body: the settings, one row per run, the bit-identity line, machine/date/command."""
+    limit = meta["rss_limit_bytes"]
+    lines = [
+        (f"Random-weight models (fp32, seeded), W4A8 QDrop, {meta['num_samples']} random-token samples of "
+         f"{meta['seq_len']} tokens, batch {meta['batch_size']}, {meta['iters']} iterations per block; activation "
+         f"cache budget {format_bytes(meta['cache_budget_bytes'])} for the large run, "
+         f"{format_bytes(meta['compare_cache_budget_bytes'])} for the offloaded comparison run (none in memory). "
+         "Peak RSS is `ru_maxrss` of the run's own process (load, quantize, save); block MSE is the mean output "
+         "error of the blocks, round-to-nearest → QDrop; work_dir is what the run left there (spilled caches, "
+         "resume state)."),
+        "",
+        "| model, weights | fp32 size | peak RSS | load | quantize | per block (mean / max) | block MSE | work_dir | saved |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for run in ("large", "compare-memory", "compare-disk"):
+        if run in results["runs"]:
+            lines.append(_row(run, results["runs"][run], limit))
+    if "comparison" in results:
+        lines += ["", comparison_text(results["comparison"], LABELS.get(meta["compare_model"], meta["compare_model"]))]
+    lines += ["", f"Measured {meta['date']} on {meta['machine']}. Generated by `{meta['command']}`."]
+    return "\n".join(lines)
+
+
+SECTION_TITLE = "### Larger than memory: offload"
+SECTION_INTRO = (  # wrapped like the README's other paragraphs
+    "`python benchmarks/offload.py` quantizes an OPT-1.3b-shaped model with random weights (5.3 GB in fp32) loaded\n"
+    "with disk offload and checks its peak resident memory against 1.5 GB, and checks that an OPT-125m-shaped model\n"
+    "quantizes to the same saved tensors with and without offload."
+)
+
+
+def ensure_readme_section(text: str, marker: str = MARKER) -> str:
+    """`text` with the offload subsection and its markers at the end of "## Causal language models" if absent."""
+    start, end = _common.markers(marker)
+    if start in text or end in text:  # present (or half present: `replace_between_markers` says what is missing)
+        return text
+    heading = text.find("\n## Causal language models")
+    if heading < 0:
+        raise ValueError('The README has no "## Causal language models" section to put the offload table in.')
+    following = text.find("\n## ", heading + 1)
+    at = len(text) if following < 0 else following
+    body = text[:at].rstrip("\n")
+    block = f"\n\n{SECTION_TITLE}\n\n{SECTION_INTRO}\n\n{start}\n{end}\n"
+    return body + block + ("\n" + text[at:].lstrip("\n") if following >= 0 else "")
+
+
+def write_readme(readme: Path, table: str, marker: str = MARKER) -> None:
+    readme.write_text(ensure_readme_section(readme.read_text(encoding="utf-8"), marker), encoding="utf-8")
+    _common.rewrite_between_markers(readme, marker, _common.section(marker, table))
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def build_model(shape: str, out_dir: Path, seed: int) -> Path:
+    """Writes an OPT of `shape` with random fp32 weights (seeded) to `out_dir`; skips a folder already written."""
+    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+        log(f"{out_dir} exists: not rebuilt")
+        return out_dir
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(OPTConfig(**SHAPES[shape])).eval()
+    with torch.no_grad():  # explicit, so the weights do not depend on how transformers initialises
+        for name, param in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                param.fill_(1.0)
+            elif param.ndim == 1:
+                param.zero_()
+            else:
+                torch.nn.init.normal_(param, std=0.02)
+    tmp = out_dir.with_name(out_dir.name + ".partial")  # a crash mid-write must not leave a folder that looks done
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="1GB")  # shards, so that loading never maps one 5 GB file
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    n = sum(p.numel() for p in model.parameters())
+    log(f"built {shape}: {n / 1e6:.0f}M parameters, {format_bytes(folder_bytes(out_dir))} in {out_dir} "
+        f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------- child process
+
+
+def child(spec_path: Path) -> None:
+    """One measured run; writes its result JSON to spec["result"]. Everything heavy is imported here."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_qlimit  # noqa: F401  (adds quantize_qlimit and registers the quantizer for save/load)
+    from hf_qlimit import QLimitConfig
+
+    if spec.get("num_threads"):
+        torch.set_num_threads(spec["num_threads"])
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if spec["load"] == "disk":
+        kwargs.update(device_map={"": "disk"}, offload_folder=spec["offload_folder"])
+    elif spec["load"] in ("cpu", "auto"):
+        kwargs.update(device_map=spec["load"], offload_folder=spec["offload_folder"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **kwargs)
+    seconds["load"] = time.perf_counter() - started
+    rss_after_load = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+    calib = calibration_data(spec["num_samples"], spec["seq_len"], model.config.vocab_size, spec["seed"])
+    config = QLimitConfig(weight_bits=4, act_bits=8, method="qdrop", num_samples=spec["num_samples"],
+                          batch_size=spec["batch_size"], iters=spec["iters"], max_length=spec["seq_len"],
+                          seed=spec["seed"])  # fmt: skip
+    t = time.perf_counter()
+    model.quantize_qlimit(calib, config, device=spec["device"], work_dir=spec["work_dir"],
+                          cache_budget_bytes=spec["cache_budget_bytes"])  # fmt: skip
+    seconds["quantize"] = time.perf_counter() - t
+    work_dir_bytes = folder_bytes(Path(spec["work_dir"])) if spec["work_dir"] else None  # spilled caches, state
+
+    t = time.perf_counter()
+    model.save_pretrained(spec["save_dir"], max_shard_size=spec["max_shard_size"])
+    seconds["save"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+    # measured last: ru_maxrss is the peak of the whole process so far, loading and saving included
+    peak = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    result = {
+        "model": spec["shape"], "load": spec["load"], "model_dir": spec["model_dir"],
+        "model_bytes": folder_bytes(Path(spec["model_dir"])), "peak_rss_bytes": peak,
+        "peak_rss_after_load_bytes": rss_after_load, "seconds": seconds,
+        "block_errors": [dict(b) for b in getattr(model, "qlimit_block_errors", [])],
+        "work_dir_bytes": work_dir_bytes,
+        "offload_folder_bytes": folder_bytes(Path(spec["offload_folder"])) if spec["offload_folder"] else None,
+        "saved_bytes": folder_bytes(Path(spec["save_dir"])), "save_dir": spec["save_dir"],
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "spec": spec,
+    }  # fmt: skip
+    Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_child(name: str, spec: dict[str, Any], scratch: Path, keep_scratch: bool) -> dict[str, Any]:
+    """Runs one measured run in a fresh interpreter; its result, or {"error": ...} when the process failed."""
+    run_scratch = scratch / name
+    shutil.rmtree(run_scratch, ignore_errors=True)  # a stale offload folder or work_dir would change the run
+    run_scratch.mkdir(parents=True)
+    shutil.rmtree(spec["save_dir"], ignore_errors=True)
+    if spec["load"] != "memory":
+        spec["offload_folder"] = str(run_scratch / "offload")
+    spec["result"] = str(run_scratch / "result.json")
+    spec_path = run_scratch / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)]
+    log(f"{name}: {spec['shape']} ({LOAD_LABELS[spec['load']]}): {shlex.join(cmd)}")
+    started = time.perf_counter()
+    code = subprocess.run(cmd, check=False).returncode  # output streams through: progress stays visible
+    wall = time.perf_counter() - started
+    if code != 0 or not Path(spec["result"]).is_file():
+        log(f"{name}: FAILED (exit code {code})")
+        result: dict[str, Any] = {"error": f"exit code {code}", "spec": spec}
+    else:
+        result = json.loads(Path(spec["result"]).read_text())
+        log(f"{name}: peak RSS {format_bytes(result['peak_rss_bytes'])} (after loading "
+            f"{format_bytes(result['peak_rss_after_load_bytes'])}), quantize {result['seconds']['quantize']:.1f} s, "
+            f"total {result['seconds']['total']:.1f} s, process {wall:.1f} s")  # fmt: skip
+    result["process_seconds"] = wall
+    if not keep_scratch:
+        for sub in ("offload", "work"):  # GBs for the large model; the spec and result stay for reference
+            shutil.rmtree(run_scratch / sub, ignore_errors=True)
+    return result
+
+
+def load_folder_state(folder: Path) -> dict[str, Any]:
+    """Every tensor of every safetensors shard in `folder`."""
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", action="store_true", help="Only build the random models (skips existing ones).")
+    parser.add_argument("--quick", action="store_true", help="A tiny OPT through every step; README untouched.")
+    parser.add_argument("--parts", nargs="+", default=["large", "compare"], choices=["large", "compare"],
+                        help="large: the 1.3b run under offload; compare: 125m in memory vs offload.")  # fmt: skip
+    parser.add_argument("--out_dir", type=Path, default=OUT, help="Models, quantized folders, scratch and JSON.")
+    parser.add_argument(
+        "--large_dir", type=Path, default=None, help="The 1.3b model folder (default OUT/opt-1.3b-random)."
+    )
+    parser.add_argument("--compare_dir", type=Path, default=None, help="The 125m folder (default OUT/opt-125m-random).")
+    parser.add_argument("--load", default="disk", choices=["disk", "cpu", "auto"], help="device_map of the large run.")
+    parser.add_argument("--num_samples", type=int, default=16, help="Calibration samples.")
+    parser.add_argument("--seq_len", type=int, default=128, help="Tokens per calibration sample.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Reconstruction batch size.")
+    parser.add_argument("--iters", type=int, default=10, help="QDrop iterations per block (memory, not accuracy).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the calibration data and QDrop.")
+    parser.add_argument("--cache_budget_mib", type=float, default=64, help="cache_budget_bytes of the large run, MiB.")
+    parser.add_argument(
+        "--compare_cache_budget_mib",
+        type=float,
+        default=1,
+        help="cache_budget_bytes of the offloaded 125m run, MiB: small, so that its caches spill.",
+    )
+    parser.add_argument("--max_shard_size", default="200MB", help="save_pretrained shard size of the quantized models.")
+    parser.add_argument(
+        "--rss_limit_gb", type=float, default=1.5, help="Peak RSS target of the large run, in 10^9 bytes."
+    )
+    parser.add_argument("--device", default=None, help="Execution device for quantize_qlimit (default: its own).")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch threads in the runs (default: OMP's).")
+    parser.add_argument("--strict", action="store_true", help="Exit non-zero on an RSS FAIL or unequal tensors.")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--no_readme", action="store_true", help="Do not rewrite the README table.")
+    parser.add_argument("--keep_scratch", action="store_true", help="Keep offload folders and work_dirs.")
+    parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # one measured run (internal)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        child(args.child)
+        return None
+
+    if args.quick:
+        args.out_dir = args.out_dir / "quick"
+        for key in ("num_samples", "seq_len", "batch_size", "iters", "cache_budget_mib", "compare_cache_budget_mib"):
+            setattr(args, key, QUICK[key])
+    shapes = (
+        {"large": QUICK["large"], "compare": QUICK["compare"]}
+        if args.quick
+        else {"large": "opt-1.3b", "compare": "opt-125m"}
+    )
+    dirs = {
+        "large": args.large_dir or args.out_dir / f"{shapes['large']}-random",
+        "compare": args.compare_dir or args.out_dir / f"{shapes['compare']}-random",
+    }
+    if args.build or args.quick:  # --quick builds its tiny model itself: the smoke test needs no other step
+        for part in ("large", "compare") if args.build else sorted(set(args.parts)):
+            build_model(shapes[part], dirs[part], args.seed)
+        if args.build:
+            return None
+    for part in args.parts:
+        if not (dirs[part] / "config.json").is_file():
+            raise SystemExit(f"{PREFIX} {dirs[part]} does not exist: run `python benchmarks/offload.py --build` first.")
+
+    scratch = args.out_dir / "scratch"
+    common = {"num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+              "iters": args.iters, "seed": args.seed, "device": args.device, "num_threads": args.num_threads,
+              "max_shard_size": args.max_shard_size, "offload_folder": None}  # fmt: skip
+
+    def mib(x: float) -> int:
+        return round(x * MIB)
+
+    runs: dict[str, dict[str, Any]] = {}
+    if "large" in args.parts:
+        runs["large"] = dict(common, shape=shapes["large"], model_dir=str(dirs["large"]), load=args.load,
+                             work_dir=str(scratch / "large" / "work"), cache_budget_bytes=mib(args.cache_budget_mib),
+                             save_dir=str(args.out_dir / f"{shapes['large']}-w4a8-qdrop"))  # fmt: skip
+    if "compare" in args.parts:
+        # The reference takes the path that predates offload (weights and caches in RAM); the other run takes the
+        # offload path end to end, weights on disk and caches spilled, so equality covers both.
+        runs["compare-memory"] = dict(common, shape=shapes["compare"], model_dir=str(dirs["compare"]), load="memory",
+                                      work_dir=None, cache_budget_bytes=None,
+                                      save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-memory"))  # fmt: skip
+        runs["compare-disk"] = dict(common, shape=shapes["compare"], model_dir=str(dirs["compare"]), load="disk",
+                                    work_dir=str(scratch / "compare-disk" / "work"),
+                                    cache_budget_bytes=mib(args.compare_cache_budget_mib),
+                                    save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-disk"))  # fmt: skip
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "runs": {name: run_child(name, spec, scratch, args.keep_scratch) for name, spec in runs.items()}
+    }
+    if "compare" in args.parts:
+        pair = [results["runs"][k] for k in ("compare-memory", "compare-disk")]
+        ok = all("error" not in r for r in pair)
+        results["comparison"] = (
+            compare_state_dicts(*(load_folder_state(Path(r["save_dir"])) for r in pair)) if ok else None
+        )
+        cmp = results["comparison"]
+        log("compare: " + ("not made (a run failed)" if cmp is None else "equal" if cmp["equal"] else
+                           f"differ: max abs diff {cmp['max_abs_diff']:.3g} in {cmp['differing']}"))  # fmt: skip
+
+    limit = int(args.rss_limit_gb * GB)
+    meta = {
+        "date": datetime.date.today().isoformat(), "machine": _common.machine(),
+        "command": "python " + shlex.join(["benchmarks/offload.py", *(argv if argv is not None else sys.argv[1:])]),
+        "num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "iters": args.iters,
+        "seed": args.seed, "cache_budget_bytes": mib(args.cache_budget_mib),
+        "compare_cache_budget_bytes": mib(args.compare_cache_budget_mib), "compare_model": shapes["compare"],
+        "rss_limit_bytes": limit, "quick": args.quick, "wall_seconds": time.perf_counter() - started,
+    }  # fmt: skip
+    results["meta"] = meta
+    verdict = None
+    if "large" in results["runs"]:
+        verdict = rss_verdict(results["runs"]["large"].get("peak_rss_bytes"), limit)
+        results["rss_verdict"] = verdict
+    table = render_table(results, meta)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out_dir / "table.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    log(f"results in {args.out_dir / 'results.json'}")
+    failed = [name for name, r in results["runs"].items() if "error" in r]
+    if verdict is not None:
+        peak = results["runs"]["large"].get("peak_rss_bytes")
+        log(f"{verdict}: peak RSS of the large run {format_bytes(peak)}, limit {format_bytes(limit)}")
+    if not args.quick and not args.no_readme and not failed:  # a failed run must not replace a measured table
+        write_readme(args.readme, table)
+        log(f"table written to {args.readme}")
+    if failed:
+        raise SystemExit(f"{PREFIX} runs failed: {', '.join(failed)}; see above.")
+    unequal = results.get("comparison") is not None and not results["comparison"]["equal"]
+    if args.strict and (verdict == "FAIL" or unequal):
+        raise SystemExit(f"{PREFIX} --strict: " + ", ".join(
+            (["peak RSS over the limit"] if verdict == "FAIL" else []) + (["quantized tensors differ"] if unequal else [])))  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()
