@@ -155,16 +155,20 @@ def _row(run: str, result: dict[str, Any] | None, limit_bytes: int) -> str:
     )
 
 
+METHOD_LABELS = {"rtn": "round-to-nearest", "adaround": "AdaRound", "brecq": "BRECQ", "qdrop": "QDrop"}
+
+
 def render_table(results: dict[str, Any], meta: dict[str, Any]) -> str:
     """The README section's body: the settings, one row per run, the bit-identity line, machine/date/command."""
     limit = meta["rss_limit_bytes"]
     lines = [
-        (f"Random-weight models (fp32, seeded), W4A8 QDrop, {meta['num_samples']} random-token samples of "
-         f"{meta['seq_len']} tokens, batch {meta['batch_size']}, {meta['iters']} iterations per block; activation "
+        (f"Random-weight models (fp32, seeded), W4A8 {METHOD_LABELS[meta.get('method', 'qdrop')]}, "
+         f"{meta['num_samples']} random-token samples of {meta['seq_len']} tokens, batch {meta['batch_size']}"
+         + (f", {meta['iters']} iterations per block" if meta.get("method", "qdrop") != "rtn" else "") + "; activation "
          f"cache budget {format_bytes(meta['cache_budget_bytes'])} for the large run, "
          f"{format_bytes(meta['compare_cache_budget_bytes'])} for the offloaded comparison run (none in memory). "
          "Peak RSS is `ru_maxrss` of the run's own process (load, quantize, save); block MSE is the mean output "
-         "error of the blocks, round-to-nearest → QDrop; work_dir is what the run left there (spilled caches, "
+         "error of the blocks, round-to-nearest → the method; work_dir is what the run left there (spilled caches, "
          "resume state)."),
         "",
         "| model, weights | fp32 size | peak RSS | load | quantize | per block (mean / max) | block MSE | work_dir | saved |",
@@ -270,7 +274,7 @@ def child(spec_path: Path) -> None:
     rss_after_load = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
     calib = calibration_data(spec["num_samples"], spec["seq_len"], model.config.vocab_size, spec["seed"])
-    config = QLimitConfig(weight_bits=4, act_bits=8, method="qdrop", num_samples=spec["num_samples"],
+    config = QLimitConfig(weight_bits=4, act_bits=8, method=spec.get("method", "qdrop"), num_samples=spec["num_samples"],
                           batch_size=spec["batch_size"], iters=spec["iters"], max_length=spec["seq_len"],
                           seed=spec["seed"])  # fmt: skip
     t = time.perf_counter()
@@ -359,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--seq_len", type=int, default=128, help="Tokens per calibration sample.")
     parser.add_argument("--batch_size", type=int, default=4, help="Reconstruction batch size.")
     parser.add_argument("--iters", type=int, default=10, help="QDrop iterations per block (memory, not accuracy).")
+    parser.add_argument("--method", default="qdrop", choices=["rtn", "adaround", "brecq", "qdrop"])
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the calibration data and QDrop.")
     parser.add_argument("--cache_budget_mib", type=float, default=64, help="cache_budget_bytes of the large run, MiB.")
     parser.add_argument(
@@ -408,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     scratch = args.out_dir / "scratch"
     common = {"num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "iters": args.iters, "seed": args.seed, "device": args.device, "num_threads": args.num_threads,
+              "method": args.method,
               "max_shard_size": args.max_shard_size, "offload_folder": None}  # fmt: skip
 
     def mib(x: float) -> int:
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if "large" in args.parts:
         runs["large"] = dict(common, shape=shapes["large"], model_dir=str(dirs["large"]), load=args.load,
                              work_dir=str(scratch / "large" / "work"), cache_budget_bytes=mib(args.cache_budget_mib),
-                             save_dir=str(args.out_dir / f"{shapes['large']}-w4a8-qdrop"))  # fmt: skip
+                             save_dir=str(args.out_dir / f"{shapes['large']}-w4a8-{args.method}"))  # fmt: skip
     if "compare" in args.parts:
         # The reference takes the path that predates offload (weights and caches in RAM); the other run takes the
         # offload path end to end, weights on disk and caches spilled, so equality covers both.
@@ -448,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "date": datetime.date.today().isoformat(), "machine": _common.machine(),
         "command": "python " + shlex.join(["benchmarks/offload.py", *(argv if argv is not None else sys.argv[1:])]),
         "num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "iters": args.iters,
+        "method": args.method,
         "seed": args.seed, "cache_budget_bytes": mib(args.cache_budget_mib),
         "compare_cache_budget_bytes": mib(args.compare_cache_budget_mib), "compare_model": shapes["compare"],
         "rss_limit_bytes": limit, "quick": args.quick, "wall_seconds": time.perf_counter() - started,
