@@ -36,7 +36,7 @@ class _QuantWeightMixin:
     def freeze(self) -> None:
         """Round for good: keep only the packed integer codes of the weight."""
         codes = self.weight_quantizer.codes(self.weight)
-        self.weight_quantizer.alpha = self.weight_quantizer.w_floor = self.weight_quantizer._h = None
+        self.weight_quantizer.alpha = self.weight_quantizer.w_floor = self.weight_quantizer._reg = None
         del self.weight
         self.register_buffer("weight", pack_codes(codes, self.weight_quantizer.bits).reshape(-1))
         self.is_frozen = True

@@ -71,12 +71,14 @@ def _optimize(modules: list[QuantLinear], acts: list, step_fn: Callable, config:
     bar = tqdm(range(config.iters), desc=desc, leave=False)
     try:
         for step in bar:
+            beta = beta_schedule(step, config.iters, config.warmup, *config.beta_range)
+            for module in modules:  # the forward pass computes the regulariser alongside the weight
+                module.weight_quantizer.beta = beta
             out, target, mask, weight = step_fn()
             rec = _masked_error(out, target, mask, weight)
-            beta = beta_schedule(step, config.iters, config.warmup, *config.beta_range)
             loss = rec
             if beta is not None and alphas:
-                loss = rec + config.round_loss_weight * sum(m.weight_quantizer.rounding_loss(beta) for m in modules)
+                loss = rec + config.round_loss_weight * sum(m.weight_quantizer.rounding_loss() for m in modules)
             for opt in (opt_w, opt_a):
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
@@ -92,7 +94,7 @@ def _optimize(modules: list[QuantLinear], acts: list, step_fn: Callable, config:
                 bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
     finally:
         for module in modules:
-            module.weight_quantizer._h = None  # drops the last iteration's graph
+            module.weight_quantizer._reg, module.weight_quantizer.beta = None, None  # drops the last graph
         for q in acts:
             q.drop_prob = 0.0
             q.eval()

@@ -84,3 +84,29 @@ def test_same_seed_gives_identical_tensors():
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize("beta", [None, 20.0, 2.0])
+def test_fused_soft_rounding_matches_autograd(beta):
+    """The hand-written backward of AdaRound's weight + regulariser equals autograd through the plain formula."""
+    from hf_qlimit.quantizers.adaround import GAMMA, ZETA, _SoftRounded
+
+    g = torch.Generator().manual_seed(0)
+    alpha = (3 * torch.randn(8, 1, 16, generator=g)).requires_grad_(True)  # some h clamped at 0 or 1
+    w_floor = torch.randint(-3, 18, (8, 1, 16), generator=g).float()  # some codes clamped at 0 or 15
+    zero, scale = torch.randint(0, 8, (8, 1, 1), generator=g).float(), torch.rand(8, 1, 1, generator=g) + 0.1
+    upstream = torch.randn(8, 1, 16, generator=g)
+
+    out, reg = _SoftRounded.apply(alpha, w_floor, zero, scale, 0, 15, beta)
+    ((out * upstream).sum() + 0.01 * reg).backward()
+    fused = alpha.grad.clone()
+
+    alpha.grad = None
+    h = torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    ref_out = (torch.clamp(w_floor + h + zero, 0, 15) - zero) * scale
+    ref_reg = (1 - (2 * h - 1).abs().pow(beta)).sum() if beta is not None else 0.0
+    ((ref_out * upstream).sum() + 0.01 * ref_reg).backward()
+    torch.testing.assert_close(out, ref_out.detach())
+    if beta is not None:
+        torch.testing.assert_close(reg, ref_reg.detach())
+    torch.testing.assert_close(fused, alpha.grad)

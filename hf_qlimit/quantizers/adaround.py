@@ -11,6 +11,40 @@ from .range_search import group_view, search_weight_range
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h can reach exactly 0 and 1
 
 
+class _SoftRounded(torch.autograd.Function):
+    """AdaRound's soft-rounded weight and its rounding regulariser in one op, differentiable in V.
+
+    w_q = (clamp(⌊w/s⌋ + h(V) + z, qmin, qmax) − z) · s  and  R = Σ (1 − |2h − 1|^β),  h = clamp(σ(V)(ζ−γ)+γ, 0, 1).
+    Autograd would keep four weight-sized intermediates per Linear for the backward pass; this keeps none (it
+    recomputes σ(V) there), which is most of a large block's reconstruction memory.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha, w_floor, zero, scale, qmin: int, qmax: int, beta: float | None):
+        h = torch.sigmoid(alpha).mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
+        reg = (1 - (2 * h - 1).abs().pow(beta)).sum() if beta is not None else alpha.new_zeros(())
+        out = h.add_(w_floor).add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+        ctx.save_for_backward(alpha, w_floor, zero)
+        ctx.scale, ctx.bounds, ctx.beta = scale, (qmin, qmax), beta
+        return out, reg
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_reg):
+        alpha, w_floor, zero = ctx.saved_tensors
+        qmin, qmax = ctx.bounds
+        sig = torch.sigmoid(alpha)
+        stretched = sig * (ZETA - GAMMA) + GAMMA
+        h = stretched.clamp(0, 1)
+        inner = w_floor + h + zero
+        # clamp passes the gradient on [min, max], both ends included, as torch.clamp does
+        grad_h = grad_out * ctx.scale * ((inner >= qmin) & (inner <= qmax))
+        if ctx.beta is not None:
+            u = 2 * h - 1
+            grad_h = grad_h - grad_reg * 2 * ctx.beta * u.abs().pow(ctx.beta - 1) * u.sign()
+        grad_alpha = grad_h * ((stretched >= 0) & (stretched <= 1)) * (ZETA - GAMMA) * sig * (1 - sig)
+        return grad_alpha, None, None, None, None, None, None
+
+
 class WeightQuantizer(nn.Module):
     """Holds the grid (scale, zero point) of one weight and, during reconstruction, AdaRound's variables V.
 
@@ -25,7 +59,8 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero", torch.zeros(shape[0], groups, dtype=torch.uint8))
         self.alpha: nn.Parameter | None = None  # AdaRound's V, same shape as the grouped weight
         self.register_buffer("w_floor", None, persistent=False)  # floor(w / s): fixed while V is learned
-        self._h: torch.Tensor | None = None
+        self.beta: float | None = None  # set by the reconstruction loop before each forward; None: no regulariser
+        self._reg: torch.Tensor | None = None
         self.enabled = True
 
     def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +91,12 @@ class WeightQuantizer(nn.Module):
             self.alpha.data = torch.where(self.alpha >= 0, 100.0, -100.0).to(self.alpha.dtype)
             self.alpha.requires_grad_(False)
 
-    def rounding_loss(self, beta: float) -> torch.Tensor:
-        """Σ (1 - |2h - 1|^β): pushes every h to 0 or 1."""
-        # Reuse the h of this iteration's forward pass (same graph) instead of computing it twice.
-        h, self._h = (self._h, None) if self._h is not None else (self.soft_rounding(), None)
-        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+    def rounding_loss(self) -> torch.Tensor:
+        """Σ (1 - |2h - 1|^β) at `self.beta`, from this iteration's forward pass: pushes every h to 0 or 1."""
+        if self._reg is None:  # the module did not run this iteration: the regulariser still applies
+            return (1 - (2 * self.soft_rounding() - 1).abs().pow(self.beta)).sum()
+        reg, self._reg = self._reg, None
+        return reg
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -70,9 +106,12 @@ class WeightQuantizer(nn.Module):
         if self.alpha is None:
             q = quantize_codes(w, scale, zero, self.bits)
         else:
-            h = self.soft_rounding()  # exactly 0 or 1 once `harden()` has run
-            self._h = h if h.requires_grad else None
             qmin, qmax = qrange(self.bits)
+            if self.alpha.requires_grad and torch.is_grad_enabled():
+                out, reg = _SoftRounded.apply(self.alpha, self.w_floor, zero, scale, qmin, qmax, self.beta)
+                self._reg = reg if self.beta is not None else None
+                return out.reshape(weight.shape)
+            h = self.soft_rounding()  # exactly 0 or 1 once `harden()` has run
             q = torch.clamp(self.w_floor + h + zero, qmin, qmax)
         return dequantize_codes(q, scale, zero).reshape(weight.shape)
 
