@@ -383,9 +383,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--no_readme", action="store_true", help="Do not rewrite the README table.")
     parser.add_argument("--keep_scratch", action="store_true", help="Keep offload folders and work_dirs.")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # one measured run (internal)
+    parser.add_argument(
+        "--from_results", type=Path, nargs="+", default=None,
+        help="Run nothing: rewrite the README from these results.json files (e.g. an RTN large run and a QDrop "
+        "comparison made separately), one table each.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.child is not None:
         child(args.child)
+        return None
+    if args.from_results:
+        saved = [json.loads(path.read_text()) for path in args.from_results]
+        table = "\n\n".join(render_table(results, results["meta"]) for results in saved)
+        write_readme(args.readme, table)
+        print(table)
         return None
 
     if args.quick:
