@@ -63,6 +63,18 @@ class QuantizationArguments:
     modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "fnmatch patterns kept in FP."})
     # `--seed` belongs to TrainingArguments; argparse refuses a second one, hence the prefix.
     quant_seed: int | None = field(default=None, metadata={"help": "Seed of calibration sampling; default: --seed."})
+    work_dir: str | None = field(
+        default=None, metadata={"help": "Folder for progress after every block (and spilled caches)."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Carry on from the progress in --work_dir."})
+    cache_budget_mb: float | None = field(
+        default=None, metadata={"help": "RAM for calibration caches (MB); beyond it they spill to --work_dir."}
+    )
+
+    def quantize_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `quantize_qlimit` beyond the config: work folder, resume, cache budget."""
+        budget = None if self.cache_budget_mb is None else int(self.cache_budget_mb * 1e6)
+        return {"work_dir": self.work_dir, "resume": self.resume, "cache_budget_bytes": budget}
 
     def __post_init__(self) -> None:
         # The choices fail at parsing, before any data or model is loaded (the bits are checked by `to_config`).

@@ -48,6 +48,10 @@ class ModelArguments:
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
     dtype: str = field(default="float32", metadata={"help": "Dtype the FP model is loaded and quantized in."})
+    device_map: str | None = field(
+        default=None, metadata={"help": "accelerate device_map (auto, cpu, disk): quantize a model larger than memory."}
+    )
+    offload_folder: str | None = field(default=None, metadata={"help": "Where accelerate offloads weights to disk."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are stored."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models with code on the Hub."})
 
@@ -208,7 +212,11 @@ def load_model_and_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedMode
         return model.to(dtype), tokenizer, source
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **common)
     # dtype explicitly: transformers 5 loads the checkpoint's dtype by default (fp16 for OPT on the Hub).
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, **common)
+    placement = {}
+    if model_args.device_map is not None:  # "disk" alone is not a device_map value: everything on disk
+        device_map = {"": "disk"} if model_args.device_map == "disk" else model_args.device_map
+        placement = {"device_map": device_map, "offload_folder": model_args.offload_folder}
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, **placement, **common)
     source_file = Path(model_args.model_name_or_path) / "gguf_source.json"  # a folder made by hf_qlimit.gguf
     return model, tokenizer, json.loads(source_file.read_text()) if source_file.is_file() else None
 
@@ -261,7 +269,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     logger.info(
         f"{eval_ids.numel()} evaluation tokens -> {windows.shape[0]} windows of {seq_len}; {len(calib)} calibration windows"
     )
-    model.to(device)
+    if model_args.device_map is None:  # a dispatched model stays where accelerate put it
+        model.to(device)
 
     fp = None
     if not run_args.skip_fp_eval:
@@ -273,7 +282,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     quant_settings = qconfig.to_dict()
     quant_settings.pop("layer_config", None)  # filled by quantization: per-module detail, not a setting
     tick = time.perf_counter()
-    model.quantize_qlimit(calib, qconfig)
+    model.quantize_qlimit(calib, qconfig, device=device, **quant_args.quantize_kwargs())
     timings["quantize_s"] = time.perf_counter() - tick
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

