@@ -23,6 +23,9 @@ class _QuantWeightMixin:
     """
 
     weight_quantizer: WeightQuantizer
+    # Frozen modules keep their dequantized fp32 weight for the next forward (fast inference); quantization
+    # turns this off, or every finished block would hold an fp32 copy of itself until the end.
+    keep_dequantized: bool = True
 
     def _init_weight(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool, frozen: bool):
         self.rows, self.cols = rows, cols
@@ -45,10 +48,12 @@ class _QuantWeightMixin:
     def quantized_weight(self) -> torch.Tensor:
         if not self.is_frozen:
             return self.weight_quantizer(self.weight)
-        if self._dequantized is None or self._dequantized.device != self.weight.device:
-            codes = unpack_codes(self.weight.reshape(self.rows, -1), self.weight_quantizer.bits, self.cols)
-            self._dequantized = self.weight_quantizer.dequantize(codes)
-        return self._dequantized
+        if self._dequantized is not None and self._dequantized.device == self.weight.device:
+            return self._dequantized
+        codes = unpack_codes(self.weight.reshape(self.rows, -1), self.weight_quantizer.bits, self.cols)
+        weight = self.weight_quantizer.dequantize(codes)
+        self._dequantized = weight if self.keep_dequantized else None
+        return weight
 
     def invalidate_cache(self) -> None:
         self._dequantized = None

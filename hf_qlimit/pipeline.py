@@ -8,6 +8,7 @@ outputs of blocks < i. The pipeline feeds `reconstruct_block`; it knows nothing 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -133,6 +134,9 @@ def _convert(model: nn.Module, names: list[str], run: _Run, config: QLimitConfig
         run.offloader.materialize(name)
     convert_model(model, {n: config.layer_config[n] for n in names}, config, frozen=frozen)
     modules = [model.get_submodule(n) for n in names]
+    for module in modules:
+        if hasattr(module, "keep_dequantized"):
+            module.keep_dequantized = False  # memory stays bounded by one block; restored at the end
     if not frozen:
         for module in modules:
             if hasattr(module, "weight_quantizer"):
@@ -234,6 +238,8 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     with quant_state(model, weights=True, acts=True):
         _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
     _freeze(model)
+    for _, module in quantized_modules(model):
+        del module.keep_dequantized  # back to the class default: inference caches the dequantized weight
     if run.home is None:
         run.offloader.release()
         model.to("cpu")
@@ -250,6 +256,10 @@ def _park(block: nn.Module, run: _Run) -> None:
     home = run.home or torch.device("cpu")
     if home != run.device:
         block.to(home)
+    if run.home is None:
+        # accelerate's removed hooks leave each replaced Linear in a reference cycle that still holds its
+        # memory-mapped FP weight: collect now, or every finished block keeps its FP pages resident.
+        gc.collect()
 
 
 @contextmanager
