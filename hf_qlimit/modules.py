@@ -13,6 +13,7 @@ from torch import nn
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantizers import ActQuantizer, WeightQuantizer
+from .quantizers.adaround import ROW_CHUNK
 
 
 class _QuantWeightMixin:
@@ -92,7 +93,19 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+        cached = self._dequantized is not None and self._dequantized.device == self.weight.device
+        if not self.is_frozen or cached or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
+            return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+        # No cache wanted (during quantization): a large matrix (an LM head) is dequantized a slab at a time.
+        step = max(1, ROW_CHUNK // self.cols)
+        packed = self.weight.reshape(self.rows, -1)
+        outs = []
+        for i in range(0, self.rows, step):
+            rows = slice(i, i + step)
+            codes = unpack_codes(packed[rows], self.weight_quantizer.bits, self.cols)
+            weight = self.weight_quantizer.dequantize(codes, rows=rows).to(x.dtype)
+            outs.append(F.linear(x, weight, None if self.bias is None else self.bias[rows]))
+        return torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -116,7 +129,18 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         return module
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.quantized_weight(), self.padding_idx)
+        cached = self._dequantized is not None and self._dequantized.device == self.weight.device
+        if cached or (self.is_frozen and self.keep_dequantized):
+            return F.embedding(ids, self.quantized_weight(), self.padding_idx)
+        # The grid is per row: quantizing only the rows looked up equals quantizing the table first, without
+        # materialising a vocabulary-sized fp32 copy per call (GBs for a large vocabulary).
+        flat = ids.reshape(-1)
+        if self.is_frozen:
+            codes = unpack_codes(self.weight.reshape(self.rows, -1).index_select(0, flat), self.weight_quantizer.bits, self.cols)
+            rows = self.weight_quantizer.dequantize(codes, rows=flat)
+        else:
+            rows = self.weight_quantizer(self.weight.index_select(0, flat), rows=flat)
+        return rows.reshape(*ids.shape, self.cols)
 
 
 class AttentionQuantizers(nn.Module):

@@ -8,6 +8,10 @@ never dispatched has no hooks, and materializing is then only a move to the exec
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+
 import torch
 from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_module
 from accelerate.utils import set_module_tensor_to_device
@@ -86,3 +90,28 @@ class Offloader:
         self.materialize("", torch.device("cpu"))
         if hasattr(self.model, "hf_device_map"):
             del self.model.hf_device_map  # no longer dispatched: save_pretrained must not look for offloaded files
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
+
+
+def release_memory() -> None:
+    """Frees what a finished block left behind, back to the OS.
+
+    accelerate's hook removal leaves each replaced module in a reference cycle that still holds its
+    memory-mapped FP weight, hence the collection; and glibc keeps freed block-sized buffers in its heap
+    (its mmap threshold grows with every large free), hence the trim: without both, an offloaded run's RSS
+    grows by most of a block's size per block.
+    """
+    gc.collect()
+    if _LIBC is not None:  # glibc only; elsewhere the allocator's own policy applies
+        _LIBC.malloc_trim(0)

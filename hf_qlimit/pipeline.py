@@ -8,7 +8,6 @@ outputs of blocks < i. The pipeline feeds `reconstruct_block`; it knows nothing 
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from .calibration import length_sorted_batches, prepare_calibration
 from .config import QLimitConfig
 from .integration import act_quantizers, convert_model, quant_state, quantized_modules
 from .models import get_adapter
-from .offload import Offloader, default_device, is_dispatched
+from .offload import Offloader, default_device, is_dispatched, release_memory
 from .reconstruction import BlockData, block_output_error, fisher_weights, reconstruct_block
 from .resume import WorkDir, fingerprint
 
@@ -226,6 +225,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     if fisher is None:
         _convert(model, head, run, config, frozen=False)
     pending += [q for n in head for q in act_quantizers(model.get_submodule(n))]
+    _freeze_named(model, head)  # RTN weights, final: the FP head (vocab x hidden) need not outlive this line
     for name in _rest_of_model(model, blocks_name):
         run.offloader.materialize(name, recurse=False)
     model.config.quantization_config = config
@@ -257,9 +257,7 @@ def _park(block: nn.Module, run: _Run) -> None:
     if home != run.device:
         block.to(home)
     if run.home is None:
-        # accelerate's removed hooks leave each replaced Linear in a reference cycle that still holds its
-        # memory-mapped FP weight: collect now, or every finished block keeps its FP pages resident.
-        gc.collect()
+        release_memory()
 
 
 @contextmanager

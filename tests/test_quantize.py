@@ -193,3 +193,38 @@ def test_a_failed_quantization_cannot_be_saved(tmp_path):
         model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
     with pytest.raises(ValueError, match="not serializable"):
         model.save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_embedding_lookup_quantizes_only_the_rows_it_needs(frozen):
+    from torch import nn
+
+    from hf_qlimit.modules import QuantEmbedding
+
+    emb = QuantEmbedding.from_embedding(nn.Embedding(50, 16), {"w": 4}, weight_sym=False)
+    emb.weight_quantizer.init_range(emb.weight, 2.4)
+    if frozen:
+        emb.freeze()
+    ids = torch.tensor([[3, 7, 7], [0, 49, 12]])
+    full = torch.nn.functional.embedding(ids, emb.quantized_weight())  # the whole table, then the lookup
+    emb.invalidate_cache()
+    emb.keep_dequantized = False  # the row path
+    assert torch.equal(emb(ids), full)
+
+
+def test_large_frozen_linear_without_cache_runs_in_slabs(monkeypatch):
+    from torch import nn
+
+    from hf_qlimit import modules
+    from hf_qlimit.modules import QuantLinear
+
+    layer = QuantLinear.from_linear(nn.Linear(16, 40), {"w": 4, "a": None}, None, False, False)
+    layer.weight_quantizer.init_range(layer.weight, 2.4)
+    layer.freeze()
+    x = torch.randn(3, 5, 16)
+    full = layer(x)  # one dequantized matrix (and cached)
+    layer.invalidate_cache()
+    layer.keep_dequantized = False
+    monkeypatch.setattr(modules, "ROW_CHUNK", 16 * 7)  # slabs of 7 output rows: 6 slabs, the last one short
+    torch.testing.assert_close(layer(x), full)
+    assert layer._dequantized is None

@@ -8,6 +8,7 @@ from torch import nn
 from .fake_quant import dequantize_codes, qrange, quantize_codes
 from .range_search import group_view, search_weight_range
 
+ROW_CHUNK = 1 << 22  # weight elements handled at a time when a whole matrix need not be in float at once
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h can reach exactly 0 and 1
 
 
@@ -63,8 +64,9 @@ class WeightQuantizer(nn.Module):
         self._reg: torch.Tensor | None = None
         self.enabled = True
 
-    def _grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scale.unsqueeze(-1), self.zero.unsqueeze(-1).float()
+    def _grid(self, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = (self.scale, self.zero) if rows is None else (self.scale[rows], self.zero[rows])
+        return scale.unsqueeze(-1), zero.unsqueeze(-1).float()
 
     @torch.no_grad()
     def init_range(self, weight: torch.Tensor, p: float) -> None:
@@ -98,10 +100,11 @@ class WeightQuantizer(nn.Module):
         reg, self._reg = self._reg, None
         return reg
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, weight: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized weight; with `rows`, `weight` holds only those rows (an embedding lookup)."""
         if not self.enabled:
             return weight
-        scale, zero = self._grid()
+        scale, zero = self._grid(rows)
         w = group_view(weight, self.group_size)
         if self.alpha is None:
             q = quantize_codes(w, scale, zero, self.bits)
@@ -118,19 +121,25 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of the final (hard-rounded) weight, as uint8 of the weight's shape."""
-        scale, zero = self._grid()
-        w = group_view(weight.detach().float(), self.group_size)
+        # Row chunks: the float temporaries of a whole LM head or embedding would be GBs.
+        step = max(1, ROW_CHUNK // weight.shape[1])
+        return torch.cat([self._codes(weight, slice(i, i + step)) for i in range(0, weight.shape[0], step)])
+
+    def _codes(self, weight: torch.Tensor, rows: slice) -> torch.Tensor:
+        scale, zero = self._grid(rows)
+        w = group_view(weight[rows].detach().float(), self.group_size)
         if self.alpha is None:
             q = quantize_codes(w, scale, zero, self.bits)
         else:
             qmin, qmax = qrange(self.bits)
-            q = torch.clamp(self.w_floor + (self.alpha >= 0).float() + zero, qmin, qmax)
-        return q.reshape(weight.shape).to(torch.uint8)
+            q = torch.clamp(self.w_floor[rows] + (self.alpha[rows] >= 0).float() + zero, qmin, qmax)
+        return q.reshape(-1, weight.shape[1]).to(torch.uint8)
 
-    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        scale, zero = self._grid()
+    def dequantize(self, codes: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Float weight of integer codes (of all rows, or of `rows` only)."""
+        scale, zero = self._grid(rows)
         q = group_view(codes.float(), self.group_size)
-        return dequantize_codes(q, scale, zero).reshape(codes.shape)
+        return q.sub_(zero).mul_(scale).reshape(codes.shape)  # in place: codes.float() is already a copy
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
