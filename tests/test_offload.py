@@ -108,7 +108,7 @@ def test_killed_with_sigkill_then_resumed(saved_opt, in_memory, tmp_path):
         model = AutoModelForCausalLM.from_pretrained({str(saved_opt)!r})
         model.quantize_qlimit(calib_samples(16), QLimitConfig(**{CONFIG!r}), work_dir={str(tmp_path)!r})
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert result.returncode == -9, result.stderr[-2000:]
     model = _quantize(AutoModelForCausalLM.from_pretrained(saved_opt), work_dir=tmp_path, resume=True)
     _assert_same(_state(model), in_memory)
