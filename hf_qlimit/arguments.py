@@ -10,7 +10,9 @@ and examples/language-modeling/run_ppl.py:
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +114,13 @@ class QuantizationArguments:
             seed=self.quant_seed if self.quant_seed is not None else seed,
             **extra,
         )
+
+
+def parse_arguments(parser: Any, args: list[str] | None = None) -> tuple:
+    """An example's dataclasses from `args`, the command line, or a single .json file (transformers' convention)."""
+    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=args)
 
 
 def run_environment(device: torch.device | str) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from transformers.utils import logging as hf_logging
 
 from hf_qlimit.arguments import (  # importing hf_qlimit adds PreTrainedModel.quantize_qlimit
     QuantizationArguments,
+    parse_arguments,
     run_environment,
 )
 
@@ -175,10 +176,7 @@ def _summary(task: str | None, quant: dict[str, Any], fp: dict, quantized: dict,
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, QuantizationArguments, TrainingArguments))
-    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, quant_args, training_args = parser.parse_json_file(json_file=sys.argv[1])
-    else:
-        model_args, data_args, quant_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    model_args, data_args, quant_args, training_args = parse_arguments(parser, args)
     _setup_logging(training_args)
     if not training_args.output_dir:
         raise ValueError("--output_dir is required: the quantized model and results.json are written there.")

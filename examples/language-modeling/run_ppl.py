@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from hf_qlimit.arguments import QuantizationArguments, run_environment
+from hf_qlimit.arguments import QuantizationArguments, parse_arguments, run_environment
 
 logger = hf_logging.get_logger(__name__)
 
@@ -246,10 +246,7 @@ def _setup_logging() -> None:
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((ModelArguments, DataArguments, LMQuantizationArguments, RunArguments))
-    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, quant_args, run_args = parser.parse_json_file(json_file=sys.argv[1])
-    else:
-        model_args, data_args, quant_args, run_args = parser.parse_args_into_dataclasses(args=args)
+    model_args, data_args, quant_args, run_args = parse_arguments(parser, args)
     _setup_logging()
     if run_args.num_threads:
         torch.set_num_threads(run_args.num_threads)

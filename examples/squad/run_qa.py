@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_qlimit.arguments import QuantizationArguments, parse_bits, run_environment
+from hf_qlimit.arguments import QuantizationArguments, parse_arguments, parse_bits, run_environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils_qa import (  # noqa: E402  (the example directory is not a package)
@@ -240,10 +240,7 @@ def _em_f1(scores: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, QAQuantizationArguments, TrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, quant_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, quant_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, quant_args, training_args = parse_arguments(parser, argv)
     logging.enable_default_handler()
     logging.enable_explicit_format()
     # INFO for this example (run_qa + utils_qa), while transformers itself stays at its own verbosity.
