@@ -49,12 +49,20 @@ class _QuantWeightMixin:
     def quantized_weight(self) -> torch.Tensor:
         if not self.is_frozen:
             return self.weight_quantizer(self.weight)
-        if self._dequantized is not None and self._dequantized.device == self.weight.device:
+        if self._has_cache():
             return self._dequantized
-        codes = unpack_codes(self.weight.reshape(self.rows, -1), self.weight_quantizer.bits, self.cols)
-        weight = self.weight_quantizer.dequantize(codes)
+        weight = self._dequantize_rows()
         self._dequantized = weight if self.keep_dequantized else None
         return weight
+
+    def _has_cache(self) -> bool:
+        return self._dequantized is not None and self._dequantized.device == self.weight.device
+
+    def _dequantize_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Float weight of a frozen module, all rows or only `rows` (a slice or index tensor)."""
+        packed = self.weight.reshape(self.rows, -1)
+        codes = unpack_codes(packed if rows is None else packed[rows], self.weight_quantizer.bits, self.cols)
+        return self.weight_quantizer.dequantize(codes, rows=rows)
 
     def invalidate_cache(self) -> None:
         self._dequantized = None
@@ -93,17 +101,14 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        cached = self._dequantized is not None and self._dequantized.device == self.weight.device
-        if not self.is_frozen or cached or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
+        if not self.is_frozen or self._has_cache() or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
             return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
         # No cache wanted (during quantization): a large matrix (an LM head) is dequantized a slab at a time.
         step = max(1, ROW_CHUNK // self.cols)
-        packed = self.weight.reshape(self.rows, -1)
         outs = []
         for i in range(0, self.rows, step):
             rows = slice(i, i + step)
-            codes = unpack_codes(packed[rows], self.weight_quantizer.bits, self.cols)
-            weight = self.weight_quantizer.dequantize(codes, rows=rows).to(x.dtype)
+            weight = self._dequantize_rows(rows).to(x.dtype)
             outs.append(F.linear(x, weight, None if self.bias is None else self.bias[rows]))
         return torch.cat(outs, dim=-1)
 
@@ -129,15 +134,13 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         return module
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        cached = self._dequantized is not None and self._dequantized.device == self.weight.device
-        if cached or (self.is_frozen and self.keep_dequantized):
+        if self._has_cache() or (self.is_frozen and self.keep_dequantized):
             return F.embedding(ids, self.quantized_weight(), self.padding_idx)
         # The grid is per row: quantizing only the rows looked up equals quantizing the table first, without
         # materialising a vocabulary-sized fp32 copy per call (GBs for a large vocabulary).
         flat = ids.reshape(-1)
         if self.is_frozen:
-            codes = unpack_codes(self.weight.reshape(self.rows, -1).index_select(0, flat), self.weight_quantizer.bits, self.cols)
-            rows = self.weight_quantizer.dequantize(codes, rows=flat)
+            rows = self._dequantize_rows(flat)
         else:
             rows = self.weight_quantizer(self.weight.index_select(0, flat), rows=flat)
         return rows.reshape(*ids.shape, self.cols)

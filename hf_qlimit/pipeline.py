@@ -126,6 +126,11 @@ class _Run:
     token_mask: list[torch.Tensor]
     done: int = 0  # blocks finished by an interrupted run
 
+    @property
+    def parking(self) -> torch.device:
+        """Where finished blocks wait: the model's own device, or CPU for an offloaded model."""
+        return self.home or torch.device("cpu")
+
 
 def _convert(model: nn.Module, names: list[str], run: _Run, config: QLimitConfig, frozen: bool) -> list[nn.Module]:
     """Materializes the modules `names` on the execution device and swaps them for quantized ones."""
@@ -134,11 +139,9 @@ def _convert(model: nn.Module, names: list[str], run: _Run, config: QLimitConfig
     convert_model(model, {n: config.layer_config[n] for n in names}, config, frozen=frozen)
     modules = [model.get_submodule(n) for n in names]
     for module in modules:
-        if hasattr(module, "keep_dequantized"):
+        if hasattr(module, "weight_quantizer"):  # attention quantizers hold no weight
             module.keep_dequantized = False  # memory stays bounded by one block; restored at the end
-    if not frozen:
-        for module in modules:
-            if hasattr(module, "weight_quantizer"):
+            if not frozen:
                 module.weight_quantizer.init_range(module.weight, config.lp_norm)
     return modules
 
@@ -148,7 +151,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     blocks = adapter.blocks(model)
     blocks_name = adapter.blocks_name(model) + "."
     outer = [n for n in config.layer_config if not n.startswith(blocks_name)]
-    prefix = _prefix_modules(model, blocks[0], batches[0])
+    prefix = _prefix_modules(model, blocks[0], batches[0], run.parking)
     for name in prefix:  # the model prefix runs whole on the execution device
         run.offloader.materialize(name, recurse=False)
     prefix_quantized = [n for n in outer if n in prefix]
@@ -179,7 +182,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     if config.loss == "fisher" and config.method != "rtn":
         _convert(model, [n for n in config.layer_config if n not in prefix_quantized], run, config, frozen=False)
         fisher = fisher_weights(model, blocks, batches, device)
-    _freeze_named(model, prefix_quantized)  # RTN weights, final; the FP prefix is no longer needed
+    _freeze_names(model, prefix_quantized)  # RTN weights, final; the FP prefix is no longer needed
     if run.work is not None and not run.done:
         layer_config = {"module_bits": config.module_bits, "layer_config": config.layer_config}
         run.work.save_start(layer_config, {n: model.get_submodule(n) for n in prefix_quantized}, inputs)
@@ -225,7 +228,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     if fisher is None:
         _convert(model, head, run, config, frozen=False)
     pending += [q for n in head for q in act_quantizers(model.get_submodule(n))]
-    _freeze_named(model, head)  # RTN weights, final: the FP head (vocab x hidden) need not outlive this line
+    _freeze_names(model, head)  # RTN weights, final: the FP head (vocab x hidden) need not outlive this line
     for name in _rest_of_model(model, blocks_name):
         run.offloader.materialize(name, recurse=False)
     model.config.quantization_config = config
@@ -253,9 +256,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
 
 def _park(block: nn.Module, run: _Run) -> None:
     """A finished block leaves the execution device when the model lives elsewhere (offloaded or on CPU)."""
-    home = run.home or torch.device("cpu")
-    if home != run.device:
-        block.to(home)
+    block.to(run.parking)
     if run.home is None:
         release_memory()
 
@@ -263,16 +264,20 @@ def _park(block: nn.Module, run: _Run) -> None:
 @contextmanager
 def _blocks_visiting(blocks: nn.ModuleList, device: torch.device, run: _Run) -> Iterator[None]:
     """Whole-model passes with parked blocks: each block visits the execution device for its own forward."""
-    if (run.home or torch.device("cpu")) == device:
+    if run.parking == device:
         yield
         return
+
     def visit(block: nn.Module, args: Any) -> None:
         block.to(device)
+
+    def leave(block: nn.Module, args: Any, out: Any) -> None:
+        block.to(run.parking)  # no memory release here: this runs for every block of every batch
 
     handles = []
     for block in blocks:
         handles.append(block.register_forward_pre_hook(visit))
-        handles.append(block.register_forward_hook(lambda m, args, out: _park(m, run)))
+        handles.append(block.register_forward_hook(leave))
     try:
         yield
     finally:
@@ -281,7 +286,9 @@ def _blocks_visiting(blocks: nn.ModuleList, device: torch.device, run: _Run) -> 
 
 
 @torch.no_grad()
-def _prefix_modules(model: nn.Module, first_block: nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+def _prefix_modules(
+    model: nn.Module, first_block: nn.Module, batch: dict[str, torch.Tensor], input_device: torch.device
+) -> list[str]:
     """Names of the modules the forward pass calls before the first block (embeddings, rotary, project_in)."""
     names = {id(m): n for n, m in model.named_modules()}
     inside = {id(m) for m in first_block.modules()}
@@ -293,29 +300,17 @@ def _prefix_modules(model: nn.Module, first_block: nn.Module, batch: dict[str, t
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if id(m) not in inside]
     try:
-        capture_block_inputs(model, first_block, [batch], _input_device(model))
+        # the model as it is now: accelerate's hooks move a dispatched model's inputs themselves
+        capture_block_inputs(model, first_block, [batch], input_device)
     finally:
         for handle in handles:
             handle.remove()
     return list(seen)
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    # accelerate's hooks move a dispatched model's inputs themselves; an undispatched model takes them where it is
-    param = next(model.parameters())
-    return torch.device("cpu") if is_dispatched(model) or param.device.type == "meta" else param.device
-
-
 def _rest_of_model(model: nn.Module, blocks_name: str) -> list[str]:
     """Modules outside the blocks (final norm, head...): materialized for the last whole-model pass."""
     return [n for n, _ in model.named_modules() if not n.startswith(blocks_name) and n + "." != blocks_name]
-
-
-def _freeze_named(model: nn.Module, names: list[str]) -> None:
-    for name in names:
-        module = model.get_submodule(name)
-        if not module.is_frozen:
-            module.freeze()
 
 
 @torch.no_grad()
@@ -343,6 +338,11 @@ def _calibrate_outside_blocks(model: nn.Module, quantizers: list, run: Callable[
                 module.input_quantizer = None
                 model.config.quantization_config.layer_config[name]["a"] = None
     return pending
+
+
+def _freeze_names(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        _freeze(model.get_submodule(name))
 
 
 def _freeze(module: nn.Module) -> None:
