@@ -1,0 +1,53 @@
+"""hf_qlimit worker: RTN, BRECQ and QDrop through `model.quantize_qlimit`, saved with `save_pretrained`.
+
+Embeddings and the task / LM head are quantized to 8 bits (`first_last_bits`, the library's default); the peers
+keep them in floating point, so hf_qlimit's checkpoints are the smaller ones and its metrics carry that extra error.
+Weights use asymmetric grids. "fp" saves the unquantized model (the reference row).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import peer_eval
+
+ALGOS = ("fp", "rtn", "brecq", "qdrop")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import hf_qlimit  # noqa: F401  (registers quantize_qlimit)
+
+    return {"hf_qlimit": version("hf_qlimit")}
+
+
+def check(algo: str, model: str, setting: peer_eval.Setting, options: dict[str, Any]) -> None:
+    if algo not in ALGOS:
+        raise peer_eval.Unsupported(f"hf_qlimit has no algorithm {algo!r} here ({ALGOS})")
+
+
+def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, options: dict[str, Any]):
+    if algo == "fp":
+        options["details"] = "FP32, not quantized"
+        return net
+    from hf_qlimit import QLimitConfig
+
+    kwargs: dict[str, Any] = {}
+    if algo != "rtn" and options.get("iters") is not None:
+        kwargs["iters"] = options["iters"]
+    if peer_eval.is_causal_lm(model):
+        kwargs.update(max_length=peer_eval.LM_SEQ_LEN, batch_size=8)
+    config = QLimitConfig(
+        weight_bits=setting.weight_bits, act_bits=setting.act_bits, group_size=setting.group_size, method=algo,
+        preset="fast", num_samples=len(calib), seed=peer_eval.SEED, **kwargs,
+    )  # fmt: skip
+    net.quantize_qlimit(calib, config)
+    if algo != "rtn":
+        options["details"] = f"{config.iters} iters/block, batch {config.batch_size}"
+    return net
+
+
+def save(net, out_dir: Path) -> None:
+    net.save_pretrained(out_dir)

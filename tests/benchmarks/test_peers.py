@@ -1,0 +1,101 @@
+"""benchmarks/peers: failing or missing peers stay in the table with their error; the table is drawn from JSON lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("peers_run", REPO / "benchmarks" / "peers" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["peers_run"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _readme(tmp_path: Path) -> Path:
+    readme = tmp_path / "README.md"
+    readme.write_text("# B\n\n<!-- peers-table:start -->\nold\n<!-- peers-table:end -->\n\ntail\n")
+    return readme
+
+
+def _ok(tool: str, model: str, setting: str, metric: dict, **extra) -> dict:
+    record = {"status": "ok", "tool": tool, "model": model, "setting": setting, "iters": None, "metric": metric,
+              "calib_s": 12.5, "peak_rss_mb_wait4": 800.0, "ckpt_bytes": 20_000_000, "date": "2026-11-22",
+              "versions": {"transformers": "5.23.0", "torch": "2.13.0"}, "details": ""}  # fmt: skip
+    record.update(extra)
+    return record
+
+
+def test_missing_interpreter_is_a_row_with_its_error(peers, tmp_path):
+    results, readme = tmp_path / "results.jsonl", _readme(tmp_path)
+    missing = str(tmp_path / "nowhere" / "python")
+    section = peers.main([
+        "--models", "minilm-sst2", "--tools", "optimum-quanto RTN", "--settings", "W4A16 g128",
+        "--python", f"quanto={missing}", f"hf_qlimit={missing}", "--results", str(results), "--readme", str(readme),
+    ])  # fmt: skip
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["tool"], r["status"]) for r in records] == [
+        ("FP32 (reference)", "error"),
+        ("optimum-quanto RTN", "error"),
+    ]
+    row = next(line for line in section.splitlines() if line.startswith("| W4A16 g128 | optimum-quanto RTN"))
+    assert "failed" in row and f"interpreter {missing} does not exist" in row
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("tail\n") and "optimum-quanto RTN" in text
+    # the settings not run are rows too, marked as such, never dropped
+    assert "| W3A16 | optimum-quanto RTN | – |" in section and "not run yet" in section
+
+
+def test_worker_failure_becomes_an_error_record(peers, tmp_path):
+    tool = peers.Tool("broken peer", "no_such_peer", "rtn")
+    record = peers.run_job(tool, "minilm-sst2", "W4A16", sys.executable, None, 120, tmp_path)
+    assert record["status"] == "error"
+    assert "ModuleNotFoundError" in record["error"] and "tool_no_such_peer" in record["error"]
+    assert record["peak_rss_mb_wait4"] > 0 and "\n" not in record["error"]
+
+
+def test_install_failure_is_read_from_the_log(peers, tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "gptqmodel.log").write_text(
+        "Collecting gptqmodel\nERROR: No matching distribution found\nrc=1\n"
+    )
+    (tmp_path / "logs" / "quanto.log").write_text("Successfully installed optimum-quanto\nrc=0\n")
+    assert peers.install_error("gptqmodel", tmp_path) == "install failed: ERROR: No matching distribution found"
+    assert peers.install_error("quanto", tmp_path) is None and peers.install_error("other", tmp_path) is None
+
+
+def test_table_from_json_lines(peers, tmp_path):
+    lm, bert = "smollm2", "minilm-sst2"
+    lines = [
+        _ok("FP32 (reference)", lm, "FP32", {"ppl": 20.0}),
+        _ok("hf_qlimit RTN", lm, "W4A16 g64", {"ppl": 30.0}),
+        _ok("hf_qlimit RTN", lm, "W4A16 g64", {"ppl": 25.0}),  # newer record of the same run wins
+        _ok("llm-compressor GPTQ", lm, "W4A16 g64", {"ppl": 22.0}, save_error="OSError: disk full"),
+        {"status": "unsupported", "error": "quanto has no 3-bit weights", "tool": "optimum-quanto RTN", "model": lm,
+         "setting": "W3A16 g64", "iters": None, "date": "2026-11-22"},
+        {"status": "error", "error": "ValueError: boom", "tool": "GPTQModel GPTQ", "model": bert,
+         "setting": "W4A16", "iters": None, "date": "2026-11-22", "peak_rss_mb_wait4": 300.0},
+        _ok("hf_qlimit QDrop", bert, "W4A16", {"accuracy": 88.0}, iters=200),
+    ]  # fmt: skip
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records = peers.load_records(path)
+    assert records["hf_qlimit RTN", lm, "W4A16 g64"]["metric"]["ppl"] == 25.0
+    section = peers.render(records, [bert, lm], peers.TOOLS, tmp_path)
+    assert "| W4A16 g64 | hf_qlimit RTN | 25.00 | 12.5 | 800 | 20.0 |" in section
+    assert "not saved: OSError: disk full" in section
+    assert "| W3A16 g64 | optimum-quanto RTN | unsupported |" in section and "quanto has no 3-bit weights" in section
+    assert "| W4A16 | GPTQModel GPTQ | failed | – | 300 | – | failed: ValueError: boom |" in section
+    assert (
+        "W4A16 g64: hf_qlimit loses.** llm-compressor GPTQ 22.00 vs the best hf_qlimit (hf_qlimit RTN) 25.00" in section
+    )
+    assert "minilm-sst2 200" in section and "| FP32 | FP32 (reference) | 20.00 |" in section
