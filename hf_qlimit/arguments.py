@@ -72,6 +72,16 @@ class QuantizationArguments:
     cache_budget_mb: float | None = field(
         default=None, metadata={"help": "RAM for calibration caches (MB); beyond it they spill to --work_dir."}
     )
+    bit_candidates: list[int] | None = field(
+        default=None, metadata={"help": "Mixed precision: the weight bits a block Linear may get, e.g. 2 4 8."}
+    )
+    avg_bits: float | None = field(default=None, metadata={"help": "Mixed precision: average weight bits budget."})
+    size_budget_mb: float | None = field(
+        default=None, metadata={"help": "Mixed precision: budget in MB of the block Linears' packed weights."}
+    )
+    sensitivity_cache: str | None = field(
+        default=None, metadata={"help": "Mixed precision: file keeping measured sensitivities for other budgets."}
+    )
 
     def quantize_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `quantize_qlimit` beyond the config: work folder, resume, cache budget."""
@@ -112,6 +122,10 @@ class QuantizationArguments:
             first_last_bits=parse_bits("first_last_bits", self.first_last_bits),
             modules_to_not_convert=self.modules_to_not_convert,
             seed=self.quant_seed if self.quant_seed is not None else seed,
+            bit_candidates=self.bit_candidates,
+            avg_bits=self.avg_bits,
+            size_budget_bytes=None if self.size_budget_mb is None else int(self.size_budget_mb * 1e6),
+            sensitivity_cache=self.sensitivity_cache,
             **extra,
         )
 

@@ -4,6 +4,10 @@ Quantization replaces modules, so accelerate's per-module hooks cannot stay: `Of
 module's offloaded weights through the hook's own weights map (accelerate's offload loader, memory-mapped),
 places them on the execution device with `set_module_tensor_to_device`, and removes the hook. A model that was
 never dispatched has no hooks, and materializing is then only a move to the execution device.
+
+A finished block that came from disk goes back to disk (`Offloader.park`): its quantized tensors are written to
+a safetensors file and the block gets accelerate's own offload hook over that file, so the returned model stays
+offloaded, runs like any accelerate-dispatched model, and `save_pretrained` streams it shard by shard.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 
 import torch
-from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_module
-from accelerate.utils import set_module_tensor_to_device
+from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+from accelerate.utils import OffloadedWeightsLoader, send_to_device, set_module_tensor_to_device
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -37,6 +43,35 @@ def default_device(model: nn.Module) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _ParkedHook(ModelHook):
+    """Loads a whole parked module from its file for each forward, back to meta after (accelerate's disk offload).
+
+    Not `AlignDevicesHook(place_submodules=True)`: that one drops the submodule prefix of non-persistent
+    buffers (a frozen QuantLinear's `_dequantized`) and fails on them. `weights_map` is the attribute
+    transformers' `save_pretrained` reads offloaded tensors through.
+    """
+
+    def __init__(self, weights_map: OffloadedWeightsLoader, execution_device: torch.device) -> None:
+        self.weights_map, self.execution_device = weights_map, execution_device
+
+    def _place(self, module: nn.Module, device: torch.device | str) -> None:
+        for name in self.weights_map:
+            value = None if device == "meta" else self.weights_map[name]
+            set_module_tensor_to_device(module, name, device, value=value)
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        self._place(module, "meta")
+        return module
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        self._place(module, self.execution_device)
+        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+
+    def post_forward(self, module: nn.Module, output):
+        self._place(module, "meta")
+        return output
+
+
 class Offloader:
     """Materializes modules of a (possibly dispatched) model on the execution device, on demand."""
 
@@ -49,6 +84,26 @@ class Offloader:
         for name, param in model.named_parameters(remove_duplicate=False):
             self._alias[name] = first.setdefault(id(param), name)
         self._maps: dict[str, object] = {}
+        self.parked: dict[str, _ParkedHook] = {}
+
+    def was_offloaded(self, name: str) -> bool:
+        """Whether accelerate kept (part of) the module `name` off the execution device before it was materialized."""
+        return any(n == name or n.startswith(name + ".") for n in self._maps)
+
+    def park(self, name: str, path: str | os.PathLike, write: bool = True) -> None:
+        """Sends the finished module `name` to the safetensors file `path` (written unless `write=False`: a
+        file of this module's state_dict already) and leaves an offload hook that loads it back per forward."""
+        module = self.model.get_submodule(name)
+        keys = list(module.state_dict())
+        if write:
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+        loader = OffloadedWeightsLoader(index={k: {"safetensors_file": str(path), "weight_name": k} for k in keys})
+        hook = _ParkedHook(loader, self.device)
+        for sub in module.modules():
+            if hasattr(sub, "keep_dequantized"):
+                sub.keep_dequantized = False  # a cached fp32 weight would outlive the hook's unloading
+        add_hook_to_module(module, hook)
+        self.parked[name] = hook
 
     def materialize(self, name: str, device: torch.device | None = None, recurse: bool = True) -> nn.Module:
         """The module `name` with its weights real and on `device` (default: the execution device).
@@ -60,6 +115,8 @@ class Offloader:
         module = self.model.get_submodule(name)
         subs = module.named_modules(prefix=name) if recurse else [(name, module)]
         for sub_name, sub in subs:
+            if self._is_parked(sub_name):
+                continue
             hook = _align_hook(sub)
             if hook is not None and hook.offload:
                 self._maps[sub_name] = hook.weights_map
@@ -85,11 +142,26 @@ class Offloader:
                     continue
         raise RuntimeError(f"{full_name} is on the meta device and no accelerate offload map holds its values.")
 
+    def _is_parked(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.parked)
+
     def release(self) -> None:
-        """Everything still managed by accelerate, materialized on CPU; the model is then plain torch."""
-        self.materialize("", torch.device("cpu"))
-        if hasattr(self.model, "hf_device_map"):
+        """Everything but the parked modules materialized on CPU; parked ones will run on CPU too."""
+        cpu = torch.device("cpu")
+        self.materialize("", cpu)
+        for hook in self.parked.values():
+            hook.execution_device = cpu
+        if self.parked:  # save_pretrained reads meta tensors back through the hooks when the map says "disk"
+            self.model.hf_device_map = {
+                **{n: "cpu" for n, m in self.model.named_modules() if not self._is_parked(n) and _has_direct_tensors(m)},
+                **dict.fromkeys(self.parked, "disk"),
+            }
+        elif hasattr(self.model, "hf_device_map"):
             del self.model.hf_device_map  # no longer dispatched: save_pretrained must not look for offloaded files
+
+
+def _has_direct_tensors(module: nn.Module) -> bool:
+    return any(True for _ in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
 
 def _libc():

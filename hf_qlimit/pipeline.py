@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,6 +129,7 @@ class _Run:
     home: torch.device | None  # where an undispatched model lives, and goes back to; None: offloaded (-> CPU)
     token_mask: list[torch.Tensor]
     done: int = 0  # blocks finished by an interrupted run
+    parked_dir: Path | None = None  # finished offloaded blocks' files when there is no work folder
 
     @property
     def parking(self) -> torch.device:
@@ -195,7 +200,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
             run.offloader.materialize(name)
             _convert(model, names, run, config, frozen=True)
             run.work.load_block(i, block)
-            _park(block, run)
+            _park(name, run, run.work.block_file(i))
             continue
         tick = time.perf_counter()
         run.offloader.materialize(name)
@@ -220,9 +225,9 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         stats.append({"block": i, "rtn_mse": rtn_error, "mse": error, "seconds": time.perf_counter() - tick})
         fp_in, q_in = fp_out, q_out
         del data_i, fp_out, q_out
-        _park(block, run)
         if run.work is not None:
             run.work.save_block(i, block, {"fp_in": fp_in, "q_in": q_in}, stats)
+        _park(name, run, run.work.block_file(i) if run.work is not None else None)
 
     head = [n for n in outer if n not in prefix_quantized]
     if fisher is None:
@@ -241,11 +246,11 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     with quant_state(model, weights=True, acts=True):
         _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
     _freeze(model)
-    for _, module in quantized_modules(model):
-        del module.keep_dequantized  # back to the class default: inference caches the dequantized weight
+    for name, module in quantized_modules(model):
+        if not any(name.startswith(p + ".") for p in run.offloader.parked):
+            del module.keep_dequantized  # back to the class default: inference caches the dequantized weight
     if run.home is None:
-        run.offloader.release()
-        model.to("cpu")
+        run.offloader.release()  # the model is back on CPU, parked blocks on disk
     elif run.home != device:
         model.to(run.home)
     _attach_quantizer(model, config)
@@ -254,9 +259,20 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     return model
 
 
-def _park(block: nn.Module, run: _Run) -> None:
-    """A finished block leaves the execution device when the model lives elsewhere (offloaded or on CPU)."""
-    block.to(run.parking)
+def _park(name: str, run: _Run, saved: Path | None) -> None:
+    """A finished block leaves the execution device when the model lives elsewhere: back to disk if it came
+    from there (into `saved`, its state in the work folder, when there is one), else to CPU or the model's home."""
+    if run.offloader.was_offloaded(name):
+        if saved is None:
+            if run.parked_dir is None:
+                run.parked_dir = Path(tempfile.mkdtemp(prefix="qlimit_parked_"))
+                # the files must live as long as the model that reads them
+                weakref.finalize(run.offloader.model, shutil.rmtree, run.parked_dir, ignore_errors=True)
+            run.offloader.park(name, run.parked_dir / f"{name}.safetensors")
+        else:
+            run.offloader.park(name, saved, write=False)
+    else:
+        run.offloader.model.get_submodule(name).to(run.parking)
     if run.home is None:
         release_memory()
 
@@ -267,6 +283,8 @@ def _blocks_visiting(blocks: nn.ModuleList, device: torch.device, run: _Run) -> 
     if run.parking == device:
         yield
         return
+
+    blocks = [b for b in blocks if getattr(b, "_hf_hook", None) is None]  # parked on disk: their hooks do this
 
     def visit(block: nn.Module, args: Any) -> None:
         block.to(device)

@@ -79,8 +79,11 @@ class WorkDir:
         save_file({f"{n}.{k}": v for n, m in prefix.items() for k, v in _module_state(m).items()},
                   self.folder / "prefix.safetensors")  # fmt: skip
 
+    def block_file(self, i: int) -> Path:
+        return self.folder / f"block_{i}.safetensors"
+
     def save_block(self, i: int, block: nn.Module, streams: dict[str, Any], stats: list[dict]) -> None:
-        save_file(_module_state(block), self.folder / f"block_{i}.safetensors")
+        save_file(_module_state(block), self.block_file(i))
         state = {"streams": {k: list(v) for k, v in streams.items()}, "rng": _rng_state(), "stats": stats}
         torch.save(state, self.folder / f"state_{i}.pt")
         tmp = self.folder / (PROGRESS + ".tmp")
@@ -95,7 +98,7 @@ class WorkDir:
             module.load_state_dict(own, strict=True)
 
     def load_block(self, i: int, block: nn.Module) -> None:
-        block.load_state_dict(load_file(self.folder / f"block_{i}.safetensors"), strict=True)
+        block.load_state_dict(load_file(self.block_file(i)), strict=True)
 
     def load_state(self, done_blocks: int) -> tuple[Any, dict[str, Any]]:
         """The blocks' other arguments and the state after `done_blocks` blocks; restores the RNG states."""

@@ -281,6 +281,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     tick = time.perf_counter()
     model.quantize_qlimit(calib, qconfig, device=device, **quant_args.quantize_kwargs())
     timings["quantize_s"] = time.perf_counter() - tick
+    quant_settings["module_bits"] = model.config.quantization_config.module_bits  # mixed precision's choice
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     del model  # what is evaluated next is only what was written to disk

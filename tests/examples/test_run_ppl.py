@@ -117,6 +117,21 @@ def test_weight_only_groups_and_quick_window_limit(run_ppl, tiny_lm):
     assert results["qlimit_config"]["group_size"] == 16 and results["qlimit_config"]["act_bits"] is None
 
 
+def test_mixed_precision_flags(run_ppl, tiny_lm):
+    out = tiny_lm / "out-mixed"
+    results = run_ppl.main([
+        "--model_name_or_path", str(tiny_lm / "model"), "--eval_file", str(tiny_lm / "test.txt"),
+        "--calib_file", str(tiny_lm / "valid.txt"), "--num_calib_samples", "4", "--method", "rtn",
+        "--act_bits", "none", "--bit_candidates", "2", "4", "--avg_bits", "3", "--skip_fp_eval",
+        "--output_dir", str(out),
+    ])  # fmt: skip
+    bits = results["qlimit_config"]["module_bits"]
+    assert len(bits) == 14 and set(bits.values()) == {2, 4}  # 2 blocks x 7 Linears, both widths used
+    reloaded = json.loads((out / "config.json").read_text())["quantization_config"]["module_bits"]
+    assert reloaded == bits
+    assert results["quantized"]["ppl"] == pytest.approx(hand_perplexity(out, tiny_lm / "test.txt", SEQ_LEN), rel=1e-5)
+
+
 def test_uniform_model_has_the_vocabulary_size_as_perplexity(run_ppl, tiny_lm):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm / "model")
     model.config.tie_word_embeddings = False
