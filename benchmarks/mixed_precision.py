@@ -5,6 +5,10 @@ against uniform W2 (below the budget) and W3 (above it). Each with round-to-near
 
     python benchmarks/mixed_precision.py            # full run; writes the table into benchmarks/README.md
     python benchmarks/mixed_precision.py --quick    # a few samples and iterations: checks that it runs
+
+Each row is appended to `--results` (JSON lines) as soon as it is measured, so that runs can be split over
+processes (`--methods qdrop --settings "uniform W2" "mixed 2.5"`) and the table rebuilt with `--table_only`;
+a later row for the same method and setting replaces an earlier one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import random
 import sys
 import tempfile
@@ -81,66 +86,126 @@ def size_and_bits(model, config: QLimitConfig, bits: dict[str, int]) -> tuple[fl
     return usage["avg_bits"], usage["bytes"] / 2**20
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT.parent / "shared/models/minilm-l6-sst2"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/glue/SST-2"))
     parser.add_argument("--methods", nargs="+", default=["rtn", "qdrop"])
+    parser.add_argument("--settings", nargs="+", default=[label for label, _, _ in SETTINGS],
+                        choices=[label for label, _, _ in SETTINGS])  # fmt: skip
     parser.add_argument("--candidates", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "hf_qlimit_mixed_sensitivity.json"))
+    parser.add_argument("--results", default=None, help="JSON lines of measured rows (default benchmarks/out/mixed/)")
     parser.add_argument("--readme", default=None, help="default benchmarks/README.md; with --quick, none")
+    parser.add_argument("--table_only", action="store_true", help="rebuild the table from --results, run nothing")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-pairs", action="store_true", help="allocate without the within-block pair terms")
     parser.add_argument("--quick", action="store_true", help="32 calibration samples, 20 iterations, 128 dev sentences")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    out = ROOT / "benchmarks" / "out" / ("mixed_quick" if args.quick else "mixed")
+    args.results = Path(args.results or out / "results.jsonl")
+    args.readme = args.readme or (None if args.quick else str(ROOT / "benchmarks" / "README.md"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    readme = args.readme or (None if args.quick else str(ROOT / "benchmarks" / "README.md"))
+    if not args.table_only:
+        measure(args)
+    text = build_table(read_results(args.results), args)
+    print(text)
+    if args.readme:
+        write_table(Path(args.readme), text)
 
+
+def measure(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     train = read_tsv(Path(args.data) / "train.tsv")
     random.Random(0).shuffle(train)
     dev = read_tsv(Path(args.data) / "dev.tsv")[: 128 if args.quick else None]
     num_samples = base_config("rtn", args).num_samples
     calib = [dict(tokenizer(r["sentence"], truncation=True, max_length=128)) for r in train[:num_samples]]
+    common = {"dev_size": len(dev), "num_samples": num_samples, "candidates": args.candidates,
+              "pairs": not args.no_pairs, "machine": _common.machine(), "date": str(datetime.date.today())}  # fmt: skip
 
-    fp_model = AutoModelForSequenceClassification.from_pretrained(args.model)
-    rows = [("FP32", "-", "32", f"{accuracy(fp_model, tokenizer, dev):.4f}", "-", "-")]
+    if not any(r["method"] == "FP32" for r in read_results(args.results)):
+        fp_model = AutoModelForSequenceClassification.from_pretrained(args.model)
+        append_result(args.results, {"method": "FP32", "setting": "-", "bits": None, "accuracy":
+                                     accuracy(fp_model, tokenizer, dev), **common})  # fmt: skip
+    wanted = [s for s in SETTINGS if s[0] in args.settings]
     allocations = {}
-    for budget in sorted(b for _, b, _ in SETTINGS if b is not None):
+    for budget in sorted({b for _, b, _ in wanted if b is not None}):
         tick = time.perf_counter()
         allocations[budget] = allocate(args.model, calib, budget, args)
         print(f"avg {budget}: {histogram(allocations[budget])}  ({time.perf_counter() - tick:.0f}s)", flush=True)
-    names = list(next(iter(allocations.values())))
+    fp_model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    names = list(mp.block_linears(fp_model, get_adapter(fp_model), base_config("rtn", args)))
 
     for method in args.methods:
-        for label, budget, uniform in SETTINGS:
+        for label, budget, uniform in wanted:
             bits = allocations[budget] if uniform is None else {n: uniform for n in names}
             model = AutoModelForSequenceClassification.from_pretrained(args.model)
             config = base_config(method, args, weight_bits=uniform or 4, module_bits=bits)
             avg, megabytes = size_and_bits(model, config, bits)
             tick = time.perf_counter()
             quantize(model, calib, config)
-            seconds = time.perf_counter() - tick
-            acc = accuracy(model, tokenizer, dev)
-            weights = label if uniform else f"{label} ({histogram(bits)})"
-            rows.append((method, weights, f"{avg:.2f}", f"{acc:.4f}", f"{megabytes:.2f}", f"{seconds:.0f}"))
-            print(" | ".join(rows[-1]), flush=True)
+            row = {"method": method, "setting": label, "bits": bits, "avg_bits": avg, "mib": megabytes,
+                   "seconds": time.perf_counter() - tick, "accuracy": accuracy(model, tokenizer, dev), **common}  # fmt: skip
+            append_result(args.results, row)
+            print(f"{method} {label}: acc {row['accuracy']:.4f}, {row['seconds']:.0f} s", flush=True)
 
+
+def read_results(path: Path) -> list[dict]:
+    """Rows in file order; a later row for the same (method, setting) replaces an earlier one."""
+    if not Path(path).exists():
+        return []
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[(row["method"], row["setting"])] = row
+    return list(rows.values())
+
+
+def append_result(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def build_table(results: list[dict], args: argparse.Namespace) -> str:
+    """Rows ordered FP first, then by method and by the SETTINGS order; missing cells are simply absent."""
+    order = {label: i for i, (label, _, _) in enumerate(SETTINGS)}
+    methods = ["FP32", *args.methods]
+    rows = sorted((r for r in results if r["method"] in methods),
+                  key=lambda r: (methods.index(r["method"]), order.get(r["setting"], -1)))  # fmt: skip
     header = ["method", "block Linear weights (A8)", "avg bits", "dev acc", "block Linears MiB", "quantize s"]
-    table = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"] + [f"| {' | '.join(r)} |" for r in rows]
-    pairs = "without" if args.no_pairs else "with"
-    command = " ".join(["python benchmarks/mixed_precision.py", *sys.argv[1:]])
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    for r in rows:
+        if r["method"] == "FP32":
+            cells = ["FP32", "-", "32", f"{100 * r['accuracy']:.2f}", "-", "-"]
+        else:
+            mixed = r["setting"].startswith("mixed")
+            weights = f"{r['setting']} ({histogram(r['bits'])})" if mixed else r["setting"]
+            cells = [r["method"], weights, f"{r['avg_bits']:.2f}", f"{100 * r['accuracy']:.2f}", f"{r['mib']:.2f}",
+                     f"{r['seconds']:.0f}"]  # fmt: skip
+        lines.append(f"| {' | '.join(cells)} |")
+    if not rows:
+        return "No results yet: run `python benchmarks/mixed_precision.py`."
+    first = rows[0]
+    machines = sorted({r["machine"] for r in rows})
+    dates = sorted({r["date"] for r in rows})
+    pairs = "with" if first["pairs"] else "without"
     note = (
-        f"SST-2 dev accuracy ({len(dev)} sentences); {num_samples} calibration sentences from train; mixed = the "
-        f"ILP's choice from {args.candidates} at that average, {pairs} pair terms; block Linears MiB = packed "
-        f"codes + scales + zero points. Machine: {_common.machine()}. Date: {datetime.date.today()}. "
-        f"Command: `{command}`"
+        f"SST-2 dev accuracy ({first['dev_size']} sentences), A8; {first['num_samples']} calibration sentences from "
+        f"train; fast preset (QDrop {base_config('qdrop', args).iters} iterations per block); mixed = the ILP's "
+        f"choice from {first['candidates']} at that average, {pairs} pair terms; block Linears MiB = packed codes + "
+        f"scales + zero points. Machine: {'; '.join(machines)}. Date: {', '.join(dates)}. "
+        "Generated by `python benchmarks/mixed_precision.py` (rows accumulate in its `--results` file)."
     )
-    text = "\n".join([note, "", *table])
-    print(text)
-    if readme:
-        write_table(Path(readme), text)
+    return "\n".join([note, "", *lines])
 
 
 def write_table(path: Path, text: str) -> None:
