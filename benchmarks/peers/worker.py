@@ -27,7 +27,12 @@ import peer_eval
 
 
 def one_line(exc: BaseException) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    """'Type: message' on one line: the message's first line, and the next ones while it is short (no model reprs)."""
+    text = f"{type(exc).__name__}:"
+    for line in str(exc).splitlines():
+        text += " " + line.strip()
+        if len(text) >= 100:
+            break
     return text if len(text) <= 300 else text[:297] + "..."
 
 

@@ -96,6 +96,8 @@ def test_table_from_json_lines(peers, tmp_path):
     assert "| W3A16 g64 | optimum-quanto RTN | unsupported |" in section and "quanto has no 3-bit weights" in section
     assert "| W4A16 | GPTQModel GPTQ | failed | – | 300 | – | failed: ValueError: boom |" in section
     assert (
-        "W4A16 g64: hf_qlimit loses.** llm-compressor GPTQ 22.00 vs the best hf_qlimit (hf_qlimit RTN) 25.00" in section
+        "W4A16 g64: hf_qlimit loses.** best peer llm-compressor GPTQ 22.00, best hf_qlimit (hf_qlimit RTN) 25.00."
+        in section
     )
+    assert "W4A16: hf_qlimit ahead" not in section  # no peer measured there: no verdict
     assert "minilm-sst2 200" in section and "| FP32 | FP32 (reference) | 20.00 |" in section
