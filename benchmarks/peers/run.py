@@ -64,13 +64,14 @@ TOOL_BY_NAME = {t.name: t for t in [FP_TOOL, *TOOLS]}
 DEFAULT_ITERS = {"minilm-sst2": 500, "smollm2": 20}
 # Why a peer beats hf_qlimit, where it does: best guesses, shown under the table next to the measured losses.
 WHY = {
-    "GPTQ": "GPTQ updates the not-yet-quantized columns to cancel each column's rounding error with second-order "
-    "(Hessian) information, in seconds; hf_qlimit's AdaRound only chooses up or down per weight and, at the "
-    "iteration counts affordable on this CPU, does not reach that",
+    "GPTQ": "GPTQ cancels each column's rounding error in the columns not yet quantized, with second-order "
+    "(Hessian) information, in minutes on this CPU; hf_qlimit's RTN compensates nothing, and its AdaRound "
+    "reconstruction (BRECQ/QDrop) only picks up or down per weight and needs far more iterations than this CPU "
+    "affords here",
     "AWQ": "AWQ rescales salient input channels before rounding, which RTN-family grids lack",
     "RTN": "the peer keeps embeddings and head in FP32 while hf_qlimit rounds them to 8 bits, and "
     "one seed's calibration set moves SST-2 accuracy by 1 to 2 points (see the seed study)",
-    "SmoothQuant": "per-token dynamic activation scales (llm-compressor's W8A8) track each sentence's range, while "
+    "W8A8": "per-token dynamic activation scales (llm-compressor's W8A8) track each sentence's range, while "
     "hf_qlimit uses one static LSQ step per tensor",
 }
 
@@ -177,7 +178,8 @@ def _cells(model: str, record: dict[str, Any] | None) -> list[str]:
     notes = record.get("details", "")
     if "save_error" in record:
         notes = f"{notes}; not saved: {record['save_error']}".strip("; ")
-    return [metric, f"{record['calib_s']:.1f}", rss_cell, size, notes]
+    calib = "–" if record["tool"] == FP_TOOL.name else f"{record['calib_s']:.1f}"
+    return [metric, calib, rss_cell, size, notes]
 
 
 def _verdicts(model: str, records: dict, settings: list[str], tools: list[Tool]) -> list[str]:
@@ -203,7 +205,10 @@ def _verdicts(model: str, records: dict, settings: list[str], tools: list[Tool])
             " The gap is under one point, inside the 1 to 2 points one seed's calibration set moves an SST-2 cell "
             "(seed study in the main README).")  # fmt: skip
         if loses:
-            why = next((text for word, text in WHY.items() if word in best_peer), "")
+            word = (
+                "W8A8" if peer_eval.setting(model, setting).act_bits else next((w for w in WHY if w in best_peer), "")
+            )
+            why = WHY.get(word, "")
             lines.append(
                 f"- **{setting}: hf_qlimit loses.** {figures}" + (f" Best guess: {why}." if why else "") + noise
             )

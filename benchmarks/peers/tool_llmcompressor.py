@@ -16,10 +16,10 @@ import peer_eval
 
 ALGOS = ("gptq", "awq", "smoothquant", "rtn")
 IGNORE = {"minilm-sst2": ["classifier", "re:.*pooler.*"], "smollm2": ["lm_head"]}
-# BERT is post-LayerNorm: attention.output.LayerNorm feeds the intermediate Linear of the same layer; the Q/K/V
-# inputs come from the previous layer's output LayerNorm (no per-layer pattern), so only this pair is smoothed.
-BERT_SMOOTHQUANT_MAPPINGS = [[["re:.*intermediate.dense$"], "re:.*attention.output.LayerNorm$"]]
-BERT_SMOOTHQUANT_MAPPINGS_FLAT = [(smooth, balance) for balance, smooth in BERT_SMOOTHQUANT_MAPPINGS]  # AWQ order
+# BERT is post-LayerNorm: each LayerNorm's output feeds the next Linears *and* the residual branch, so scaling a
+# LayerNorm (the Llama mappings) would change the function. The one pair that commutes is value -> attention
+# output dense (the attention probabilities mix tokens, not channels), as Llama's v_proj -> o_proj mapping.
+BERT_MAPPINGS = [("re:.*attention.self.value$", ["re:.*attention.output.dense$"])]  # (smooth layer, balance layers)
 
 
 def versions() -> dict[str, str]:
@@ -61,17 +61,32 @@ def _recipe(algo: str, model: str, setting: peer_eval.Setting) -> list[Any]:
         from llmcompressor.modifiers.transform.awq import AWQModifier
         from llmcompressor.modifiers.transform.awq.mappings import AWQMapping
 
-        mappings = [AWQMapping(*pair) for pair in BERT_SMOOTHQUANT_MAPPINGS_FLAT] if model == "minilm-sst2" else None
+        mappings = [AWQMapping(*pair) for pair in BERT_MAPPINGS] if model == "minilm-sst2" else None
         return [AWQModifier(mappings=mappings), QuantizationModifier(ignore=ignore, **scheme)]
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-    mappings = BERT_SMOOTHQUANT_MAPPINGS if model == "minilm-sst2" else None
+    mappings = [[balance, smooth] for smooth, balance in BERT_MAPPINGS] if model == "minilm-sst2" else None
     return [SmoothQuantModifier(smoothing_strength=0.8, mappings=mappings), GPTQModifier(ignore=ignore, **scheme)]
+
+
+def _cpu_only_pinning_fix() -> bool:
+    """llm-compressor 0.14's AWQ pins its cached activations (`IntermediatesCache.pin_memory`) unconditionally,
+    which raises "Cannot access accelerator device when none is available" on a CPU-only machine. Pinning only
+    speeds host-to-device copies, so without an accelerator it is made a no-op. True when patched."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        return False
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    return True
 
 
 def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, options: dict[str, Any]):
     from datasets import Dataset
     from llmcompressor import oneshot
+
+    patched = algo == "awq" and _cpu_only_pinning_fix()
 
     dataset = Dataset.from_list([{k: v.tolist() for k, v in example.items()} for example in calib])
     max_len = peer_eval.LM_SEQ_LEN if peer_eval.is_causal_lm(model) else peer_eval.SST2_MAX_LEN
@@ -80,6 +95,10 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
         max_seq_length=max_len, shuffle_calibration_samples=False,
     )  # fmt: skip
     options["details"] = "W8A8 scheme (dynamic per-token activations)" if setting.act_bits else "asymmetric int"
+    if algo in ("awq", "smoothquant") and model == "minilm-sst2":
+        options["details"] += "; BERT mapping value -> attention.output.dense only"
+    if patched:
+        options["details"] += "; AWQ's pin_memory made a no-op (it fails without an accelerator)"
     return net
 
 
