@@ -39,10 +39,15 @@ class _QuantWeightMixin:
     @torch.no_grad()
     def freeze(self) -> None:
         """Round for good: keep only the packed integer codes of the weight."""
-        codes = self.weight_quantizer.codes(self.weight)
+        bits = self.weight_quantizer.bits
+        row_bytes = packed_row_bytes(self.cols, bits)
+        # Rows pack independently: a chunk at a time, so no full-size code tensor exists next to the FP weight.
+        packed = torch.empty(self.rows, row_bytes, dtype=torch.uint8, device=self.weight.device)
+        for rows, codes in self.weight_quantizer.code_chunks(self.weight):
+            packed[rows] = pack_codes(codes, bits)
         self.weight_quantizer.alpha = self.weight_quantizer.w_floor = self.weight_quantizer._reg = None
         del self.weight
-        self.register_buffer("weight", pack_codes(codes, self.weight_quantizer.bits).reshape(-1))
+        self.register_buffer("weight", packed.reshape(-1))
         self.is_frozen = True
         self._dequantized = None
 

@@ -188,6 +188,8 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         _convert(model, [n for n in config.layer_config if n not in prefix_quantized], run, config, frozen=False)
         fisher = fisher_weights(model, blocks, batches, device)
     _freeze_names(model, prefix_quantized)  # RTN weights, final; the FP prefix is no longer needed
+    if run.home is None:
+        release_memory()
     if run.work is not None and not run.done:
         layer_config = {"module_bits": config.module_bits, "layer_config": config.layer_config}
         run.work.save_start(layer_config, {n: model.get_submodule(n) for n in prefix_quantized}, inputs)
@@ -234,14 +236,22 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         _convert(model, head, run, config, frozen=False)
     pending += [q for n in head for q in act_quantizers(model.get_submodule(n))]
     _freeze_names(model, head)  # RTN weights, final: the FP head (vocab x hidden) need not outlive this line
+    if run.home is None:
+        release_memory()
     for name in _rest_of_model(model, blocks_name):
         run.offloader.materialize(name, recurse=False)
     model.config.quantization_config = config
 
     def run_model() -> None:
-        with _blocks_visiting(blocks, device, run):
+        if not pending:
+            return
+        with _blocks_visiting(blocks, device, run), _stop_once_seen(pending) as seen:
             for batch in batches:
-                model(**to_device(batch, device), use_cache=False)
+                seen.clear()
+                try:
+                    model(**to_device(batch, device), use_cache=False)
+                except _AllSeen:
+                    pass
 
     with quant_state(model, weights=True, acts=True):
         _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
@@ -298,6 +308,29 @@ def _blocks_visiting(blocks: nn.ModuleList, device: torch.device, run: _Run) -> 
         handles.append(block.register_forward_hook(leave))
     try:
         yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _AllSeen(Exception):
+    """Ends a calibration forward pass early: every quantizer it calibrates has seen this batch."""
+
+
+@contextmanager
+def _stop_once_seen(quantizers: list) -> Iterator[set]:
+    """Raises `_AllSeen` as soon as each of `quantizers` has run on the current batch (clear the yielded set
+    between batches): the rest of the model, an LM head's vocabulary-sized logits above all, is not needed."""
+    seen: set[int] = set()
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        seen.add(id(module))
+        if len(seen) == len(quantizers):
+            raise _AllSeen
+
+    handles = [q.register_forward_hook(hook) for q in quantizers]
+    try:
+        yield seen
     finally:
         for handle in handles:
             handle.remove()

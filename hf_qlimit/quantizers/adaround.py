@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -121,9 +123,15 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of the final (hard-rounded) weight, as uint8 of the weight's shape."""
-        # Row chunks: the float temporaries of a whole LM head or embedding would be GBs.
+        return torch.cat([codes for _, codes in self.code_chunks(weight)])
+
+    @torch.no_grad()
+    def code_chunks(self, weight: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows, their codes) a row chunk at a time: the float temporaries of a whole LM head would be GBs."""
         step = max(1, ROW_CHUNK // weight.shape[1])
-        return torch.cat([self._codes(weight, slice(i, i + step)) for i in range(0, weight.shape[0], step)])
+        for i in range(0, weight.shape[0], step):
+            rows = slice(i, min(i + step, weight.shape[0]))
+            yield rows, self._codes(weight, rows)
 
     def _codes(self, weight: torch.Tensor, rows: slice) -> torch.Tensor:
         scale, zero = self._grid(rows)
