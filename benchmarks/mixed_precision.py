@@ -38,7 +38,6 @@ import _common
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "mixed-table"
-START, END = _common.markers(MARKER)
 # (label, avg-bits budget of a mixed allocation, or the bits of a uniform one)
 SETTINGS = [("uniform W2", None, 2), ("mixed 2.5", 2.5, None), ("uniform W3", None, 3), ("mixed 3.0", 3.0, None)]
 
@@ -208,14 +207,16 @@ def build_table(results: list[dict], args: argparse.Namespace) -> str:
     return "\n".join([note, "", *lines])
 
 
-def write_table(path: Path, text: str) -> None:
+def write_table(path: Path, text: str, marker: str = MARKER,
+                title: str = "Mixed precision vs uniform at the same budget") -> None:  # fmt: skip
     """Replaces what lies between the markers, or appends a section with them."""
-    block = _common.section(MARKER, text)
+    block = _common.section(marker, text)
+    start, end = _common.markers(marker)
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = _common.replace_between_markers(old, MARKER, block, where=str(path))
+    if start in old and end in old:
+        new = _common.replace_between_markers(old, marker, block, where=str(path))
     else:
-        new = old.rstrip("\n") + "\n\n## Mixed precision vs uniform at the same budget\n\n" + block + "\n"
+        new = old.rstrip("\n") + f"\n\n## {title}\n\n" + block + "\n"
     path.write_text(new)
     print(f"Table written to {path}")
 

@@ -106,8 +106,10 @@ def format_table(rows: list[dict[str, Any]], header: dict[str, str]) -> str:
     """Markdown table; `rows` hold label, bits, em, f1 and quantize_seconds (None for FP)."""
     fp = next((r for r in rows if r["bits"] == "FP32"), None)
     lines = [
-        f"Measured {header['date']} on {header['machine']} ({header['threads']} torch thread(s), torch "
-        f"{header['torch']}); {header['data']}; preset `{header['preset']}`.",
+        (
+            f"Measured {header['date']} on {header['machine']} ({header['threads']} torch thread(s), torch "
+            f"{header['torch']}); {header['data']}; preset `{header['preset']}`."
+        ),
         "",
         "| Method | W/A bits | EM | F1 | ΔF1 vs FP | Quantize time |",
         "|---|---|---:|---:|---:|---:|",
