@@ -46,6 +46,9 @@ _EXACT_MAX_CLASSES = 16  # up to this many classes the Fisher sums over all of t
 # A block forward per pair and batch: 4× the cost of the singles on all of MiniLM-L6's 256 samples, while
 # 64 samples already give a stable estimate (rank correlation 0.73 between two disjoint sets of 64).
 _PAIR_SAMPLES = 64
+# Tokens per measured forward pass: every block Linear's input, output and Fisher are held at once (with a
+# vocabulary-sized output distribution, GBs per 1k tokens for a 30-layer LM), so batches are split to this.
+_MAX_TOKENS = 1024
 _FP_ACT_BITS = 32  # activation bits of a weight-only layer in the BOPs count (float32 inputs)
 
 
@@ -165,11 +168,21 @@ def _add_pair_excess(totals: dict, block: nn.Module, io: tuple, fisher: torch.Te
             totals[subset] = totals.get(subset, 0.0) + error[subset] - error[subset[:1]] - error[subset[1:]]
 
 
+def _split_batch(batch: dict[str, torch.Tensor], max_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """`batch` in row slices of at most `max_tokens` tokens (at least one row each)."""
+    rows, length = batch["input_ids"].shape[:2]
+    step = max(1, max_tokens // max(1, length))
+    if step >= rows:
+        return [batch]
+    return [{k: v[i : i + step] for k, v in batch.items()} for i in range(0, rows, step)]
+
+
 def measure_sensitivity(model: nn.Module, adapter: ArchitectureAdapter, batches: list[dict[str, torch.Tensor]],
                         config: QLimitConfig, device: torch.device, names: list[str],
                         pairwise: bool = True) -> Sensitivity:  # fmt: skip
     """Δ_l(b) for every Linear of `names` and candidate b, and the pair excesses inside each block."""
     candidates = config.bit_candidates
+    batches = [part for batch in batches for part in _split_batch(batch, _MAX_TOKENS)]
     blocks, prefix = adapter.blocks(model), adapter.blocks_name(model) + "."
     linears = {n: model.get_submodule(n) for n in names}
     members: dict[int, list[str]] = {}

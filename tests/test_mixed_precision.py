@@ -212,3 +212,16 @@ def test_pipeline_allocates_mixed_bits():
     saved = model.config.quantization_config
     assert {n: saved.layer_config[n]["w"] for n in expected} == expected
     assert all(saved.module_bits[n] == b for n, b in expected.items())
+
+
+def test_batches_split_for_memory_give_the_same_single_sensitivities(measured, monkeypatch):
+    """The singles are sums over samples: measuring in one-row slices must not change them."""
+    model, config = tiny_bert(), _config()
+    names = list(mp.block_linears(model, get_adapter(model), config))
+    monkeypatch.setattr(mp, "_MAX_TOKENS", 1)  # one row per forward pass
+    split = mp.measure_sensitivity(model, get_adapter(model), _batches(config), config, torch.device("cpu"), names,
+                                   pairwise=False)  # fmt: skip
+    whole = measured[0].singles
+    for n in names:
+        for bits in CANDIDATES:
+            assert split.singles[n][bits] == pytest.approx(whole[n][bits], rel=1e-4)
