@@ -69,6 +69,7 @@ class _ParkedHook(ModelHook):
 
     def post_forward(self, module: nn.Module, output):
         self._place(module, "meta")
+        trim_heap()  # the block's dequantized weights were just freed: without this glibc keeps them (see below)
         return output
 
 
@@ -185,5 +186,10 @@ def release_memory() -> None:
     grows by most of a block's size per block.
     """
     gc.collect()
-    if _LIBC is not None:  # glibc only; elsewhere the allocator's own policy applies
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Returns the allocator's free memory to the OS (glibc only; elsewhere the allocator's own policy applies)."""
+    if _LIBC is not None:
         _LIBC.malloc_trim(0)

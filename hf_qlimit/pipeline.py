@@ -256,8 +256,8 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     with quant_state(model, weights=True, acts=True):
         _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
     _freeze(model)
-    for name, module in quantized_modules(model):
-        if not any(name.startswith(p + ".") for p in run.offloader.parked):
+    if run.home is not None:  # an offloaded model stays memory-bounded: no fp32 copy of its embedding or head
+        for _, module in quantized_modules(model):
             del module.keep_dequantized  # back to the class default: inference caches the dequantized weight
     if run.home is None:
         run.offloader.release()  # the model is back on CPU, parked blocks on disk
