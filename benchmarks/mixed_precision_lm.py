@@ -41,10 +41,11 @@ def average_bits(module_bits: dict[str, int], model_dir: Path) -> float:
     """Parameter-weighted average over the block Linears (what the ILP's budget counts)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hf_qlimit import QLimitConfig
+
     with torch.device("meta"):  # shapes only
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    sizes = {n: model.get_submodule(n).weight.numel() for n in module_bits}
-    return sum(module_bits[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    return mixed_precision.size_and_bits(model, QLimitConfig(act_bits=None), module_bits)[0]
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantizers import ActQuantizer, WeightQuantizer
-from .quantizers.adaround import ROW_CHUNK
+from .quantizers.adaround import ROW_CHUNK, row_slices
 
 
 class _QuantWeightMixin:
@@ -109,10 +109,8 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         if not self.is_frozen or self._has_cache() or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
             return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
         # No cache wanted (during quantization): a large matrix (an LM head) is dequantized a slab at a time.
-        step = max(1, ROW_CHUNK // self.cols)
         outs = []
-        for i in range(0, self.rows, step):
-            rows = slice(i, i + step)
+        for rows in row_slices(self.rows, self.cols):
             weight = self._dequantize_rows(rows).to(x.dtype)
             outs.append(F.linear(x, weight, None if self.bias is None else self.bias[rows]))
         return torch.cat(outs, dim=-1)

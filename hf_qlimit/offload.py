@@ -23,6 +23,8 @@ from accelerate.utils import OffloadedWeightsLoader, send_to_device, set_module_
 from safetensors.torch import save_file
 from torch import nn
 
+from .resume import cpu_state_dict
+
 
 def _align_hook(module: nn.Module) -> AlignDevicesHook | None:
     hook = getattr(module, "_hf_hook", None)
@@ -97,7 +99,7 @@ class Offloader:
         module = self.model.get_submodule(name)
         keys = list(module.state_dict())
         if write:
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+            save_file(cpu_state_dict(module), str(path))
         loader = OffloadedWeightsLoader(index={k: {"safetensors_file": str(path), "weight_name": k} for k in keys})
         hook = _ParkedHook(loader, self.device)
         for sub in module.modules():

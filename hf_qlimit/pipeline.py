@@ -136,6 +136,11 @@ class _Run:
         """Where finished blocks wait: the model's own device, or CPU for an offloaded model."""
         return self.home or torch.device("cpu")
 
+    def release_memory(self) -> None:
+        """After freeing a large module: an offloaded run returns the memory to the OS (see offload.py)."""
+        if self.home is None:
+            release_memory()
+
 
 def _convert(model: nn.Module, names: list[str], run: _Run, config: QLimitConfig, frozen: bool) -> list[nn.Module]:
     """Materializes the modules `names` on the execution device and swaps them for quantized ones."""
@@ -188,8 +193,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         _convert(model, [n for n in config.layer_config if n not in prefix_quantized], run, config, frozen=False)
         fisher = fisher_weights(model, blocks, batches, device)
     _freeze_names(model, prefix_quantized)  # RTN weights, final; the FP prefix is no longer needed
-    if run.home is None:
-        release_memory()
+    run.release_memory()
     if run.work is not None and not run.done:
         layer_config = {"module_bits": config.module_bits, "layer_config": config.layer_config}
         run.work.save_start(layer_config, {n: model.get_submodule(n) for n in prefix_quantized}, inputs)
@@ -236,8 +240,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         _convert(model, head, run, config, frozen=False)
     pending += [q for n in head for q in act_quantizers(model.get_submodule(n))]
     _freeze_names(model, head)  # RTN weights, final: the FP head (vocab x hidden) need not outlive this line
-    if run.home is None:
-        release_memory()
+    run.release_memory()
     for name in _rest_of_model(model, blocks_name):
         run.offloader.materialize(name, recurse=False)
     model.config.quantization_config = config
@@ -256,13 +259,13 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     with quant_state(model, weights=True, acts=True):
         _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
     _freeze(model)
-    if run.home is not None:  # an offloaded model stays memory-bounded: no fp32 copy of its embedding or head
+    if run.home is None:  # offloaded: no fp32 copy of the embedding or head either, so inference stays bounded
+        run.offloader.release()  # the model is back on CPU, parked blocks on disk
+    else:
         for _, module in quantized_modules(model):
             del module.keep_dequantized  # back to the class default: inference caches the dequantized weight
-    if run.home is None:
-        run.offloader.release()  # the model is back on CPU, parked blocks on disk
-    elif run.home != device:
-        model.to(run.home)
+        if run.home != device:
+            model.to(run.home)
     _attach_quantizer(model, config)
     model.qlimit_block_errors = stats  # per block: output MSE against FP, round-to-nearest vs final, seconds
     logger.info(f"Quantized {len(config.layer_config)} modules in {time.perf_counter() - started:.1f}s")
@@ -283,8 +286,7 @@ def _park(name: str, run: _Run, saved: Path | None) -> None:
             run.offloader.park(name, saved, write=False)
     else:
         run.offloader.model.get_submodule(name).to(run.parking)
-    if run.home is None:
-        release_memory()
+    run.release_memory()
 
 
 @contextmanager

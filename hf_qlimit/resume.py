@@ -45,7 +45,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state_dict as contiguous CPU tensors, ready for safetensors."""
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
@@ -76,14 +77,14 @@ class WorkDir:
     def save_start(self, layer_config: dict, prefix: dict[str, nn.Module], inputs: Any) -> None:
         (self.folder / "layer_config.json").write_text(json.dumps(layer_config))
         torch.save(inputs, self.folder / "inputs.pt")
-        save_file({f"{n}.{k}": v for n, m in prefix.items() for k, v in _module_state(m).items()},
+        save_file({f"{n}.{k}": v for n, m in prefix.items() for k, v in cpu_state_dict(m).items()},
                   self.folder / "prefix.safetensors")  # fmt: skip
 
     def block_file(self, i: int) -> Path:
         return self.folder / f"block_{i}.safetensors"
 
     def save_block(self, i: int, block: nn.Module, streams: dict[str, Any], stats: list[dict]) -> None:
-        save_file(_module_state(block), self.block_file(i))
+        save_file(cpu_state_dict(block), self.block_file(i))
         state = {"streams": {k: list(v) for k, v in streams.items()}, "rng": _rng_state(), "stats": stats}
         torch.save(state, self.folder / f"state_{i}.pt")
         tmp = self.folder / (PROGRESS + ".tmp")

@@ -14,6 +14,13 @@ ROW_CHUNK = 1 << 22  # weight elements handled at a time when a whole matrix nee
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h can reach exactly 0 and 1
 
 
+def row_slices(rows: int, cols: int) -> Iterator[slice]:
+    """Consecutive row ranges of a (rows, cols) matrix, each of about ROW_CHUNK elements (at least one row)."""
+    step = max(1, ROW_CHUNK // cols)
+    for i in range(0, rows, step):
+        yield slice(i, min(i + step, rows))
+
+
 class _SoftRounded(torch.autograd.Function):
     """AdaRound's soft-rounded weight and its rounding regulariser in one op, differentiable in V.
 
@@ -121,16 +128,10 @@ class WeightQuantizer(nn.Module):
         return dequantize_codes(q, scale, zero).reshape(weight.shape)
 
     @torch.no_grad()
-    def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """Integer codes of the final (hard-rounded) weight, as uint8 of the weight's shape."""
-        return torch.cat([codes for _, codes in self.code_chunks(weight)])
-
-    @torch.no_grad()
     def code_chunks(self, weight: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(rows, their codes) a row chunk at a time: the float temporaries of a whole LM head would be GBs."""
-        step = max(1, ROW_CHUNK // weight.shape[1])
-        for i in range(0, weight.shape[0], step):
-            rows = slice(i, min(i + step, weight.shape[0]))
+        """(rows, their uint8 codes) of the final (hard-rounded) weight, a row chunk at a time: the float
+        temporaries of a whole LM head would be GBs."""
+        for rows in row_slices(*weight.shape):
             yield rows, self._codes(weight, rows)
 
     def _codes(self, weight: torch.Tensor, rows: slice) -> torch.Tensor:
