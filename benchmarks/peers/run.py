@@ -341,7 +341,10 @@ def main(argv: list[str] | None = None) -> str:
                 with open(args.results, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 records[key(record)] = record
-    section = render(records, args.models, tools, args.venv_root)
+    if args.quick:
+        section = render(records, args.models, tools, args.venv_root)
+    else:  # the whole table, whatever this call ran; re-read, another run.py may have appended meanwhile
+        section = render(load_records(args.results), list(peer_eval.SETTINGS), TOOLS, args.venv_root)
     print(section)
     if not args.quick:
         _common.rewrite_between_markers(args.readme, MARKER, section)

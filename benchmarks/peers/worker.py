@@ -22,7 +22,8 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# peer_eval.py beside this file; the repository root so hf_qlimit imports even where it is not installed
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
 import peer_eval
 
 
