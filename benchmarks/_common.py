@@ -25,12 +25,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine() -> str:
-    """'<platform>, <CPU>, <n> CPUs, torch <version> (<threads> threads)[, GPU <name>]'."""
+def machine(threads: int | None = None) -> str:
+    """'<platform>, <CPU>, <n> CPUs, torch <version> (<threads> threads)[, GPU <name>]'.
+
+    `threads`: what the measured processes used, where that is not this process's torch setting."""
     import torch  # here, so that a script's --help is quick
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    torch_info = f"torch {torch.__version__} ({threads or torch.get_num_threads()} threads)"
     return f"{platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs, {torch_info}{gpu}"
 
 
