@@ -42,7 +42,7 @@ class _QuantWeightMixin:
         bits = self.weight_quantizer.bits
         row_bytes = packed_row_bytes(self.cols, bits)
         # Rows pack independently: a chunk at a time, so no full-size code tensor exists next to the FP weight.
-        packed = torch.empty(self.rows, row_bytes, dtype=torch.uint8, device=self.weight.device)
+        packed = torch.empty(self.rows, row_bytes, dtype=torch.uint8, device=self.weight_quantizer.scale.device)
         for rows, codes in self.weight_quantizer.code_chunks(self.weight):
             packed[rows] = pack_codes(codes, bits)
         self.weight_quantizer.alpha = self.weight_quantizer.w_floor = self.weight_quantizer._reg = None
@@ -106,6 +106,10 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
+        if not self.is_frozen and self.weight_quantizer.learning:
+            w_q = self.quantized_weight()
+            with self.weight_quantizer.recompute_when_saved(w_q):
+                return F.linear(x, w_q.to(x.dtype), self.bias)
         if not self.is_frozen or self._has_cache() or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
             return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
         # No cache wanted (during quantization): a large matrix (an LM head) is dequantized a slab at a time.

@@ -30,7 +30,7 @@ from .calibration import length_sorted_batches, prepare_calibration
 from .config import QLimitConfig
 from .integration import act_quantizers, convert_model, quant_state, quantized_modules
 from .models import get_adapter
-from .offload import Offloader, default_device, is_dispatched, release_memory
+from .offload import Offloader, bound_heap, default_device, is_dispatched, release_memory
 from .reconstruction import BlockData, block_output_error, fisher_weights, reconstruct_block
 from .resume import WorkDir, fingerprint
 
@@ -74,6 +74,8 @@ def quantize_model(
             "loss='fisher' and mixed precision need forward and backward passes through the whole model, which an "
             "offloaded model (device_map with 'disk' or 'cpu' offload) cannot hold: use loss='mse' and fixed bits."
         )
+    if dispatched:  # offloaded to bound memory: the allocator must not hold on to what is freed either
+        bound_heap()
     device = torch.device(device) if device is not None else default_device(model)
     pad_id = getattr(model.config, "pad_token_id", None)
     data = prepare_calibration(calib_ds, config.num_samples, config.max_length, pad_id, config.seed)

@@ -54,15 +54,34 @@ def block_output_error(block: nn.Module, data: BlockData, device: torch.device, 
     return (total / sum(m.sum() for m in data.token_mask)).item()
 
 
-def _optimize(modules: list[QuantLinear], acts: list, step_fn: Callable, config: QLimitConfig, desc: str) -> None:
-    """The shared loop: `step_fn()` returns (output, target, mask, weight) for a random mini-batch."""
+def _step_in_backward(params: list[nn.Parameter], lr: float) -> list:
+    """Adam on each of `params` as soon as its gradient is complete (autograd sums every use of a leaf before
+    accumulating, so once per backward pass), which is then freed: a block's gradients never exist all at
+    once. Adam is elementwise, so this equals one Adam stepped after backward. Returns the hook handles."""
+    optimizers = {id(p): torch.optim.Adam([p], lr=lr, foreach=False) for p in params}
+
+    def step(p: nn.Parameter) -> None:
+        optimizers[id(p)].step()
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(step) for p in params]
+
+
+def _optimize(
+    modules: list[QuantLinear], acts: list, step_fn: Callable, config: QLimitConfig, desc: str, release_fp: bool = False
+) -> None:
+    """The shared loop: `step_fn()` returns (output, target, mask, weight) for a random mini-batch.
+
+    `release_fp`: the FP weights are not needed after AdaRound's initialisation (the targets are cached)."""
     for module in modules:
         module.weight_quantizer.init_adaround(module.weight)
+        if release_fp:
+            module.weight_quantizer.release_weight(module)
     alphas = [m.weight_quantizer.alpha for m in modules]
     scales = [q.scale for q in acts]
     for p in scales:
         p.requires_grad_(True)
-    opt_w = torch.optim.Adam(alphas, lr=config.weight_lr) if alphas else None
+    hooks = _step_in_backward(alphas, config.weight_lr)
     opt_a = torch.optim.Adam(scales, lr=config.act_lr) if scales else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=max(1, config.iters)) if opt_a else None
     for q in acts:
@@ -79,13 +98,11 @@ def _optimize(modules: list[QuantLinear], acts: list, step_fn: Callable, config:
             loss = rec
             if beta is not None and alphas:
                 loss = rec + config.round_loss_weight * sum(m.weight_quantizer.rounding_loss() for m in modules)
-            for opt in (opt_w, opt_a):
-                if opt is not None:
-                    opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in (opt_w, opt_a):
-                if opt is not None:
-                    opt.step()
+            if opt_a is not None:
+                opt_a.zero_grad(set_to_none=True)
+            loss.backward()  # steps the rounding variables on the way (_step_in_backward)
+            if opt_a is not None:
+                opt_a.step()
             if sched is not None:
                 sched.step()
             for q in acts:  # a step size must stay positive
@@ -93,6 +110,8 @@ def _optimize(modules: list[QuantLinear], acts: list, step_fn: Callable, config:
             if step % 50 == 0 or step == config.iters - 1:
                 bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
     finally:
+        for hook in hooks:
+            hook.remove()
         for module in modules:
             module.weight_quantizer._reg, module.weight_quantizer.beta = None, None  # drops the last graph
         for q in acts:
@@ -125,7 +144,7 @@ def reconstruct_block(block: nn.Module, data: BlockData, config: QLimitConfig, d
         return out, data.fp_out[j].to(device), data.token_mask[j].to(device), weight
 
     with quant_state(block, weights=True, acts=True):
-        _optimize(modules, acts, step, config, desc)
+        _optimize(modules, acts, step, config, desc, release_fp=True)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from conftest import calib_samples, logits, tiny_bert, tiny_opt
 from transformers import AutoModelForCausalLM
 
 from hf_qlimit import QLimitConfig
+from hf_qlimit.modules import QuantLinear
 from hf_qlimit.quantizers import ActQuantizer, WeightQuantizer, beta_schedule
 
 FAST = {"iters": 60, "batch_size": 8}
@@ -93,11 +94,13 @@ def test_fused_soft_rounding_matches_autograd(beta):
 
     g = torch.Generator().manual_seed(0)
     alpha = (3 * torch.randn(8, 1, 16, generator=g)).requires_grad_(True)  # some h clamped at 0 or 1
-    w_floor = torch.randint(-3, 18, (8, 1, 16), generator=g).float()  # some codes clamped at 0 or 15
+    w_floor = torch.randint(-12, 18, (8, 1, 16), generator=g).float()  # some codes clamped at 0 or 15, far out too
     zero, scale = torch.randint(0, 8, (8, 1, 1), generator=g).float(), torch.rand(8, 1, 1, generator=g) + 0.1
     upstream = torch.randn(8, 1, 16, generator=g)
 
-    out, reg = _SoftRounded.apply(alpha, w_floor, zero, scale, 0, 15, beta)
+    # the stored code: floor + zero, clamped to [qmin - 2, qmax + 1] in int16, must not change value or gradient
+    code_floor = (w_floor + zero).clamp(-2, 16).to(torch.int16)
+    out, reg = _SoftRounded.apply(alpha, code_floor, zero, scale, 0, 15, beta)
     ((out * upstream).sum() + 0.01 * reg).backward()
     fused = alpha.grad.clone()
 
@@ -110,3 +113,67 @@ def test_fused_soft_rounding_matches_autograd(beta):
     if beta is not None:
         torch.testing.assert_close(reg, ref_reg.detach())
     torch.testing.assert_close(fused, alpha.grad)
+
+
+def _learning_linear(bits: int = 4) -> QuantLinear:
+    torch.manual_seed(0)
+    module = QuantLinear.from_linear(torch.nn.Linear(32, 24), {"w": bits, "a": None}, None, False, False)
+    module.weight_quantizer.init_range(module.weight, 2.4)
+    module.weight_quantizer.init_adaround(module.weight)
+    return module
+
+
+def test_soft_weight_is_recomputed_not_saved_and_gradients_are_unchanged():
+    """The Linear saves no soft weight for backward (it is recomputed from V), with the very same gradients."""
+    module = _learning_linear()
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    module(x).pow(2).sum().backward()
+    fused = module.weight_quantizer.alpha.grad.clone(), x.grad.clone()
+
+    module.weight_quantizer.alpha.grad, x.grad = None, None
+    w_q = module.weight_quantizer(module.weight)
+    torch.nn.functional.linear(x, w_q, module.bias).pow(2).sum().backward()
+    assert torch.equal(fused[0], module.weight_quantizer.alpha.grad)
+    assert torch.equal(fused[1], x.grad)
+
+    calls = []
+    real = module.weight_quantizer._soft_weight
+    module.weight_quantizer._soft_weight = lambda beta: calls.append(beta) or real(beta)
+    module(x).sum().backward()
+    assert len(calls) == 2  # once in forward, once more in backward: the Linear did not keep it
+
+
+@pytest.mark.parametrize("bits,dtype", [(2, torch.int8), (4, torch.int8), (6, torch.int8), (8, torch.int16)])
+def test_rounding_codes_are_small_integers_and_the_fp_weight_can_go(bits, dtype):
+    module = _learning_linear(bits)
+    assert module.weight_quantizer.w_floor.dtype == dtype
+    before = module.weight_quantizer(module.weight).detach()
+    module.weight_quantizer.release_weight(module)
+    assert module.weight.is_meta
+    assert torch.equal(module.weight_quantizer(module.weight).detach(), before)
+    with torch.no_grad():
+        expected = module.weight_quantizer.dequantize(
+            torch.cat([codes for _, codes in module.weight_quantizer.code_chunks(module.weight)])
+        )
+    module.freeze()
+    assert not module.weight.is_meta
+    assert torch.equal(module.quantized_weight(), expected)
+
+
+def test_adam_stepped_during_backward_equals_adam_after_backward():
+    from hf_qlimit.reconstruction import _step_in_backward
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 5, requires_grad=True), torch.randn(3, requires_grad=True)
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([a2, b2], lr=1e-3)
+    hooks = _step_in_backward([a, b], 1e-3)
+    for _ in range(3):
+        (a.sin().sum() * b.cos().sum() + a.sum()).backward()  # two uses of a: summed, then one step
+        opt.zero_grad()
+        (a2.sin().sum() * b2.cos().sum() + a2.sum()).backward()
+        opt.step()
+        assert a.grad is None and b.grad is None  # freed as soon as used
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    for hook in hooks:
+        hook.remove()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from .range_search import group_view, search_weight_range
 
 ROW_CHUNK = 1 << 22  # weight elements handled at a time when a whole matrix need not be in float at once
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h can reach exactly 0 and 1
+_RECOMPUTE = object()  # marks a saved soft weight that the backward pass recomputes
 
 
 def row_slices(rows: int, cols: int) -> Iterator[slice]:
@@ -21,37 +23,50 @@ def row_slices(rows: int, cols: int) -> Iterator[slice]:
         yield slice(i, min(i + step, rows))
 
 
+def _soft(alpha: torch.Tensor) -> torch.Tensor:
+    """h(V) = clamp(σ(V)(ζ−γ)+γ, 0, 1), in place on a fresh tensor."""
+    return torch.sigmoid(alpha).mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
+
+
+def _rounding_reg(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """Σ (1 − |2h − 1|^β), a row chunk at a time: its temporaries would be weight-sized."""
+    return sum((1 - (2 * h[r] - 1).abs_().pow_(beta)).sum() for r in row_slices(h.shape[0], h[0].numel()))
+
+
 class _SoftRounded(torch.autograd.Function):
     """AdaRound's soft-rounded weight and its rounding regulariser in one op, differentiable in V.
 
-    w_q = (clamp(⌊w/s⌋ + h(V) + z, qmin, qmax) − z) · s  and  R = Σ (1 − |2h − 1|^β),  h = clamp(σ(V)(ζ−γ)+γ, 0, 1).
-    Autograd would keep four weight-sized intermediates per Linear for the backward pass; this keeps none (it
-    recomputes σ(V) there), which is most of a large block's reconstruction memory.
+    w_q = (clamp(c + h(V), qmin, qmax) − z) · s  and  R = Σ (1 − |2h − 1|^β),  c = ⌊w/s⌋ + z.
+    Autograd would keep four weight-sized intermediates per Linear for the backward pass; this keeps none and
+    recomputes σ(V) there a row chunk at a time: that was most of a large block's reconstruction memory.
     """
 
     @staticmethod
-    def forward(ctx, alpha, w_floor, zero, scale, qmin: int, qmax: int, beta: float | None):
-        h = torch.sigmoid(alpha).mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
-        reg = (1 - (2 * h - 1).abs().pow(beta)).sum() if beta is not None else alpha.new_zeros(())
-        out = h.add_(w_floor).add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
-        ctx.save_for_backward(alpha, w_floor, zero)
-        ctx.scale, ctx.bounds, ctx.beta = scale, (qmin, qmax), beta
+    def forward(ctx, alpha, code_floor, zero, scale, qmin: int, qmax: int, beta: float | None):
+        h = _soft(alpha)
+        reg = _rounding_reg(h, beta) if beta is not None else alpha.new_zeros(())
+        out = h.add_(code_floor).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+        ctx.save_for_backward(alpha, code_floor, scale)
+        ctx.bounds, ctx.beta = (qmin, qmax), beta
         return out, reg
 
     @staticmethod
     def backward(ctx, grad_out, grad_reg):
-        alpha, w_floor, zero = ctx.saved_tensors
+        alpha, code_floor, scale = ctx.saved_tensors
         qmin, qmax = ctx.bounds
-        sig = torch.sigmoid(alpha)
-        stretched = sig * (ZETA - GAMMA) + GAMMA
-        h = stretched.clamp(0, 1)
-        inner = w_floor + h + zero
-        # clamp passes the gradient on [min, max], both ends included, as torch.clamp does
-        grad_h = grad_out * ctx.scale * ((inner >= qmin) & (inner <= qmax))
-        if ctx.beta is not None:
-            u = 2 * h - 1
-            grad_h = grad_h - grad_reg * 2 * ctx.beta * u.abs().pow(ctx.beta - 1) * u.sign()
-        grad_alpha = grad_h * ((stretched >= 0) & (stretched <= 1)) * (ZETA - GAMMA) * sig * (1 - sig)
+        grad_alpha = torch.empty_like(alpha)
+        for r in row_slices(alpha.shape[0], alpha[0].numel()):
+            sig = torch.sigmoid(alpha[r])
+            stretched = sig * (ZETA - GAMMA) + GAMMA
+            h = stretched.clamp(0, 1)
+            inner = code_floor[r] + h
+            # clamp passes the gradient on [min, max], both ends included, as torch.clamp does
+            grad_h = grad_out[r] * scale[r] * ((inner >= qmin) & (inner <= qmax))
+            if ctx.beta is not None:
+                u = h.mul_(2).sub_(1)
+                grad_h -= grad_reg * 2 * ctx.beta * u.abs().pow(ctx.beta - 1) * u.sign()
+            live = (stretched >= 0) & (stretched <= 1)
+            grad_alpha[r] = grad_h.mul_(live).mul_(ZETA - GAMMA).mul_(sig).mul_(1 - sig)
         return grad_alpha, None, None, None, None, None, None
 
 
@@ -68,7 +83,9 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape[0], groups))
         self.register_buffer("zero", torch.zeros(shape[0], groups, dtype=torch.uint8))
         self.alpha: nn.Parameter | None = None  # AdaRound's V, same shape as the grouped weight
-        self.register_buffer("w_floor", None, persistent=False)  # floor(w / s): fixed while V is learned
+        # ⌊w/s⌋ + z as int8 (int16 above 6 bits), fixed while V is learned; clamped to [qmin − 2, qmax + 1],
+        # which changes neither clamp(c + h) nor its gradient for h in [0, 1]
+        self.register_buffer("w_floor", None, persistent=False)
         self.beta: float | None = None  # set by the reconstruction loop before each forward; None: no regulariser
         self._reg: torch.Tensor | None = None
         self.enabled = True
@@ -86,14 +103,23 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def init_adaround(self, weight: torch.Tensor) -> None:
         """V such that h(V) equals the fractional part of w / s, i.e. the soft weight starts at the FP weight."""
-        scale, _ = self._grid()
+        scale, zero = self._grid()
+        qmin, qmax = qrange(self.bits)
         w = group_view(weight.detach().float(), self.group_size) / scale
-        self.w_floor = w.floor()
-        rest = (w - self.w_floor).clamp(1e-4, 1 - 1e-4)
-        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        floor = w.floor()
+        rest = w.sub_(floor).clamp_(1e-4, 1 - 1e-4)
+        code_dtype = torch.int8 if qmax + 1 <= torch.iinfo(torch.int8).max else torch.int16
+        self.w_floor = floor.add_(zero).clamp_(qmin - 2, qmax + 1).to(code_dtype)
+        del floor
+        self.alpha = nn.Parameter(rest.sub_(GAMMA).reciprocal_().mul_(ZETA - GAMMA).sub_(1).log_().neg_())
 
     def soft_rounding(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def release_weight(self, module: nn.Module) -> None:
+        """Once V holds the rounding, the FP weight is needed no more (only its shape): it goes to `meta`."""
+        if self.alpha is not None:
+            module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
 
     @torch.no_grad()
     def harden(self) -> None:
@@ -114,18 +140,49 @@ class WeightQuantizer(nn.Module):
         if not self.enabled:
             return weight
         scale, zero = self._grid(rows)
-        w = group_view(weight, self.group_size)
         if self.alpha is None:
-            q = quantize_codes(w, scale, zero, self.bits)
-        else:
+            q = quantize_codes(group_view(weight, self.group_size), scale, zero, self.bits)
+        else:  # `weight` may be on `meta` here (see release_weight): only its shape is used
             qmin, qmax = qrange(self.bits)
-            if self.alpha.requires_grad and torch.is_grad_enabled():
-                out, reg = _SoftRounded.apply(self.alpha, self.w_floor, zero, scale, qmin, qmax, self.beta)
+            if rows is None and self.learning:
+                out, reg = self._soft_weight(self.beta)
                 self._reg = reg if self.beta is not None else None
                 return out.reshape(weight.shape)
             h = self.soft_rounding()  # exactly 0 or 1 once `harden()` has run
-            q = torch.clamp(self.w_floor + h + zero, qmin, qmax)
+            q = torch.clamp(h.add_(self.w_floor), qmin, qmax)
         return dequantize_codes(q, scale, zero).reshape(weight.shape)
+
+    @property
+    def learning(self) -> bool:
+        """True while V is being learned and this forward pass records a graph."""
+        return self.alpha is not None and self.alpha.requires_grad and torch.is_grad_enabled()
+
+    @contextmanager
+    def recompute_when_saved(self, w_q: torch.Tensor) -> Iterator[None]:
+        """Ops run inside that save `w_q` for their backward (the Linear) save nothing: it is recomputed from V
+        when the backward pass needs it. A block's soft weights would otherwise all live until its backward."""
+        # plain values only: autograd keeps the hooks until backward, and a captured w_q would live as long
+        storage, device, dtype = w_q.untyped_storage().data_ptr(), w_q.device, w_q.dtype
+
+        def pack(t: torch.Tensor):
+            if t.device == device and t.dtype == dtype and t.untyped_storage().data_ptr() == storage:
+                return (_RECOMPUTE, t.size(), t.stride(), t.storage_offset())
+            return t
+
+        def unpack(packed):
+            if isinstance(packed, tuple) and packed and packed[0] is _RECOMPUTE:
+                with torch.no_grad():  # the very ops of _SoftRounded.forward: bit-identical
+                    w, _ = self._soft_weight(None)
+                return w.as_strided(*packed[1:])
+            return packed
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+
+    def _soft_weight(self, beta: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = self._grid()
+        qmin, qmax = qrange(self.bits)
+        return _SoftRounded.apply(self.alpha, self.w_floor, zero, scale, qmin, qmax, beta)
 
     @torch.no_grad()
     def code_chunks(self, weight: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -136,12 +193,11 @@ class WeightQuantizer(nn.Module):
 
     def _codes(self, weight: torch.Tensor, rows: slice) -> torch.Tensor:
         scale, zero = self._grid(rows)
-        w = group_view(weight[rows].detach().float(), self.group_size)
         if self.alpha is None:
-            q = quantize_codes(w, scale, zero, self.bits)
+            q = quantize_codes(group_view(weight[rows].detach().float(), self.group_size), scale, zero, self.bits)
         else:
             qmin, qmax = qrange(self.bits)
-            q = torch.clamp(self.w_floor[rows] + (self.alpha[rows] >= 0).float() + zero, qmin, qmax)
+            q = torch.clamp(self.w_floor[rows] + (self.alpha[rows] >= 0).float(), qmin, qmax)
         return q.reshape(-1, weight.shape[1]).to(torch.uint8)
 
     def dequantize(self, codes: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
