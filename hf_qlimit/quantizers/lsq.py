@@ -21,6 +21,41 @@ def mix(quantized: torch.Tensor, fp: torch.Tensor, p: float) -> torch.Tensor:
     return torch.lerp(quantized, fp, torch.rand_like(fp).lt_(p))
 
 
+class _LearnedStepQuant(torch.autograd.Function):
+    """LSQ fake quantization with QDrop's dropping in one op: out = x where dropped, else (clamp(⌊x/s⌉+z) − z)·s.
+
+    Gradients: x passes where dropped or inside the grid (straight-through); s gets LSQ's ⌊x/s⌉ − x/s inside,
+    qmin − z or qmax − z where clipped, nothing where dropped (grad_factor 1, as torch's learnable kernel).
+    The forward pass prepares both as one bool and one float per element, so the backward pass is two passes.
+    The unfused chain (torch's learnable kernel, a float mask, lerp) kept more activation-sized tensors for the
+    backward pass and ran longer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, qmax: int, drop_prob: float):
+        scale = scale.detach().reshape(1)  # tensor arguments: no host sync on a GPU
+        enabled = torch.ones(1, dtype=torch.long, device=x.device)
+        out, passes = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale, zero.round().int().reshape(1), enabled, 0, qmax
+        )
+        inv = 1.0 / scale
+        # out / s is ⌊x/s⌉ inside and qmin − z or qmax − z where clipped: the step's gradient coefficient
+        coef = (out - x * passes).mul_(inv)
+        if drop_prob > 0:
+            dropped = torch.rand_like(x, dtype=torch.float32) < drop_prob
+            out = torch.where(dropped, x, out)
+            coef.masked_fill_(dropped, 0)
+            passes |= dropped
+        ctx.save_for_backward(passes, coef)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        passes, coef = ctx.saved_tensors
+        grad_scale = torch.dot(grad.reshape(-1).float(), coef.reshape(-1).float())
+        return grad * passes, grad_scale, None, None, None
+
+
 class ActQuantizer(nn.Module):
     """Fake-quantizes a tensor on a per-tensor grid whose step size is trained (LSQ); the zero point stays fixed.
 
@@ -83,16 +118,11 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         qmax = 2**self.bits - 1
+        drop = self.drop_prob if self.training else 0.0
         if self.scale.requires_grad and torch.is_grad_enabled():
-            # torch's fused kernel with the LSQ gradient for the step size
-            xq = torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale.reshape(1), self.zero.reshape(1), 0, qmax, 1.0
-            )
-        else:
-            xq = torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero.round().int(), 0, qmax)
-        if self.training and self.drop_prob > 0:
-            return mix(xq, x, self.drop_prob)
-        return xq
+            return _LearnedStepQuant.apply(x, self.scale, self.zero, qmax, drop)
+        xq = torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero.round().int(), 0, qmax)
+        return mix(xq, x, drop) if drop > 0 else xq
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}"
