@@ -199,6 +199,9 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     if run.work is not None and not run.done:
         layer_config = {"module_bits": config.module_bits, "layer_config": config.layer_config}
         run.work.save_start(layer_config, {n: model.get_submodule(n) for n in prefix_quantized}, inputs)
+    for name in prefix_quantized:  # an offloaded embedding waits on disk for the final pass, as blocks do
+        if run.offloader.was_offloaded(name):
+            _park(name, run, None)
 
     token_mask = run.token_mask
     for i, block in enumerate(tqdm(blocks, desc="Quantizing blocks", unit="block")):
@@ -214,6 +217,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         run.offloader.materialize(name)
         if fisher is None:
             _convert(model, names, run, config, frozen=False)
+            run.release_memory()  # the replaced Linears (a cycle, see offload.py) must not keep the FP weights alive
         with quant_state(block, weights=False, acts=False):
             fp_out = run_block(block, fp_in, inputs, device, cache)
         if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
