@@ -160,8 +160,11 @@ def test_rounding_codes_are_small_integers_and_the_fp_weight_can_go(bits, dtype)
     assert torch.equal(module.quantized_weight(), expected)
 
 
-def test_adam_stepped_during_backward_equals_adam_after_backward():
+def test_adam_stepped_during_backward_equals_adam_after_backward(monkeypatch):
+    from hf_qlimit.quantizers import adaround
     from hf_qlimit.reconstruction import _step_in_backward
+
+    monkeypatch.setattr(adaround, "ROW_CHUNK", 8)  # several row chunks per matrix
 
     torch.manual_seed(0)
     a, b = torch.randn(4, 5, requires_grad=True), torch.randn(3, requires_grad=True)
@@ -177,3 +180,28 @@ def test_adam_stepped_during_backward_equals_adam_after_backward():
     assert torch.equal(a, a2) and torch.equal(b, b2)
     for hook in hooks:
         hook.remove()
+
+
+def test_fused_lsq_matches_torchs_learnable_kernel_and_drops_exactly():
+    from hf_qlimit.quantizers.lsq import _LearnedStepQuant
+
+    torch.manual_seed(0)
+    x0, upstream = 3 * torch.randn(64, 48), torch.randn(64, 48)  # wide enough that some elements clip
+    scale, zero = torch.tensor(0.02), torch.tensor(100.0)
+    x, s = x0.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+    (_LearnedStepQuant.apply(x, s, zero, 255, 0.0) * upstream).sum().backward()
+    x_ref, s_ref = x0.clone().requires_grad_(True), scale.reshape(1).clone().requires_grad_(True)
+    out_ref = torch._fake_quantize_learnable_per_tensor_affine(x_ref, s_ref, zero.reshape(1), 0, 255, 1.0)
+    (out_ref * upstream).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    torch.testing.assert_close(s.grad.reshape(1), s_ref.grad, rtol=1e-4, atol=1e-3)
+
+    x.grad = s.grad = None
+    out = _LearnedStepQuant.apply(x, s, zero, 255, 0.5)
+    dropped = out == x0  # dropped elements are x exactly (a quantized one equals x only by chance)
+    assert 0.4 < dropped.float().mean() < 0.6
+    (out * upstream).sum().backward()
+    assert torch.equal(x.grad[dropped], upstream[dropped])  # straight through where kept in FP
+    with torch.no_grad():
+        quantized = torch.fake_quantize_per_tensor_affine(x0, 0.02, 100, 0, 255)
+    assert torch.equal(out[~dropped], quantized[~dropped])
