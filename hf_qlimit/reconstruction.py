@@ -69,7 +69,7 @@ class _RowChunkedAdam:
         self.steps += 1
         step_size = self.lr / (1 - beta1**self.steps)
         bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
-        for r in row_slices(param.shape[0], param[0].numel()):
+        for r in row_slices(param.shape[0], param[0].numel(), temporaries=True):
             g, exp_avg, exp_avg_sq = grad[r], self.exp_avg[r], self.exp_avg_sq[r]
             exp_avg.lerp_(g, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)

@@ -88,9 +88,12 @@ def test_same_seed_gives_identical_tensors():
 
 
 @pytest.mark.parametrize("beta", [None, 20.0, 2.0])
-def test_fused_soft_rounding_matches_autograd(beta):
+def test_fused_soft_rounding_matches_autograd(beta, monkeypatch):
     """The hand-written backward of AdaRound's weight + regulariser equals autograd through the plain formula."""
+    from hf_qlimit.quantizers import adaround
     from hf_qlimit.quantizers.adaround import GAMMA, ZETA, _SoftRounded
+
+    monkeypatch.setattr(adaround, "TEMP_CHUNK", 32)  # two rows per chunk
 
     g = torch.Generator().manual_seed(0)
     alpha = (3 * torch.randn(8, 1, 16, generator=g)).requires_grad_(True)  # some h clamped at 0 or 1
@@ -164,7 +167,7 @@ def test_adam_stepped_during_backward_equals_adam_after_backward(monkeypatch):
     from hf_qlimit.quantizers import adaround
     from hf_qlimit.reconstruction import _step_in_backward
 
-    monkeypatch.setattr(adaround, "ROW_CHUNK", 8)  # several row chunks per matrix
+    monkeypatch.setattr(adaround, "TEMP_CHUNK", 8)  # several row chunks per matrix
 
     torch.manual_seed(0)
     a, b = torch.randn(4, 5, requires_grad=True), torch.randn(3, requires_grad=True)

@@ -12,13 +12,16 @@ from .fake_quant import dequantize_codes, qrange, quantize_codes
 from .range_search import group_view, search_weight_range
 
 ROW_CHUNK = 1 << 22  # weight elements handled at a time when a whole matrix need not be in float at once
+# ... and in the elementwise loops of every reconstruction iteration, whose temporaries add to its peak
+TEMP_CHUNK = 1 << 20
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h can reach exactly 0 and 1
 _RECOMPUTE = object()  # marks a saved soft weight that the backward pass recomputes
 
 
-def row_slices(rows: int, cols: int) -> Iterator[slice]:
-    """Consecutive row ranges of a (rows, cols) matrix, each of about ROW_CHUNK elements (at least one row)."""
-    step = max(1, ROW_CHUNK // cols)
+def row_slices(rows: int, cols: int, temporaries: bool = False) -> Iterator[slice]:
+    """Consecutive row ranges of a (rows, cols) matrix, each of about ROW_CHUNK (TEMP_CHUNK) elements, at
+    least one row."""
+    step = max(1, (TEMP_CHUNK if temporaries else ROW_CHUNK) // cols)
     for i in range(0, rows, step):
         yield slice(i, min(i + step, rows))
 
@@ -30,7 +33,7 @@ def _soft(alpha: torch.Tensor) -> torch.Tensor:
 
 def _rounding_reg(h: torch.Tensor, beta: float) -> torch.Tensor:
     """Σ (1 − |2h − 1|^β), a row chunk at a time: its temporaries would be weight-sized."""
-    return sum((1 - (2 * h[r] - 1).abs_().pow_(beta)).sum() for r in row_slices(h.shape[0], h[0].numel()))
+    return sum((1 - (2 * h[r] - 1).abs_().pow_(beta)).sum() for r in row_slices(h.shape[0], h[0].numel(), True))
 
 
 class _SoftRounded(torch.autograd.Function):
@@ -55,7 +58,7 @@ class _SoftRounded(torch.autograd.Function):
         alpha, code_floor, scale = ctx.saved_tensors
         qmin, qmax = ctx.bounds
         grad_alpha = torch.empty_like(alpha)
-        for r in row_slices(alpha.shape[0], alpha[0].numel()):
+        for r in row_slices(alpha.shape[0], alpha[0].numel(), True):
             sig = torch.sigmoid(alpha[r])
             stretched = sig * (ZETA - GAMMA) + GAMMA
             h = stretched.clamp(0, 1)
