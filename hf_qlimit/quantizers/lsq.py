@@ -42,10 +42,11 @@ class _LearnedStepQuant(torch.autograd.Function):
         # out / s is ⌊x/s⌉ inside and qmin − z or qmax − z where clipped: the step's gradient coefficient
         coef = (out - x * passes).mul_(inv)
         if drop_prob > 0:
-            dropped = torch.rand_like(x, dtype=torch.float32) < drop_prob
-            out = torch.where(dropped, x, out)
-            coef.masked_fill_(dropped, 0)
-            passes |= dropped
+            # float 0/1 masks and lerp/mul: torch.where and masked_fill are ~10x slower on CPU
+            quantized = torch.rand_like(x, dtype=torch.float32).ge_(drop_prob).to(x.dtype)
+            out = torch.lerp(x, out, quantized)  # exactly x or out at weights 0 and 1
+            coef.mul_(quantized)
+            passes.logical_or_(quantized == 0)
         ctx.save_for_backward(passes, coef)
         return out
 
