@@ -143,7 +143,10 @@ def _row(run: str, result: dict[str, Any] | None, limit_bytes: int) -> str:
     per_block = f"{format_seconds(sum(blocks) / len(blocks))} / {format_seconds(max(blocks))}" if blocks else "–"
     rss = f"{format_bytes(result['peak_rss_bytes'])}"
     if run == "large":  # the limit is the large run's target; the others are there for comparison
-        rss += f" ({rss_verdict(result['peak_rss_bytes'], limit_bytes)}, limit {format_bytes(limit_bytes)})"
+        peak = result["peak_rss_bytes"]
+        if peak is not None and format_bytes(peak) == format_bytes(limit_bytes):  # too close to call at 3 digits
+            rss = f"{peak / GB:.4f} GB"
+        rss += f" ({rss_verdict(peak, limit_bytes)}, limit {format_bytes(limit_bytes)})"
     mse = result["block_errors"]
     errors = (f"{sum(b['rtn_mse'] for b in mse) / len(mse):.3g} → {sum(b['mse'] for b in mse) / len(mse):.3g}"
               if mse else "–")  # fmt: skip
