@@ -107,9 +107,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if not self.is_frozen and self.weight_quantizer.learning:
-            w_q = self.quantized_weight()
-            with self.weight_quantizer.recompute_when_saved(w_q):
-                return F.linear(x, w_q.to(x.dtype), self.bias)
+            return self.weight_quantizer.linear(x, self.bias)
         if not self.is_frozen or self._has_cache() or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
             return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
         # No cache wanted (during quantization): a large matrix (an LM head) is dequantized a slab at a time.

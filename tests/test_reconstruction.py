@@ -118,32 +118,38 @@ def test_fused_soft_rounding_matches_autograd(beta, monkeypatch):
     torch.testing.assert_close(fused, alpha.grad)
 
 
-def _learning_linear(bits: int = 4) -> QuantLinear:
+def _learning_linear(bits: int = 4, group_size: int | None = None) -> QuantLinear:
     torch.manual_seed(0)
-    module = QuantLinear.from_linear(torch.nn.Linear(32, 24), {"w": bits, "a": None}, None, False, False)
+    module = QuantLinear.from_linear(torch.nn.Linear(32, 24), {"w": bits, "a": None}, group_size, False, False)
     module.weight_quantizer.init_range(module.weight, 2.4)
     module.weight_quantizer.init_adaround(module.weight)
     return module
 
 
-def test_soft_weight_is_recomputed_not_saved_and_gradients_are_unchanged():
-    """The Linear saves no soft weight for backward (it is recomputed from V), with the very same gradients."""
-    module = _learning_linear()
+@pytest.mark.parametrize("group_size,beta", [(None, None), (8, 20.0), (None, 2.0)])
+def test_fused_soft_rounded_linear_matches_the_unfused_path(group_size, beta, monkeypatch):
+    """The Linear's own backward (weight and its gradient a row chunk at a time) gives autograd's gradients."""
+    from hf_qlimit.quantizers import adaround
+
+    monkeypatch.setattr(adaround, "TEMP_CHUNK", 100)  # several row chunks
+    module = _learning_linear(group_size=group_size)
+    quantizer = module.weight_quantizer
+    quantizer.beta = beta
     x = torch.randn(3, 5, 32, requires_grad=True)
-    module(x).pow(2).sum().backward()
-    fused = module.weight_quantizer.alpha.grad.clone(), x.grad.clone()
+    upstream = torch.randn(3, 5, 24)
+    out = module(x)  # the fused op
+    reg = quantizer.rounding_loss() if beta is not None else 0.0
+    ((out * upstream).sum() + 0.01 * reg).backward()
+    fused = out.detach(), quantizer.alpha.grad.clone(), x.grad.clone()
 
-    module.weight_quantizer.alpha.grad, x.grad = None, None
-    w_q = module.weight_quantizer(module.weight)
-    torch.nn.functional.linear(x, w_q, module.bias).pow(2).sum().backward()
-    assert torch.equal(fused[0], module.weight_quantizer.alpha.grad)
-    assert torch.equal(fused[1], x.grad)
-
-    calls = []
-    real = module.weight_quantizer._soft_weight
-    module.weight_quantizer._soft_weight = lambda beta: calls.append(beta) or real(beta)
-    module(x).sum().backward()
-    assert len(calls) == 2  # once in forward, once more in backward: the Linear did not keep it
+    quantizer.alpha.grad, x.grad = None, None
+    w_q = quantizer(module.weight)  # the soft weight as its own op, then a plain Linear
+    reg = quantizer.rounding_loss() if beta is not None else 0.0
+    ref = torch.nn.functional.linear(x, w_q, module.bias)
+    ((ref * upstream).sum() + 0.01 * reg).backward()
+    torch.testing.assert_close(fused[0], ref.detach())
+    torch.testing.assert_close(fused[1], quantizer.alpha.grad)
+    torch.testing.assert_close(fused[2], x.grad)
 
 
 @pytest.mark.parametrize("bits,dtype", [(2, torch.int8), (4, torch.int8), (6, torch.int8), (8, torch.int16)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -15,7 +14,6 @@ ROW_CHUNK = 1 << 22  # weight elements handled at a time when a whole matrix nee
 # ... and in the elementwise loops of every reconstruction iteration, whose temporaries add to its peak
 TEMP_CHUNK = 1 << 20
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h can reach exactly 0 and 1
-_RECOMPUTE = object()  # marks a saved soft weight that the backward pass recomputes
 
 
 def row_slices(rows: int, cols: int, temporaries: bool = False) -> Iterator[slice]:
@@ -36,41 +34,82 @@ def _rounding_reg(h: torch.Tensor, beta: float) -> torch.Tensor:
     return sum((1 - (2 * h[r] - 1).abs_().pow_(beta)).sum() for r in row_slices(h.shape[0], h[0].numel(), True))
 
 
+def _grad_alpha(grad_w, alpha, code_floor, scale, qmin: int, qmax: int, beta: float | None, grad_reg):
+    """∂/∂V of Σ grad_w · w_q(V) + grad_reg · R(V), for one row chunk (all tensors already sliced)."""
+    sig = torch.sigmoid(alpha)
+    stretched = sig * (ZETA - GAMMA) + GAMMA
+    h = stretched.clamp(0, 1)
+    inner = code_floor + h
+    # clamp passes the gradient on [min, max], both ends included, as torch.clamp does
+    grad_h = grad_w * scale * ((inner >= qmin) & (inner <= qmax))
+    if beta is not None:
+        u = h.mul_(2).sub_(1)
+        grad_h -= grad_reg * 2 * beta * u.abs().pow(beta - 1) * u.sign()
+    live = (stretched >= 0) & (stretched <= 1)
+    return grad_h.mul_(live).mul_(ZETA - GAMMA).mul_(sig).mul_(1 - sig)
+
+
+def _soft_rounded(alpha, code_floor, zero, scale, qmin: int, qmax: int, beta: float | None):
+    """(w_q, R): the soft-rounded weight, grouped like V, and the regulariser (zero without β)."""
+    h = _soft(alpha)
+    reg = _rounding_reg(h, beta) if beta is not None else alpha.new_zeros(())
+    return h.add_(code_floor).clamp_(qmin, qmax).sub_(zero).mul_(scale), reg
+
+
 class _SoftRounded(torch.autograd.Function):
     """AdaRound's soft-rounded weight and its rounding regulariser in one op, differentiable in V.
 
     w_q = (clamp(c + h(V), qmin, qmax) − z) · s  and  R = Σ (1 − |2h − 1|^β),  c = ⌊w/s⌋ + z.
     Autograd would keep four weight-sized intermediates per Linear for the backward pass; this keeps none and
-    recomputes σ(V) there a row chunk at a time: that was most of a large block's reconstruction memory.
+    recomputes σ(V) there a row chunk at a time.
     """
 
     @staticmethod
     def forward(ctx, alpha, code_floor, zero, scale, qmin: int, qmax: int, beta: float | None):
-        h = _soft(alpha)
-        reg = _rounding_reg(h, beta) if beta is not None else alpha.new_zeros(())
-        out = h.add_(code_floor).clamp_(qmin, qmax).sub_(zero).mul_(scale)
         ctx.save_for_backward(alpha, code_floor, scale)
         ctx.bounds, ctx.beta = (qmin, qmax), beta
-        return out, reg
+        return _soft_rounded(alpha, code_floor, zero, scale, qmin, qmax, beta)
 
     @staticmethod
     def backward(ctx, grad_out, grad_reg):
         alpha, code_floor, scale = ctx.saved_tensors
-        qmin, qmax = ctx.bounds
         grad_alpha = torch.empty_like(alpha)
         for r in row_slices(alpha.shape[0], alpha[0].numel(), True):
-            sig = torch.sigmoid(alpha[r])
-            stretched = sig * (ZETA - GAMMA) + GAMMA
-            h = stretched.clamp(0, 1)
-            inner = code_floor[r] + h
-            # clamp passes the gradient on [min, max], both ends included, as torch.clamp does
-            grad_h = grad_out[r] * scale[r] * ((inner >= qmin) & (inner <= qmax))
-            if ctx.beta is not None:
-                u = h.mul_(2).sub_(1)
-                grad_h -= grad_reg * 2 * ctx.beta * u.abs().pow(ctx.beta - 1) * u.sign()
-            live = (stretched >= 0) & (stretched <= 1)
-            grad_alpha[r] = grad_h.mul_(live).mul_(ZETA - GAMMA).mul_(sig).mul_(1 - sig)
+            grad_alpha[r] = _grad_alpha(grad_out[r], alpha[r], code_floor[r], scale[r], *ctx.bounds, ctx.beta, grad_reg)
         return grad_alpha, None, None, None, None, None, None
+
+
+class _SoftRoundedLinear(torch.autograd.Function):
+    """F.linear(x, w_q(V), bias) and R(V) in one op. Its backward pass rebuilds w_q and forms ∂/∂w_q one row chunk
+    at a time, straight into V's gradient: neither the soft weight nor the weight gradient ever exists whole,
+    which was the peak of a large block's reconstruction (three weight-sized tensors per MLP matrix)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, code_floor, zero, scale, bias, qmin: int, qmax: int, beta: float | None):
+        w_q, reg = _soft_rounded(alpha, code_floor, zero, scale, qmin, qmax, beta)
+        y = torch.nn.functional.linear(x, w_q.reshape(alpha.shape[0], -1).to(x.dtype), bias)
+        ctx.save_for_backward(x, alpha, code_floor, zero, scale)
+        ctx.bounds, ctx.beta = (qmin, qmax), beta
+        return y, reg
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_reg):
+        x, alpha, code_floor, zero, scale = ctx.saved_tensors
+        qmin, qmax = ctx.bounds
+        rows = alpha.shape[0]
+        gy, xf = grad_y.reshape(-1, rows), x.reshape(-1, x.shape[-1])
+        grad_x = torch.zeros_like(xf) if ctx.needs_input_grad[0] else None
+        grad_alpha = torch.empty_like(alpha)
+        for r in row_slices(rows, alpha[0].numel(), True):
+            g = gy[:, r]
+            if grad_x is not None:
+                w_r = (torch.clamp(_soft(alpha[r]).add_(code_floor[r]), qmin, qmax) - zero[r]) * scale[r]
+                grad_x.addmm_(g, w_r.reshape(g.shape[1], -1).to(g.dtype))
+            grad_w = (g.t() @ xf).reshape(alpha[r].shape).float()
+            grad_alpha[r] = _grad_alpha(grad_w, alpha[r], code_floor[r], scale[r], qmin, qmax, ctx.beta, grad_reg)
+        grad_bias = gy.sum(0) if ctx.needs_input_grad[5] else None
+        grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
+        return grad_x, grad_alpha, None, None, None, grad_bias, None, None, None
 
 
 class WeightQuantizer(nn.Module):
@@ -160,27 +199,13 @@ class WeightQuantizer(nn.Module):
         """True while V is being learned and this forward pass records a graph."""
         return self.alpha is not None and self.alpha.requires_grad and torch.is_grad_enabled()
 
-    @contextmanager
-    def recompute_when_saved(self, w_q: torch.Tensor) -> Iterator[None]:
-        """Ops run inside that save `w_q` for their backward (the Linear) save nothing: it is recomputed from V
-        when the backward pass needs it. A block's soft weights would otherwise all live until its backward."""
-        # plain values only: autograd keeps the hooks until backward, and a captured w_q would live as long
-        storage, device, dtype = w_q.untyped_storage().data_ptr(), w_q.device, w_q.dtype
-
-        def pack(t: torch.Tensor):
-            if t.device == device and t.dtype == dtype and t.untyped_storage().data_ptr() == storage:
-                return (_RECOMPUTE, t.size(), t.stride(), t.storage_offset())
-            return t
-
-        def unpack(packed):
-            if isinstance(packed, tuple) and packed and packed[0] is _RECOMPUTE:
-                with torch.no_grad():  # the very ops of _SoftRounded.forward: bit-identical
-                    w, _ = self._soft_weight(None)
-                return w.as_strided(*packed[1:])
-            return packed
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear with the soft-rounded weight while V is learned (see _SoftRoundedLinear)."""
+        scale, zero = self._grid()
+        qmin, qmax = qrange(self.bits)
+        y, reg = _SoftRoundedLinear.apply(x, self.alpha, self.w_floor, zero, scale, bias, qmin, qmax, self.beta)
+        self._reg = reg if self.beta is not None else None
+        return y
 
     def _soft_weight(self, beta: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero = self._grid()
