@@ -89,9 +89,11 @@ def test_same_seed_gives_identical_tensors():
 
 @pytest.mark.parametrize("beta", [None, 20.0, 2.0])
 def test_fused_soft_rounding_matches_autograd(beta, monkeypatch):
-    """The hand-written backward of AdaRound's weight + regulariser equals autograd through the plain formula."""
+    """The hand-written backward of AdaRound's weight + regulariser equals autograd through the plain formula.
+
+    Through the Linear op with x = I, so its output is the soft weight itself (transposed)."""
     from hf_qlimit.quantizers import adaround
-    from hf_qlimit.quantizers.adaround import GAMMA, ZETA, _SoftRounded
+    from hf_qlimit.quantizers.adaround import GAMMA, ZETA, _SoftRoundedLinear
 
     monkeypatch.setattr(adaround, "TEMP_CHUNK", 32)  # two rows per chunk
 
@@ -103,7 +105,9 @@ def test_fused_soft_rounding_matches_autograd(beta, monkeypatch):
 
     # the stored code: floor + zero, clamped to [qmin - 2, qmax + 1] in int16, must not change value or gradient
     code_floor = (w_floor + zero).clamp(-2, 16).to(torch.int16)
-    out, reg = _SoftRounded.apply(alpha, code_floor, zero, scale, 0, 15, beta)
+    eye = torch.eye(16)
+    out, reg = _SoftRoundedLinear.apply(eye, alpha, code_floor, zero, scale, None, 0, 15, beta)
+    out = out.t().reshape(8, 1, 16)
     ((out * upstream).sum() + 0.01 * reg).backward()
     fused = alpha.grad.clone()
 

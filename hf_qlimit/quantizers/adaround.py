@@ -56,33 +56,13 @@ def _soft_rounded(alpha, code_floor, zero, scale, qmin: int, qmax: int, beta: fl
     return h.add_(code_floor).clamp_(qmin, qmax).sub_(zero).mul_(scale), reg
 
 
-class _SoftRounded(torch.autograd.Function):
-    """AdaRound's soft-rounded weight and its rounding regulariser in one op, differentiable in V.
+class _SoftRoundedLinear(torch.autograd.Function):
+    """F.linear(x, w_q(V), bias) and R(V) in one op, differentiable in V and x.
 
     w_q = (clamp(c + h(V), qmin, qmax) − z) · s  and  R = Σ (1 − |2h − 1|^β),  c = ⌊w/s⌋ + z.
-    Autograd would keep four weight-sized intermediates per Linear for the backward pass; this keeps none and
-    recomputes σ(V) there a row chunk at a time.
-    """
-
-    @staticmethod
-    def forward(ctx, alpha, code_floor, zero, scale, qmin: int, qmax: int, beta: float | None):
-        ctx.save_for_backward(alpha, code_floor, scale)
-        ctx.bounds, ctx.beta = (qmin, qmax), beta
-        return _soft_rounded(alpha, code_floor, zero, scale, qmin, qmax, beta)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_reg):
-        alpha, code_floor, scale = ctx.saved_tensors
-        grad_alpha = torch.empty_like(alpha)
-        for r in row_slices(alpha.shape[0], alpha[0].numel(), True):
-            grad_alpha[r] = _grad_alpha(grad_out[r], alpha[r], code_floor[r], scale[r], *ctx.bounds, ctx.beta, grad_reg)
-        return grad_alpha, None, None, None, None, None, None
-
-
-class _SoftRoundedLinear(torch.autograd.Function):
-    """F.linear(x, w_q(V), bias) and R(V) in one op. Its backward pass rebuilds w_q and forms ∂/∂w_q one row chunk
-    at a time, straight into V's gradient: neither the soft weight nor the weight gradient ever exists whole,
-    which was the peak of a large block's reconstruction (three weight-sized tensors per MLP matrix)."""
+    Its backward pass rebuilds w_q and forms ∂/∂w_q one row chunk at a time, straight into V's gradient: neither
+    the soft weight, its gradient nor autograd's intermediates ever exist whole, which were the peak of a large
+    block's reconstruction (several weight-sized tensors per MLP matrix)."""
 
     @staticmethod
     def forward(ctx, x, alpha, code_floor, zero, scale, bias, qmin: int, qmax: int, beta: float | None):
@@ -103,7 +83,7 @@ class _SoftRoundedLinear(torch.autograd.Function):
         for r in row_slices(rows, alpha[0].numel(), True):
             g = gy[:, r]
             if grad_x is not None:
-                w_r = (torch.clamp(_soft(alpha[r]).add_(code_floor[r]), qmin, qmax) - zero[r]) * scale[r]
+                w_r, _ = _soft_rounded(alpha[r], code_floor[r], zero[r], scale[r], qmin, qmax, None)
                 grad_x.addmm_(g, w_r.reshape(g.shape[1], -1).to(g.dtype))
             grad_w = (g.t() @ xf).reshape(alpha[r].shape).float()
             grad_alpha[r] = _grad_alpha(grad_w, alpha[r], code_floor[r], scale[r], qmin, qmax, ctx.beta, grad_reg)
@@ -186,12 +166,9 @@ class WeightQuantizer(nn.Module):
             q = quantize_codes(group_view(weight, self.group_size), scale, zero, self.bits)
         else:  # `weight` may be on `meta` here (see release_weight): only its shape is used
             qmin, qmax = qrange(self.bits)
-            if rows is None and self.learning:
-                out, reg = self._soft_weight(self.beta)
-                self._reg = reg if self.beta is not None else None
-                return out.reshape(weight.shape)
+            # differentiable by autograd; a Linear learning V goes through `linear()` instead
             h = self.soft_rounding()  # exactly 0 or 1 once `harden()` has run
-            q = torch.clamp(h.add_(self.w_floor), qmin, qmax)
+            q = torch.clamp(h + self.w_floor, qmin, qmax)
         return dequantize_codes(q, scale, zero).reshape(weight.shape)
 
     @property
@@ -206,11 +183,6 @@ class WeightQuantizer(nn.Module):
         y, reg = _SoftRoundedLinear.apply(x, self.alpha, self.w_floor, zero, scale, bias, qmin, qmax, self.beta)
         self._reg = reg if self.beta is not None else None
         return y
-
-    def _soft_weight(self, beta: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero = self._grid()
-        qmin, qmax = qrange(self.bits)
-        return _SoftRounded.apply(self.alpha, self.w_floor, zero, scale, qmin, qmax, beta)
 
     @torch.no_grad()
     def code_chunks(self, weight: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
