@@ -114,8 +114,10 @@ def _optimize(
     try:
         for step in bar:
             beta = beta_schedule(step, config.iters, config.warmup, *config.beta_range)
+            report = step % 50 == 0 or step == config.iters - 1
             for module in modules:  # the forward pass computes the regulariser alongside the weight
                 module.weight_quantizer.beta = beta
+                module.weight_quantizer.report_reg = report  # its value only shows in the progress bar
             out, target, mask, weight = step_fn()
             rec = _masked_error(out, target, mask, weight)
             loss = rec
@@ -130,13 +132,14 @@ def _optimize(
                 sched.step()
             for q in acts:  # a step size must stay positive
                 q.scale.data.clamp_(min=1e-8)
-            if step % 50 == 0 or step == config.iters - 1:
+            if report:
                 bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
     finally:
         for hook in hooks:
             hook.remove()
         for module in modules:
             module.weight_quantizer._reg, module.weight_quantizer.beta = None, None  # drops the last graph
+            module.weight_quantizer.report_reg = True
         for q in acts:
             q.drop_prob = 0.0
             q.eval()

@@ -53,6 +53,27 @@ def test_beta_anneals_after_warmup():
     assert beta_schedule(100, 100, 0.2, 20, 2) == pytest.approx(2)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.75])
+def test_keep_mask_keeps_at_rate_one_minus_p(p):
+    from hf_qlimit.quantizers.lsq import keep_mask
+
+    torch.manual_seed(0)
+    mask = keep_mask(torch.empty(1001, 999), p)  # odd size: the last 64-bit draw is cut
+    assert mask.shape == (1001, 999) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert mask.mean().item() == pytest.approx(1 - p, abs=0.003)
+
+
+@pytest.mark.parametrize("bits,scale,zero", [(8, 0.02, 128), (4, 0.37, 7), (2, 0.5, 0)])
+def test_act_fake_quant_gives_torchs_floats(bits, scale, zero):
+    torch.manual_seed(0)
+    x = 4 * torch.randn(10_000)  # wide enough to clip at both ends
+    quantizer = ActQuantizer(bits)
+    quantizer.scale.data.fill_(scale)
+    quantizer.zero.fill_(zero)
+    assert torch.equal(quantizer(x), torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 2**bits - 1))
+
+
 def test_qdrop_quantizes_at_the_configured_rate():
     quantizer = ActQuantizer(4)
     quantizer.scale.data.fill_(0.37)
@@ -106,10 +127,14 @@ def test_fused_soft_rounding_matches_autograd(beta, monkeypatch):
     # the stored code: floor + zero, clamped to [qmin - 2, qmax + 1] in int16, must not change value or gradient
     code_floor = (w_floor + zero).clamp(-2, 16).to(torch.int16)
     eye = torch.eye(16)
-    out, reg = _SoftRoundedLinear.apply(eye, alpha, code_floor, zero, scale, None, 0, 15, beta)
+    out, reg = _SoftRoundedLinear.apply(eye, alpha, code_floor, zero, scale, None, 0, 15, beta, True)
     out = out.t().reshape(8, 1, 16)
     ((out * upstream).sum() + 0.01 * reg).backward()
     fused = alpha.grad.clone()
+    alpha.grad = None  # without the regulariser's value (report_reg=False) its gradient is the same
+    out2, reg2 = _SoftRoundedLinear.apply(eye, alpha, code_floor, zero, scale, None, 0, 15, beta, False)
+    ((out2.t().reshape(8, 1, 16) * upstream).sum() + 0.01 * reg2).backward()
+    assert reg2.item() == 0.0 and torch.equal(alpha.grad, fused)
 
     alpha.grad = None
     h = torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)

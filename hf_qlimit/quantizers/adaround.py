@@ -34,26 +34,32 @@ def _rounding_reg(h: torch.Tensor, beta: float) -> torch.Tensor:
     return sum((1 - (2 * h[r] - 1).abs_().pow_(beta)).sum() for r in row_slices(h.shape[0], h[0].numel(), True))
 
 
-def _grad_alpha(grad_w, alpha, code_floor, scale, qmin: int, qmax: int, beta: float | None, grad_reg):
-    """∂/∂V of Σ grad_w · w_q(V) + grad_reg · R(V), for one row chunk (all tensors already sliced)."""
-    sig = torch.sigmoid(alpha)
-    stretched = sig * (ZETA - GAMMA) + GAMMA
-    h = stretched.clamp(0, 1)
-    inner = code_floor + h
-    # clamp passes the gradient on [min, max], both ends included, as torch.clamp does
-    grad_h = grad_w * scale * ((inner >= qmin) & (inner <= qmax))
-    if beta is not None:
-        u = h.mul_(2).sub_(1)
-        grad_h -= grad_reg * 2 * beta * u.abs().pow(beta - 1) * u.sign()
-    live = (stretched >= 0) & (stretched <= 1)
-    return grad_h.mul_(live).mul_(ZETA - GAMMA).mul_(sig).mul_(1 - sig)
-
-
 def _soft_rounded(alpha, code_floor, zero, scale, qmin: int, qmax: int, beta: float | None):
     """(w_q, R): the soft-rounded weight, grouped like V, and the regulariser (zero without β)."""
     h = _soft(alpha)
     reg = _rounding_reg(h, beta) if beta is not None else alpha.new_zeros(())
     return h.add_(code_floor).clamp_(qmin, qmax).sub_(zero).mul_(scale), reg
+
+
+def _backward_chunk(g, xf, alpha, code_floor, zero, scale, qmin: int, qmax: int, beta, grad_reg, grad_x):
+    """For one row chunk (tensors already sliced): adds ∂/∂x of the chunk's outputs to `grad_x` (if given) and
+    returns ∂/∂V of Σ grad_y · y + grad_reg · R(V). The soft weight and every mask come from one sigmoid; masks
+    are 0/1 floats (bool masks cost a cast at every use on CPU)."""
+    sig = torch.sigmoid(alpha)
+    stretched = sig * (ZETA - GAMMA) + GAMMA
+    h = stretched.clamp(0, 1)
+    live = torch.eq(h, stretched, out=stretched)  # 1 where the clamp passes the gradient
+    inner = h + code_floor
+    w_q = inner.clamp(qmin, qmax)
+    in_range = torch.eq(w_q, inner, out=inner)  # clamp passes the gradient on [min, max], ends included
+    if grad_x is not None:
+        grad_x.addmm_(g, w_q.sub_(zero).mul_(scale).reshape(g.shape[1], -1).to(g.dtype))
+    del w_q
+    grad_h = (g.t() @ xf).reshape(alpha.shape).float().mul_(scale).mul_(in_range)
+    if beta is not None:
+        u = h.mul_(2).sub_(1)
+        grad_h.sub_(u.abs().pow_(beta - 1).copysign_(u).mul_(grad_reg * 2 * beta))
+    return grad_h.mul_(live).mul_(torch.addcmul(sig, sig, sig, value=-1)).mul_(ZETA - GAMMA)
 
 
 class _SoftRoundedLinear(torch.autograd.Function):
@@ -62,11 +68,12 @@ class _SoftRoundedLinear(torch.autograd.Function):
     w_q = (clamp(c + h(V), qmin, qmax) − z) · s  and  R = Σ (1 − |2h − 1|^β),  c = ⌊w/s⌋ + z.
     Its backward pass rebuilds w_q and forms ∂/∂w_q one row chunk at a time, straight into V's gradient: neither
     the soft weight, its gradient nor autograd's intermediates ever exist whole, which were the peak of a large
-    block's reconstruction (several weight-sized tensors per MLP matrix)."""
+    block's reconstruction (several weight-sized tensors per MLP matrix).
+    R's value is computed only when `report_reg` (for the progress bar): its gradient does not need it."""
 
     @staticmethod
-    def forward(ctx, x, alpha, code_floor, zero, scale, bias, qmin: int, qmax: int, beta: float | None):
-        w_q, reg = _soft_rounded(alpha, code_floor, zero, scale, qmin, qmax, beta)
+    def forward(ctx, x, alpha, code_floor, zero, scale, bias, qmin: int, qmax: int, beta: float | None, report_reg: bool):
+        w_q, reg = _soft_rounded(alpha, code_floor, zero, scale, qmin, qmax, beta if report_reg else None)
         y = torch.nn.functional.linear(x, w_q.reshape(alpha.shape[0], -1).to(x.dtype), bias)
         ctx.save_for_backward(x, alpha, code_floor, zero, scale)
         ctx.bounds, ctx.beta = (qmin, qmax), beta
@@ -81,15 +88,12 @@ class _SoftRoundedLinear(torch.autograd.Function):
         grad_x = torch.zeros_like(xf) if ctx.needs_input_grad[0] else None
         grad_alpha = torch.empty_like(alpha)
         for r in row_slices(rows, alpha[0].numel(), True):
-            g = gy[:, r]
-            if grad_x is not None:
-                w_r, _ = _soft_rounded(alpha[r], code_floor[r], zero[r], scale[r], qmin, qmax, None)
-                grad_x.addmm_(g, w_r.reshape(g.shape[1], -1).to(g.dtype))
-            grad_w = (g.t() @ xf).reshape(alpha[r].shape).float()
-            grad_alpha[r] = _grad_alpha(grad_w, alpha[r], code_floor[r], scale[r], qmin, qmax, ctx.beta, grad_reg)
+            grad_alpha[r] = _backward_chunk(
+                gy[:, r], xf, alpha[r], code_floor[r], zero[r], scale[r], qmin, qmax, ctx.beta, grad_reg, grad_x
+            )
         grad_bias = gy.sum(0) if ctx.needs_input_grad[5] else None
         grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
-        return grad_x, grad_alpha, None, None, None, grad_bias, None, None, None
+        return grad_x, grad_alpha, None, None, None, grad_bias, None, None, None, None
 
 
 class WeightQuantizer(nn.Module):
@@ -110,6 +114,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("w_floor", None, persistent=False)
         self.beta: float | None = None  # set by the reconstruction loop before each forward; None: no regulariser
         self._reg: torch.Tensor | None = None
+        self.report_reg = True  # False: the regulariser's value is not computed (its gradient still is)
         self.enabled = True
 
     def _grid(self, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +185,9 @@ class WeightQuantizer(nn.Module):
         """F.linear with the soft-rounded weight while V is learned (see _SoftRoundedLinear)."""
         scale, zero = self._grid()
         qmin, qmax = qrange(self.bits)
-        y, reg = _SoftRoundedLinear.apply(x, self.alpha, self.w_floor, zero, scale, bias, qmin, qmax, self.beta)
+        y, reg = _SoftRoundedLinear.apply(
+            x, self.alpha, self.w_floor, zero, scale, bias, qmin, qmax, self.beta, self.report_reg
+        )
         self._reg = reg if self.beta is not None else None
         return y
 

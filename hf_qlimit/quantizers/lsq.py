@@ -13,12 +13,32 @@ _SAMPLE_PER_CALL = 4096
 _SAMPLE_MAX = 1 << 17
 
 
-def mix(quantized: torch.Tensor, fp: torch.Tensor, p: float) -> torch.Tensor:
-    """Each element from `fp` with probability p, else from `quantized` (QDrop).
+def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A 0/1 tensor shaped and typed like `like`, 0 with probability p (p rounded to a multiple of 2⁻¹⁶).
 
-    lerp with a 0/1 float mask: several times faster than torch.where on CPU, same gradients.
+    Sixteen random bits per element, drawn 64 at a time, compared straight into the float result: torch's
+    per-element generator (rand_like) and bool tensors (a compare, then a cast) each cost more than all of a fake
+    quantization's arithmetic on CPU.
     """
-    return torch.lerp(quantized, fp, torch.rand_like(fp).lt_(p))
+    n = like.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-(2**63), None)
+    threshold = round(p * 65536) - 32768  # P(bits16 >= threshold) = 1 - p
+    out = torch.empty(n, dtype=like.dtype, device=like.device)
+    return torch.ge(bits.view(torch.int16)[:n], threshold, out=out).view(like.shape)
+
+
+def mix(quantized: torch.Tensor, fp: torch.Tensor, p: float) -> torch.Tensor:
+    """Each element from `fp` with probability p, else from `quantized` (QDrop)."""
+    return torch.lerp(fp, quantized, keep_mask(fp, p))
+
+
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int):
+    """(clamp(⌊x·(1/s)⌉ + z, 0, qmax), ⌊x·(1/s)⌉ + z, x·(1/s)): torch's fake-quant arithmetic in plain ops, which
+    give the same floats and run several times faster on CPU than its fused kernel (clamp with scalar bounds:
+    tensor bounds cost as much as the rest)."""
+    scaled = x * (1.0 / scale)
+    shifted = torch.round(scaled).add_(zero)
+    return shifted.clamp(0, qmax), shifted, scaled
 
 
 class _LearnedStepQuant(torch.autograd.Function):
@@ -26,35 +46,33 @@ class _LearnedStepQuant(torch.autograd.Function):
 
     Gradients: x passes where dropped or inside the grid (straight-through); s gets LSQ's ⌊x/s⌉ − x/s inside,
     qmin − z or qmax − z where clipped, nothing where dropped (grad_factor 1, as torch's learnable kernel).
-    The forward pass prepares both as one bool and one float per element, so the backward pass is two passes.
-    The unfused chain (torch's learnable kernel, a float mask, lerp) kept more activation-sized tensors for the
-    backward pass and ran longer.
+    The forward pass prepares both (one byte and one float per element), so the backward pass is two passes.
+    Masks are floats while computed and stored as bytes: on CPU, bool -> float and float -> uint8 casts are slow,
+    float -> bool and uint8 -> float are not.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero, qmax: int, drop_prob: float):
-        scale = scale.detach().reshape(1)  # tensor arguments: no host sync on a GPU
-        enabled = torch.ones(1, dtype=torch.long, device=x.device)
-        out, passes = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, scale, zero.round().int().reshape(1), enabled, 0, qmax
-        )
-        inv = 1.0 / scale
-        # out / s is ⌊x/s⌉ inside and qmin − z or qmax − z where clipped: the step's gradient coefficient
-        coef = (out - x * passes).mul_(inv)
+        scale = scale.detach().reshape(1).to(x.dtype)  # tensor arguments: no host sync on a GPU
+        zero = zero.round().reshape(1).to(x.dtype)
+        levels, shifted, scaled = _fake_quant(x, scale, zero, qmax)
+        inside = torch.eq(shifted, levels, out=shifted)  # 1.0 where not clipped
+        levels.sub_(zero)
+        coef = torch.addcmul(levels, scaled, inside, value=-1)  # ⌊x/s⌉ − x/s inside, the clipped level outside
+        out = levels.mul_(scale)
         if drop_prob > 0:
-            # float 0/1 masks and lerp/mul: torch.where and masked_fill are ~10x slower on CPU
-            quantized = torch.rand_like(x, dtype=torch.float32).ge_(drop_prob).to(x.dtype)
+            quantized = keep_mask(x, drop_prob)
             out = torch.lerp(x, out, quantized)  # exactly x or out at weights 0 and 1
             coef.mul_(quantized)
-            passes.logical_or_(quantized == 0)
-        ctx.save_for_backward(passes, coef)
+            inside.sub_(1).mul_(quantized).add_(1)  # 0 only where quantized and clipped
+        ctx.save_for_backward(inside.to(torch.bool).view(torch.uint8), coef)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         passes, coef = ctx.saved_tensors
         grad_scale = torch.dot(grad.reshape(-1).float(), coef.reshape(-1).float())
-        return grad * passes, grad_scale, None, None, None
+        return grad * passes.to(grad.dtype), grad_scale, None, None, None
 
 
 class ActQuantizer(nn.Module):
@@ -122,7 +140,8 @@ class ActQuantizer(nn.Module):
         drop = self.drop_prob if self.training else 0.0
         if self.scale.requires_grad and torch.is_grad_enabled():
             return _LearnedStepQuant.apply(x, self.scale, self.zero, qmax, drop)
-        xq = torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero.round().int(), 0, qmax)
+        scale, zero = self.scale.detach().to(x.dtype), self.zero.round().to(x.dtype)
+        xq = _fake_quant(x, scale, zero, qmax)[0].sub_(zero).mul_(scale)
         return mix(xq, x, drop) if drop > 0 else xq
 
     def extra_repr(self) -> str:
