@@ -53,12 +53,29 @@ QUICK = {
 Key = tuple[str, str, str]  # (task, method, setting)
 
 
+def _with_date(path: Path) -> dict[str, Any]:
+    """A results.json, its run's date filled from the file's time where the run did not record it (older runs)."""
+    results = json.loads(path.read_text())
+    environment = results.setdefault("environment", {})
+    if "date" not in environment:
+        environment["date"] = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat()
+    return results
+
+
+def measured(results: dict[Key, dict[str, Any] | None]) -> tuple[str, int | None]:
+    """('<first day>[ to <last day>]', the CPU runs' torch threads if all that recorded them used the same)."""
+    runs = [r for r in results.values() if r]
+    days = sorted({r["environment"]["date"][:10] for r in runs}) or [datetime.date.today().isoformat()]
+    threads = {r["environment"]["torch_threads"] for r in runs if r["environment"].get("torch_threads")}
+    return (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"), (threads.pop() if len(threads) == 1 else None)
+
+
 def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, extra: list[str], reuse: bool):
     """results.json of one run (reused when asked and present), or None when the run failed."""
     weight_bits, act_bits = SETTINGS[setting]
     out = out_dir / task / f"{METHODS[method]}-{setting.lower()}"
     if reuse and (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
+        return _with_date(out / "results.json")
     if reuse == "only":  # table from what was measured: a missing run is a blank cell, not a new run
         return {}
     cmd = [
@@ -86,7 +103,7 @@ def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, e
     if subprocess.run(cmd, check=False).returncode != 0:  # one failed run should not cost the others
         print(f"[glue_table] FAILED: {task} {method} {setting}", file=sys.stderr)
         return None
-    return json.loads((out / "results.json").read_text())
+    return _with_date(out / "results.json")
 
 
 def _gpu(result: dict[str, Any]) -> str | None:
@@ -149,7 +166,10 @@ def build_method_tables(
 
     Each cell is "metric (quantization seconds)"; tasks without any measured run are left out.
     """
-    lines = ["| Task (metric) | FP | Method | " + " | ".join(settings) + " |", "|---|---:|---|" + "---:|" * len(settings)]
+    lines = [
+        "| Task (metric) | FP | Method | " + " | ".join(settings) + " |",
+        "|---|---:|---|" + "---:|" * len(settings),
+    ]
     for task in tasks:
         done = [r for (t, _, _), r in results.items() if t == task and r]
         if not done:
@@ -201,7 +221,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     parser.add_argument("--marker", default=MARKER, help="The README markers <!-- MARKER:start/end -->.")
     parser.add_argument(
-        "--extra", action="extend", nargs="*", default=[], help="More run_glue.py arguments: --extra=--iters=300 --extra=--seed=1"
+        "--extra",
+        action="extend",
+        nargs="*",
+        default=[],
+        help="More run_glue.py arguments: --extra=--iters=300 --extra=--seed=1",
     )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="Folder with models/ and data/.")
     parser.add_argument("--out_dir", type=Path, default=REPO / "benchmarks" / "out" / "glue")
@@ -234,9 +258,8 @@ def main(argv: list[str] | None = None) -> str:
     build = build_method_tables if args.by_method else build_tables
     tables = build(results, args.tasks, args.methods, args.settings)
     command = "python benchmarks/glue_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = render_section(
-        tables, results, datetime.date.today().isoformat(), _common.machine(), args.marker, command.strip()
-    )
+    days, threads = measured(results)
+    section = render_section(tables, results, days, _common.machine(threads), args.marker, command.strip())
     print(section)
     if not args.quick or args.write:
         rewrite_readme(args.readme, section, args.marker)

@@ -3,10 +3,15 @@
 
 Takes one transformer block of a model, the same calibration batch, and times
   (a) FP: block forward, sum of squares of the output, backward (no quantizers),
-  (b) QDrop: `reconstruct_block`'s iteration (AdaRound weights, LSQ activations, dropping, mixing, loss, Adam).
-Prints the ratio (b) / (a); the target is at most 1.5.
+  (b) one iteration of `reconstruct_block` (AdaRound weights, LSQ activations, for QDrop also dropping and
+      mixing, loss, Adam): the time of a run of `--iters` + `--extra_iters` iterations minus that of a run of
+      `--iters`, divided by `--extra_iters`, so that the once-per-block work (AdaRound's initialisation, hard
+      rounding) is left out.
+Prints the ratio (b) / (a) per method; the target is at most 1.5. Rounds alternate FP and reconstruction runs
+(medians over `--rounds`), so that a machine shared with other jobs slows both alike.
 
     python benchmarks/recon_overhead.py                         # MiniLM-SST2 from ../shared/models
+    python benchmarks/recon_overhead.py --readme README.md      # also rewrite the README's table
     python benchmarks/recon_overhead.py --model_name_or_path PATH --seq_len 64 --batch_size 32
 """
 
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
+import datetime
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +34,11 @@ from hf_qlimit.integration import act_quantizers, convert_model, quant_state, qu
 from hf_qlimit.models import get_adapter
 from hf_qlimit.reconstruction import BlockData, reconstruct_block
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
+import _common
+
 REPO = Path(__file__).resolve().parents[1]
+MARKER = "recon-overhead"
 
 
 def _sync(device: torch.device) -> None:
@@ -45,23 +56,8 @@ def _time(fn, repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default=str(REPO.parent / "shared" / "models" / "minilm-l6-sst2"))
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seq_len", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    device = torch.device(args.device)
+def _setup(args, device: torch.device):
+    """(model with quantizers, its block 1, that block's data, an FP block 1, one FP input with its arguments)."""
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path).eval().requires_grad_(False)
     model.to(device)
     fp_model = copy.deepcopy(model)
@@ -69,7 +65,7 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     adapter = get_adapter(model)
-    config = QLimitConfig(weight_bits=4, act_bits=8, method="qdrop", iters=args.iters)
+    config = QLimitConfig(weight_bits=4, act_bits=8, method="qdrop")
     config.layer_config = adapter.layer_config(model, config)
     convert_model(model, config.layer_config, config, frozen=False)
     for _, module in quantized_modules(model):
@@ -85,28 +81,93 @@ def main() -> None:
         for q in act_quantizers(block):
             q.finish_observing(config.lp_norm)
     data = BlockData(hidden, hidden, fp_out, inputs, [batch["attention_mask"].bool()])
-
-    # (a) the same block in FP: forward and backward through its weights
     fp_block = adapter.blocks(fp_model)[1].requires_grad_(True)
     args_, kwargs = inputs.get(0, device)
     x = hidden[0].to(device).clone().requires_grad_(True)
+    return config, block, data, fp_block, (x, args_, kwargs)
+
+
+def _recon_seconds(block, data, config: QLimitConfig, method: str, iters: int, device: torch.device) -> float:
+    """Wall time of a whole `reconstruct_block` of `iters` iterations, on a copy of the block."""
+    config = copy.deepcopy(config)
+    config.method, config.iters = method, iters
+    block = copy.deepcopy(block)
+    torch.manual_seed(0)
+    _sync(device)
+    start = time.perf_counter()
+    reconstruct_block(block, data, config, device, desc=f"{method} {iters} it")
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure(args, device: torch.device) -> dict[str, dict[str, float]]:
+    config, block, data, fp_block, (x, args_, kwargs) = _setup(args, device)
 
     def fp_step() -> None:
         out = fp_block(x, *args_, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         out.pow(2).sum().backward()
 
-    fp_seconds = _time(fp_step, args.iters, device)
-    _sync(device)
-    start = time.perf_counter()
-    reconstruct_block(block, data, config, device, desc="timing")
-    _sync(device)
-    recon_seconds = (time.perf_counter() - start) / args.iters
-    print(
-        f"block of {type(model).__name__}, batch {args.batch_size} x {args.seq_len} tokens, {args.threads} threads, "
-        f"{device.type} {_device_name(device)}: FP fwd+bwd {1000 * fp_seconds:.1f} ms, QDrop iteration "
-        f"{1000 * recon_seconds:.1f} ms, ratio {recon_seconds / fp_seconds:.2f}"
-    )
+    results = {}
+    for method in args.methods:
+        fp, iteration = [], []
+        for _ in range(args.rounds):
+            fp.append(_time(fp_step, args.extra_iters, device))
+            short = _recon_seconds(block, data, config, method, args.iters, device)
+            long = _recon_seconds(block, data, config, method, args.iters + args.extra_iters, device)
+            iteration.append((long - short) / args.extra_iters)
+        fp_s, it_s = statistics.median(fp), statistics.median(iteration)
+        results[method] = {"fp_ms": 1000 * fp_s, "iteration_ms": 1000 * it_s, "ratio": it_s / fp_s}
+        print(f"{method}: FP fwd+bwd {1000 * fp_s:.1f} ms, iteration {1000 * it_s:.1f} ms, ratio {it_s / fp_s:.2f}")
+    return results
+
+
+def render(results: dict[str, dict[str, float]], args, device: torch.device) -> str:
+    name = Path(args.model_name_or_path).name
+    lines = [
+        (
+            f"One block of {name}, batch {args.batch_size} x {args.seq_len} tokens, W4A8 (inputs of every Linear "
+            "and of the attention matmuls quantized)."
+        ),
+        "",
+        "| Method | FP fwd+bwd (ms) | reconstruction iteration (ms) | ratio (target <= 1.5) |",
+        "|---|---:|---:|---:|",
+    ]
+    for method, r in results.items():
+        lines.append(f"| {method} | {r['fp_ms']:.1f} | {r['iteration_ms']:.1f} | {r['ratio']:.2f} |")
+    lines += [
+        "",
+        (
+            f"Measured {datetime.date.today().isoformat()} on {_common.machine(args.threads)}, on {device.type}; "
+            f"medians of {args.rounds} rounds, iteration time from runs of {args.iters} and "
+            f"{args.iters + args.extra_iters} iterations (the once-per-block setup cancels out). Generated by "
+            "`python benchmarks/recon_overhead.py --readme README.md`."
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=str(REPO.parent / "shared" / "models" / "minilm-l6-sst2"))
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=32)
+    parser.add_argument("--methods", nargs="+", default=["brecq", "qdrop"], choices=["brecq", "qdrop"])
+    parser.add_argument("--iters", type=int, default=10, help="Iterations of the shorter run.")
+    parser.add_argument("--extra_iters", type=int, default=40, help="Further iterations of the longer run.")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--readme", type=Path, default=None, help="Rewrite its recon-overhead section.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    results = measure(args, device)
+    table = render(results, args, device)
+    print(table)
+    if args.readme is not None:
+        _common.rewrite_between_markers(args.readme, MARKER, _common.section(MARKER, table))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ and examples/language-modeling/run_ppl.py:
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,5 +148,26 @@ def run_environment(device: torch.device | str) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "hf_qlimit": _version()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _version() -> str:
+    """The package version, with the git commit when it runs from its own checkout ('.dirty' when edited)."""
+    from . import __version__
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", root, *args], check=False, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        # an installed copy may sit inside some other repository (a venv in a project): not ours
+        if os.path.realpath(git("rev-parse", "--show-toplevel") or "/nonexistent") != os.path.realpath(root):
+            return __version__
+        dirty = ".dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+        return f"{__version__}+g{git('rev-parse', '--short', 'HEAD')}{dirty}"
+    except (OSError, subprocess.SubprocessError):  # no git
+        return __version__
