@@ -68,7 +68,9 @@ WHY = {
     "(Hessian) information, in minutes on this CPU; hf_qlimit's RTN compensates nothing, and its AdaRound "
     "reconstruction (BRECQ/QDrop) only picks up or down per weight and needs far more iterations than this CPU "
     "affords here. On SmolLM2 at 3 and 4 bits hf_qlimit's starting grid is also worse than plain min-max: its "
-    "Lp (p = 2.4) clipping search clips weights this model needs (its RTN trails llm-compressor's min-max RTN)",
+    "Lp (p = 2.4) clipping search clips weights this model needs (its RTN trails llm-compressor's min-max RTN): "
+    "the clipped grid has the smaller weight error (`python benchmarks/gguf_grid.py` prints both), yet the larger "
+    "perplexity, so the clipped large weights matter more than their share of the error",
     "AWQ": "AWQ rescales salient input channels before rounding, which RTN-family grids lack",
     "RTN": "the peer keeps embeddings and head in FP32 while hf_qlimit rounds them to 8 bits, and "
     "one seed's calibration set moves SST-2 accuracy by 1 to 2 points (see the seed study)",
