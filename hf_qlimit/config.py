@@ -60,7 +60,7 @@ class QLimitConfig(QuantizationConfigMixin):
         round_loss_weight: λ of the AdaRound regulariser.
         beta_range: (start, end) of the annealed β of the AdaRound regulariser.
         warmup: fraction of the iterations before the regulariser starts.
-        drop_prob: QDrop's probability of keeping an activation in full precision.
+        drop_prob: QDrop's probability of keeping an activation in full precision (applied in steps of 2⁻¹⁶).
         loss: `"mse"` or `"fisher"` (output error weighted by squared gradients of the KL at the block output).
         weight_lr, act_lr: Adam learning rates of the rounding variables and of the activation step sizes.
         seed: seed of sampling and dropping; the same seed and data give identical tensors.
