@@ -108,6 +108,18 @@ def test_same_seed_gives_identical_tensors():
         assert torch.equal(states[0][key], states[1][key]), key
 
 
+def test_qdrop_without_dropping_is_brecq():
+    """QDrop differs from BRECQ by the dropping alone: at drop_prob 0 the saved tensors are the same."""
+    states = []
+    for method, extra in (("brecq", {}), ("qdrop", {"drop_prob": 0.0})):
+        model = tiny_bert()
+        config = QLimitConfig(weight_bits=2, act_bits=4, method=method, seed=3, **FAST, **extra)
+        model.quantize_qlimit(calib_samples(), config)
+        states.append(model.state_dict())
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
 @pytest.mark.parametrize("beta", [None, 20.0, 2.0])
 def test_fused_soft_rounding_matches_autograd(beta, monkeypatch):
     """The hand-written backward of AdaRound's weight + regulariser equals autograd through the plain formula.
