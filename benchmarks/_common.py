@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a description of the machine, and a README section between two markers.
+"""What the benchmark scripts share: a description of the machine, when and with how many threads their runs
+were measured, and a README section between two markers.
 
 The scripts put this folder on `sys.path` and `import _common`, which works when they run as
 `python benchmarks/<script>.py` and when the tests load them from their file.
@@ -9,9 +10,13 @@ README replaces it, so that a rerun never appends a second table.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 def cpu_name() -> str:
@@ -73,3 +78,22 @@ def rewrite_between_markers(readme: Path, marker: str, section: str) -> None:
     readme = Path(readme)
     text = readme.read_text(encoding="utf-8")
     readme.write_text(replace_between_markers(text, marker, section, where=str(readme)), encoding="utf-8")
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A run's results.json, its date filled from the file's time where the run did not record it (older runs)."""
+    path = Path(path)
+    results = json.loads(path.read_text())
+    environment = results.setdefault("environment", {})
+    if "date" not in environment:
+        environment["date"] = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat()
+    return results
+
+
+def measured(runs: Iterable[dict[str, Any] | None]) -> tuple[str, int | None]:
+    """('<first day>[ to <last day>]', the CPU runs' torch threads if all that recorded them used the same) of
+    results read by `read_results` (None or empty: a failed or missing run)."""
+    runs = [r for r in runs if r]
+    days = sorted({r["environment"]["date"][:10] for r in runs}) or [datetime.date.today().isoformat()]
+    threads = {r["environment"]["torch_threads"] for r in runs if r["environment"].get("torch_threads")}
+    return (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"), (threads.pop() if len(threads) == 1 else None)

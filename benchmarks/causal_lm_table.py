@@ -15,7 +15,6 @@ The model folder is converted from the GGUF once (`hf_qlimit.gguf`) and reused. 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import sys
@@ -92,7 +91,7 @@ def _reused(out: Path, cell_args: list[str]) -> dict[str, Any] | None:
     path = out / "results.json"
     if not path.is_file():
         return None
-    results = json.loads(path.read_text())
+    results = _common.read_results(path)
     return results if results.get("table_args") == cell_args else None
 
 
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> str:
         if getattr(args, flag) is not None:
             common += [f"--{flag}", str(getattr(args, flag))]
     rows: dict[str, dict[str, dict[str, float]]] = {}
-    fp, last, seconds = None, None, 0.0
+    fp, last, seconds, cells = None, None, 0.0, []
     for label, setting in SETTINGS:
         for method in METHODS:
             out = args.out_dir / f"{label.replace(' ', '-').lower()}-{method}"
@@ -145,13 +144,15 @@ def main(argv: list[str] | None = None) -> str:
                 "quantize_s": last["timings_s"]["quantize_s"],
             }
             seconds += last["timings_s"]["total_s"]
+            cells.append(last)
     q = last["qlimit_config"]
+    days, threads = _common.measured(cells)  # with --reuse, not necessarily today's runs
     meta = {
         "data": "WikiText-2 test (tokenized v1 release with `<unk>`, not wikitext-2-raw)",
         "windows": last["quantized"]["windows"], "seq_len": args.seq_len, "tokens": last["quantized"]["tokens"],
         "calib": last["data"]["calib_windows"], "quick": args.quick,
         "recon": f"QDrop {q['iters']} iterations per block, batch {q['batch_size']}",
-        "machine": _common.machine(), "date": datetime.date.today().isoformat(),
+        "machine": _common.machine(threads), "date": days,
         "transformers": last["environment"]["versions"]["transformers"], "wall_min": seconds / 60,
     }  # fmt: skip
     table = render(rows, fp, meta)

@@ -14,8 +14,6 @@ in examples/glue/README.md, with the machine and the date.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -53,29 +51,12 @@ QUICK = {
 Key = tuple[str, str, str]  # (task, method, setting)
 
 
-def _with_date(path: Path) -> dict[str, Any]:
-    """A results.json, its run's date filled from the file's time where the run did not record it (older runs)."""
-    results = json.loads(path.read_text())
-    environment = results.setdefault("environment", {})
-    if "date" not in environment:
-        environment["date"] = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat()
-    return results
-
-
-def measured(results: dict[Key, dict[str, Any] | None]) -> tuple[str, int | None]:
-    """('<first day>[ to <last day>]', the CPU runs' torch threads if all that recorded them used the same)."""
-    runs = [r for r in results.values() if r]
-    days = sorted({r["environment"]["date"][:10] for r in runs}) or [datetime.date.today().isoformat()]
-    threads = {r["environment"]["torch_threads"] for r in runs if r["environment"].get("torch_threads")}
-    return (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"), (threads.pop() if len(threads) == 1 else None)
-
-
 def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, extra: list[str], reuse: bool):
     """results.json of one run (reused when asked and present), or None when the run failed."""
     weight_bits, act_bits = SETTINGS[setting]
     out = out_dir / task / f"{METHODS[method]}-{setting.lower()}"
     if reuse and (out / "results.json").is_file():
-        return _with_date(out / "results.json")
+        return _common.read_results(out / "results.json")
     if reuse == "only":  # table from what was measured: a missing run is a blank cell, not a new run
         return {}
     cmd = [
@@ -103,7 +84,7 @@ def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, e
     if subprocess.run(cmd, check=False).returncode != 0:  # one failed run should not cost the others
         print(f"[glue_table] FAILED: {task} {method} {setting}", file=sys.stderr)
         return None
-    return _with_date(out / "results.json")
+    return _common.read_results(out / "results.json")
 
 
 def _gpu(result: dict[str, Any]) -> str | None:
@@ -258,7 +239,7 @@ def main(argv: list[str] | None = None) -> str:
     build = build_method_tables if args.by_method else build_tables
     tables = build(results, args.tasks, args.methods, args.settings)
     command = "python benchmarks/glue_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    days, threads = measured(results)
+    days, threads = _common.measured(results.values())
     section = render_section(tables, results, days, _common.machine(threads), args.marker, command.strip())
     print(section)
     if not args.quick or args.write:

@@ -35,7 +35,9 @@ def build_table(results: dict[tuple[str, int, int], dict[str, Any] | None], meth
         for n in iters:
             runs = [results.get((method, n, s)) for s in seeds]
             values = [100 * next(iter(next(iter(r["quantized"].values())).values())) for r in runs if r]
-            cells = [glue_table._cell(r["quantized"]) + (" †" if glue_table._gpu(r) else "") if r else "–" for r in runs]
+            cells = [
+                glue_table._cell(r["quantized"]) + (" †" if glue_table._gpu(r) else "") if r else "–" for r in runs
+            ]
             if len(values) >= 2:
                 summary = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
             else:
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> str:
         if sample
         else ""
     )
-    days, threads = glue_table.measured(results)
+    days, threads = _common.measured(results.values())
     command = "python benchmarks/seed_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = [
         f"{glue_table.TASK_NAMES[args.task]} dev, {args.setting}, FP {fp}. {calib}",

@@ -85,15 +85,16 @@ def test_method_rows_layout(glue_table):
 
 
 def test_measured_spans_the_runs_days_and_their_threads(glue_table, tmp_path):
+    common = glue_table._common
     old = tmp_path / "results.json"  # an older run, without a recorded date: the file's time stands in
     old.write_text('{"environment": {"device": "cpu"}}')
     os.utime(old, (1_700_000_000, 1_700_000_000))  # 2023-11-14 UTC
     runs = {
-        ("sst2", "RTN", "W8A8"): glue_table._with_date(old),
+        ("sst2", "RTN", "W8A8"): common.read_results(old),
         ("sst2", "QDrop", "W8A8"): {"environment": {"date": "2026-11-23T01:00:00+00:00", "torch_threads": 1}},
         ("sst2", "BRECQ", "W8A8"): {"environment": {**GPU, "date": "2026-11-22T10:00:00+00:00"}},
         ("sst2", "AdaRound", "W8A8"): None,  # failed
     }
-    assert glue_table.measured(runs) == ("2023-11-14 to 2026-11-23", 1)
+    assert common.measured(runs.values()) == ("2023-11-14 to 2026-11-23", 1)
     runs["sst2", "RTN", "W4A8"] = {"environment": {"date": "2026-11-23T02:00:00+00:00", "torch_threads": 2}}
-    assert glue_table.measured(runs)[1] is None  # mixed: the table does not claim one thread count
+    assert common.measured(runs.values())[1] is None  # mixed: the table does not claim one thread count
