@@ -274,6 +274,7 @@ def write_tiny_gguf(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
+    pytest.importorskip("gguf", reason="the `gguf` package (the `examples` extra) converts GGUF files")
     path = tmp_path_factory.mktemp("gguf") / "tiny.Q8_0.gguf"
     write_tiny_gguf(path)
     return path
