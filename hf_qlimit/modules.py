@@ -2,7 +2,13 @@
 
 Each module has two states. While calibrating it holds the FP weight and fake-quantizes it (RTN or AdaRound).
 `freeze()` turns the weight into packed integer codes; from then on, and after `from_pretrained`, the forward
-pass dequantizes those codes, so the in-memory and the reloaded model compute exactly the same thing.
+pass works from those codes, so the in-memory and the reloaded model compute exactly the same thing.
+
+A frozen module's inference mode (`keep_dequantized`, see `set_inference_mode`):
+- None, "packed" (the default): the weight stays packed. A weight-only Linear whose layout a torch int4 / int8
+  kernel takes runs through it (bfloat16 activations, see kernels.py); other layers dequantize on the fly.
+- False, "dequantize": dequantize on the fly in float, always; exact fake quantization (quantization uses it).
+- True, "cached": the old fast path for small models: one fp32 copy of the weight kept after the first forward.
 """
 
 from __future__ import annotations
@@ -11,22 +17,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers.utils import logging
+
+from . import kernels
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantizers import ActQuantizer, WeightQuantizer
 from .quantizers.adaround import ROW_CHUNK, row_slices
+
+logger = logging.get_logger(__name__)
+
+INFERENCE_MODES = {"packed": None, "dequantize": False, "cached": True}
+_KERNEL_BUFFERS = ("_kernel_weight", "_kernel_scales", "_kernel_offset")
 
 
 class _QuantWeightMixin:
     """Weight handling shared by `QuantLinear` and `QuantEmbedding`: rows are output channels.
 
     Frozen, `weight` is a flat uint8 buffer of packed codes. Flat on purpose: a transformers without hf_qlimit
-    then fails loudly on the shape mismatch instead of reading codes as float weights.
+    then fails loudly on the shape mismatch instead of reading codes as float weights. A Linear running through
+    a kernel swaps that buffer for the kernel's layout (same bytes per code, device-specific, never saved):
+    `state_dict()`, `.weight` and any `.to()` / `.float()` give back the hf_qlimit codes exactly.
     """
 
     weight_quantizer: WeightQuantizer
-    # Frozen modules keep their dequantized fp32 weight for the next forward (fast inference); quantization
-    # turns this off, or every finished block would hold an fp32 copy of itself until the end.
-    keep_dequantized: bool = True
+    # None: packed inference (kernels where they fit, else dequantize per call, no float copy kept); False:
+    # always dequantize per call, in float (quantization sets this, so its frozen blocks stay exact and cost no
+    # memory); True: keep an fp32 copy after the first forward (fast for small models, 8x a W4 weight's bytes).
+    keep_dequantized: bool | None = None
 
     def _init_weight(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool, frozen: bool):
         self.rows, self.cols = rows, cols
@@ -35,6 +52,8 @@ class _QuantWeightMixin:
         if frozen:
             self.register_buffer("weight", torch.zeros(rows * packed_row_bytes(cols, bits), dtype=torch.uint8))
         self.register_buffer("_dequantized", None, persistent=False)
+        self._kernel: kernels.KernelPlan | None = None  # set while `weight` is held in a kernel's layout
+        self._kernel_failed = False
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -51,7 +70,22 @@ class _QuantWeightMixin:
         self.is_frozen = True
         self._dequantized = None
 
+    def packed_weight(self) -> torch.Tensor:
+        """The flat uint8 buffer of hf_qlimit codes (rebuilt exactly if the weight is in a kernel's layout)."""
+        if self._kernel is None:
+            return self._buffers["weight"]
+        if self._kernel.kind == "int4":
+            return kernels.unpack_int4(self._kernel_weight, self.rows, self.cols)
+        return kernels.unpack_int8(self._kernel_weight)
+
+    def __getattr__(self, name: str):
+        # `.weight` of a module whose codes sit in a kernel's layout: the hf_qlimit codes, rebuilt
+        if name == "weight" and self.__dict__.get("_kernel") is not None:
+            return self.packed_weight()
+        return super().__getattr__(name)
+
     def quantized_weight(self) -> torch.Tensor:
+        """The float weight; frozen, it is cached only in the "cached" mode (`keep_dequantized=True`)."""
         if not self.is_frozen:
             return self.weight_quantizer(self.weight)
         if self._has_cache():
@@ -61,16 +95,105 @@ class _QuantWeightMixin:
         return weight
 
     def _has_cache(self) -> bool:
-        return self._dequantized is not None and self._dequantized.device == self.weight.device
+        return self._dequantized is not None and self._dequantized.device == self.weight_quantizer.scale.device
 
     def _dequantize_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Float weight of a frozen module, all rows or only `rows` (a slice or index tensor)."""
-        packed = self.weight.reshape(self.rows, -1)
+        packed = self.packed_weight().reshape(self.rows, -1)
         codes = unpack_codes(packed if rows is None else packed[rows], self.weight_quantizer.bits, self.cols)
         return self.weight_quantizer.dequantize(codes, rows=rows)
 
     def invalidate_cache(self) -> None:
         self._dequantized = None
+        self.release_kernel()
+
+    # -- kernel layout ---------------------------------------------------------------------------------------
+
+    def _kernel_allowed(self) -> bool:
+        """Packed mode, frozen, on a real device, and no accelerate hook that swaps `weight` in and out."""
+        return (
+            self.is_frozen
+            and self.keep_dequantized is None
+            and not self._kernel_failed
+            and getattr(self, "input_quantizer", None) is None
+            and not hasattr(self, "_hf_hook")
+            and self.weight_quantizer.scale.device.type != "meta"
+        )
+
+    @torch.no_grad()
+    def _take_kernel(self) -> bool:
+        """Moves the codes into a kernel's layout if one fits; False (and dequantize per call) otherwise."""
+        if self._kernel is not None:
+            return True
+        quantizer, packed = self.weight_quantizer, self._buffers["weight"]
+        chosen = kernels.plan(quantizer.bits, self.rows, self.cols, quantizer.group_size, packed.device)
+        if chosen is None:
+            self._kernel_failed = True  # not a layout any kernel takes: decided once
+            return False
+        try:
+            if chosen.kind == "int4":
+                weight, scales = kernels.prepare_int4(packed, quantizer.scale, quantizer.zero, self.cols, chosen.group)
+                offset = None
+            else:
+                weight, scales, offset = kernels.prepare_int8(packed, quantizer.scale, quantizer.zero, self.cols, chosen.group)
+        except RuntimeError as err:  # an op this torch build lacks for the device: stay exact and slower
+            logger.warning_once(f"No {chosen.kind} kernel for a {self.rows}x{self.cols} weight here ({err}); "
+                                "such layers dequantize at every call.")  # fmt: skip
+            self._kernel_failed = True
+            return False
+        del self._buffers["weight"]
+        for name, tensor in zip(_KERNEL_BUFFERS, (weight, scales, offset)):
+            self.register_buffer(name, tensor, persistent=False)
+        self._kernel = chosen
+        return True
+
+    @torch.no_grad()
+    def release_kernel(self) -> None:
+        """Back to hf_qlimit's packed codes (exact), e.g. before a move to another device."""
+        if self._kernel is None:
+            return
+        packed = self.packed_weight()
+        for name in _KERNEL_BUFFERS:
+            self._buffers.pop(name, None)
+        self._kernel = None
+        self.register_buffer("weight", packed)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel.kind == "int4":
+            y = kernels.int4_linear(x, self._kernel_weight, self._kernel_scales, self._kernel.group, self.rows)
+        else:
+            y = kernels.int8_linear(x, self._kernel_weight, self._kernel_scales, self._kernel_offset)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn, recurse: bool = True):
+        self.release_kernel()  # a kernel layout is tied to its device; taken again at the next forward
+        self._kernel_failed = False
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._kernel is not None:
+            destination[prefix + "weight"] = self.packed_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.release_kernel()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def set_inference_mode(model: nn.Module, mode: str = "packed") -> nn.Module:
+    """How the frozen quantized modules of `model` compute: "packed" (default: packed weights, int4 / int8
+    kernels where the layout allows, no float copy), "dequantize" (dequantize in float at every call: exact fake
+    quantization, slower) or "cached" (one fp32 copy per weight after the first forward: fastest on small models,
+    8x the memory of a W4 weight)."""
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"`mode` must be one of {sorted(INFERENCE_MODES)}, got {mode!r}.")
+    for module in model.modules():
+        if isinstance(module, _QuantWeightMixin):
+            module.invalidate_cache()
+            module._kernel_failed = False
+            module.keep_dequantized = INFERENCE_MODES[mode]
+    return model
 
 
 class QuantLinear(_QuantWeightMixin, nn.Module):
@@ -108,9 +231,11 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
             x = self.input_quantizer(x)
         if not self.is_frozen and self.weight_quantizer.learning:
             return self.weight_quantizer.linear(x, self.bias)
+        if self.is_frozen and self._kernel_allowed() and self._take_kernel():
+            return self._kernel_forward(x)
         if not self.is_frozen or self._has_cache() or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
             return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
-        # No cache wanted (during quantization): a large matrix (an LM head) is dequantized a slab at a time.
+        # No cache wanted: a large matrix (an LM head) is dequantized a slab at a time.
         outs = []
         for rows in row_slices(self.rows, self.cols):
             weight = self._dequantize_rows(rows).to(x.dtype)
