@@ -12,9 +12,10 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from .api import patch_pretrained_model, quantize
 from .arguments import QuantizationArguments
 from .config import PRESETS, QLimitConfig
+from .export import export  # the function; the package stays importable as hf_qlimit.export (python -m)
 from .hf_quantizer import QLimitHfQuantizer
 from .models import register_adapter, supported_model_types
-from .modules import register_attention
+from .modules import register_attention, set_inference_mode
 
 __version__ = "0.1.0"
 
@@ -32,7 +33,9 @@ __all__ = [
     "QLimitConfig",
     "QLimitHfQuantizer",
     "QuantizationArguments",
+    "export",
     "quantize",
     "register_adapter",
+    "set_inference_mode",
     "supported_model_types",
 ]

@@ -1,0 +1,53 @@
+"""Export a quantized model to formats other tools load without hf_qlimit.
+
+    hf_qlimit.export(model_or_folder, out_dir, format="compressed-tensors")
+    python -m hf_qlimit.export IN_DIR OUT_DIR --format compressed-tensors
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .common import ExportError, copy_tokenizer, load_quantized
+
+FORMATS = ("compressed-tensors", "gguf")
+
+
+def export(model_or_folder: nn.Module | str | Path, out_dir: str | Path, format: str = "compressed-tensors",
+           allow_unservable: bool = False) -> Path:  # fmt: skip
+    """Writes a quantized hf_qlimit model (or the folder it was saved to) to `out_dir` in `format`.
+
+    - "compressed-tensors": a transformers folder that plain transformers + the `compressed-tensors` package
+      load, and vLLM serves: weight-only Linears as `pack-quantized`, W8A8 as `int-quantized` with static input
+      scales. Quantized embeddings are written dequantized.
+    - "gguf": one `.gguf` file (Q4_1 / Q8_0 where they map exactly), see `export/gguf.py`.
+
+    Settings the format cannot express raise `ExportError` naming them. `allow_unservable=True` exports
+    asymmetric 2/3-bit weights anyway (compressed-tensors stores them; vLLM does not serve them).
+    Returns the folder (or file) written.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"Unknown export format {format!r}; choose one of {list(FORMATS)}.")
+    source = None
+    if isinstance(model_or_folder, (str, Path)):
+        source = Path(model_or_folder)
+        model = load_quantized(source)
+    else:
+        model = model_or_folder
+    out_dir = Path(out_dir)
+    if format == "compressed-tensors":
+        from .compressed_tensors import export_compressed_tensors
+
+        written = export_compressed_tensors(model, out_dir, allow_unservable=allow_unservable)
+    else:
+        from .gguf import export_gguf
+
+        written = export_gguf(model, out_dir)
+    if source is not None:
+        copy_tokenizer(source, out_dir if written.is_dir() else written.parent)
+    return written
+
+
+__all__ = ["FORMATS", "ExportError", "export"]
