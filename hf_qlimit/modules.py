@@ -54,6 +54,7 @@ class _QuantWeightMixin:
         self.register_buffer("_dequantized", None, persistent=False)
         self._kernel: kernels.KernelPlan | None = None  # set while `weight` is held in a kernel's layout
         self._kernel_failed = False
+        self._kernel_checked = False  # the kernel ran once without error
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -156,6 +157,7 @@ class _QuantWeightMixin:
         for name in _KERNEL_BUFFERS:
             self._buffers.pop(name, None)
         self._kernel = None
+        self._kernel_checked = False
         self.register_buffer("weight", packed)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +234,17 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         if not self.is_frozen and self.weight_quantizer.learning:
             return self.weight_quantizer.linear(x, self.bias)
         if self.is_frozen and self._kernel_allowed() and self._take_kernel():
-            return self._kernel_forward(x)
+            if self._kernel_checked:
+                return self._kernel_forward(x)
+            try:  # the first call tells whether this torch build runs the op on this device (CUDA int8 is recent)
+                y = self._kernel_forward(x)
+                self._kernel_checked = True
+                return y
+            except RuntimeError as err:  # NotImplementedError included
+                logger.warning_once(f"The {self._kernel.kind} kernel failed on {x.device} ({err}); such layers "
+                                    "dequantize at every call.")  # fmt: skip
+                self.release_kernel()
+                self._kernel_failed = True
         if not self.is_frozen or self._has_cache() or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
             return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
         # No cache wanted: a large matrix (an LM head) is dequantized a slab at a time.

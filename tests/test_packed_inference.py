@@ -155,3 +155,22 @@ def test_int8_kernel_refuses_rows_it_would_read_past():
 def test_unknown_inference_mode_is_refused():
     with pytest.raises(ValueError, match="`mode` must be one of"):
         set_inference_mode(nn.Linear(2, 2), "fast")
+
+
+def test_a_kernel_failing_at_its_first_call_falls_back_to_exact_dequantization(monkeypatch):
+    """A torch build may lack an op for a device (the int8 one on older CUDA builds): the layer then stays exact."""
+    model = _quantized("llama")
+    exact = _logits(model, "dequantize")
+    set_inference_mode(model, "packed")
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("no kernel for this backend")
+
+    monkeypatch.setattr(kernels, "int4_linear", missing)
+    with torch.no_grad():
+        got = model(input_ids=_ids()).logits
+    blocks = [m for m in model.modules() if isinstance(m, QuantLinear) and m.weight_quantizer.bits == 4]
+    assert all(m._kernel is None and m._kernel_failed for m in blocks)
+    assert (got - exact).abs().max() < BF16_TOLERANCE * exact.abs().max()  # the 8-bit head still ran its kernel
+    x = torch.randn(2, blocks[0].cols)
+    assert torch.equal(blocks[0](x), torch.nn.functional.linear(x, blocks[0]._dequantize_rows()))
