@@ -61,6 +61,16 @@ class QuantizationArguments:
     )
     loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher."})
     drop_prob: float | None = field(default=None, metadata={"help": "QDrop's probability of keeping FP activations."})
+    rounding: str | None = field(
+        default=None, metadata={"help": "anneal (the papers') or progressive (hardens in rounds); none: the preset's."}
+    )
+    learn_weight_scale: bool | None = field(
+        default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
+    )
+    weight_lr: float | None = field(default=None, metadata={"help": "Adam lr of AdaRound's V; none: the preset's."})
+    act_lr: float | None = field(default=None, metadata={"help": "Adam lr of the activation steps (LSQ)."})
+    scale_lr: float | None = field(default=None, metadata={"help": "Adam lr of the learned weight steps (log)."})
+    fisher_damping: float | None = field(default=None, metadata={"help": "d of loss=fisher's (|g| + d)² weights."})
     first_last_bits: str = field(
         default="8", metadata={"help": "Bits of embeddings and the task / LM head, or 'none' for FP."}
     )
@@ -121,6 +131,12 @@ class QuantizationArguments:
             group_size=self.group_size,
             loss=self.loss,
             drop_prob=self.drop_prob,
+            rounding=self.rounding,
+            learn_weight_scale=self.learn_weight_scale,
+            weight_lr=self.weight_lr,
+            act_lr=self.act_lr,
+            scale_lr=self.scale_lr,
+            fisher_damping=self.fisher_damping,
             first_last_bits=parse_bits("first_last_bits", self.first_last_bits),
             modules_to_not_convert=self.modules_to_not_convert,
             seed=self.quant_seed if self.quant_seed is not None else seed,

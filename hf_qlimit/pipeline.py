@@ -193,7 +193,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     fisher = None
     if config.loss == "fisher" and config.method != "rtn":
         _convert(model, [n for n in config.layer_config if n not in prefix_quantized], run, config, frozen=False)
-        fisher = fisher_weights(model, blocks, batches, device)
+        fisher = fisher_weights(model, blocks, batches, device, config.fisher_damping)
     _freeze_names(model, prefix_quantized)  # RTN weights, final; the FP prefix is no longer needed
     run.release_memory()
     if run.work is not None and not run.done:
@@ -227,14 +227,18 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         data_i = BlockData(fp_in, q_in, fp_out, inputs, token_mask, None if fisher is None else fisher[i])
         if config.method != "rtn":
             rtn_error = block_output_error(block, data_i, device)
-            reconstruct_block(block, data_i, config, device, desc=f"block {i}")
+            undecided = reconstruct_block(block, data_i, config, device, desc=f"block {i}").undecided
             _freeze(block)
         q_out = run_block(block, q_in, inputs, device, cache)
         error = block_output_error(block, data_i, device, q_out=q_out)
         if config.method == "rtn":
-            rtn_error = error
-        logger.info(f"block {i}: output MSE {rtn_error:.4g} with round-to-nearest, {error:.4g} after {config.method}")
-        stats.append({"block": i, "rtn_mse": rtn_error, "mse": error, "seconds": time.perf_counter() - tick})
+            rtn_error, undecided = error, 0.0
+        logger.info(
+            f"block {i}: output MSE {rtn_error:.4g} with round-to-nearest, {error:.4g} after {config.method} (hard "
+            f"rounding; {undecided:.1%} of the rounding variables were still undecided before it)"
+        )
+        stats.append({"block": i, "rtn_mse": rtn_error, "mse": error, "undecided": undecided,
+                      "seconds": time.perf_counter() - tick})  # fmt: skip
         fp_in, q_in = fp_out, q_out
         del data_i, fp_out, q_out
         if run.work is not None:

@@ -167,23 +167,30 @@ def _learning_linear(bits: int = 4, group_size: int | None = None) -> QuantLinea
     return module
 
 
-@pytest.mark.parametrize("group_size,beta", [(None, None), (8, 20.0), (None, 2.0)])
-def test_fused_soft_rounded_linear_matches_the_unfused_path(group_size, beta, monkeypatch):
-    """The Linear's own backward (weight and its gradient a row chunk at a time) gives autograd's gradients."""
+@pytest.mark.parametrize("group_size,beta,learn_scale", [(None, None, False), (8, 20.0, False), (None, 2.0, False),
+                                                         (8, 20.0, True), (None, None, True)])  # fmt: skip
+def test_fused_soft_rounded_linear_matches_the_unfused_path(group_size, beta, learn_scale, monkeypatch):
+    """The Linear's own backward (weight and its gradient a row chunk at a time) gives autograd's gradients,
+    also for a learned step."""
     from hf_qlimit.quantizers import adaround
 
     monkeypatch.setattr(adaround, "TEMP_CHUNK", 100)  # several row chunks
     module = _learning_linear(group_size=group_size)
     quantizer = module.weight_quantizer
     quantizer.beta = beta
+    if learn_scale:
+        quantizer.learn_scale().data.uniform_(-0.2, 0.2)
     x = torch.randn(3, 5, 32, requires_grad=True)
     upstream = torch.randn(3, 5, 24)
     out = module(x)  # the fused op
     reg = quantizer.rounding_loss() if beta is not None else 0.0
     ((out * upstream).sum() + 0.01 * reg).backward()
     fused = out.detach(), quantizer.alpha.grad.clone(), x.grad.clone()
+    fused_scale = quantizer.log_scale.grad.clone() if learn_scale else None
 
     quantizer.alpha.grad, x.grad = None, None
+    if learn_scale:
+        quantizer.log_scale.grad = None
     w_q = quantizer(module.weight)  # the soft weight as its own op, then a plain Linear
     reg = quantizer.rounding_loss() if beta is not None else 0.0
     ref = torch.nn.functional.linear(x, w_q, module.bias)
@@ -191,6 +198,9 @@ def test_fused_soft_rounded_linear_matches_the_unfused_path(group_size, beta, mo
     torch.testing.assert_close(fused[0], ref.detach())
     torch.testing.assert_close(fused[1], quantizer.alpha.grad)
     torch.testing.assert_close(fused[2], x.grad)
+    if learn_scale:
+        assert fused_scale.abs().sum() > 0
+        torch.testing.assert_close(fused_scale, quantizer.log_scale.grad)
 
 
 @pytest.mark.parametrize("bits,dtype", [(2, torch.int8), (4, torch.int8), (6, torch.int8), (8, torch.int16)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -41,31 +42,35 @@ def _soft_rounded(alpha, code_floor, zero, scale, qmin: int, qmax: int, beta: fl
     return h.add_(code_floor).clamp_(qmin, qmax).sub_(zero).mul_(scale), reg
 
 
-def _backward_chunk(g, xf, alpha, code_floor, zero, scale, qmin: int, qmax: int, beta, grad_reg, grad_x):
+def _backward_chunk(g, xf, alpha, code_floor, zero, scale, qmin: int, qmax: int, beta, grad_reg, grad_x, want_scale):
     """For one row chunk (tensors already sliced): adds ∂/∂x of the chunk's outputs to `grad_x` (if given) and
-    returns ∂/∂V of Σ grad_y · y + grad_reg · R(V). The soft weight and every mask come from one sigmoid; masks
-    are 0/1 floats (bool masks cost a cast at every use on CPU)."""
+    returns (∂/∂V, ∂/∂s or None) of Σ grad_y · y + grad_reg · R(V). The soft weight and every mask come from one
+    sigmoid; masks are 0/1 floats (bool masks cost a cast at every use on CPU)."""
     sig = torch.sigmoid(alpha)
     stretched = sig * (ZETA - GAMMA) + GAMMA
     h = stretched.clamp(0, 1)
     live = torch.eq(h, stretched, out=stretched)  # 1 where the clamp passes the gradient
     inner = h + code_floor
-    w_q = inner.clamp(qmin, qmax)
-    in_range = torch.eq(w_q, inner, out=inner)  # clamp passes the gradient on [min, max], ends included
+    levels = inner.clamp(qmin, qmax)
+    in_range = torch.eq(levels, inner, out=inner)  # clamp passes the gradient on [min, max], ends included
+    levels.sub_(zero)  # w_q = levels · s
+    grad_w = (g.t() @ xf).reshape(alpha.shape).float()
+    grad_scale = (grad_w * levels).sum(-1, keepdim=True) if want_scale else None
     if grad_x is not None:
-        grad_x.addmm_(g, w_q.sub_(zero).mul_(scale).reshape(g.shape[1], -1).to(g.dtype))
-    del w_q
-    grad_h = (g.t() @ xf).reshape(alpha.shape).float().mul_(scale).mul_(in_range)
+        grad_x.addmm_(g, levels.mul_(scale).reshape(g.shape[1], -1).to(g.dtype))
+    del levels
+    grad_h = grad_w.mul_(scale).mul_(in_range)
     if beta is not None:
         u = h.mul_(2).sub_(1)
         grad_h.sub_(u.abs().pow_(beta - 1).copysign_(u).mul_(grad_reg * 2 * beta))
-    return grad_h.mul_(live).mul_(torch.addcmul(sig, sig, sig, value=-1)).mul_(ZETA - GAMMA)
+    return grad_h.mul_(live).mul_(torch.addcmul(sig, sig, sig, value=-1)).mul_(ZETA - GAMMA), grad_scale
 
 
 class _SoftRoundedLinear(torch.autograd.Function):
     """F.linear(x, w_q(V), bias) and R(V) in one op, differentiable in V and x.
 
     w_q = (clamp(c + h(V), qmin, qmax) − z) · s  and  R = Σ (1 − |2h − 1|^β),  c = ⌊w/s⌋ + z.
+    With a learned step s (a tensor that requires grad), ∂/∂s comes from the same row chunks.
     Its backward pass rebuilds w_q and forms ∂/∂w_q one row chunk at a time, straight into V's gradient: neither
     the soft weight, its gradient nor autograd's intermediates ever exist whole, which were the peak of a large
     block's reconstruction (several weight-sized tensors per MLP matrix).
@@ -86,14 +91,19 @@ class _SoftRoundedLinear(torch.autograd.Function):
         rows = alpha.shape[0]
         gy, xf = grad_y.reshape(-1, rows), x.reshape(-1, x.shape[-1])
         grad_x = torch.zeros_like(xf) if ctx.needs_input_grad[0] else None
+        want_scale = ctx.needs_input_grad[4]
         grad_alpha = torch.empty_like(alpha)
+        grad_scale = torch.empty_like(scale) if want_scale else None
         for r in row_slices(rows, alpha[0].numel(), True):
-            grad_alpha[r] = _backward_chunk(
-                gy[:, r], xf, alpha[r], code_floor[r], zero[r], scale[r], qmin, qmax, ctx.beta, grad_reg, grad_x
-            )
+            grad_alpha[r], chunk_scale = _backward_chunk(
+                gy[:, r], xf, alpha[r], code_floor[r], zero[r], scale[r], qmin, qmax, ctx.beta, grad_reg, grad_x,
+                want_scale,
+            )  # fmt: skip
+            if want_scale:
+                grad_scale[r] = chunk_scale
         grad_bias = gy.sum(0) if ctx.needs_input_grad[5] else None
         grad_x = grad_x.reshape(x.shape) if grad_x is not None else None
-        return grad_x, grad_alpha, None, None, None, grad_bias, None, None, None, None
+        return grad_x, grad_alpha, None, None, grad_scale, grad_bias, None, None, None, None
 
 
 class WeightQuantizer(nn.Module):
@@ -109,6 +119,10 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape[0], groups))
         self.register_buffer("zero", torch.zeros(shape[0], groups, dtype=torch.uint8))
         self.alpha: nn.Parameter | None = None  # AdaRound's V, same shape as the grouped weight
+        # While learning the grid: s = scale · exp(log_scale), one factor per row and group (the integer codes
+        # stay fixed, only the dequantization step moves, as TesseraQ's DST). Baked into `scale` at the end.
+        self.log_scale: nn.Parameter | None = None
+        self.hard = False  # evaluate with the hard rounding (V >= 0) while V is still soft
         # ⌊w/s⌋ + z as int8 (int16 above 6 bits), fixed while V is learned; clamped to [qmin − 2, qmax + 1],
         # which changes neither clamp(c + h) nor its gradient for h in [0, 1]
         self.register_buffer("w_floor", None, persistent=False)
@@ -119,6 +133,8 @@ class WeightQuantizer(nn.Module):
 
     def _grid(self, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero = (self.scale, self.zero) if rows is None else (self.scale[rows], self.zero[rows])
+        if self.log_scale is not None:
+            scale = scale * torch.exp(self.log_scale if rows is None else self.log_scale[rows])
         return scale.unsqueeze(-1), zero.unsqueeze(-1).float()
 
     @torch.no_grad()
@@ -141,7 +157,48 @@ class WeightQuantizer(nn.Module):
         self.alpha = nn.Parameter(rest.sub_(GAMMA).reciprocal_().mul_(ZETA - GAMMA).sub_(1).log_().neg_())
 
     def soft_rounding(self) -> torch.Tensor:
+        if self.hard:
+            return (self.alpha >= 0).to(self.alpha.dtype)
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def learn_scale(self) -> nn.Parameter:
+        """Starts learning the dequantization step (one log-factor per row and group); returns the parameter."""
+        self.log_scale = nn.Parameter(torch.zeros_like(self.scale))
+        return self.log_scale
+
+    @torch.no_grad()
+    def finish_learning(self) -> None:
+        """Ends reconstruction: the rounding becomes hard and a learned step goes into `scale`, as the very floats
+        the forward pass used (so the frozen and the saved model compute what was evaluated)."""
+        self.harden()
+        if self.log_scale is not None:
+            self.scale.copy_(self.scale * torch.exp(self.log_scale))
+            self.log_scale = None
+        self.hard = False
+
+    @torch.no_grad()
+    def undecided(self, low: float = 0.01, high: float = 0.99) -> tuple[int, int]:
+        """(number of h strictly between `low` and `high`, number of h): how far the rounding is from hard."""
+        if self.alpha is None:
+            return 0, 0
+        count = 0
+        for r in row_slices(self.alpha.shape[0], self.alpha[0].numel(), True):
+            h = _soft(self.alpha[r])
+            count += int(((h > low) & (h < high)).sum())
+        return count, self.alpha.numel()
+
+    @torch.no_grad()
+    def harden_fraction(self, fraction: float) -> None:
+        """Progressive hardening: the `fraction` of rounding variables with h farthest from ½ (largest |V|),
+        those already hard included, are set hard for good (|V| = 100: h is exactly 0 or 1, its gradient 0)."""
+        if self.alpha is None or fraction <= 0:
+            return
+        magnitude = self.alpha.abs().reshape(-1)
+        n = magnitude.numel()
+        keep_soft = n - min(n, math.ceil(fraction * n))
+        threshold = float(torch.kthvalue(magnitude, keep_soft).values) if keep_soft > 0 else -1.0
+        chosen = (magnitude > threshold).reshape(self.alpha.shape)
+        self.alpha.data = torch.where(chosen, torch.where(self.alpha >= 0, 100.0, -100.0), self.alpha)
 
     def release_weight(self, module: nn.Module) -> None:
         """Once V holds the rounding, the FP weight is needed no more (only its shape): it goes to `meta`."""
@@ -215,6 +272,13 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
+
+
+def hardened_fraction(step: int, total: int, warmup: float, end: float = 0.8) -> float:
+    """Progressive hardening: the fraction of rounding variables hard at `step`, rising from 0 after warm-up
+    to 1 at `end` of the iterations (the rest trains the steps on the hard block, where soft = hard loss)."""
+    warm, stop = int(warmup * total), max(int(warmup * total) + 1, int(end * total))
+    return min(1.0, max(0.0, (step - warm + 1) / (stop - warm)))
 
 
 def beta_schedule(step: int, total: int, warmup: float, start: float, end: float) -> float | None:
