@@ -67,6 +67,7 @@ class QuantizationArguments:
     learn_weight_scale: bool | None = field(
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
     )
+    weight_init: str = field(default="rtn", metadata={"help": "Where the rounding starts: rtn or gptq."})
     weight_lr: float | None = field(default=None, metadata={"help": "Adam lr of AdaRound's V; none: the preset's."})
     act_lr: float | None = field(default=None, metadata={"help": "Adam lr of the activation steps (LSQ)."})
     scale_lr: float | None = field(default=None, metadata={"help": "Adam lr of the learned weight steps (log)."})
@@ -133,6 +134,7 @@ class QuantizationArguments:
             drop_prob=self.drop_prob,
             rounding=self.rounding,
             learn_weight_scale=self.learn_weight_scale,
+            weight_init=self.weight_init,
             weight_lr=self.weight_lr,
             act_lr=self.act_lr,
             scale_lr=self.scale_lr,

@@ -11,6 +11,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
 LOSSES = ("mse", "fisher")
 ROUNDINGS = ("anneal", "progressive")
+WEIGHT_INITS = ("rtn", "gptq")
 
 # Reconstruction settings of each preset; a field set by hand wins. "paper" is exactly the BRECQ/QDrop setting
 # (20k iterations, β-annealed rounding on a fixed grid). "fast" is fitted to a run of minutes on a CPU: with 40×
@@ -73,6 +74,9 @@ class QLimitConfig(QuantizationConfigMixin):
         rounding: `"anneal"` (AdaRound: the β regulariser pushes h to 0 or 1, hard rounding at the end) or
             `"progressive"` (as anneal, but after warm-up the most decided h are fixed in rounds, all of them by
             80% of the iterations, so the hard result is what was optimised).
+        weight_init: where the rounding starts: `"rtn"` (the FP weight; AdaRound's init) or `"gptq"` (GPTQ's
+            error-compensated weight from the Hessian of each Linear's calibration inputs; `method="rtn"` then
+            gives GPTQ's codes).
         learn_weight_scale: learn each row's (group's) dequantization step with the rounding (Adam on its log,
             lr `scale_lr`); the learned steps are what gets saved.
         seed: seed of sampling and dropping; the same seed and data give identical tensors.
@@ -110,6 +114,7 @@ class QLimitConfig(QuantizationConfigMixin):
     weight_lr: float | None = None
     act_lr: float | None = None
     rounding: str | None = None
+    weight_init: str = "rtn"
     learn_weight_scale: bool | None = None
     scale_lr: float | None = None
     fisher_damping: float | None = None
@@ -147,6 +152,8 @@ class QLimitConfig(QuantizationConfigMixin):
             raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
         if self.loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r}.")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"`rounding` must be one of {list(ROUNDINGS)}, got {self.rounding!r}.")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):

@@ -33,6 +33,7 @@ from .models import get_adapter
 from .offload import Offloader, bound_heap, default_device, is_dispatched, release_memory
 from .reconstruction import BlockData, block_output_error, fisher_weights, reconstruct_block
 from .resume import WorkDir, fingerprint
+from .weight_init import init_block_weights
 
 logger = logging.get_logger(__name__)
 
@@ -220,7 +221,13 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
             run.release_memory()  # the replaced Linears (a cycle, see offload.py) must not keep the FP weights alive
         with quant_state(block, weights=False, acts=False):
             fp_out = run_block(block, fp_in, inputs, device, cache)
+        if config.weight_init != "rtn":
+            init_block_weights(block, q_in, inputs, token_mask, device, config.weight_init)
         if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
+            for _, module in quantized_modules(block):
+                if module.weight_quantizer.start is not None:  # round the initialiser's weight to nearest
+                    module.weight_quantizer.init_adaround(module.weight)
+                    module.weight_quantizer.finish_learning()
             _freeze(block)
         with quant_state(block, weights=True, acts=True):
             _observe(list(act_quantizers(block)), lambda: run_block(block, q_in, inputs, device), config.lp_norm)

@@ -123,6 +123,7 @@ class WeightQuantizer(nn.Module):
         # stay fixed, only the dequantization step moves, as TesseraQ's DST). Baked into `scale` at the end.
         self.log_scale: nn.Parameter | None = None
         self.hard = False  # evaluate with the hard rounding (V >= 0) while V is still soft
+        self.start: torch.Tensor | None = None  # the weight the rounding starts from, if not the FP one (GPTQ's w̃)
         # ⌊w/s⌋ + z as int8 (int16 above 6 bits), fixed while V is learned; clamped to [qmin − 2, qmax + 1],
         # which changes neither clamp(c + h) nor its gradient for h in [0, 1]
         self.register_buffer("w_floor", None, persistent=False)
@@ -145,7 +146,10 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_adaround(self, weight: torch.Tensor) -> None:
-        """V such that h(V) equals the fractional part of w / s, i.e. the soft weight starts at the FP weight."""
+        """V such that h(V) equals the fractional part of w / s, i.e. the soft weight starts at the FP weight
+        (or at `self.start`, which is then consumed)."""
+        if self.start is not None:
+            weight, self.start = self.start, None
         scale, zero = self._grid()
         qmin, qmax = qrange(self.bits)
         w = group_view(weight.detach().float(), self.group_size) / scale

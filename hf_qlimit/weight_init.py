@@ -1,0 +1,70 @@
+"""Where a block's rounding starts: round-to-nearest of the FP weight, or GPTQ's error-compensated weight.
+
+With `weight_init="gptq"` every quantized Linear of the block gets the Hessian H = 2/N Σ xᵀx of its inputs on the
+quantized stream (the block's weights and activations in FP, as GPTQ collects it), and the compensated weight
+w̃ on its own grid. Round-to-nearest of w̃ is GPTQ's result; AdaRound starts from frac(w̃ / s), so 0 iterations
+give GPTQ's codes and reconstruction refines them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .block_inputs import BlockInputs, Stream, call_block
+from .config import WEIGHT_INITS
+from .integration import quant_state, quantized_modules
+from .modules import QuantLinear
+from .quantizers.gptq import HessianAccumulator, gptq_compensated_weight
+
+
+@torch.no_grad()
+def block_hessians(
+    block: nn.Module, hidden: Stream, inputs: BlockInputs, token_mask: list[torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Name -> H of the inputs of every quantized Linear of `block`, padding left out."""
+    linears = {n: m for n, m in quantized_modules(block) if isinstance(m, QuantLinear)}
+    accumulators = {n: HessianAccumulator(m.in_features, device) for n, m in linears.items()}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def add(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            mask = current["mask"]
+            # OPT's FFN sees (batch · length, features): flatten the mask alike
+            accumulators[name].add(x, mask if x.dim() == mask.dim() + 1 else mask.reshape(-1))
+
+        return add
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        with quant_state(block, weights=False, acts=False):
+            for j, h in enumerate(hidden):
+                current["mask"] = token_mask[j].to(device)
+                call_block(block, h, inputs, j, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: acc.hessian for n, acc in accumulators.items()}
+
+
+def init_block_weights(
+    block: nn.Module,
+    hidden: Stream,
+    inputs: BlockInputs,
+    token_mask: list[torch.Tensor],
+    device: torch.device,
+    method: str,
+) -> None:
+    """Sets each quantized Linear's starting weight (`weight_quantizer.start`) by `method`; "rtn" leaves the FP
+    weight. Call after the grids are set and before the FP weights are released."""
+    if method == "rtn":
+        return
+    if method not in WEIGHT_INITS:
+        raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {method!r}.")
+    hessians = block_hessians(block, hidden, inputs, token_mask, device)
+    for name, module in quantized_modules(block):
+        if name not in hessians:
+            continue
+        q = module.weight_quantizer
+        q.start = gptq_compensated_weight(module.weight, hessians.pop(name), q.scale, q.zero, q.bits, q.group_size)

@@ -1,0 +1,64 @@
+"""Where the rounding starts (`weight_init`): GPTQ's error-compensated weight against round-to-nearest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calib_samples, tiny_bert, tiny_opt
+from test_llama import calib as llama_calib
+from test_llama import tiny as tiny_decoder
+
+from hf_qlimit import QLimitConfig
+from hf_qlimit.integration import quantized_modules
+
+
+def _models():
+    return {"llama": (lambda: tiny_decoder("llama"), lambda: llama_calib(16, 16)),
+            "opt": (tiny_opt, lambda: calib_samples(16)), "bert": (tiny_bert, lambda: calib_samples(16))}  # fmt: skip
+
+
+def _block_codes(model) -> dict[str, torch.Tensor]:
+    return {n: m.weight.clone() for n, m in quantized_modules(model) if ".layers." in n or ".layer." in n}
+
+
+def _quantize(kind: str, **kwargs):
+    build, data = _models()[kind]
+    model = build()
+    base = {"weight_bits": 3, "act_bits": None, "num_samples": 16, "batch_size": 8}
+    model.quantize_qlimit(data(), QLimitConfig(**{**base, **kwargs}))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "bert"])
+def test_zero_iterations_give_the_initialisers_codes(kind):
+    gptq = _block_codes(_quantize(kind, method="rtn", weight_init="gptq"))
+    zero_iters = _block_codes(_quantize(kind, method="qdrop", weight_init="gptq", iters=0))
+    rtn = _block_codes(_quantize(kind, method="rtn"))
+    assert gptq.keys() == zero_iters.keys() == rtn.keys() and gptq
+    for name in gptq:
+        assert torch.equal(gptq[name], zero_iters[name]), name
+    assert any(not torch.equal(gptq[n], rtn[n]) for n in gptq)  # GPTQ did change codes
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_gptq_start_lowers_the_block_error(kind):
+    rtn = _quantize(kind, method="rtn", group_size=16).qlimit_block_errors
+    gptq = _quantize(kind, method="rtn", weight_init="gptq", group_size=16).qlimit_block_errors
+    for r, g in zip(rtn, gptq):
+        assert g["mse"] < r["mse"], (r, g)
+
+
+def test_gptq_start_survives_save_and_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _quantize("llama", method="qdrop", weight_init="gptq", iters=10, group_size=16)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_unknown_weight_init_is_an_error():
+    with pytest.raises(ValueError, match="weight_init"):
+        QLimitConfig(weight_init="awq")
