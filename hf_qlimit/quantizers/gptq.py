@@ -14,7 +14,7 @@ import torch
 from transformers.utils import logging
 
 from .fake_quant import quantize_codes
-from .range_search import _CHUNK, _COARSE, _FINE_STEP, group_view, scale_zero_from_range
+from .range_search import _CHUNK, _search_rows, group_view
 
 logger = logging.get_logger(__name__)
 
@@ -159,33 +159,6 @@ def gptq_compensated_weight(
     return compensated
 
 
-def _weighted_error(
-    w: torch.Tensor, weight_of: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """Σ_j h_j (w − Q(w))_j² over the last dim: the output error with H replaced by its diagonal."""
-    q = quantize_codes(w, scale, zero, bits).sub_(zero).mul_(scale)
-    return q.sub_(w).square_().mul_(weight_of).sum(dim=-1, keepdim=True)
-
-
-def _search_rows_weighted(w: torch.Tensor, weight_of: torch.Tensor, bits: int, symmetric: bool):
-    """Like range_search._search_rows (same candidate clippings), but scored by `_weighted_error`."""
-    xmin, xmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
-
-    def best_of(alphas: list[torch.Tensor]) -> torch.Tensor:
-        best_err = torch.full_like(xmin, float("inf"))
-        best_alpha = torch.ones_like(xmin)
-        for alpha in alphas:
-            scale, zero = scale_zero_from_range(alpha * xmin, alpha * xmax, bits, symmetric)
-            err = _weighted_error(w, weight_of, scale, zero, bits)
-            better = err < best_err
-            best_err, best_alpha = torch.where(better, err, best_err), torch.where(better, alpha, best_alpha)
-        return best_alpha
-
-    coarse = best_of([torch.full_like(xmin, a) for a in _COARSE])
-    fine = best_of([(coarse + k * _FINE_STEP).clamp(0.05, 1.0) for k in range(-3, 4)])
-    return scale_zero_from_range(fine * xmin, fine * xmax, bits, symmetric)
-
-
 @torch.no_grad()
 def search_weight_range_output(
     weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool, group_size: int | None
@@ -197,7 +170,7 @@ def search_weight_range_output(
     w = group_view(weight.detach().float(), group_size)
     weight_of = group_view(diag.to(device=w.device, dtype=torch.float32).reshape(1, -1), group_size)
     rows = max(1, _CHUNK // (w.shape[1] * w.shape[2]))
-    parts = [_search_rows_weighted(w[i : i + rows], weight_of, bits, symmetric) for i in range(0, w.shape[0], rows)]
+    parts = [_search_rows(w[i : i + rows], bits, symmetric, 2.0, err_weight=weight_of) for i in range(0, w.shape[0], rows)]
     scale = torch.cat([s for s, _ in parts]).squeeze(-1)
     zero = torch.cat([z for _, z in parts]).squeeze(-1)
     return scale, zero

@@ -12,13 +12,14 @@ _FINE_STEP = 0.05 / 4
 _CHUNK = 1 << 18  # weights are searched in chunks of rows that stay in the CPU cache across candidates
 
 
-def _lp_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, p: float, dim) -> torch.Tensor:
-    err = dequantize_codes(quantize_codes(x, scale, zero, bits), scale, zero) - x
-    return err.abs().pow(p).sum(dim=dim)
+def _lp_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, p: float, dim, err_weight=None):
+    err = (dequantize_codes(quantize_codes(x, scale, zero, bits), scale, zero) - x).abs().pow(p)
+    return (err if err_weight is None else err * err_weight).sum(dim=dim)
 
 
-def _search_rows(w: torch.Tensor, bits: int, symmetric: bool, p: float, xmin=None, xmax=None):
-    """Best (scale, zero) for each row of `w` (the last dim holds the values), clipping [xmin, xmax]."""
+def _search_rows(w: torch.Tensor, bits: int, symmetric: bool, p: float, xmin=None, xmax=None, err_weight=None):
+    """Best (scale, zero) for each row of `w` (the last dim holds the values), clipping [xmin, xmax].
+    `err_weight` (broadcast to `w`) weights each value's error, e.g. by the diagonal of its input Hessian."""
     if xmin is None:
         xmin, xmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
 
@@ -27,7 +28,7 @@ def _search_rows(w: torch.Tensor, bits: int, symmetric: bool, p: float, xmin=Non
         best_alpha = torch.ones_like(xmin)
         for alpha in alphas:
             scale, zero = scale_zero_from_range(alpha * xmin, alpha * xmax, bits, symmetric)
-            err = _lp_error(w, scale, zero, bits, p, dim=-1).unsqueeze(-1)
+            err = _lp_error(w, scale, zero, bits, p, dim=-1, err_weight=err_weight).unsqueeze(-1)
             better = err < best_err
             best_err, best_alpha = torch.where(better, err, best_err), torch.where(better, alpha, best_alpha)
         return best_alpha
