@@ -9,7 +9,8 @@ same for the compressed-tensors export loaded without hf_qlimit.
 
 Every variant runs in its own process (so load time and RSS are its own); a variant without hf_qlimit in its
 name never imports it. Decode speed: greedy `generate` of 64 new tokens after a 32-token prompt at batch 1, minus
-a 1-token `generate` (the prefill), so 63 decode steps; best of `--reps`. Load average is recorded with each run.
+a 1-token `generate` (the prefill), so 63 decode steps; best of `--reps`, by the wall clock and, at one thread, by
+the process's CPU time (the machine may be shared). Load average is recorded with each run.
 """
 
 from __future__ import annotations
@@ -83,12 +84,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     ids = torch.load(spec["ids"])
     prompt = ids[:1, :32]
 
-    def generate(n: int) -> float:
-        t = time.perf_counter()
+    def generate(n: int, clock=time.perf_counter) -> float:
+        t = clock()
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            pad_token_id=model.config.eos_token_id or 0)  # fmt: skip
-        return time.perf_counter() - t
+        return clock() - t
 
     generate(64)  # warm-up; also the 64-token generate the memory figures are taken after
     out["mb_after_generate"] = tensor_mb()
@@ -98,6 +99,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         prefill = min(generate(1) for _ in range(spec["reps"]))
         full = min(generate(64) for _ in range(spec["reps"]))
         out[f"tok_s_{threads}t"] = 63 / (full - prefill)
+        if threads == 1:  # CPU time of the one thread: what a shared, loaded machine's wall clock blurs
+            cpu = min(generate(64, time.process_time) for _ in range(spec["reps"]))
+            cpu -= min(generate(1, time.process_time) for _ in range(spec["reps"]))
+            out["tok_s_cpu_1t"] = 63 / cpu
     torch.set_num_threads(1)
     with torch.no_grad():
         torch.save(model(input_ids=ids[:1, :128]).logits.float(), spec["logits"])
@@ -246,19 +251,21 @@ def _targets(name: str, rows: dict[str, Any]) -> list[str]:
     if name == "smollm2":
         mem = w4["mb_after_generate"] / fp["mb_after_generate"]
         rss = w4["rss_mb"] / fp["rss_mb"]
-        speed = w4["tok_s_1t"] / fp["tok_s_1t"]
+        speed, cpu = w4["tok_s_1t"] / fp["tok_s_1t"], w4["tok_s_cpu_1t"] / fp["tok_s_cpu_1t"]
         ct = rows["W4 compressed-tensors, no hf_qlimit"]
         lines += [f"parameters + buffers after generate {mem:.2f}x FP32 (target <= 0.25): {verdict(mem <= 0.25)}",
                   f"process RSS {rss:.2f}x FP32 (target <= 0.5): {verdict(rss <= 0.5)}",
-                  f"decode {speed:.2f}x FP32 at 1 thread (target >= 1.0): {verdict(speed >= 1.0)}",
+                  f"decode {speed:.2f}x FP32 at 1 thread by the wall clock, {cpu:.2f}x by CPU time (target >= 1.0): "
+                  f"{verdict(speed >= 1.0)} / {verdict(cpu >= 1.0)}",
                   f"compressed-tensors logits within {ct['logits_rel_diff']:.1e} relative of hf_qlimit's (target 1e-3): "
                   f"{verdict(ct['logits_rel_diff'] <= 1e-3)}"]  # fmt: skip
         if "ppl" in ct:
             same = f"{ct['ppl']:.2f}" == f"{rows[REFERENCE]['ppl']:.2f}"
             lines.append(f"compressed-tensors perplexity {ct['ppl']:.2f} vs {rows[REFERENCE]['ppl']:.2f} (same to 2 decimals): {verdict(same)}")
     else:
-        speed = w4["tok_s_1t"] / fp["tok_s_1t"]
-        lines.append(f"decode {speed:.2f}x FP32 at 1 thread (target >= 2.0): {verdict(speed >= 2.0)}")
+        speed, cpu = w4["tok_s_1t"] / fp["tok_s_1t"], w4["tok_s_cpu_1t"] / fp["tok_s_cpu_1t"]
+        lines.append(f"decode {speed:.2f}x FP32 at 1 thread by the wall clock, {cpu:.2f}x by CPU time (target >= 2.0): "
+                     f"{verdict(speed >= 2.0)} / {verdict(cpu >= 2.0)}")
     return lines
 
 
@@ -269,13 +276,13 @@ def table(results: dict[str, Any]) -> str:
         title = "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)" if name == "smollm2" else f"random {name}-shaped OPT"
         parts.append(f"**{title}**, W4 g64 weight-only RTN (embeddings and head 8-bit g64).\n")
         head = ["variant", "load s", "MB after load", "MB after generate", "RSS MB (imports)", "peak RSS MB"]
-        head += [f"tok/s {t}T" for t in threads] + ["logits rel. diff (vs)"] + (["ppl"] if res["ppl_windows"] else [])
+        head += [f"tok/s {t}T" for t in threads] + ["tok/CPU-s 1T", "logits rel. diff (vs)"] + (["ppl"] if res["ppl_windows"] else [])
         parts.append("| " + " | ".join(head) + " |")
         parts.append("|" + "---|" * len(head))
         for label, r in rows.items():
             cells = [label, f"{r['load_s']:.1f}", f"{r['mb_after_load']:.0f}", f"{r['mb_after_generate']:.0f}",
                      f"{r['rss_mb']:.0f} ({r['rss_imports_mb']:.0f})", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
-            cells += [f"{r[f'tok_s_{t}t']:.1f}" for t in threads]
+            cells += [f"{r[f'tok_s_{t}t']:.1f}" for t in threads] + [f"{r['tok_s_cpu_1t']:.1f}"]
             cells.append("–" if r["logits_ref"] == label else f"{r['logits_rel_diff']:.1e} ({r['logits_ref'].split(' ')[0]}"
                          f"{' cached' if r['logits_ref'] == REFERENCE else ''})")  # fmt: skip
             if res["ppl_windows"]:
