@@ -125,6 +125,15 @@ class QLimitConfig(QuantizationConfigMixin):
     size_budget_bytes: int | None = None
     bops_budget: float | None = None
     sensitivity_cache: str | None = None
+    # Activation outliers (issue 19; checked by hf_qlimit.transforms / hf_qlimit.integration): function-preserving
+    # transforms applied to the FP model first ("smoothquant[@α]", "os_plus[@α]", "hadamard_down",
+    # "hadamard_inputs"); "shared": one input quantizer per tensor (Q/K/V, gate/up) instead of one per Linear;
+    # attention probabilities on their own bits and/or a "log2" grid; dynamic per-token Linear-input grids.
+    transforms: list[str] | None = None
+    act_layout: str = "per_linear"
+    prob_bits: int | None = None
+    prob_grid: str = "uniform"
+    act_dynamic: bool = False
     layer_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     quant_method: str = "qlimit"
 

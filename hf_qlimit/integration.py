@@ -11,6 +11,12 @@ from torch import nn
 from .config import QLimitConfig
 from .modules import ATTENTION_ATTR, AttentionQuantizers, QuantEmbedding, QuantLinear, register_attention
 from .quantizers import ActQuantizer, WeightQuantizer
+from .quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
+from .transforms.input_op import KIND as INPUT_TRANSFORM
+from .transforms.input_op import InputTransform
+
+ACT_LAYOUTS = ("per_linear", "shared")
+PROB_GRIDS = ("uniform", "log2")
 
 
 def _empty_module(module: nn.Module, spec: dict, config: QLimitConfig) -> nn.Module:
@@ -28,11 +34,20 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
     weights `from_pretrained` then loads.
     """
     expected = {"linear": nn.Linear, "embedding": nn.Embedding}
+    _check_activation_options(config)
     for name, spec in layer_config.items():
         module = model.get_submodule(name)
+        if spec["kind"] == INPUT_TRANSFORM:  # a transform's explicit op: rebuilt around the Linear before loading
+            if not isinstance(module, InputTransform):
+                parent, _, child = name.rpartition(".")
+                model.get_submodule(parent).add_module(child, InputTransform.from_spec(module, spec))
+            continue
         if spec["kind"] == "attention":
             with torch.device(_device_of(module)):
-                setattr(module, ATTENTION_ATTR, AttentionQuantizers(spec["a"], config.act_sym))
+                quantizers = AttentionQuantizers(spec["a"], config.act_sym)
+                if "p" in spec or "p_grid" in spec:
+                    quantizers.probs = probability_quantizer(spec.get("p", spec["a"]), spec.get("p_grid", "uniform"))
+                setattr(module, ATTENTION_ATTR, quantizers)
             continue
         if type(module) is not expected[spec["kind"]]:
             raise ValueError(
@@ -46,11 +61,52 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
                 new = QuantLinear.from_linear(module, spec, config.group_size, config.weight_sym, config.act_sym)
             else:
                 new = QuantEmbedding.from_embedding(module, spec, config.weight_sym)
+        if spec.get("dynamic") and new.input_quantizer is not None:
+            new.input_quantizer = DynamicTokenQuantizer(spec["a"], config.act_sym).to(_device_of(new))
         model.set_submodule(name, new)
+    if config.act_layout == "shared":
+        share_input_quantizers(model, layer_config)
     if any(spec["kind"] == "attention" for spec in layer_config.values()):
         register_attention()
         model.set_attn_implementation("qlimit")
     _untie_quantized_embeddings(model, layer_config)
+
+
+def _check_activation_options(config: QLimitConfig) -> None:
+    if config.act_layout not in ACT_LAYOUTS:
+        raise ValueError(f"`act_layout` must be one of {list(ACT_LAYOUTS)}, got {config.act_layout!r}.")
+    if config.prob_grid not in PROB_GRIDS:
+        raise ValueError(f"`prob_grid` must be one of {list(PROB_GRIDS)}, got {config.prob_grid!r}.")
+    if config.prob_bits is not None and (isinstance(config.prob_bits, bool) or not 2 <= config.prob_bits <= 8):
+        raise ValueError(f"`prob_bits` must be an integer from 2 to 8, or None, got {config.prob_bits!r}.")
+
+
+def probability_quantizer(bits: int, grid: str) -> ActQuantizer:
+    """The attention probabilities' quantizer: uniform asymmetric (LSQ) or log2."""
+    return Log2Quantizer(bits) if grid == "log2" else ActQuantizer(bits, False)
+
+
+def share_input_quantizers(model: nn.Module, layer_config: dict[str, dict]) -> None:
+    """act_layout="shared": the Linears that read one tensor (the adapter's groups: Q/K/V, gate/up) get one
+    ActQuantizer object, as a deployed integer model quantizes that tensor once. Saved once per Linear (equal
+    copies); rebuilding the model ties them again before the values are loaded."""
+    from .models import get_adapter
+
+    adapter = get_adapter(model)
+    blocks = adapter.blocks_name(model) + "."
+    touched = {name[len(blocks):].split(".", 1)[0] for name in layer_config if name.startswith(blocks)}
+    for index in sorted(touched):
+        block = model.get_submodule(blocks + index)
+        for group in adapter.input_groups():
+            linears = [_inner_linear(block.get_submodule(rel)) for rel in group if rel]
+            if len(linears) < 2 or not all(isinstance(m, QuantLinear) and m.input_quantizer is not None for m in linears):
+                continue
+            for linear in linears[1:]:
+                linear.input_quantizer = linears[0].input_quantizer
+
+
+def _inner_linear(module: nn.Module) -> nn.Module:
+    return module.linear if isinstance(module, InputTransform) else module
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -33,6 +33,7 @@ from .models import get_adapter
 from .offload import Offloader, bound_heap, default_device, is_dispatched, release_memory
 from .reconstruction import BlockData, block_output_error, fisher_weights, reconstruct_block
 from .resume import WorkDir, fingerprint
+from .transforms import apply_transforms
 from .weight_init import init_block_weights
 
 logger = logging.get_logger(__name__)
@@ -81,6 +82,7 @@ def quantize_model(
     pad_id = getattr(model.config, "pad_token_id", None)
     data = prepare_calibration(calib_ds, config.num_samples, config.max_length, pad_id, config.seed)
     batches = length_sorted_batches(data, config.batch_size)
+    apply_transforms(model, adapter, config, batches, device)  # function-preserving, on the FP model (issue 19)
     run = _Run(
         device=device,
         offloader=Offloader(model, device),

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..transforms.input_op import InputTransform
+
 if TYPE_CHECKING:
     from ..config import QLimitConfig
 
@@ -27,6 +29,22 @@ class ArchitectureAdapter:
     model_types: tuple[str, ...] = ()
     blocks_path: str = ""  # the blocks' ModuleList, relative to `model.base_model`
     attention_path: str = ""  # the module inside a block that calls transformers' attention interface
+    # Where the outlier transforms apply, block-relative. Each group lists the Linears reading one tensor that
+    # a norm produced (Q/K/V; the first FFN Linear(s)); `norms` names, aligned with those groups, the norms that
+    # feed only that group (pre-LN), so per-channel factors fold into them; () where a residual also reads the
+    # norm's output (post-LN BERT) and the factors stay an explicit op.
+    norm_inputs: tuple[tuple[str, ...], ...] = ()
+    norms: tuple[str, ...] = ()
+    attention_output: str = ""  # the Linear after the attention matmuls
+    ffn_down: str = ""  # the FFN's second Linear, whose input comes out of GELU/SiLU
+
+    def folding_norms(self, model: nn.Module) -> tuple[str, ...]:
+        """`norms`, or () when this model's norms do not feed only the Linears (e.g. a post-LN variant)."""
+        return self.norms
+
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Every quantized input tensor of a block, as the Linears that read it."""
+        return (*self.norm_inputs, (self.attention_output,), (self.ffn_down,))
 
     def blocks_name(self, model: nn.Module) -> str:
         blocks = self.blocks(model)
@@ -44,8 +62,14 @@ class ArchitectureAdapter:
             in_block = name.startswith(prefix)
             if any(matches(name, pattern) for pattern in config.modules_to_not_convert or ()):
                 continue
+            if isinstance(module, InputTransform):
+                if in_block:  # an explicit op a transform left: from_pretrained rebuilds it from this spec
+                    plan[name] = module.spec()
+                continue
             if type(module) is nn.Linear:  # exact type: subclasses may carry their own forward
                 spec = {"kind": "linear", "w": config.weight_bits, "a": config.act_bits}
+                if getattr(config, "act_dynamic", False) and config.act_bits is not None:
+                    spec["dynamic"] = True  # per-token grid computed at run time
                 if not in_block:
                     spec = {"kind": "linear", "w": config.first_last_bits, "a": first_last_act}
             elif type(module) is nn.Embedding and not in_block:
@@ -53,7 +77,7 @@ class ArchitectureAdapter:
             elif in_block and name.endswith("." + self.attention_path) and config.quantize_attention:
                 if config.act_bits is None:
                     continue
-                spec = {"kind": "attention", "a": config.act_bits}
+                spec = {"kind": "attention", "a": config.act_bits, **probability_spec(config)}
             else:
                 continue
             for pattern, bits in config.module_bits.items():
@@ -63,3 +87,13 @@ class ArchitectureAdapter:
                 continue  # first/last layers kept in full precision
             plan[name] = spec
         return plan
+
+
+def probability_spec(config: "QLimitConfig") -> dict[str, Any]:
+    """The attention probabilities' grid where it differs from the other activations' (bits, uniform / log2)."""
+    spec: dict[str, Any] = {}
+    if getattr(config, "prob_bits", None) is not None:
+        spec["p"] = config.prob_bits
+    if getattr(config, "prob_grid", "uniform") != "uniform":
+        spec["p_grid"] = config.prob_grid
+    return spec

@@ -9,3 +9,6 @@ class BertAdapter(ArchitectureAdapter):
     model_types = ("bert", "roberta", "xlm-roberta")
     blocks_path = "encoder.layer"
     attention_path = "attention.self"
+    norm_inputs = (("attention.self.query", "attention.self.key", "attention.self.value"), ("intermediate.dense",))
+    attention_output = "attention.output.dense"
+    ffn_down = "output.dense"  # post-LN: no norm feeds only Linears, so channel factors stay explicit ops

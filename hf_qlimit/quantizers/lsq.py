@@ -144,5 +144,11 @@ class ActQuantizer(nn.Module):
         xq = _fake_quant(x, scale, zero, qmax)[0].sub_(zero).mul_(scale)
         return mix(xq, x, drop) if drop > 0 else xq
 
+    def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:  # a quantizer shared by sibling Linears (act_layout="shared") is saved once per Linear,
+            for name in ("scale", "zero"):  # each key its own storage: no shared tensors for the saver to drop
+                destination[prefix + name] = destination[prefix + name].clone()
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}"

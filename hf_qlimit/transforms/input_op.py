@@ -1,0 +1,118 @@
+"""The explicit op a transform leaves where nothing can absorb it: x -> ((x − shift) / smooth) · R before a Linear.
+
+The Linear's weight and bias carry the inverse (W' = (W · diag(smooth)) R, b' = b + W·shift), so the pair
+computes exactly what the Linear alone did, and the Linear's input quantizer sees the flattened tensor. Deployed,
+this is per-channel arithmetic fused into the producing kernel (a LayerNorm whose output feeds both a residual
+and these Linears) plus, for `rotate`, an online Hadamard transform. The op is saved: `shift` and `smooth` are
+buffers of the checkpoint, R is rebuilt from the size, and the layer config records which ops a Linear has
+(`spec()`), so `from_pretrained` rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hadamard import hadamard
+
+KIND = "input_transform"
+
+
+class InputTransform(nn.Module):
+    """Wraps the Linear `linear` (kept as a child, so its name gains `.linear`) behind an input transform."""
+
+    def __init__(self, linear: nn.Module, shift: bool = False, smooth: bool = False, rotate: bool = False) -> None:
+        super().__init__()
+        self.linear = linear
+        features = linear.in_features
+        device = next(linear.parameters(), torch.empty(0)).device
+        self.register_buffer("shift", torch.zeros(features, device=device) if shift else None)
+        self.register_buffer("smooth", torch.ones(features, device=device) if smooth else None)
+        self.rotate = rotate
+        self.register_buffer("_rotation", None, persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def spec(self) -> dict[str, Any]:
+        """What `from_pretrained` needs to rebuild this op before loading its buffers."""
+        return {"kind": KIND, "shift": self.shift is not None, "smooth": self.smooth is not None, "rotate": self.rotate}
+
+    @classmethod
+    def from_spec(cls, linear: nn.Module, spec: dict[str, Any]) -> "InputTransform":
+        return cls(linear, shift=spec["shift"], smooth=spec["smooth"], rotate=spec["rotate"])
+
+    def rotation(self, like: torch.Tensor) -> torch.Tensor:
+        if self._rotation is None or self._rotation.device != like.device or self._rotation.dtype != like.dtype:
+            self._rotation = hadamard(self.in_features, like.dtype, like.device)
+        return self._rotation
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shift is not None:
+            x = x - self.shift.to(x.dtype)
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        if self.rotate:
+            x = torch.matmul(x, self.rotation(x))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.transform_input(x))
+
+    def extra_repr(self) -> str:
+        ops = [op for op, on in (("shift", self.shift is not None), ("smooth", self.smooth is not None),
+                                 ("hadamard", self.rotate)) if on]  # fmt: skip
+        return "ops=" + "+".join(ops)
+
+
+def wrap(parent: nn.Module, child_name: str) -> InputTransform:
+    """The InputTransform at `parent.child_name`, wrapping the Linear there first if needed."""
+    child = getattr(parent, child_name)
+    if isinstance(child, InputTransform):
+        return child
+    if not isinstance(child, nn.Linear):
+        raise TypeError(f"An input transform wraps an nn.Linear; {child_name!r} is a {type(child).__name__}.")
+    op = InputTransform(child)
+    setattr(parent, child_name, op)
+    return op
+
+
+@torch.no_grad()
+def add_shift_smooth(op: InputTransform, shift: torch.Tensor | None, smooth: torch.Tensor | None) -> None:
+    """Composes x -> (x − shift) / smooth in front of what `op` already does (before any rotation), folding the
+    inverse into the Linear. Must run before `add_rotation` on the same op."""
+    if op.rotate:
+        raise RuntimeError("Channel shift/scale must be applied before the rotation of the same input.")
+    linear = op.linear
+    weight = linear.weight
+    old_smooth = op.smooth if op.smooth is not None else torch.ones_like(weight[0])
+    if shift is not None:  # in the original input's units; the old shift and smooth come first
+        delta = shift.to(weight) if op.shift is None else shift.to(weight) - op.shift
+        # y = W·x + b with x = x_old_transformed·old_smooth + old_shift: a further shift δ moves W·δ into the bias
+        bias_add = (weight / old_smooth.unsqueeze(0)) @ delta  # the original W
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device),
+                                       requires_grad=False)  # fmt: skip
+        linear.bias.add_(bias_add)
+        op.shift = shift.to(weight).clone()
+    if smooth is not None:
+        new_smooth = smooth.to(weight)
+        weight.mul_((new_smooth / old_smooth).unsqueeze(0))
+        op.smooth = new_smooth.clone()
+
+
+@torch.no_grad()
+def add_rotation(op: InputTransform) -> None:
+    """x -> x·R after the op's shift/smooth; the Linear's weight becomes W·R."""
+    if op.rotate:
+        return
+    weight = op.linear.weight
+    weight.copy_((weight.double() @ hadamard(op.in_features, torch.float64, weight.device)).to(weight.dtype))
+    op.rotate = True

@@ -1,0 +1,100 @@
+"""Issue 19 quantizer options: one input quantizer per tensor (act_layout="shared"), the attention
+probabilities' own grid (bits, log2) and dynamic per-token Linear inputs; each survives save -> reload exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import logits
+from test_transforms import AUTO, BUILDERS, _calib
+
+from hf_qlimit import QLimitConfig
+from hf_qlimit.models import get_adapter
+from hf_qlimit.modules import ATTENTION_ATTR, QuantLinear
+from hf_qlimit.quantizers import ActQuantizer
+from hf_qlimit.quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
+
+
+def _quantize(arch: str, **kwargs):
+    model = BUILDERS[arch]()
+    config = {"weight_bits": 4, "act_bits": 4, "method": "rtn", "batch_size": 8, **kwargs}
+    model.quantize_qlimit(_calib(), QLimitConfig(**config))
+    return model
+
+
+def _input_quantizers(model, arch: str) -> list[list[ActQuantizer]]:
+    """Per block and per input group of the adapter, the input quantizers of the Linears reading that tensor."""
+    adapter = get_adapter(model)
+    out = []
+    for block in adapter.blocks(model):
+        for group in adapter.input_groups():
+            linears = [block.get_submodule(rel) for rel in group]
+            linears = [getattr(m, "linear", m) for m in linears]
+            assert all(isinstance(m, QuantLinear) for m in linears)
+            out.append([m.input_quantizer for m in linears])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["bert", "opt", "llama"])
+def test_shared_layout_has_one_quantizer_per_input_tensor(arch, tmp_path, inputs):
+    ids = inputs % 96
+    model = _quantize(arch, act_layout="shared", method="qdrop", iters=3, num_samples=8, batch_size=4)
+    groups = _input_quantizers(model, arch)
+    assert any(len(g) > 1 for g in groups)
+    for group in groups:
+        assert len({id(q) for q in group}) == 1  # Q/K/V (gate/up) read one tensor: one quantizer
+    distinct = {id(q) for g in groups for q in g}
+    assert len(distinct) == len(groups)
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AUTO[arch].from_pretrained(tmp_path / "q")
+    for group in _input_quantizers(reloaded, arch):
+        assert len({id(q) for q in group}) == 1
+    assert torch.equal(logits(reloaded, ids), expected)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_per_linear_layout_keeps_a_quantizer_per_linear(arch):
+    groups = _input_quantizers(_quantize(arch), arch)
+    assert all(len({id(q) for q in g}) == len(g) for g in groups)
+
+
+def test_probability_grid_options_are_rebuilt(tmp_path, inputs):
+    model = _quantize("bert", prob_bits=8)
+    assert getattr(model.bert.encoder.layer[0].attention.self, ATTENTION_ATTR).probs.bits == 8
+    model = _quantize("bert", prob_grid="log2")
+    probs = getattr(model.bert.encoder.layer[0].attention.self, ATTENTION_ATTR).probs
+    assert isinstance(probs, Log2Quantizer) and probs.bits == 4
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AUTO["bert"].from_pretrained(tmp_path / "q")
+    assert isinstance(getattr(reloaded.bert.encoder.layer[1].attention.self, ATTENTION_ATTR).probs, Log2Quantizer)
+    assert torch.equal(logits(reloaded, inputs), expected)
+
+
+def test_log2_grid_levels():
+    q = Log2Quantizer(3)  # levels 1, 1/2, ..., 1/64 and 0; rounded in the log domain (0 below 2^-6.5)
+    x = torch.tensor([1.0, 0.6, 0.2, 0.012, 1 / 64, 0.01, 1e-4, 0.0])
+    assert torch.equal(q(x), torch.tensor([1.0, 0.5, 0.25, 1 / 64, 1 / 64, 0.0, 0.0, 0.0]))
+
+
+def test_dynamic_per_token_grid(tmp_path, inputs):
+    q = DynamicTokenQuantizer(4)
+    x = torch.tensor([[0.0, 1.0, 2.0, 15.0], [-3.0, 0.0, 0.0, 0.0]])
+    out = q(x)
+    assert torch.equal(out[0], torch.tensor([0.0, 1.0, 2.0, 15.0]))  # step 1 for the first token
+    assert torch.equal(out[1], x[1])  # its own step 0.2 for the second: -3 is a grid point
+    model = _quantize("bert", act_dynamic=True)
+    linears = [m for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".layer." in n]
+    assert linears and all(isinstance(m.input_quantizer, DynamicTokenQuantizer) for m in linears)
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AUTO["bert"].from_pretrained(tmp_path / "q")
+    assert torch.equal(logits(reloaded, inputs), expected)
+
+
+def test_bad_options_are_errors():
+    with pytest.raises(ValueError, match="act_layout"):
+        _quantize("bert", act_layout="tied")
+    with pytest.raises(ValueError, match="prob_grid"):
+        _quantize("bert", prob_grid="log10")
