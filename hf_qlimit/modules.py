@@ -161,12 +161,15 @@ class _QuantWeightMixin:
         self.register_buffer("weight", packed)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _PackedMatmul.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else self._kernel_matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def _kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel.kind == "int4":
             y = kernels.int4_linear(x, self._kernel_weight, self._kernel_scales, self._kernel.group, self.rows)
         else:
             y = kernels.int8_linear(x, self._kernel_weight, self._kernel_scales, self._kernel_offset)
-        y = y.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return y.to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):
         self.release_kernel()  # a kernel layout is tied to its device; taken again at the next forward
@@ -181,6 +184,20 @@ class _QuantWeightMixin:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.release_kernel()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """The kernel matmul, differentiable in its input (the kernels have no backward): ∂x = ∂y · W, with W
+    dequantized for the backward pass only. The codes get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: _QuantWeightMixin) -> torch.Tensor:
+        ctx.module = module
+        return module._kernel_matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.module._dequantize_rows().to(grad.dtype), None
 
 
 def set_inference_mode(model: nn.Module, mode: str = "packed") -> nn.Module:

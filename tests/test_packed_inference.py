@@ -174,3 +174,18 @@ def test_a_kernel_failing_at_its_first_call_falls_back_to_exact_dequantization(m
     assert (got - exact).abs().max() < BF16_TOLERANCE * exact.abs().max()  # the 8-bit head still ran its kernel
     x = torch.randn(2, blocks[0].cols)
     assert torch.equal(blocks[0](x), torch.nn.functional.linear(x, blocks[0]._dequantize_rows()))
+
+
+def test_packed_layers_pass_gradients_to_their_inputs():
+    """Outside no_grad (a forward that records a graph, e.g. for adapters on top) the kernels still run, and the
+    input gets the gradient of the dequantized weight."""
+    model = _quantized("llama")
+    layer = model.model.layers[0].mlp.down_proj
+    set_inference_mode(model, "packed")
+    x = torch.randn(3, layer.cols, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    assert layer._kernel is not None
+    weight = layer._dequantize_rows()
+    xr = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(xr, weight).pow(2).sum().backward()
+    assert (x.grad - xr.grad).abs().max() <= BF16_TOLERANCE * xr.grad.abs().max()
