@@ -95,6 +95,13 @@ class QuantizationArguments:
     sensitivity_cache: str | None = field(
         default=None, metadata={"help": "Mixed precision: file keeping measured sensitivities for other budgets."}
     )
+    transforms: list[str] | None = field(
+        default=None, metadata={"help": "Outlier transforms first: smoothquant[@a] os_plus[@a] hadamard_down hadamard_inputs."}
+    )
+    act_layout: str = field(default="per_linear", metadata={"help": "per_linear, or shared (one quantizer per tensor)."})
+    prob_bits: int | None = field(default=None, metadata={"help": "Bits of the attention probabilities (default: act)."})
+    prob_grid: str = field(default="uniform", metadata={"help": "Grid of the attention probabilities: uniform or log2."})
+    act_dynamic: bool = field(default=False, metadata={"help": "Dynamic per-token grids for block Linear inputs."})
 
     def quantize_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `quantize_qlimit` beyond the config: work folder, resume, cache budget."""
@@ -146,6 +153,11 @@ class QuantizationArguments:
             avg_bits=self.avg_bits,
             size_budget_bytes=None if self.size_budget_mb is None else int(self.size_budget_mb * 1e6),
             sensitivity_cache=self.sensitivity_cache,
+            transforms=self.transforms,
+            act_layout=self.act_layout,
+            prob_bits=self.prob_bits,
+            prob_grid=self.prob_grid,
+            act_dynamic=self.act_dynamic,
             **extra,
         )
 

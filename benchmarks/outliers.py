@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Issue 19 ablation: outlier transform x activation-quantizer layout x attention-probability grid, W4A4.
+
+Each cell is one run of examples/glue/run_glue.py in its own process (one torch thread; quantize, save, reload,
+evaluate the reloaded model) on the MiniLM-L6 reference models; the table goes between
+`<!-- outliers-table:start -->` and `<!-- outliers-table:end -->` of README.md with the machine, the dates, the
+hf_qlimit commit(s) and the load average (`uptime`) each run started under.
+
+    python benchmarks/outliers.py --tasks stsb sst2 --methods rtn                # the RTN ablation
+    python benchmarks/outliers.py --tasks stsb --methods qdrop --rows 0 5 --reuse  # some QDrop cells
+    python benchmarks/outliers.py --table_only                                   # redraw from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
+import _common
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_GLUE = REPO / "examples" / "glue" / "run_glue.py"
+MARKER = "outliers-table"
+MODELS = {"sst2": "minilm-l6-sst2", "mrpc": "minilm-l6-mrpc", "stsb": "minilm-l6-stsb"}
+TASK_NAMES = {"sst2": "SST-2 acc", "mrpc": "MRPC F1", "stsb": "STS-B Pearson"}
+METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "pearson"}
+METHODS = {"rtn": "RTN", "qdrop": "QDrop", "brecq": "BRECQ"}
+
+# (transforms, act_layout, probabilities, activations): "static" is the paper's per-tensor grid; "p8" 8-bit
+# uniform probabilities, "log2" a 4-bit log2 grid; "dynamic" per-token Linear inputs (labelled apart).
+ROWS: list[dict[str, Any]] = [
+    {"transforms": [], "layout": "per_linear", "probs": "uniform", "acts": "static"},
+    {"transforms": [], "layout": "shared", "probs": "uniform", "acts": "static"},
+    {"transforms": ["smoothquant"], "layout": "shared", "probs": "uniform", "acts": "static"},
+    {"transforms": ["os_plus"], "layout": "shared", "probs": "uniform", "acts": "static"},
+    {"transforms": ["hadamard_down"], "layout": "shared", "probs": "uniform", "acts": "static"},
+    {"transforms": ["hadamard_inputs"], "layout": "shared", "probs": "uniform", "acts": "static"},
+    {"transforms": ["os_plus", "hadamard_inputs"], "layout": "shared", "probs": "uniform", "acts": "static"},
+    {"transforms": ["smoothquant", "hadamard_down"], "layout": "shared", "probs": "uniform", "acts": "static"},
+    {"transforms": ["hadamard_inputs"], "layout": "per_linear", "probs": "uniform", "acts": "static"},
+    {"transforms": ["hadamard_inputs"], "layout": "shared", "probs": "log2", "acts": "static"},
+    {"transforms": ["hadamard_inputs"], "layout": "shared", "probs": "p8", "acts": "static"},
+    {"transforms": [], "layout": "shared", "probs": "p8", "acts": "static"},
+    {"transforms": [], "layout": "shared", "probs": "uniform", "acts": "dynamic"},
+    {"transforms": ["hadamard_inputs"], "layout": "shared", "probs": "p8", "acts": "dynamic"},
+]  # fmt: skip
+
+
+def slug(row: dict[str, Any]) -> str:
+    name = "+".join(row["transforms"]) or "none"
+    return f"{name}-{row['layout']}-{row['probs']}-{row['acts']}".replace("@", "a")
+
+
+def row_flags(row: dict[str, Any]) -> list[str]:
+    flags = ["--act_layout", row["layout"]]
+    if row["transforms"]:
+        flags += ["--transforms", *row["transforms"]]
+    if row["probs"] == "log2":
+        flags += ["--prob_grid", "log2"]
+    elif row["probs"] == "p8":
+        flags += ["--prob_bits", "8"]
+    if row["acts"] == "dynamic":
+        flags += ["--act_dynamic", "true"]
+    return flags
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_one(task: str, method: str, setting: tuple[int, int], row: dict, shared: Path, out_dir: Path,
+            extra: list[str], reuse: bool) -> dict | None:  # fmt: skip
+    out = out_dir / task / f"{method}-w{setting[0]}a{setting[1]}" / slug(row)
+    if reuse and (out / "results.json").is_file():
+        return _common.read_results(out / "results.json")
+    if reuse == "only":
+        return None
+    cmd = [sys.executable, str(RUN_GLUE), "--model_name_or_path", str(shared / "models" / MODELS[task]),
+           "--task_name", task, "--data_dir", str(shared / "data" / "glue"), "--output_dir", str(out),
+           "--method", method, "--weight_bits", str(setting[0]), "--act_bits", str(setting[1]),
+           "--per_device_eval_batch_size", "64", *row_flags(row), *extra]  # fmt: skip
+    load = load_average()
+    print(f"[outliers] {task} {method} {slug(row)} (load {load})", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    if subprocess.run(cmd, check=False, env=env).returncode != 0:
+        print(f"[outliers] FAILED: {task} {method} {slug(row)}", file=sys.stderr)
+        return None
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    results["load_average_at_start"] = load
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return _common.read_results(path)
+
+
+def _cell(task: str, result: dict | None) -> str:
+    if not result:
+        return "–"
+    value = result["quantized"][next(iter(result["quantized"]))][METRIC[task]] * 100
+    return f"{value:.1f} ({result['timings_s']['quantize_s']:.0f} s)"
+
+
+def render(rows: list[int], tasks: list[str], methods: list[str], setting: tuple[int, int], results: dict) -> str:
+    head = ["#", "Transforms", "Act. quantizers", "Probabilities", "Activations"]
+    cols = [(m, t) for m in methods for t in tasks]
+    lines = ["| " + " | ".join(head + [f"{METHODS[m]} {TASK_NAMES[t]}" for m, t in cols]) + " |",
+             "|" + "---|" * len(head) + "---:|" * len(cols)]  # fmt: skip
+    probs = {"uniform": f"uniform {setting[1]}-bit", "p8": "uniform 8-bit", "log2": f"log2 {setting[1]}-bit"}
+    acts = {"static": "static per-tensor", "dynamic": "**dynamic per-token**"}
+    for i in rows:
+        row = ROWS[i]
+        cells = [str(i), " + ".join(row["transforms"]) or "none", row["layout"], probs[row["probs"]], acts[row["acts"]]]
+        cells += [_cell(t, results.get((t, m, i))) for m, t in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    runs = [r for r in results.values() if r]
+    days, threads = _common.measured(runs)
+    commits = sorted({r["environment"].get("versions", {}).get("hf_qlimit", "?") for r in runs})
+    loads = sorted({r.get("load_average_at_start", "?") for r in runs})
+    fps = {t: next((r["fp"][next(iter(r["fp"]))][METRIC[t]] * 100 for (tt, _, _), r in results.items() if r and tt == t), None)
+           for t in tasks}  # fmt: skip
+    fp_text = ", ".join(f"{TASK_NAMES[t]} {v:.1f}" for t, v in fps.items() if v is not None)
+    return "\n".join([
+        f"MiniLM-L6 W{setting[0]}A{setting[1]} (first and last layers 8-bit), dev sets; FP: {fp_text}. Preset `fast` "
+        "(256 calibration sentences; QDrop 500 iterations per block). One seed per cell. The wall time is the whole "
+        "quantization, transforms included.",
+        "",
+        *lines,
+        "",
+        f"Measured {days} on {_common.machine(threads)}; hf_qlimit commit(s) {', '.join(commits)}; load average "
+        f"(1/5/15 min) at the start of the runs: {'; '.join(loads)} (2 cores shared with other jobs). Generated by "
+        f"`python benchmarks/outliers.py --tasks {' '.join(tasks)} --methods {' '.join(methods)} --rows "
+        f"{' '.join(map(str, rows))} --table_only`.",
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["stsb", "sst2"], choices=sorted(MODELS))
+    parser.add_argument("--methods", nargs="+", default=["rtn"], choices=sorted(METHODS))
+    parser.add_argument("--rows", nargs="+", type=int, default=list(range(len(ROWS))))
+    parser.add_argument("--setting", nargs=2, type=int, default=[4, 4], metavar=("W", "A"))
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--out_dir", type=Path, default=REPO / "benchmarks" / "out" / "outliers")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs")
+    parser.add_argument("--table_only", action="store_true", help="draw the table from finished runs only")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--marker", default=MARKER)
+    parser.add_argument("--no_readme", action="store_true")
+    parser.add_argument("extra", nargs="*", help="after --: more run_glue.py arguments")
+    args = parser.parse_args(argv)
+    setting = tuple(args.setting)
+    reuse = "only" if args.table_only else args.reuse
+    results = {}
+    for method in args.methods:
+        for i in args.rows:
+            for task in args.tasks:
+                results[(task, method, i)] = run_one(task, method, setting, ROWS[i], args.shared, args.out_dir,
+                                                     args.extra, reuse)  # fmt: skip
+    section = render(args.rows, args.tasks, args.methods, setting, results)
+    print(section)
+    if not args.no_readme:
+        _common.rewrite_between_markers(args.readme, args.marker, _common.section(args.marker, section))
+    return section
+
+
+if __name__ == "__main__":
+    main()
