@@ -2,14 +2,15 @@
 """Convergence of block reconstruction: one block's hard-rounded output error on held-out inputs, against the
 number of iterations, for two schedules:
 
-- `paper`: the papers' schedule (β-annealed AdaRound on a fixed Lp grid, Adam lr 1e-3 for V, 4e-5 for the
-  activation steps), only cut to fewer iterations, as the fast preset used it before;
+- `paper`: the papers' schedule (`preset="paper"`: β-annealed AdaRound from the FP weight on a fixed Lp grid, Adam
+  lr 1e-3 for V, 4e-5 for the activation steps), only cut to fewer iterations, as the fast preset used it before;
 - `default`: what `QLimitConfig()` does now at that number of iterations (the fast preset's schedule).
 
 For each (model, schedule, iterations) a copy of the model cut to its first block is quantized by the ordinary
 pipeline (QDrop, so the block sees the stream of the quantized embedding as in a full run). The error is the
 mean over the real tokens of held-out inputs of the squared difference, summed over features, between the
-quantized block's output and the FP block's output on FP inputs. 0 iterations is round-to-nearest.
+quantized block's output and the FP block's output on FP inputs. At 0 iterations each schedule's starting point
+is measured: round-to-nearest for `paper`, GPTQ's codes for `default`.
 
     python benchmarks/convergence.py --readme README.md          # both models, the README table
     python benchmarks/convergence.py --models minilm --iters 100 500 --variant fast_lr='{"weight_lr": 3e-2}'
@@ -40,7 +41,7 @@ import _common  # noqa: E402
 
 MARKER = "convergence-table"
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "paper": {"rounding": "anneal", "learn_weight_scale": False, "weight_lr": 1e-3, "act_lr": 4e-5},
+    "paper": {"preset": "paper"},
     "default": {},
 }
 # Each model: where it is, its quantization setting, and how its calibration and held-out data are made.
@@ -212,17 +213,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models:
             for n in args.iters:
                 for schedule, overrides in schedules.items():
-                    if n == 0 and schedule != next(iter(schedules)):
-                        continue  # round-to-nearest: the same for every schedule
                     row = run_one(name, schedule, overrides, n, cache)
                     print(json.dumps({k: row[k] for k in ("model", "schedule", "iters", "held_out_error",
                                                           "calib_error", "undecided", "seconds")}), flush=True)  # fmt: skip
                     with args.results.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                    if n == 0:  # one RTN row serves every schedule's column
-                        for other in SCHEDULES:
-                            with args.results.open("a") as f:
-                                f.write(json.dumps({**row, "schedule": other}) + "\n")
     rows: dict[tuple, dict] = {}
     for line in args.results.read_text().splitlines():  # the newest row of each cell wins
         row = json.loads(line)

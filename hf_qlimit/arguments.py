@@ -50,7 +50,10 @@ class QuantizationArguments:
     weight_bits: int = field(default=4, metadata={"help": "Weight bits of the transformer blocks (2-8)."})
     act_bits: str = field(default="8", metadata={"help": "Activation bits (2-8), or 'none' for weight-only."})
     method: str = field(default="qdrop", metadata={"help": "rtn, adaround, brecq or qdrop."})
-    preset: str = field(default="fast", metadata={"help": "fast or paper: fills num_samples, batch_size, iters."})
+    preset: str = field(
+        default="auto",
+        metadata={"help": "auto (fast-lm for causal LMs, else fast), fast, fast-lm or paper: fills every unset field."},
+    )
     num_samples: int | None = field(
         default=None, metadata={"help": "Calibration samples (sentences, windows or features); none: the preset's."}
     )
@@ -67,7 +70,7 @@ class QuantizationArguments:
     learn_weight_scale: bool | None = field(
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
     )
-    weight_init: str = field(default="rtn", metadata={"help": "Where the rounding starts: rtn or gptq."})
+    weight_init: str | None = field(default=None, metadata={"help": "Where the rounding starts: rtn or gptq."})
     weight_lr: float | None = field(default=None, metadata={"help": "Adam lr of AdaRound's V; none: the preset's."})
     act_lr: float | None = field(default=None, metadata={"help": "Adam lr of the activation steps (LSQ)."})
     scale_lr: float | None = field(default=None, metadata={"help": "Adam lr of the learned weight steps (log)."})
@@ -112,8 +115,8 @@ class QuantizationArguments:
         # The choices fail at parsing, before any data or model is loaded (the bits are checked by `to_config`).
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r} (--method).")
-        if self.preset not in PRESETS:
-            raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {self.preset!r} (--preset).")
+        if self.preset not in PRESETS and self.preset != "auto":
+            raise ValueError(f"`preset` must be one of {['auto', *PRESETS]}, got {self.preset!r} (--preset).")
         if self.loss is not None and self.loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r} (--loss).")
 

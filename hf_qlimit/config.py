@@ -14,22 +14,26 @@ ROUNDINGS = ("anneal", "progressive")
 WEIGHT_INITS = ("rtn", "gptq")
 
 # Reconstruction settings of each preset; a field set by hand wins. "paper" is exactly the BRECQ/QDrop setting
-# (20k iterations, β-annealed rounding on a fixed grid). "fast" is fitted to a run of minutes on a CPU: with 40×
-# fewer iterations the paper's learning rates barely move V (most h stay undecided, the hard result is RTN), so
-# it hardens the rounding progressively, learns the weight steps with it, and steps faster.
+# (20k iterations, β-annealed rounding from the FP weight on a fixed grid). "fast" is fitted to a run of minutes on
+# a CPU: with 100× fewer iterations the paper's learning rates barely move V (most h stay undecided, the hard
+# result is RTN), so it starts from GPTQ's codes, hardens the rounding progressively, learns the weight steps with
+# it and steps faster. "fast-lm" is its decoder-LM variant: fewer, longer samples in smaller batches, so a 135M
+# model quantizes in minutes on a CPU. "auto" (the default) picks "fast-lm" for causal LMs, else "fast".
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000, "rounding": "anneal", "learn_weight_scale": False,
-              "weight_lr": 1e-3, "act_lr": 4e-5},
-    "fast": {"num_samples": 256, "batch_size": 32, "iters": 500, "rounding": "progressive", "learn_weight_scale": True,
-             "weight_lr": 1e-2, "act_lr": 4e-4},
+              "weight_lr": 1e-3, "act_lr": 4e-5, "scale_lr": 1e-3, "weight_init": "rtn"},
+    "fast": {"num_samples": 256, "batch_size": 32, "iters": 200, "rounding": "progressive", "learn_weight_scale": True,
+             "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3, "weight_init": "gptq"},
+    "fast-lm": {"num_samples": 64, "batch_size": 4, "iters": 50, "rounding": "progressive", "learn_weight_scale": True,
+                "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3, "weight_init": "gptq"},
 }  # fmt: skip
+AUTO = "auto"
 _RECON_DEFAULTS: dict[str, Any] = {
     "round_loss_weight": 0.01,
     "beta_range": (20.0, 2.0),
     "warmup": 0.2,
     "drop_prob": 0.5,
     "loss": "mse",
-    "scale_lr": 1e-3,
     "fisher_damping": 1.0,
 }
 
@@ -61,7 +65,9 @@ class QLimitConfig(QuantizationConfigMixin):
             precision writes its allocation here.
         quantize_attention: also quantize the inputs of the Q·Kᵀ and P·V matmuls (when `act_bits` is set).
         lp_norm: the p of the Lp error minimised by the initial range search.
-        preset: `"paper"` or `"fast"`; fills `num_samples`, `batch_size` and `iters` where they are not given.
+        preset: `"auto"` (default: `"fast-lm"` for causal LMs, `"fast"` for the others, chosen when quantizing),
+            `"fast"`, `"fast-lm"` or `"paper"` (the papers' exact setting); fills every reconstruction field left
+            unset (`num_samples`, `batch_size`, `iters`, learning rates, `rounding`, `weight_init`...).
         num_samples, batch_size, iters: calibration samples, reconstruction batch size, iterations per block.
         round_loss_weight: λ of the AdaRound regulariser.
         beta_range: (start, end) of the annealed β of the AdaRound regulariser.
@@ -75,8 +81,9 @@ class QLimitConfig(QuantizationConfigMixin):
             `"progressive"` (as anneal, but after warm-up the most decided h are fixed in rounds, all of them by
             80% of the iterations, so the hard result is what was optimised).
         weight_init: where the rounding starts: `"rtn"` (the FP weight; AdaRound's init) or `"gptq"` (GPTQ's
-            error-compensated weight from the Hessian of each Linear's calibration inputs; `method="rtn"` then
-            gives GPTQ's codes).
+            error-compensated weight from the Hessian of each Linear's calibration inputs). Unset: the preset's
+            ("gptq" for "fast"), except that `method="rtn"` stays plain round-to-nearest; `method="rtn",
+            weight_init="gptq"` gives GPTQ's codes.
         learn_weight_scale: learn each row's (group's) dequantization step with the rounding (Adam on its log,
             lr `scale_lr`); the learned steps are what gets saved.
         seed: seed of sampling and dropping; the same seed and data give identical tensors.
@@ -102,7 +109,7 @@ class QLimitConfig(QuantizationConfigMixin):
     module_bits: dict[str, int] = field(default_factory=dict)
     quantize_attention: bool = True
     lp_norm: float = 2.4
-    preset: str = "fast"
+    preset: str = AUTO
     num_samples: int | None = None
     batch_size: int | None = None
     iters: int | None = None
@@ -114,7 +121,7 @@ class QLimitConfig(QuantizationConfigMixin):
     weight_lr: float | None = None
     act_lr: float | None = None
     rounding: str | None = None
-    weight_init: str = "rtn"
+    weight_init: str | None = None
     learn_weight_scale: bool | None = None
     scale_lr: float | None = None
     fisher_damping: float | None = None
@@ -139,9 +146,10 @@ class QLimitConfig(QuantizationConfigMixin):
 
     def __post_init__(self) -> None:
         self.quant_method = "qlimit"
-        if self.preset not in PRESETS:
-            raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {self.preset!r}.")
-        for key, value in {**_RECON_DEFAULTS, **PRESETS[self.preset]}.items():
+        if self.preset not in PRESETS and self.preset != AUTO:
+            raise ValueError(f"`preset` must be one of {[AUTO, *PRESETS]}, got {self.preset!r}.")
+        # "auto" fills its preset's fields when the model is known (`resolved`)
+        for key, value in {**_RECON_DEFAULTS, **PRESETS.get(self.preset, {})}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         self.beta_range = tuple(float(b) for b in self.beta_range)
@@ -149,6 +157,25 @@ class QLimitConfig(QuantizationConfigMixin):
         if self.modules_to_not_convert is not None:
             self.modules_to_not_convert = list(self.modules_to_not_convert)
         self.validate()
+
+    def for_model(self, model: Any) -> "QLimitConfig":
+        """`resolved` for this model's family: what `quantize_qlimit(calib_ds, config)` will run."""
+        from .models import get_adapter
+
+        return self.resolved(causal_lm=get_adapter(model).causal_lm)
+
+    def resolved(self, causal_lm: bool) -> "QLimitConfig":
+        """A copy with every field the preset fills set; "auto" becomes "fast-lm" for a causal LM, else "fast".
+        The preset stays recorded as given (the filled fields say what ran)."""
+        out = copy.deepcopy(self)
+        preset = ("fast-lm" if causal_lm else "fast") if self.preset == AUTO else self.preset
+        if out.method == "rtn" and out.weight_init is None:  # plain round-to-nearest unless GPTQ is asked for
+            out.weight_init = "rtn"
+        for key, value in PRESETS[preset].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        out.validate()
+        return out
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first field that holds an impossible value."""
@@ -161,14 +188,17 @@ class QLimitConfig(QuantizationConfigMixin):
             raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
         if self.loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r}.")
-        if self.weight_init not in WEIGHT_INITS:
-            raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
-        if self.rounding not in ROUNDINGS:
+        # A field left None here is one "auto" fills once the model is known (`resolved` validates again).
+        if self.rounding is not None and self.rounding not in ROUNDINGS:
             raise ValueError(f"`rounding` must be one of {list(ROUNDINGS)}, got {self.rounding!r}.")
+        if self.weight_init is not None and self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"`group_size` must be a positive integer or None, got {self.group_size!r}.")
         for name in ("num_samples", "batch_size", "iters"):
             value = getattr(self, name)
+            if value is None and self.preset == AUTO:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "iters" else 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.bit_candidates is not None:
@@ -190,7 +220,7 @@ class QLimitConfig(QuantizationConfigMixin):
         if self.lp_norm <= 0:
             raise ValueError(f"`lp_norm` must be positive, got {self.lp_norm!r}.")
         for name in ("round_loss_weight", "weight_lr", "act_lr", "scale_lr", "fisher_damping"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)!r}.")
 
     @property

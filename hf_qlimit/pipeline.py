@@ -66,8 +66,7 @@ def quantize_model(
     if resume and work_dir is None:
         raise ValueError("resume=True needs the work_dir of the interrupted run.")
     adapter = get_adapter(model)
-    config = copy.deepcopy(config)
-    config.validate()
+    config = config.resolved(causal_lm=adapter.causal_lm)
     dispatched = is_dispatched(model)
     if work_dir is not None and config.loss == "fisher" and config.method != "rtn":
         raise ValueError("work_dir (resumable runs) does not support loss='fisher' yet: use loss='mse'.")

@@ -90,7 +90,7 @@ def test_learned_scales_are_learned_and_survive_save_and_reload(tmp_path, inputs
     from transformers import AutoModelForSequenceClassification
 
     config = QLimitConfig(weight_bits=2, act_bits=8, iters=40, batch_size=8, num_samples=16)
-    assert config.learn_weight_scale
+    assert config.resolved(causal_lm=False).learn_weight_scale  # the default for encoders
     model = tiny_bert()
     model.quantize_qlimit(calib_samples(16), config)
     rtn = tiny_bert()
@@ -110,7 +110,7 @@ def test_reported_hard_error_is_the_frozen_blocks(method, rounding):
     """The last progress report's hard-rounded error equals the error of the frozen block on the same batch
     (with annealing the soft rounding is still far from hard there, so a soft report would differ)."""
     config = QLimitConfig(weight_bits=2, act_bits=8, method=method, iters=30, batch_size=8, num_samples=16,
-                          rounding=rounding)  # fmt: skip
+                          rounding=rounding).resolved(causal_lm=False)  # fmt: skip
     block, data = _block_setup(config)
     torch.manual_seed(0)
     stats = reconstruct_block(block, data, config, torch.device("cpu"), desc="test")

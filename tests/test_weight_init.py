@@ -33,7 +33,7 @@ def _quantize(kind: str, **kwargs):
 def test_zero_iterations_give_the_initialisers_codes(kind):
     gptq = _block_codes(_quantize(kind, method="rtn", weight_init="gptq"))
     zero_iters = _block_codes(_quantize(kind, method="qdrop", weight_init="gptq", iters=0))
-    rtn = _block_codes(_quantize(kind, method="rtn"))
+    rtn = _block_codes(_quantize(kind, method="rtn", weight_init="rtn"))
     assert gptq.keys() == zero_iters.keys() == rtn.keys() and gptq
     for name in gptq:
         assert torch.equal(gptq[name], zero_iters[name]), name
@@ -42,7 +42,7 @@ def test_zero_iterations_give_the_initialisers_codes(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_gptq_start_lowers_the_block_error(kind):
-    rtn = _quantize(kind, method="rtn", group_size=16).qlimit_block_errors
+    rtn = _quantize(kind, method="rtn", weight_init="rtn", group_size=16).qlimit_block_errors
     gptq = _quantize(kind, method="rtn", weight_init="gptq", group_size=16).qlimit_block_errors
     for r, g in zip(rtn, gptq):
         assert g["mse"] < r["mse"], (r, g)

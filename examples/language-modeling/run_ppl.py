@@ -257,7 +257,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
     model, tokenizer, gguf_source = load_model_and_tokenizer(model_args)
     seq_len = data_args.seq_len or model.config.max_position_embeddings
-    qconfig = build_qlimit_config(quant_args, data_args.num_calib_samples, seq_len)
+    qconfig = build_qlimit_config(quant_args, data_args.num_calib_samples, seq_len).for_model(model)
     check_group_size(model, qconfig)
     eval_ids = tokenize_corpus(tokenizer, load_texts(data_args, "eval", model_args.cache_dir))
     windows = eval_windows(eval_ids, seq_len, data_args.max_eval_windows)

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "No calibration data: give --train_file (or a --dataset_name with a train split), or an "
                 "--article_parity so that calibration uses the other articles of --validation_file."
             )
-        qconfig = quant_args.to_config(seed=training_args.seed)  # the seed of --quant_seed, or else --seed
+        qconfig = quant_args.to_config(seed=training_args.seed).for_model(model)  # seed: --quant_seed, else --seed
         calib = calibration_features(calib_examples, tokenizer, data_args, qconfig.num_samples, qconfig.seed)
         logger.info(f"Quantizing ({quant_args.label()}, preset {qconfig.preset}) on {len(calib)} calibration windows.")
         t0 = time.perf_counter()

@@ -27,6 +27,7 @@ class ArchitectureAdapter:
     """
 
     model_types: tuple[str, ...] = ()
+    causal_lm: bool = False  # decoder LMs get the "fast-lm" preset under preset="auto"
     blocks_path: str = ""  # the blocks' ModuleList, relative to `model.base_model`
     attention_path: str = ""  # the module inside a block that calls transformers' attention interface
     # Where the outlier transforms apply, block-relative. Each group lists the Linears reading one tensor that
