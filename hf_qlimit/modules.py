@@ -117,7 +117,7 @@ class _QuantWeightMixin:
             and self.keep_dequantized is None
             and not self._kernel_failed
             and getattr(self, "input_quantizer", None) is None
-            and not hasattr(self, "_hf_hook")
+            and "_hf_hook" not in self.__dict__  # accelerate sets it as a plain attribute
             and self.weight_quantizer.scale.device.type != "meta"
         )
 
