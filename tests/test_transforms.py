@@ -85,6 +85,9 @@ def test_post_ln_bert_keeps_an_explicit_op():
     apply_transforms(model, get_adapter(model), config, batches, torch.device("cpu"))
     ops = [n for n, m in model.named_modules() if isinstance(m, InputTransform)]
     assert len(ops) == 2 * 4  # q, k, v, intermediate.dense in each of the 2 blocks
+    attention = model.bert.encoder.layer[0].attention.self
+    q, k, v = attention.query, attention.key, attention.value  # one tensor, one transform: one quantizer can serve
+    assert torch.equal(q.smooth, k.smooth) and torch.equal(q.smooth, v.smooth)
     assert all(torch.equal(p, norms_before[n]) for n, p in model.named_parameters() if n in norms_before)
 
 
