@@ -14,7 +14,7 @@ from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
 from hf_qlimit.transforms import InputTransform, apply_transforms
-from hf_qlimit.transforms.hadamard import hadamard
+from hf_qlimit.transforms.hadamard import hadamard, rotate
 
 BUILDERS = {"bert": tiny_bert, "opt": tiny_opt, "llama": lambda: tiny("llama")}
 AUTO = {"bert": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM, "llama": AutoModelForCausalLM}
@@ -48,11 +48,20 @@ def _transformed(arch: str, names: list[str]):
     return model, config, batches
 
 
-@pytest.mark.parametrize("n", [12, 20, 32, 96, 576, 1536])
+@pytest.mark.parametrize("n", [12, 20, 32, 96, 576, 1536, 2048])
 def test_hadamard_is_orthogonal_with_equal_magnitudes(n):
     h = hadamard(n, torch.float64)
     assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5))
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(rotate(x), x @ h, atol=1e-12)  # the fast online op is the same rotation
+
+
+def test_hadamard_fallback_is_block_diagonal_and_orthogonal():
+    h = hadamard(148, torch.float64)  # 148 = 4 · 37: no Paley order, four-channel blocks
+    assert torch.allclose(h @ h.T, torch.eye(148, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(5, 148, dtype=torch.float64)
+    assert torch.allclose(rotate(x), x @ h, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["bert", "opt", "llama"])

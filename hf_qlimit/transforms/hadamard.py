@@ -59,6 +59,48 @@ def _hadamard64(n: int) -> torch.Tensor:
     return torch.block_diag(*[_hadamard64(block)] * (n // block))
 
 
+def _butterflies(x: torch.Tensor) -> torch.Tensor:
+    """x · S along the last dim, S the Sylvester matrix of that (power-of-two) size, in log2(size) passes."""
+    lead, size = x.shape[:-1], x.shape[-1]
+    h = 1
+    while h < size:  # blocks of 2h: (a, b) -> (a + b, a − b), Sylvester's doubling
+        pairs = x.reshape(*lead, size // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, size)
+        h *= 2
+    return x
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x · R with R = hadamard(n) along the last dim, in O(n log n) where n factorises (the online op).
+
+    R = (P ⊗ S) / √n with P the Paley part (m x m) and S Sylvester's (2^k): a token viewed as an m x 2^k matrix X
+    becomes Pᵀ X S (the block-diagonal fallback is X S on its blocks).
+    """
+    n = x.shape[-1]
+    factors = _factor(n)
+    power, m = factors if factors is not None else (n & -n, n // (n & -n))
+    y = x.reshape(*x.shape[:-1], m, power)
+    if power <= _DENSE_MAX:  # a small dense matmul beats log2(power) passes of butterflies on a CPU
+        y = torch.matmul(y, _sylvester_cached(power, x.dtype, x.device))
+    else:
+        y = _butterflies(y)
+    if factors is not None and m > 1:
+        y = torch.matmul(_sylvester_cached(-m, x.dtype, x.device), y)  # Pᵀ
+    return (y * (1.0 / math.sqrt(n if factors is not None else power))).reshape(x.shape)
+
+
+_DENSE_MAX = 256
+
+
+@functools.lru_cache(maxsize=32)
+def _sylvester_cached(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """±1 Sylvester matrix of `size`, or for -m the transposed ±1 Paley matrix of order m."""
+    if size < 0:
+        return (_hadamard64(-size) * math.sqrt(-size)).T.contiguous().to(dtype=dtype, device=device)
+    return _sylvester(size).to(dtype=dtype, device=device)
+
+
 def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """An n x n orthogonal matrix R (R Rᵀ = I) whose entries all have magnitude 1/√n where n factorises."""
     return _hadamard64(n).to(dtype=dtype, device=device)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hadamard import hadamard
+from .hadamard import hadamard, rotate
 
 KIND = "input_transform"
 
@@ -31,7 +31,6 @@ class InputTransform(nn.Module):
         self.register_buffer("shift", torch.zeros(features, device=device) if shift else None)
         self.register_buffer("smooth", torch.ones(features, device=device) if smooth else None)
         self.rotate = rotate
-        self.register_buffer("_rotation", None, persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -49,18 +48,13 @@ class InputTransform(nn.Module):
     def from_spec(cls, linear: nn.Module, spec: dict[str, Any]) -> "InputTransform":
         return cls(linear, shift=spec["shift"], smooth=spec["smooth"], rotate=spec["rotate"])
 
-    def rotation(self, like: torch.Tensor) -> torch.Tensor:
-        if self._rotation is None or self._rotation.device != like.device or self._rotation.dtype != like.dtype:
-            self._rotation = hadamard(self.in_features, like.dtype, like.device)
-        return self._rotation
-
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is not None:
             x = x - self.shift.to(x.dtype)
         if self.smooth is not None:
             x = x / self.smooth.to(x.dtype)
         if self.rotate:
-            x = torch.matmul(x, self.rotation(x))
+            x = rotate(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
