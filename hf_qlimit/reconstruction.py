@@ -154,15 +154,19 @@ def _optimize(
     for q in acts:
         q.drop_prob = config.drop_probability
         q.train()  # only the quantizers: the block stays in eval mode, so dropout stays off
-    stats = ReconStats()
+    stats, all_hard = ReconStats(), False
     bar = tqdm(range(config.iters), desc=desc, leave=False)
     try:
         for step in bar:
-            if progressive:
+            if progressive and not all_hard:
                 fraction = hardened_fraction(step, config.iters, config.warmup)
                 if fraction > 0 and (step % rounds == 0 or fraction == 1.0):
                     for module in modules:
                         module.weight_quantizer.harden_fraction(fraction)
+                if fraction == 1.0:  # V has no gradient left: only the steps train from here, at less cost
+                    all_hard = True
+                    for alpha in alphas:
+                        alpha.requires_grad_(False)
             beta = beta_schedule(step, config.iters, config.warmup, *config.beta_range)
             report = step % 50 == 0 or step == config.iters - 1
             for module in modules:  # the forward pass computes the regulariser alongside the weight
@@ -171,7 +175,7 @@ def _optimize(
             key = draw()
             rec = _masked_error(*step_fn(key, train=True))
             loss = rec
-            if beta is not None and alphas:
+            if beta is not None and alphas and not all_hard:
                 loss = rec + config.round_loss_weight * sum(m.weight_quantizer.rounding_loss() for m in modules)
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
