@@ -118,3 +118,14 @@ def test_unknown_transform_is_an_error():
     model, _, _ = _transformed("bert", [])
     with pytest.raises(ValueError, match="Unknown transform"):
         model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn", transforms=["rotate_everything"]))
+
+
+def test_reconstructed_transformed_model_reloads_bit_exact(ids, tmp_path):
+    """QDrop (GPTQ start, learned steps) on the transformed inputs, shared quantizers: still exact after reload."""
+    model, _, _ = _transformed("bert", ["os_plus", "hadamard_inputs"])
+    config = QLimitConfig(weight_bits=4, act_bits=4, method="qdrop", iters=3, num_samples=8, batch_size=4,
+                          transforms=["os_plus", "hadamard_inputs"], act_layout="shared")  # fmt: skip
+    model.quantize_qlimit(_calib(), config)
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(logits(AUTO["bert"].from_pretrained(tmp_path / "q"), ids), expected)
