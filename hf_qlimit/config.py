@@ -84,6 +84,9 @@ class QLimitConfig(QuantizationConfigMixin):
             error-compensated weight from the Hessian of each Linear's calibration inputs). Unset: the preset's
             ("gptq" for "fast"), except that `method="rtn"` stays plain round-to-nearest; `method="rtn",
             weight_init="gptq"` gives GPTQ's codes.
+        init_margin: with `weight_init="gptq"`, AdaRound's h start this far from GPTQ's decision (0 or 1), so the
+            soft block starts at GPTQ's hard result; `None` starts h at frac(w̃/s), where the unrounded w̃ is a
+            poor model (its error feedback assumes the earlier columns already rounded).
         learn_weight_scale: learn each row's (group's) dequantization step with the rounding (Adam on its log,
             lr `scale_lr`); the learned steps are what gets saved.
         seed: seed of sampling and dropping; the same seed and data give identical tensors.
@@ -122,6 +125,7 @@ class QLimitConfig(QuantizationConfigMixin):
     act_lr: float | None = None
     rounding: str | None = None
     weight_init: str | None = None
+    init_margin: float | None = None
     learn_weight_scale: bool | None = None
     scale_lr: float | None = None
     fisher_damping: float | None = None
@@ -191,6 +195,8 @@ class QLimitConfig(QuantizationConfigMixin):
         # A field left None here is one "auto" fills once the model is known (`resolved` validates again).
         if self.rounding is not None and self.rounding not in ROUNDINGS:
             raise ValueError(f"`rounding` must be one of {list(ROUNDINGS)}, got {self.rounding!r}.")
+        if self.init_margin is not None and not 0 < self.init_margin < 0.5:
+            raise ValueError(f"`init_margin` must lie in (0, 0.5), got {self.init_margin!r}.")
         if self.weight_init is not None and self.weight_init not in WEIGHT_INITS:
             raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):

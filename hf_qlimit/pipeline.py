@@ -223,7 +223,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         with quant_state(block, weights=False, acts=False):
             fp_out = run_block(block, fp_in, inputs, device, cache)
         if config.weight_init != "rtn":
-            init_block_weights(block, q_in, inputs, token_mask, device, config.weight_init)
+            init_block_weights(block, q_in, inputs, token_mask, device, config.weight_init, config.init_margin)
         if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
             for _, module in quantized_modules(block):
                 if module.weight_quantizer.start is not None:  # round the initialiser's weight to nearest

@@ -55,6 +55,7 @@ def init_block_weights(
     token_mask: list[torch.Tensor],
     device: torch.device,
     method: str,
+    margin: float | None = None,
 ) -> None:
     """Sets each quantized Linear's starting weight (`weight_quantizer.start`) by `method`; "rtn" leaves the FP
     weight. Call after the grids are set and before the FP weights are released."""
@@ -68,3 +69,4 @@ def init_block_weights(
             continue
         q = module.weight_quantizer
         q.start = gptq_compensated_weight(module.weight, hessians.pop(name), q.scale, q.zero, q.bits, q.group_size)
+        q.start_margin = margin

@@ -29,10 +29,10 @@ def _quantize(kind: str, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "opt", "bert"])
-def test_zero_iterations_give_the_initialisers_codes(kind):
+@pytest.mark.parametrize("kind,margin", [("llama", None), ("opt", None), ("bert", None), ("llama", 0.05), ("bert", 0.2)])
+def test_zero_iterations_give_the_initialisers_codes(kind, margin):
     gptq = _block_codes(_quantize(kind, method="rtn", weight_init="gptq"))
-    zero_iters = _block_codes(_quantize(kind, method="qdrop", weight_init="gptq", iters=0))
+    zero_iters = _block_codes(_quantize(kind, method="qdrop", weight_init="gptq", iters=0, init_margin=margin))
     rtn = _block_codes(_quantize(kind, method="rtn", weight_init="rtn"))
     assert gptq.keys() == zero_iters.keys() == rtn.keys() and gptq
     for name in gptq:
@@ -59,6 +59,20 @@ def test_gptq_start_survives_save_and_reload(tmp_path):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+def test_margin_start_puts_the_soft_weight_next_to_the_decision():
+    from hf_qlimit.quantizers import WeightQuantizer
+
+    w = torch.randn(8, 16)
+    q = WeightQuantizer(3, (8, 16), None, False)
+    q.init_range(w, 2.4)
+    q.start, q.start_margin = w.clone(), 0.05
+    q.init_adaround(w)
+    h = q.soft_rounding()
+    assert torch.allclose(torch.minimum(h, 1 - h), torch.full_like(h, 0.05), atol=1e-5)
+
+
 def test_unknown_weight_init_is_an_error():
     with pytest.raises(ValueError, match="weight_init"):
         QLimitConfig(weight_init="awq")
+    with pytest.raises(ValueError, match="init_margin"):
+        QLimitConfig(init_margin=0.5)

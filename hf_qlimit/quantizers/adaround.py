@@ -124,6 +124,9 @@ class WeightQuantizer(nn.Module):
         self.log_scale: nn.Parameter | None = None
         self.hard = False  # evaluate with the hard rounding (V >= 0) while V is still soft
         self.start: torch.Tensor | None = None  # the weight the rounding starts from, if not the FP one (GPTQ's w̃)
+        # With a start weight whose rounding is already decided (GPTQ's w̃: unrounded it is no good model, its error
+        # feedback assumes the earlier columns rounded), h starts this close to the decision instead of at frac(w/s)
+        self.start_margin: float | None = None
         # ⌊w/s⌋ + z as int8 (int16 above 6 bits), fixed while V is learned; clamped to [qmin − 2, qmax + 1],
         # which changes neither clamp(c + h) nor its gradient for h in [0, 1]
         self.register_buffer("w_floor", None, persistent=False)
@@ -148,13 +151,16 @@ class WeightQuantizer(nn.Module):
     def init_adaround(self, weight: torch.Tensor) -> None:
         """V such that h(V) equals the fractional part of w / s, i.e. the soft weight starts at the FP weight
         (or at `self.start`, which is then consumed)."""
+        margin = None
         if self.start is not None:
-            weight, self.start = self.start, None
+            weight, self.start, margin = self.start, None, self.start_margin
         scale, zero = self._grid()
         qmin, qmax = qrange(self.bits)
         w = group_view(weight.detach().float(), self.group_size) / scale
         floor = w.floor()
         rest = w.sub_(floor).clamp_(1e-4, 1 - 1e-4)
+        if margin is not None:  # h near the decision round-to-nearest takes (V >= 0 iff rest >= ½ holds still)
+            rest = torch.where(rest >= 0.5, 1.0 - margin, margin)
         code_dtype = torch.int8 if qmax + 1 <= torch.iinfo(torch.int8).max else torch.int16
         self.w_floor = floor.add_(zero).clamp_(qmin - 2, qmax + 1).to(code_dtype)
         del floor
