@@ -190,3 +190,14 @@ def test_gguf_refuses_activation_quantization_and_other_architectures(tmp_path):
         hf_qlimit.export(_llama(weight_bits=8, act_bits=8, group_size=None), tmp_path / "a", format="gguf")
     with pytest.raises(ExportError, match="Llama models only"):
         hf_qlimit.export(tiny_bert().quantize_qlimit(calib_samples(8), _config()), tmp_path / "b", format="gguf")
+
+
+@pytest.mark.parametrize("format", ["compressed-tensors", "gguf"])
+def test_explicit_input_transforms_are_refused(tmp_path, format):
+    from hf_qlimit.transforms.input_op import InputTransform
+
+    model = _llama(group_size=32)
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = InputTransform(mlp.down_proj, rotate=True)
+    with pytest.raises(ExportError, match="model.layers.0.mlp.down_proj.*online Hadamard rotation"):
+        hf_qlimit.export(model, tmp_path / "out", format=format)

@@ -15,6 +15,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")  # fmt: skip
 
 
+def refuse_input_transforms(model: nn.Module, format: str) -> None:
+    """Explicit input transforms (shift, smoothing, online Hadamard rotation before a Linear, see
+    hf_qlimit.transforms) are ops of their own that these formats have no slot for."""
+    from ..transforms.input_op import InputTransform
+
+    found = [name for name, m in model.named_modules() if isinstance(m, InputTransform)]
+    if found:
+        raise ExportError(
+            f"{len(found)} Linears run behind an explicit input transform (first: {found[0]!r}: shift, smoothing or an "
+            f"online Hadamard rotation); {format} cannot express it. Quantize without `transforms`, or with ones that "
+            "are absorbed into the weights, to export."
+        )
+
+
 def load_quantized(folder: str | Path) -> nn.Module:
     """The hf_qlimit model saved in `folder`, built from the class its config names, on CPU, in eval mode."""
     import transformers

@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from ..modules import QuantEmbedding, QuantLinear
 from ..packing import pack_codes, unpack_codes
-from .common import ExportError
+from .common import ExportError, refuse_input_transforms
 
 logger = logging.get_logger(__name__)
 
@@ -134,6 +134,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, allow_unser
     if sys.byteorder != "little":
         raise ExportError("compressed-tensors' int32 packing is written little-endian; export on a little-endian host.")
     _refuse_unexpressible(model)
+    refuse_input_transforms(model, "compressed-tensors")
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     if not quantized:
         raise ExportError("The model has no hf_qlimit quantized modules: quantize it (or load a qlimit folder) first.")

@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from ..modules import ATTENTION_ATTR, QuantEmbedding, QuantLinear
 from ..packing import unpack_codes
-from .common import ExportError
+from .common import ExportError, refuse_input_transforms
 
 logger = logging.get_logger(__name__)
 
@@ -86,6 +86,7 @@ def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
     config = model.config
     if config.model_type != "llama":
         raise ExportError(f"GGUF export maps Llama models only (llama.cpp's names and Q/K order); got {config.model_type!r}.")
+    refuse_input_transforms(model, "GGUF")
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     acts = [n for n, m in quantized.items() if getattr(m, "input_quantizer", None) is not None]
     acts += [n for n, m in model.named_modules() if getattr(m, ATTENTION_ATTR, None) is not None]
