@@ -167,6 +167,9 @@ def _optimize(
                     all_hard = True
                     for alpha in alphas:
                         alpha.requires_grad_(False)
+                    if not groups:  # nothing else learns (weight-only, fixed steps): the block is final
+                        stats = ReconStats(0.0, float("nan"), _hard_error(modules, acts, step_fn, draw()), None)
+                        break
             beta = beta_schedule(step, config.iters, config.warmup, *config.beta_range)
             report = step % 50 == 0 or step == config.iters - 1
             for module in modules:  # the forward pass computes the regulariser alongside the weight

@@ -65,6 +65,18 @@ def test_default_schedule_decides_the_rounding_before_hardening(monkeypatch):
     assert _undecided_before_hardening(QLimitConfig(**short, rounding="anneal"), monkeypatch) > 0.5
 
 
+def test_weight_only_with_fixed_steps_stops_once_all_is_hard():
+    """Nothing learns after the last hardening round: the loop ends there instead of failing in backward."""
+    from test_llama import calib as llama_calib
+    from test_llama import tiny as tiny_decoder
+
+    model = tiny_decoder("llama")
+    config = QLimitConfig(weight_bits=3, act_bits=None, group_size=16, iters=20, batch_size=8, num_samples=16,
+                          learn_weight_scale=False)  # fmt: skip
+    model.quantize_qlimit(llama_calib(16, 16), config)
+    assert all(b["undecided"] == 0.0 for b in model.qlimit_block_errors)
+
+
 def test_hardened_fraction_rises_to_one_by_80_percent():
     assert hardened_fraction(0, 100, 0.2) == 0 and hardened_fraction(19, 100, 0.2) == 0
     assert 0 < hardened_fraction(20, 100, 0.2) < hardened_fraction(50, 100, 0.2) < 1
