@@ -193,7 +193,7 @@ def render(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    parser.add_argument("--schedules", nargs="*", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--iters", nargs="+", type=int, default=[0, 20, 100, 500, 2000])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="An extra schedule: QLimitConfig overrides as JSON (not in the README table).")  # fmt: skip
