@@ -281,7 +281,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         run.offloader.release()  # the model is back on CPU, parked blocks on disk
     else:
         for _, module in quantized_modules(model):
-            del module.keep_dequantized  # back to the class default: inference caches the dequantized weight
+            del module.keep_dequantized  # back to the class default: packed inference, no float copy
         if run.home != device:
             model.to(run.home)
     _attach_quantizer(model, config)
