@@ -180,7 +180,7 @@ def render(rows: list[dict]) -> str:
         "Held-out output error of the hard-rounded block (mean squared error per token, summed over features); in "
         "brackets the share of AdaRound's h still strictly between 0.01 and 0.99 before hard rounding, and the time "
         f"of the whole quantization of the one-block model. `paper`: {json.dumps(SCHEDULES['paper'])} at the given "
-        "iterations; `default`: QLimitConfig's defaults (fast preset). MiniLM: 256 STS-B train pairs, batch 32, 128 "
+        "iterations; `default`: QLimitConfig's defaults at that many iterations (`fast` for MiniLM, `fast-lm` for SmolLM2; at 0 iterations GPTQ's codes). MiniLM: 256 STS-B train pairs, batch 32, 128 "
         "dev pairs held out. SmolLM2 (FP32 dequantized from its Q4_1 GGUF): 32 WikiText-2 valid windows of 256 "
         "tokens, batch 4, embedding and head left in FP, 8 test windows held out. "
         f"Measured {days} on {_common.machine(threads)}, commit {', '.join(commits)}, load average "
