@@ -19,8 +19,7 @@ from .block_inputs import BlockInputs, Stream, block_output, call_block, run_blo
 from .config import QLimitConfig
 from .integration import act_quantizers, quant_state, quantized_modules
 from .modules import QuantLinear
-from .quantizers import beta_schedule
-from .quantizers.adaround import hardened_fraction
+from .quantizers import beta_schedule, hardened_fraction
 from .quantizers.adaround import row_slices
 from .quantizers.lsq import mix
 
