@@ -49,6 +49,7 @@ class Tool:
 
 
 TOOLS = [
+    Tool("hf_qlimit default", "hf_qlimit", "default"),
     Tool("hf_qlimit RTN", "hf_qlimit", "rtn"),
     Tool("hf_qlimit BRECQ", "hf_qlimit", "brecq", reconstructs=True),
     Tool("hf_qlimit QDrop", "hf_qlimit", "qdrop", reconstructs=True),
@@ -58,6 +59,7 @@ TOOLS = [
     Tool("llm-compressor AWQ", "llmcompressor", "awq"),
     Tool("llm-compressor SmoothQuant+GPTQ", "llmcompressor", "smoothquant", models=("minilm-sst2",)),
     Tool("GPTQModel GPTQ", "gptqmodel", "gptq"),
+    Tool("AutoRound", "autoround", "autoround", models=("smollm2",)),
 ]
 FP_TOOL = Tool("FP32 (reference)", "hf_qlimit", "fp")
 TOOL_BY_NAME = {t.name: t for t in [FP_TOOL, *TOOLS]}

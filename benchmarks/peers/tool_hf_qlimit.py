@@ -2,7 +2,9 @@
 
 Embeddings and the task / LM head are quantized to 8 bits (`first_last_bits`, the library's default); the peers
 keep them in floating point, so hf_qlimit's checkpoints are the smaller ones and its metrics carry that extra error.
-Weights use asymmetric grids. "fp" saves the unquantized model (the reference row).
+Weights use asymmetric grids. "fp" saves the unquantized model (the reference row). "default" is what a user gets
+from `QLimitConfig(weight_bits=..., group_size=..., act_bits=...)` with nothing else set (`preset="auto"`); the
+"rtn", "brecq" and "qdrop" rows pin the old `fast` preset with the iterations run.py passes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import peer_eval
 
-ALGOS = ("fp", "rtn", "brecq", "qdrop")
+ALGOS = ("fp", "default", "rtn", "brecq", "qdrop")
 
 
 def versions() -> dict[str, str]:
@@ -34,6 +36,15 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
         return net
     from hf_qlimit import QLimitConfig
 
+    if algo == "default":
+        config = QLimitConfig(weight_bits=setting.weight_bits, act_bits=setting.act_bits, group_size=setting.group_size)
+        resolved = config.for_model(net)
+        net.quantize_qlimit(calib, config)
+        options["details"] = (
+            f"default config (preset auto): {resolved.method}, {resolved.iters} iters/block, "
+            f"batch {resolved.batch_size}, {resolved.num_samples} samples, init {resolved.weight_init}"
+        )
+        return net
     kwargs: dict[str, Any] = {}
     if algo != "rtn" and options.get("iters") is not None:
         kwargs["iters"] = options["iters"]
