@@ -21,7 +21,7 @@ WEIGHT_INITS = ("rtn", "gptq")
 # model quantizes in minutes on a CPU. "auto" (the default) picks "fast-lm" for causal LMs, else "fast".
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000, "rounding": "anneal", "learn_weight_scale": False,
-              "weight_lr": 1e-3, "act_lr": 4e-5, "scale_lr": 1e-3, "weight_init": "rtn", "init_margin": None},
+              "weight_lr": 1e-3, "act_lr": 4e-5, "scale_lr": 1e-3, "weight_init": "rtn"},
     "fast": {"num_samples": 256, "batch_size": 32, "iters": 200, "rounding": "progressive", "learn_weight_scale": True,
              "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3, "weight_init": "gptq"},
     "fast-lm": {"num_samples": 64, "batch_size": 4, "iters": 50, "rounding": "progressive", "learn_weight_scale": True,

@@ -226,9 +226,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
             init_block_weights(block, q_in, inputs, token_mask, device, config.weight_init, config.init_margin)
         if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
             for _, module in quantized_modules(block):
-                if module.weight_quantizer.start is not None:  # round the initialiser's weight to nearest
-                    module.weight_quantizer.init_adaround(module.weight)
-                    module.weight_quantizer.finish_learning()
+                module.weight_quantizer.round_start()
             _freeze(block)
         with quant_state(block, weights=True, acts=True):
             _observe(list(act_quantizers(block)), lambda: run_block(block, q_in, inputs, device), config.lp_norm)

@@ -166,6 +166,13 @@ class WeightQuantizer(nn.Module):
         del floor
         self.alpha = nn.Parameter(rest.sub_(GAMMA).reciprocal_().mul_(ZETA - GAMMA).sub_(1).log_().neg_())
 
+    @torch.no_grad()
+    def round_start(self) -> None:
+        """Fixes the codes nearest to the initialiser's weight (`start`, e.g. GPTQ's), with no reconstruction."""
+        if self.start is not None:
+            self.init_adaround(self.start)
+            self.finish_learning()
+
     def soft_rounding(self) -> torch.Tensor:
         if self.hard:
             return (self.alpha >= 0).to(self.alpha.dtype)

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""SmolLM2 ablation of the decoder default: initialiser × learned weight steps × iterations, on the peers
+protocol (`benchmarks/peers/peer_eval.py`: the same calibration windows, evaluation windows and FP model).
+
+Each variant is `QLimitConfig(weight_bits=B, group_size=64, act_bits=None, **overrides)`; the row "default" has no
+overrides, so it is what a user gets. One variant per process (its own peak RSS, no state shared between runs);
+each result is appended to `--results` and the table is drawn from the newest record of each (variant, setting).
+
+    python benchmarks/lm_ablation.py --settings "W3A16 g64" --variants rtn gptq default
+    python benchmarks/lm_ablation.py --table_only --readme examples/language-modeling/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE / "peers")]
+import _common  # noqa: E402
+import peer_eval  # noqa: E402
+
+REPO = HERE.parent
+OUT = REPO / "benchmarks" / "out" / "lm_ablation"
+MARKER = "lm-ablation-table"
+# (label, QLimitConfig overrides): rows in table order
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rtn": ("RTN, Lp grid (0 it)", {"method": "rtn"}),
+    "gptq": ("GPTQ init only (0 it)", {"method": "rtn", "weight_init": "gptq"}),
+    "rtn-init": ("RTN init + 50 it + learned steps", {"weight_init": "rtn"}),
+    "fixed-steps": ("GPTQ init + 50 it, fixed steps", {"learn_weight_scale": False}),
+    "brecq": ("GPTQ init + 50 it + learned steps, BRECQ (no QDrop input mixing)", {"method": "brecq"}),
+    "it20": ("GPTQ init + 20 it + learned steps", {"iters": 20}),
+    "default": ("**default**: GPTQ init + 50 it + learned steps", {}),
+    "it200": ("GPTQ init + 200 it + learned steps", {"iters": 200}),
+}
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
+    """Quantizes and evaluates in this process (called in a child by `main`)."""
+    import resource
+
+    import torch
+
+    import hf_qlimit  # noqa: F401  (registers quantize_qlimit)
+    from hf_qlimit import QLimitConfig
+
+    torch.set_num_threads(threads)
+    setting = peer_eval.setting("smollm2", label)
+    net, tokenizer = peer_eval.load_fp("smollm2", peer_eval.model_path("smollm2"))
+    calib = peer_eval.calibration("smollm2", tokenizer)
+    config = QLimitConfig(
+        weight_bits=setting.weight_bits, group_size=setting.group_size, act_bits=None, **VARIANTS[variant][1]
+    )
+    resolved = config.for_model(net)
+    tick = time.perf_counter()
+    net.quantize_qlimit(calib, config)
+    seconds = time.perf_counter() - tick
+    metric = peer_eval.evaluate("smollm2", net, tokenizer)
+    return {
+        "variant": variant, "setting": label, "ppl": metric["ppl"], "quantize_s": seconds, "threads": threads,
+        "iters": resolved.iters if resolved.method != "rtn" else 0, "weight_init": resolved.weight_init,
+        "learn_weight_scale": resolved.learn_weight_scale, "num_samples": min(resolved.num_samples, len(calib)),
+        "batch_size": resolved.batch_size, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "date": datetime.date.today().isoformat(), "commit": _commit(),
+        "load": os.getloadavg()[0],
+    }  # fmt: skip
+
+
+def load(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                out[record["variant"], record["setting"]] = record
+    return out
+
+
+def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
+    settings = [s for s in peer_eval.SETTINGS["smollm2"] if any(k[1] == s for k in records)]
+    lines = ["| variant | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
+    for variant, (label, _) in VARIANTS.items():
+        cells = []
+        for setting in settings:
+            r = records.get((variant, setting))
+            cells.append("–" if r is None else f"{r['ppl']:.2f} ({r['quantize_s'] / 60:.0f} min)")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    done = list(records.values())
+    threads = sorted({r["threads"] for r in done})
+    loads = [r["load"] for r in done]
+    lines += [
+        "",
+        f"SmolLM2-135M-Instruct, WikiText-2 test perplexity over the peers protocol's {peer_eval.LM_EVAL_WINDOWS} "
+        f"windows of {peer_eval.LM_SEQ_LEN} tokens (FP 30.03); {peer_eval.LM_CALIB_WINDOWS} calibration windows; "
+        "weight-only, groups of 64, embeddings and head at 8 bits. In parentheses: the quantization call's wall "
+        f"time on {_common.machine(threads=threads[0] if threads else None)}, torch threads {threads}, load average "
+        f"at the end of each run {min(loads, default=0):.1f}–{max(loads, default=0):.1f} (other jobs shared the two "
+        f"cores). Dates: {', '.join(sorted({r['date'] for r in done}))}; commits: "
+        f"{', '.join(sorted({r['commit'] for r in done}))}. Generated by `benchmarks/lm_ablation.py`.",
+    ]
+    return _common.section(MARKER, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["rtn", "gptq", "default"], choices=list(VARIANTS))
+    parser.add_argument("--settings", nargs="+", default=["W3A16 g64"], choices=list(peer_eval.SETTINGS["smollm2"]))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=OUT / "results.jsonl")
+    parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--readme", type=Path, default=None, help="Also write the table into this README.")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SETTING"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_one(*args.child, args.threads)), flush=True)
+        return
+    records = load(args.results)
+    if not args.table_only:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        for setting in args.settings:
+            for variant in args.variants:
+                if (variant, setting) in records and not args.rerun:
+                    continue
+                print(f"[ablation] {variant} | {setting}", flush=True)
+                cmd = [sys.executable, __file__, "--child", variant, setting, "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
+                line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+                record = json.loads(line[len("RESULT ") :])
+                print(f"[ablation]   ppl {record['ppl']:.2f}, {record['quantize_s']:.0f} s", flush=True)
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                records[variant, setting] = record
+    section = render(records)
+    print(section)
+    if args.readme is not None:
+        _common.rewrite_between_markers(args.readme, MARKER, section)
+
+
+if __name__ == "__main__":
+    main()
