@@ -115,8 +115,9 @@ def unpack_int4(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def prepare_int8(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cols: int, group: int):
     """(int8 codes (groups, rows, group), scales (groups, rows), offsets (groups, rows) or None if symmetric)."""
     rows, groups = scale.shape
-    signed = (packed.reshape(rows, cols) ^ 0x80).view(torch.int8)  # q − 128
-    weight = signed.reshape(rows, groups, group).permute(1, 0, 2).contiguous()
+    # q − 128, written straight into the kernel's (groups, rows, group) order: no second full-size copy
+    weight = torch.empty(groups, rows, group, dtype=torch.int8, device=packed.device)
+    torch.bitwise_xor(packed.reshape(rows, groups, group).permute(1, 0, 2), 0x80, out=weight.view(torch.uint8))
     offset = None
     if bool((zero != 128).any()):
         offset = ((128 - zero.float()) * scale.float()).t().contiguous()  # fp32: added after the kernel

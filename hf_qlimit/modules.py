@@ -19,7 +19,7 @@ from torch import nn
 
 from transformers.utils import logging
 
-from . import kernels
+from . import kernels, memory
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantizers import ActQuantizer, WeightQuantizer
 from .quantizers.adaround import ROW_CHUNK, row_slices
@@ -142,10 +142,13 @@ class _QuantWeightMixin:
                                 "such layers dequantize at every call.")  # fmt: skip
             self._kernel_failed = True
             return False
-        del self._buffers["weight"]
+        memory.drop_file_pages(packed)  # codes read from a mmap'ed checkpoint: their pages are dead weight now
+        del self._buffers["weight"], packed
         for name, tensor in zip(_KERNEL_BUFFERS, (weight, scales, offset)):
             self.register_buffer(name, tensor, persistent=False)
         self._kernel = chosen
+        # the int4 conversion's temporaries (uint8, then int32 codes: 5 bytes a weight) stay in glibc's heap otherwise
+        memory.freed_temporaries(self.rows * self.cols * 5 if chosen.kind == "int4" else 0)
         return True
 
     @torch.no_grad()
@@ -159,6 +162,7 @@ class _QuantWeightMixin:
         self._kernel = None
         self._kernel_checked = False
         self.register_buffer("weight", packed)
+        memory.freed_temporaries(self.rows * self.cols)  # unpacking reads the codes back through uint8
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _PackedMatmul.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else self._kernel_matmul(x)
