@@ -33,6 +33,7 @@ def test_table_rows_and_verdicts():
     assert "| W4 packed (hf_qlimit default) | 1.0 | 120 | 120 | 800 (200) | 800 | 9.0 | 9.0 | 9.0 | 2.0e-02 (W4 cached) | 30.00 |" in text
     assert "after generate 0.24x FP32 (target <= 0.25): met" in text
     assert "process RSS 0.89x FP32 (target <= 0.5): NOT met" in text
+    assert "RSS above the imports 600 MB against 700 MB (0.86x)" in text
     assert "1.50x by CPU time (target >= 1.0): met / met" in text
     assert "within 2.0e-03 relative of hf_qlimit's (target 1e-3): NOT met" in text
     assert "Measured 2026-01-01 at hf_qlimit commit abc1234" in text and "test machine" in text
