@@ -278,7 +278,7 @@ def _targets(name: str, rows: dict[str, Any]) -> list[str]:
 def table(results: dict[str, Any]) -> str:
     parts = []
     for name, res in results["models"].items():
-        rows, threads = res["rows"], results["threads"]
+        rows, threads = res["rows"], res.get("threads") or results["threads"]  # each model: the threads it ran
         title = "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)" if name == "smollm2" else f"random {name}-shaped OPT"
         parts.append(f"**{title}**, W4 g64 weight-only RTN (embeddings and head 8-bit g64).\n")
         head = ["variant", "load s", "MB after load", "MB after generate", "RSS MB (imports)", "peak RSS MB"]
@@ -341,10 +341,12 @@ def main(argv: list[str] | None = None) -> None:
         for entry in results["models"].values():  # runs of an earlier invocation keep their own date and commit
             entry.setdefault("date", results.get("date"))
             entry.setdefault("commit", results.get("commit"))
+            entry.setdefault("threads", results.get("threads"))
         for name in [m for m in args.models if m != "minilm"]:
             reps = args.reps if name == "smollm2" else 1  # a large model's decode takes minutes per repetition
             results["models"][name] = measure(name, out_dir, args.threads, reps, args.ppl_windows)
-            results["models"][name].update(date=datetime.date.today().isoformat(), commit=commit, reps=reps)
+            results["models"][name].update(date=datetime.date.today().isoformat(), commit=commit, reps=reps,
+                                           threads=args.threads)  # fmt: skip
             results.update(threads=args.threads, date=datetime.date.today().isoformat(), commit=commit,
                            machine=_common.machine(threads=1).replace(" (1 threads)", ""))  # fmt: skip
             results_path.write_text(json.dumps(results, indent=2) + "\n")
