@@ -59,7 +59,7 @@ TOOLS = [
     Tool("llm-compressor AWQ", "llmcompressor", "awq"),
     Tool("llm-compressor SmoothQuant+GPTQ", "llmcompressor", "smoothquant", models=("minilm-sst2",)),
     Tool("GPTQModel GPTQ", "gptqmodel", "gptq"),
-    Tool("AutoRound", "autoround", "autoround", models=("smollm2",)),
+    Tool("AutoRound", "autoround", "autoround", models=("smollm2",), reconstructs=True),  # same --iters as BRECQ
 ]
 FP_TOOL = Tool("FP32 (reference)", "hf_qlimit", "fp")
 TOOL_BY_NAME = {t.name: t for t in [FP_TOOL, *TOOLS]}
