@@ -59,7 +59,7 @@ TOOLS = [
     Tool("llm-compressor AWQ", "llmcompressor", "awq"),
     Tool("llm-compressor SmoothQuant+GPTQ", "llmcompressor", "smoothquant", models=("minilm-sst2",)),
     Tool("GPTQModel GPTQ", "gptqmodel", "gptq"),
-    Tool("AutoRound", "autoround", "autoround", models=("smollm2",), reconstructs=True),  # same --iters as BRECQ
+    Tool("AutoRound", "autoround", "autoround", models=("smollm2",)),  # its "light" recipe: 50 iters, lr 5e-3
 ]
 FP_TOOL = Tool("FP32 (reference)", "hf_qlimit", "fp")
 TOOL_BY_NAME = {t.name: t for t in [FP_TOOL, *TOOLS]}
@@ -222,11 +222,16 @@ def _verdicts(model: str, records: dict, settings: list[str], tools: list[Tool])
     return lines
 
 
-def render(records: dict, models: list[str], tools: list[Tool], venv_root: Path) -> str:
+def render(
+    records: dict, models: list[str], tools: list[Tool], venv_root: Path, marker: str = MARKER, only_run: bool = False
+) -> str:
+    """The table section; `only_run`: rows only for the tools with a record (a sitting that reran a subset)."""
     parts = []
     for model in models:
         settings = list(peer_eval.SETTINGS[model])
         model_tools = [t for t in tools if model in t.models]
+        if only_run:
+            model_tools = [t for t in model_tools if any(k[0] == t.name and k[1] == model for k in records)]
         metric = "ppl ↓" if peer_eval.is_causal_lm(model) else "acc % ↑"
         lines = [f"**{peer_eval.MODEL_LABELS[model]}**", "",
                  f"| Setting | Tool | {metric} | Calib. time (s) | Peak RSS (MB) | Checkpoint (MB) | Notes |",
@@ -298,7 +303,7 @@ def render(records: dict, models: list[str], tools: list[Tool], venv_root: Path)
             " (`--table_only` redraws it)."
         ),
     ]
-    return _common.section(MARKER, "\n\n".join(parts) + "\n" + "\n\n".join(notes))
+    return _common.section(marker, "\n\n".join(parts) + "\n" + "\n\n".join(notes))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -317,6 +322,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--table_only", action="store_true", help="Run nothing; redraw the table.")
     parser.add_argument("--quick", action="store_true", help="MiniLM W4A16 g128, 5 iterations; prints only.")
     parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--marker", default=MARKER, help="README section to write. Another marker than the default "
+                        "draws only --models, and only the tools with a record in --results (one sitting's table).")
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.python)
     iters = {**DEFAULT_ITERS, **{m: int(n) for m, n in (item.split("=", 1) for item in args.iters)}}
@@ -349,10 +356,12 @@ def main(argv: list[str] | None = None) -> str:
     if args.quick:
         section = render(records, args.models, tools, args.venv_root)
     else:  # the whole table, whatever this call ran; re-read, another run.py may have appended meanwhile
-        section = render(load_records(args.results), list(peer_eval.SETTINGS), TOOLS, args.venv_root)
+        sitting = args.marker != MARKER
+        models = args.models if sitting else list(peer_eval.SETTINGS)
+        section = render(load_records(args.results), models, TOOLS, args.venv_root, args.marker, only_run=sitting)
     print(section)
     if not args.quick:
-        _common.rewrite_between_markers(args.readme, MARKER, section)
+        _common.rewrite_between_markers(args.readme, args.marker, section)
         print(f"[peers] table written to {args.readme}")
     return section
 
