@@ -20,7 +20,8 @@ from hf_qlimit import kernels
 from hf_qlimit.packing import pack_codes
 
 # (name, rows, cols, bits, Linears per block); 24 blocks, one head (vocabulary 50272)
-SHAPES = [("q/k/v/out", 2048, 2048, 4, 4), ("fc1", 8192, 2048, 4, 1), ("fc2", 2048, 8192, 4, 1), ("head", 50272, 2048, 8, 1)]
+SHAPES = [("q/k/v/out", 2048, 2048, 4, 4), ("fc1", 8192, 2048, 4, 1), ("fc2", 2048, 8192, 4, 1),
+          ("head", 50272, 2048, 8, 1)]
 BLOCKS, GROUP = 24, 64
 
 
