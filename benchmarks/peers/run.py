@@ -248,7 +248,7 @@ def render(
         lines += ["", *_verdicts(model, records, settings, model_tools)]
         parts.append("\n".join(lines))
     done = [r for r in records.values() if r.get("model") in models]
-    iters = sorted({(r["model"], r["iters"]) for r in done if r.get("iters") is not None})
+    iters = sorted({(r["model"], r["iters"]) for r in done if r.get("iters") is not None and r["tool"] != "AutoRound"})
     versions: dict[str, str] = {}
     for record in done:
         for name, version in (record.get("versions") or {}).items():
@@ -267,10 +267,15 @@ def render(
             "comparable with full-test-set perplexities. Accuracy: all 872 SST-2 dev sentences. Metrics are measured on "
             "the quantized model in memory, right after quantization."
         ),
-        "hf_qlimit reconstruction iterations per block: "
-        + (", ".join(f"{m} {i}" for m, i in iters) or "–")
-        + " (MiniLM's `fast` preset is 500; SmolLM2's 30 blocks get few iterations to fit on the CPU), batch 32 "
-        "(MiniLM) / 8 (SmolLM2).",
+        (
+            "hf_qlimit BRECQ / QDrop rows (the old `fast` preset at a given count) ran "
+            + ", ".join(f"{m} {i}" for m, i in iters)
+            + " iterations per block, batch 32 (MiniLM) / 8 (SmolLM2). "
+            if iters
+            else ""
+        )
+        + "The `hf_qlimit default` row sets only the bits and group size; its notes say what the default resolved "
+        "to. AutoRound runs its own `light` recipe (50 iterations, lr 5e-3, batch 8) unless its notes say otherwise.",
         (
             "Calib. time: wall time of the quantization call alone (calibration passes, search or reconstruction, "
             "packing; not loading, saving or evaluation), one CPU thread, with another engineer's benchmarks sharing "
