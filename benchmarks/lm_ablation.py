@@ -34,6 +34,8 @@ MARKER = "lm-ablation-table"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("RTN, Lp grid (0 it)", {"method": "rtn"}),
     "gptq": ("GPTQ init only (0 it)", {"method": "rtn", "weight_init": "gptq"}),
+    "gptq-fp-head": ("GPTQ init only (0 it), embeddings and head FP", {"method": "rtn", "weight_init": "gptq",
+                                                                     "first_last_bits": None}),
     "rtn-init": ("RTN init + 50 it + learned steps", {"weight_init": "rtn"}),
     "fixed-steps": ("GPTQ init + 50 it, fixed steps", {"learn_weight_scale": False}),
     "brecq": ("GPTQ init + 50 it + learned steps, BRECQ (no QDrop input mixing)", {"method": "brecq"}),
@@ -127,7 +129,7 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
         "",
         f"SmolLM2-135M-Instruct, WikiText-2 test perplexity over the peers protocol's {peer_eval.LM_EVAL_WINDOWS} "
         f"windows of {peer_eval.LM_SEQ_LEN} tokens (FP 30.03); {peer_eval.LM_CALIB_WINDOWS} calibration windows; "
-        "weight-only, groups of 64, embeddings and head at 8 bits. In parentheses: the quantization call's wall "
+        "weight-only, groups of 64, embeddings and head at 8 bits unless a row says FP. In parentheses: the quantization call's wall "
         f"time on {_common.machine(threads=threads[0] if threads else None)}, torch threads {threads}, load average "
         f"at the end of each run {min(loads, default=0):.1f}–{max(loads, default=0):.1f} (other jobs shared the two "
         f"cores). The default row comes from the peers sitting (`benchmarks/peers/run.py`, same protocol) where this "
