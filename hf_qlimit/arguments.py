@@ -71,6 +71,8 @@ class QuantizationArguments:
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
     )
     weight_init: str | None = field(default=None, metadata={"help": "Where the rounding starts: rtn or gptq."})
+    weight_range: str = field(default="lp", metadata={"help": "Initial weight grid: lp (the papers') or minmax."})
+    gptq_act_order: bool = field(default=False, metadata={"help": "GPTQ start: columns by decreasing H diagonal."})
     weight_lr: float | None = field(default=None, metadata={"help": "Adam lr of AdaRound's V; none: the preset's."})
     act_lr: float | None = field(default=None, metadata={"help": "Adam lr of the activation steps (LSQ)."})
     scale_lr: float | None = field(default=None, metadata={"help": "Adam lr of the learned weight steps (log)."})
@@ -145,6 +147,8 @@ class QuantizationArguments:
             rounding=self.rounding,
             learn_weight_scale=self.learn_weight_scale,
             weight_init=self.weight_init,
+            weight_range=self.weight_range,
+            gptq_act_order=self.gptq_act_order,
             weight_lr=self.weight_lr,
             act_lr=self.act_lr,
             scale_lr=self.scale_lr,

@@ -12,6 +12,7 @@ METHODS = ("rtn", "adaround", "brecq", "qdrop")
 LOSSES = ("mse", "fisher")
 ROUNDINGS = ("anneal", "progressive")
 WEIGHT_INITS = ("rtn", "gptq")
+WEIGHT_RANGES = ("lp", "minmax")
 
 # Reconstruction settings of each preset; a field set by hand wins. "paper" is exactly the BRECQ/QDrop setting
 # (20k iterations, β-annealed rounding from the FP weight on a fixed grid). "fast" is fitted to a run of minutes on
@@ -84,6 +85,10 @@ class QLimitConfig(QuantizationConfigMixin):
             error-compensated weight from the Hessian of each Linear's calibration inputs). Unset: the preset's
             ("gptq" for "fast"), except that `method="rtn"` stays plain round-to-nearest; `method="rtn",
             weight_init="gptq"` gives GPTQ's codes.
+        weight_range: the weight grid before any learning: `"lp"` (the papers': each row's or group's clipping of
+            [min, max] minimising the Lp error, p = `lp_norm`) or `"minmax"` (no clipping, GPTQ's usual grid).
+        gptq_act_order: with `weight_init="gptq"`, round the columns in order of decreasing Hessian diagonal
+            (GPTQ's act-order; each column keeps its own group's grid, so nothing extra is stored).
         init_margin: with `weight_init="gptq"`, AdaRound's h start this far from GPTQ's decision (0 or 1), so the
             soft block starts at GPTQ's hard result; `None` starts h at frac(w̃/s), where the unrounded w̃ is a
             poor model (its error feedback assumes the earlier columns already rounded).
@@ -126,6 +131,8 @@ class QLimitConfig(QuantizationConfigMixin):
     rounding: str | None = None
     weight_init: str | None = None
     init_margin: float | None = None
+    weight_range: str = "lp"
+    gptq_act_order: bool = False
     learn_weight_scale: bool | None = None
     scale_lr: float | None = None
     fisher_damping: float | None = None
@@ -162,6 +169,11 @@ class QLimitConfig(QuantizationConfigMixin):
             self.modules_to_not_convert = list(self.modules_to_not_convert)
         self.validate()
 
+    @property
+    def weight_range_p(self) -> float | None:
+        """The p of the weight range search, or None for the plain [min, max] grid."""
+        return self.lp_norm if self.weight_range == "lp" else None
+
     def for_model(self, model: Any) -> "QLimitConfig":
         """`resolved` for this model's family: what `quantize_qlimit(calib_ds, config)` will run."""
         from .models import get_adapter
@@ -197,6 +209,8 @@ class QLimitConfig(QuantizationConfigMixin):
             raise ValueError(f"`rounding` must be one of {list(ROUNDINGS)}, got {self.rounding!r}.")
         if self.init_margin is not None and not 0 < self.init_margin < 0.5:
             raise ValueError(f"`init_margin` must lie in (0, 0.5), got {self.init_margin!r}.")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ValueError(f"`weight_range` must be one of {list(WEIGHT_RANGES)}, got {self.weight_range!r}.")
         if self.weight_init is not None and self.weight_init not in WEIGHT_INITS:
             raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):

@@ -192,7 +192,7 @@ def measure_sensitivity(model: nn.Module, adapter: ArchitectureAdapter, batches:
     quantizers = {}
     for (n, linear), bits in itertools.product(linears.items(), candidates):
         quantizers[n, bits] = WeightQuantizer(bits, tuple(linear.weight.shape), config.group_size, config.weight_sym)
-        quantizers[n, bits].to(linear.weight.device).init_range(linear.weight, config.lp_norm)
+        quantizers[n, bits].to(linear.weight.device).init_range(linear.weight, config.weight_range_p)
     singles = {n: dict.fromkeys(candidates, 0.0) for n in names}
     pairs: dict[tuple[str, str], float] = {}
     gen = torch.Generator().manual_seed(config.seed)
@@ -261,7 +261,7 @@ def _cache_key(model: nn.Module, batches: list[dict], config: QLimitConfig, name
     model_config = model.config.to_dict()
     model_config.pop("quantization_config", None)
     model_config.pop("_name_or_path", None)
-    settings = [_CACHE_VERSION, config.bit_candidates, config.group_size, config.weight_sym, config.lp_norm]
+    settings = [_CACHE_VERSION, config.bit_candidates, config.group_size, config.weight_sym, config.weight_range_p]
     # Checkpoints of one architecture share a config: moments of the weights tell them apart, cheaply.
     weights = (model.get_submodule(n).weight.detach().double() for n in names)
     moments = [[w.sum().item(), w.pow(2).sum().item()] for w in weights]

@@ -156,7 +156,7 @@ def _convert(model: nn.Module, names: list[str], run: _Run, config: QLimitConfig
         if hasattr(module, "weight_quantizer"):  # attention quantizers hold no weight
             module.keep_dequantized = False  # memory stays bounded by one block; restored at the end
             if not frozen:
-                module.weight_quantizer.init_range(module.weight, config.lp_norm)
+                module.weight_quantizer.init_range(module.weight, config.weight_range_p)
     return modules
 
 
@@ -223,7 +223,8 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
         with quant_state(block, weights=False, acts=False):
             fp_out = run_block(block, fp_in, inputs, device, cache)
         if config.weight_init != "rtn":
-            init_block_weights(block, q_in, inputs, token_mask, device, config.weight_init, config.init_margin)
+            init_block_weights(block, q_in, inputs, token_mask, device, config.weight_init, config.init_margin,
+                               config.gptq_act_order)
         if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
             for _, module in quantized_modules(block):
                 module.weight_quantizer.round_start()

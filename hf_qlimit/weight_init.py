@@ -56,6 +56,7 @@ def init_block_weights(
     device: torch.device,
     method: str,
     margin: float | None = None,
+    act_order: bool = False,
 ) -> None:
     """Sets each quantized Linear's starting weight (`weight_quantizer.start`) by `method`; "rtn" leaves the FP
     weight. Call after the grids are set and before the FP weights are released."""
@@ -68,5 +69,7 @@ def init_block_weights(
         if name not in hessians:
             continue
         q = module.weight_quantizer
-        q.start = gptq_compensated_weight(module.weight, hessians.pop(name), q.scale, q.zero, q.bits, q.group_size)
+        q.start = gptq_compensated_weight(
+            module.weight, hessians.pop(name), q.scale, q.zero, q.bits, q.group_size, act_order=act_order
+        )
         q.start_margin = margin

@@ -76,3 +76,30 @@ def test_unknown_weight_init_is_an_error():
         QLimitConfig(weight_init="awq")
     with pytest.raises(ValueError, match="init_margin"):
         QLimitConfig(init_margin=0.5)
+
+
+def test_minmax_grid_covers_each_group_exactly():
+    from hf_qlimit.quantizers import WeightQuantizer
+    from hf_qlimit.quantizers.fake_quant import dequantize_codes, quantize_codes
+    from hf_qlimit.quantizers.range_search import group_view
+
+    w = torch.randn(8, 32)
+    minmax, lp = WeightQuantizer(3, (8, 32), 16, False), WeightQuantizer(3, (8, 32), 16, False)
+    minmax.init_range(w, None)
+    lp.init_range(w, 2.4)
+    g = group_view(w, 16)
+    scale, zero = minmax.scale.unsqueeze(-1), minmax.zero.float().unsqueeze(-1)
+    q = dequantize_codes(quantize_codes(g, scale, zero, 3), scale, zero)
+    # no clipping: every weight lies within half a step of its grid point, the group's extremes included
+    assert ((q - g).abs() <= scale / 2 + 1e-6).all()
+    assert (lp.scale <= minmax.scale + 1e-7).all() and (lp.scale < minmax.scale - 1e-7).any()  # Lp clips some
+
+
+def test_weight_range_and_act_order_reach_the_codes():
+    base = _block_codes(_quantize("llama", method="rtn", weight_init="gptq", group_size=16))
+    minmax = _block_codes(_quantize("llama", method="rtn", weight_init="gptq", group_size=16, weight_range="minmax"))
+    ordered = _block_codes(_quantize("llama", method="rtn", weight_init="gptq", group_size=16, gptq_act_order=True))
+    assert any(not torch.equal(base[n], minmax[n]) for n in base)
+    assert any(not torch.equal(base[n], ordered[n]) for n in base)
+    with pytest.raises(ValueError, match="weight_range"):
+        QLimitConfig(weight_range="mse")

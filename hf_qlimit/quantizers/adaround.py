@@ -142,7 +142,8 @@ class WeightQuantizer(nn.Module):
         return scale.unsqueeze(-1), zero.unsqueeze(-1).float()
 
     @torch.no_grad()
-    def init_range(self, weight: torch.Tensor, p: float) -> None:
+    def init_range(self, weight: torch.Tensor, p: float | None) -> None:
+        """The grid from the Lp search (`p`), or from each row's or group's [min, max] with `p=None`."""
         scale, zero = search_weight_range(weight, self.bits, self.symmetric, self.group_size, p)
         self.scale.copy_(scale)
         self.zero.copy_(zero.to(torch.uint8))

@@ -40,10 +40,14 @@ def _search_rows(w: torch.Tensor, bits: int, symmetric: bool, p: float, xmin=Non
 
 @torch.no_grad()
 def search_weight_range(
-    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, p: float = 2.4
+    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, p: float | None = 2.4
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output channel (or per group of `group_size` inputs) scale and zero point, each of shape (out, groups)."""
+    """Per output channel (or per group of `group_size` inputs) scale and zero point, each of shape (out, groups);
+    `p=None`: no search, the full [min, max]."""
     w = group_view(weight.detach().float(), group_size)
+    if p is None:
+        scale, zero = scale_zero_from_range(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric)
+        return scale, zero
     rows = max(1, _CHUNK // (w.shape[1] * w.shape[2]))
     parts = [_search_rows(w[i : i + rows], bits, symmetric, p) for i in range(0, w.shape[0], rows)]
     scale = torch.cat([s for s, _ in parts]).squeeze(-1)
