@@ -71,8 +71,10 @@ class QuantizationArguments:
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
     )
     weight_init: str | None = field(default=None, metadata={"help": "Where the rounding starts: rtn or gptq."})
-    weight_range: str = field(default="lp", metadata={"help": "Initial weight grid: lp (the papers') or minmax."})
-    gptq_act_order: bool = field(default=False, metadata={"help": "GPTQ start: columns by decreasing H diagonal."})
+    weight_range: str | None = field(default=None, metadata={"help": "Initial weight grid: lp or minmax."})
+    gptq_act_order: bool | None = field(
+        default=None, metadata={"help": "GPTQ start: round columns by decreasing H diagonal; none: the preset's."}
+    )
     weight_lr: float | None = field(default=None, metadata={"help": "Adam lr of AdaRound's V; none: the preset's."})
     act_lr: float | None = field(default=None, metadata={"help": "Adam lr of the activation steps (LSQ)."})
     scale_lr: float | None = field(default=None, metadata={"help": "Adam lr of the learned weight steps (log)."})

@@ -22,11 +22,14 @@ WEIGHT_RANGES = ("lp", "minmax")
 # model quantizes in minutes on a CPU. "auto" (the default) picks "fast-lm" for causal LMs, else "fast".
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000, "rounding": "anneal", "learn_weight_scale": False,
-              "weight_lr": 1e-3, "act_lr": 4e-5, "scale_lr": 1e-3, "weight_init": "rtn"},
+              "weight_lr": 1e-3, "act_lr": 4e-5, "scale_lr": 1e-3, "weight_init": "rtn",
+              "weight_range": "lp", "gptq_act_order": False},
     "fast": {"num_samples": 256, "batch_size": 32, "iters": 200, "rounding": "progressive", "learn_weight_scale": True,
-             "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3, "weight_init": "gptq"},
+             "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3, "weight_init": "gptq",
+             "weight_range": "lp", "gptq_act_order": False},
     "fast-lm": {"num_samples": 64, "batch_size": 4, "iters": 50, "rounding": "progressive", "learn_weight_scale": True,
-                "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-4, "weight_init": "gptq", "init_margin": 0.05},
+                "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-4, "weight_init": "gptq", "init_margin": 0.05,
+                "weight_range": "lp", "gptq_act_order": False},
 }  # fmt: skip
 AUTO = "auto"
 _RECON_DEFAULTS: dict[str, Any] = {
@@ -86,9 +89,9 @@ class QLimitConfig(QuantizationConfigMixin):
             ("gptq" for "fast"), except that `method="rtn"` stays plain round-to-nearest; `method="rtn",
             weight_init="gptq"` gives GPTQ's codes.
         weight_range: the weight grid before any learning: `"lp"` (the papers': each row's or group's clipping of
-            [min, max] minimising the Lp error, p = `lp_norm`) or `"minmax"` (no clipping, GPTQ's usual grid).
+            [min, max] minimising the Lp error, p = `lp_norm`) or `"minmax"` (no clipping, GPTQ's usual grid). Unset: the preset's.
         gptq_act_order: with `weight_init="gptq"`, round the columns in order of decreasing Hessian diagonal
-            (GPTQ's act-order; each column keeps its own group's grid, so nothing extra is stored).
+            (GPTQ's act-order; each column keeps its own group's grid, so nothing extra is stored). Unset: the preset's.
         init_margin: with `weight_init="gptq"`, AdaRound's h start this far from GPTQ's decision (0 or 1), so the
             soft block starts at GPTQ's hard result; `None` starts h at frac(w̃/s), where the unrounded w̃ is a
             poor model (its error feedback assumes the earlier columns already rounded).
@@ -131,8 +134,8 @@ class QLimitConfig(QuantizationConfigMixin):
     rounding: str | None = None
     weight_init: str | None = None
     init_margin: float | None = None
-    weight_range: str = "lp"
-    gptq_act_order: bool = False
+    weight_range: str | None = None
+    gptq_act_order: bool | None = None
     learn_weight_scale: bool | None = None
     scale_lr: float | None = None
     fisher_damping: float | None = None
@@ -172,7 +175,7 @@ class QLimitConfig(QuantizationConfigMixin):
     @property
     def weight_range_p(self) -> float | None:
         """The p of the weight range search, or None for the plain [min, max] grid."""
-        return self.lp_norm if self.weight_range == "lp" else None
+        return None if self.weight_range == "minmax" else self.lp_norm  # unset (not resolved): the papers' search
 
     def for_model(self, model: Any) -> "QLimitConfig":
         """`resolved` for this model's family: what `quantize_qlimit(calib_ds, config)` will run."""
@@ -209,7 +212,7 @@ class QLimitConfig(QuantizationConfigMixin):
             raise ValueError(f"`rounding` must be one of {list(ROUNDINGS)}, got {self.rounding!r}.")
         if self.init_margin is not None and not 0 < self.init_margin < 0.5:
             raise ValueError(f"`init_margin` must lie in (0, 0.5), got {self.init_margin!r}.")
-        if self.weight_range not in WEIGHT_RANGES:
+        if self.weight_range is not None and self.weight_range not in WEIGHT_RANGES:
             raise ValueError(f"`weight_range` must be one of {list(WEIGHT_RANGES)}, got {self.weight_range!r}.")
         if self.weight_init is not None and self.weight_init not in WEIGHT_INITS:
             raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
