@@ -32,21 +32,26 @@ OUT = REPO / "benchmarks" / "out" / "lm_ablation"
 MARKER = "lm-ablation-table"
 # (label, QLimitConfig overrides): rows in table order
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "rtn": ("RTN, Lp grid (0 it)", {"method": "rtn"}),
-    "gptq": ("GPTQ init only (0 it)", {"method": "rtn", "weight_init": "gptq"}),
-    "gptq-fp-head": ("GPTQ init only (0 it), embeddings and head FP", {"method": "rtn", "weight_init": "gptq",
-                                                                     "first_last_bits": None}),
+    "rtn": ("RTN, Lp grid (0 it)", {"method": "rtn", "weight_range": "lp"}),
+    "rtn-minmax": ("RTN, min-max grid (0 it)", {"method": "rtn", "weight_range": "minmax"}),
+    "gptq": ("GPTQ init only (0 it), Lp grid", {"method": "rtn", "weight_init": "gptq", "weight_range": "lp",
+                                                "gptq_act_order": False}),
+    "gptq-fp-head": ("GPTQ init only (0 it), Lp grid, embeddings and head FP",
+                     {"method": "rtn", "weight_init": "gptq", "weight_range": "lp", "gptq_act_order": False,
+                      "first_last_bits": None}),
     "gptq-minmax": ("GPTQ init only (0 it), min-max grid", {"method": "rtn", "weight_init": "gptq",
-                                                           "weight_range": "minmax"}),
-    "gptq-actorder": ("GPTQ init only (0 it), act-order", {"method": "rtn", "weight_init": "gptq",
-                                                          "gptq_act_order": True}),
+                                                           "weight_range": "minmax", "gptq_act_order": False}),
+    "gptq-actorder": ("GPTQ init only (0 it), Lp grid, act-order", {"method": "rtn", "weight_init": "gptq",
+                                                                   "weight_range": "lp", "gptq_act_order": True}),
     "gptq-minmax-actorder": ("GPTQ init only (0 it), min-max grid, act-order",
                              {"method": "rtn", "weight_init": "gptq", "weight_range": "minmax", "gptq_act_order": True}),
     "rtn-init": ("RTN init + 50 it + learned steps", {"weight_init": "rtn"}),
     "fixed-steps": ("GPTQ init + 50 it, fixed steps", {"learn_weight_scale": False}),
     "brecq": ("GPTQ init + 50 it + learned steps, BRECQ (no QDrop input mixing)", {"method": "brecq"}),
     "it20": ("GPTQ init + 20 it + learned steps", {"iters": 20}),
-    "default": ("**default**: GPTQ init + 50 it + learned steps", {}),
+    "default-lp": ("GPTQ init (Lp grid) + 50 it + learned steps (the default before 2026-11-29)",
+                   {"weight_range": "lp", "gptq_act_order": False}),
+    "default": ("**default**: GPTQ init (min-max grid, act-order) + 50 it + learned steps", {}),
     "it200": ("GPTQ init + 200 it + learned steps", {"iters": 200}),
 }
 
@@ -105,8 +110,10 @@ def load(path: Path, peers: Path | None = PEERS_RESULTS) -> dict[tuple[str, str]
                 out[r["tool"], r["setting"]] = {"variant": r["tool"], "setting": r["setting"], "ppl": r["metric"]["ppl"],
                                                 "quantize_s": r["calib_s"], "peer": True, "date": r["date"]}  # fmt: skip
             if r.get("tool") == "hf_qlimit default":
-                out["default", r["setting"]] = {
-                    "variant": "default", "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],
+                # records made before the decoder default took the min-max grid say no range: the Lp one
+                variant = "default" if "range minmax" in r.get("details", "") else "default-lp"
+                out[variant, r["setting"]] = {
+                    "variant": variant, "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],
                     "threads": 1, "date": r["date"], "commit": "peers run", "load": None,
                 }  # fmt: skip
     if path.is_file():

@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "weight_range": "lp", "gptq_act_order": False},
     "fast-lm": {"num_samples": 64, "batch_size": 4, "iters": 50, "rounding": "progressive", "learn_weight_scale": True,
                 "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-4, "weight_init": "gptq", "init_margin": 0.05,
-                "weight_range": "lp", "gptq_act_order": False},
+                "weight_range": "minmax", "gptq_act_order": True},
 }  # fmt: skip
 AUTO = "auto"
 _RECON_DEFAULTS: dict[str, Any] = {

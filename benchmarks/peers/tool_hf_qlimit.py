@@ -42,7 +42,8 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
         net.quantize_qlimit(calib, config)
         options["details"] = (
             f"default config (preset auto): {resolved.method}, {resolved.iters} iters/block, "
-            f"batch {resolved.batch_size}, {resolved.num_samples} samples, init {resolved.weight_init}"
+            f"batch {resolved.batch_size}, {resolved.num_samples} samples, init {resolved.weight_init}, range "
+            f"{resolved.weight_range}" + (", act-order" if resolved.gptq_act_order else "")
         )
         return net
     kwargs: dict[str, Any] = {}
