@@ -45,3 +45,28 @@ def test_invalid_values_name_the_field(kwargs, field):
 def test_foreign_config_is_rejected():
     with pytest.raises(ValueError, match="Unknown QLimitConfig fields"):
         QLimitConfig.from_dict({"quant_method": "qlimit", "bits": 4})
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "bert"])
+def test_the_default_config_resolves_per_family_as_the_readme_says(kind):
+    from pathlib import Path
+
+    from conftest import tiny_bert, tiny_opt
+    from test_llama import tiny
+
+    from hf_qlimit.config import PRESETS
+
+    model = {"llama": lambda: tiny("llama"), "opt": tiny_opt, "bert": tiny_bert}[kind]()
+    resolved = QLimitConfig(weight_bits=3, group_size=16, act_bits=None).for_model(model)
+    preset = "fast" if kind == "bert" else "fast-lm"
+    for key, value in PRESETS[preset].items():
+        assert getattr(resolved, key) == value, key
+    assert resolved.method == "qdrop" and resolved.weight_bits == 3 and resolved.group_size == 16
+    if preset == "fast-lm":  # the decoder default: GPTQ on the min-max grid with act-order, then 50 iterations
+        assert (resolved.weight_init, resolved.weight_range, resolved.gptq_act_order) == ("gptq", "minmax", True)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    p = PRESETS[preset]
+    words = f"{p['num_samples']} samples, batch {p['batch_size']}, {p['iters']}"
+    assert f'`"{preset}"` for ' in readme and words in readme, words
+    paper = QLimitConfig(preset="paper").for_model(model)  # the papers' setting stays reachable as it was
+    assert (paper.weight_init, paper.weight_range, paper.gptq_act_order) == ("rtn", "lp", False)
