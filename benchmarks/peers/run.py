@@ -67,12 +67,13 @@ DEFAULT_ITERS = {"minilm-sst2": 500, "smollm2": 20}
 # Why a peer beats hf_qlimit, where it does: best guesses, shown under the table next to the measured losses.
 WHY = {
     "GPTQ": "GPTQ cancels each column's rounding error in the columns not yet quantized, with second-order "
-    "(Hessian) information, in minutes on this CPU; hf_qlimit's RTN compensates nothing, and its AdaRound "
-    "reconstruction (BRECQ/QDrop) only picks up or down per weight and needs far more iterations than this CPU "
-    "affords here. On SmolLM2 at 3 and 4 bits hf_qlimit's starting grid is also worse than plain min-max: its "
-    "Lp (p = 2.4) clipping search clips weights this model needs (its RTN trails llm-compressor's min-max RTN): "
-    "the clipped grid has the smaller weight error (`python benchmarks/gguf_grid.py` prints both), yet the larger "
-    "perplexity, so the clipped large weights matter more than their share of the error",
+    "(Hessian) information. hf_qlimit's decoder default starts from GPTQ's own codes (min-max grid, act-order) and "
+    "reconstructs each block for 50 iterations; where the peer still wins, the likely causes are the 8-bit embedding "
+    "and head hf_qlimit keeps (the peers keep them FP) and, on rows run before 2026-11-29, the Lp-clipped grid or no "
+    "GPTQ start at all (the old `fast` preset)",
+    "AutoRound": "AutoRound tunes every weight's rounding and every group's min / max clipping together for 50 "
+    "iterations at batch 8 (twice the samples per step of hf_qlimit's decoder default), keeps the iteration with the "
+    "lowest block loss, and leaves the embedding and the head in FP (hf_qlimit rounds both to 8 bits)",
     "AWQ": "AWQ rescales salient input channels before rounding, which RTN-family grids lack",
     "RTN": "the peer keeps embeddings and head in FP32 while hf_qlimit rounds them to 8 bits, and "
     "one seed's calibration set moves SST-2 accuracy by 1 to 2 points (see the seed study)",
