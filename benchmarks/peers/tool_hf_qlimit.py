@@ -42,7 +42,7 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
         net.quantize_qlimit(calib, config)
         options["details"] = (
             f"default config (preset auto): {resolved.method}, {resolved.iters} iters/block, "
-            f"batch {resolved.batch_size}, {resolved.num_samples} samples, init {resolved.weight_init}, range "
+            f"batch {resolved.batch_size}, {min(resolved.num_samples, len(calib))} samples, init {resolved.weight_init}, range "
             f"{resolved.weight_range}" + (", act-order" if resolved.gptq_act_order else "")
         )
         return net
