@@ -96,9 +96,11 @@ def test_minmax_grid_covers_each_group_exactly():
 
 
 def test_weight_range_and_act_order_reach_the_codes():
-    base = _block_codes(_quantize("llama", method="rtn", weight_init="gptq", group_size=16))
-    minmax = _block_codes(_quantize("llama", method="rtn", weight_init="gptq", group_size=16, weight_range="minmax"))
-    ordered = _block_codes(_quantize("llama", method="rtn", weight_init="gptq", group_size=16, gptq_act_order=True))
+    def codes(weight_range: str, act_order: bool) -> dict[str, torch.Tensor]:
+        return _block_codes(_quantize("llama", method="rtn", weight_init="gptq", group_size=16,
+                                      weight_range=weight_range, gptq_act_order=act_order))  # fmt: skip
+
+    base, minmax, ordered = codes("lp", False), codes("minmax", False), codes("lp", True)
     assert any(not torch.equal(base[n], minmax[n]) for n in base)
     assert any(not torch.equal(base[n], ordered[n]) for n in base)
     with pytest.raises(ValueError, match="weight_range"):
