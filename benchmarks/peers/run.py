@@ -73,7 +73,8 @@ WHY = {
     "GPTQ start at all (the old `fast` preset)",
     "AutoRound": "AutoRound tunes every weight's rounding and every group's min / max clipping together for 50 "
     "iterations at batch 8 (twice the samples per step of hf_qlimit's decoder default), keeps the iteration with the "
-    "lowest block loss, and leaves the embedding and the head in FP (hf_qlimit rounds both to 8 bits)",
+    "lowest block loss; it keeps the embedding and head in FP, which measured worth 0.08 perplexity at SmolLM2 W3 "
+    "(benchmarks/lm_ablation.py), so not the cause",
     "AWQ": "AWQ rescales salient input channels before rounding, which RTN-family grids lack",
     "RTN": "the peer keeps embeddings and head in FP32 while hf_qlimit rounds them to 8 bits, and "
     "one seed's calibration set moves SST-2 accuracy by 1 to 2 points (see the seed study)",
