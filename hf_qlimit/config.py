@@ -89,9 +89,11 @@ class QLimitConfig(QuantizationConfigMixin):
             ("gptq" for "fast"), except that `method="rtn"` stays plain round-to-nearest; `method="rtn",
             weight_init="gptq"` gives GPTQ's codes.
         weight_range: the weight grid before any learning: `"lp"` (the papers': each row's or group's clipping of
-            [min, max] minimising the Lp error, p = `lp_norm`) or `"minmax"` (no clipping, GPTQ's usual grid). Unset: the preset's.
+            [min, max] minimising the Lp error, p = `lp_norm`) or `"minmax"` (no clipping, GPTQ's usual grid).
+            Unset: the preset's.
         gptq_act_order: with `weight_init="gptq"`, round the columns in order of decreasing Hessian diagonal
-            (GPTQ's act-order; each column keeps its own group's grid, so nothing extra is stored). Unset: the preset's.
+            (GPTQ's act-order; each column keeps its own group's grid, so nothing extra is stored). Unset: the
+            preset's.
         init_margin: with `weight_init="gptq"`, AdaRound's h start this far from GPTQ's decision (0 or 1), so the
             soft block starts at GPTQ's hard result; `None` starts h at frac(w̃/s), where the unrounded w̃ is a
             poor model (its error feedback assumes the earlier columns already rounded).

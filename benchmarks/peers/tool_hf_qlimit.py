@@ -42,8 +42,9 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
         net.quantize_qlimit(calib, config)
         options["details"] = (
             f"default config (preset auto): {resolved.method}, {resolved.iters} iters/block, "
-            f"batch {resolved.batch_size}, {min(resolved.num_samples, len(calib))} samples, init {resolved.weight_init}, range "
-            f"{resolved.weight_range}" + (", act-order" if resolved.gptq_act_order else "")
+            f"batch {resolved.batch_size}, {min(resolved.num_samples, len(calib))} samples, "
+            f"init {resolved.weight_init}, range {resolved.weight_range}"
+            + (", act-order" if resolved.gptq_act_order else "")
         )
         return net
     kwargs: dict[str, Any] = {}

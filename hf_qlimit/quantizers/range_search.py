@@ -46,8 +46,7 @@ def search_weight_range(
     `p=None`: no search, the full [min, max]."""
     w = group_view(weight.detach().float(), group_size)
     if p is None:
-        scale, zero = scale_zero_from_range(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric)
-        return scale, zero
+        return scale_zero_from_range(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric)
     rows = max(1, _CHUNK // (w.shape[1] * w.shape[2]))
     parts = [_search_rows(w[i : i + rows], bits, symmetric, p) for i in range(0, w.shape[0], rows)]
     scale = torch.cat([s for s, _ in parts]).squeeze(-1)
