@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,18 @@ def machine(threads: int | None = None) -> str:
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     torch_info = f"torch {torch.__version__} ({threads or torch.get_num_threads()} threads)"
     return f"{platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs, {torch_info}{gpu}"
+
+
+def commit(repo: Path) -> str:
+    """The checked-out commit of `repo`, with "+local changes" when hf_qlimit/ differs from it; "unknown" without
+    git."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "hf_qlimit"], capture_output=True,
+                               text=True).stdout.strip()  # fmt: skip
+        return (out.stdout.strip() or "unknown") + ("+local changes" if dirty else "")
+    except OSError:
+        return "unknown"
 
 
 def markers(marker: str) -> tuple[str, str]:

@@ -23,7 +23,6 @@ import argparse
 import copy
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,18 +137,8 @@ def run_one(name: str, schedule: str, overrides: dict, iters: int, cache: dict) 
         "calib_error": stats["mse"], "calib_rtn_error": stats["rtn_mse"], "undecided": stats.get("undecided"),
         "seconds": seconds,
         "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                        "torch_threads": torch.get_num_threads(), "commit": _commit(), "load": _load()},
+                        "torch_threads": torch.get_num_threads(), "commit": _common.commit(REPO), "load": _load()},
     }  # fmt: skip
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "hf_qlimit"], capture_output=True,
-                               text=True).stdout.strip()  # fmt: skip
-        return out.stdout.strip() + ("+local changes" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def _load() -> float:

@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only:
         import datetime
 
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        commit = _common.commit(ROOT)
         if "minilm" in args.models:
             results["minilm"] = minilm_export(out_dir)
         for entry in results["models"].values():  # runs of an earlier invocation keep their own date and commit

@@ -44,7 +44,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-actorder": ("GPTQ init only (0 it), Lp grid, act-order", {"method": "rtn", "weight_init": "gptq",
                                                                    "weight_range": "lp", "gptq_act_order": True}),
     "gptq-minmax-actorder": ("GPTQ init only (0 it), min-max grid, act-order",
-                             {"method": "rtn", "weight_init": "gptq", "weight_range": "minmax", "gptq_act_order": True}),
+                             {"method": "rtn", "weight_init": "gptq", "weight_range": "minmax",
+                              "gptq_act_order": True}),
     "rtn-init": ("RTN init + 50 it + learned steps", {"weight_init": "rtn"}),
     "fixed-steps": ("GPTQ init + 50 it, fixed steps", {"learn_weight_scale": False}),
     "brecq": ("GPTQ init + 50 it + learned steps, BRECQ (no QDrop input mixing)", {"method": "brecq"}),
@@ -54,11 +55,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("**default**: GPTQ init (min-max grid, act-order) + 50 it + learned steps", {}),
     "it200": ("GPTQ init + 200 it + learned steps", {"iters": 200}),
 }
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
@@ -87,12 +83,13 @@ def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
         "iters": resolved.iters if resolved.method != "rtn" else 0, "weight_init": resolved.weight_init,
         "learn_weight_scale": resolved.learn_weight_scale, "num_samples": min(resolved.num_samples, len(calib)),
         "batch_size": resolved.batch_size, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "date": datetime.date.today().isoformat(), "commit": _commit(),
+        "date": datetime.date.today().isoformat(), "commit": _common.commit(REPO),
         "load": os.getloadavg()[0],
     }  # fmt: skip
 
 
 PEERS_RESULTS = OUT.parent / "peers" / "results.jsonl"
+FP_TOOL = "FP32 (reference)"  # the peers sitting's unquantized row: the FP perplexity in the note
 PEER_ROWS = {"llm-compressor GPTQ": "*peer:* llm-compressor GPTQ (min-max grid, FP head)",
              "AutoRound": "*peer:* AutoRound, its light recipe (50 it, FP head)"}  # fmt: skip
 
@@ -106,9 +103,11 @@ def load(path: Path, peers: Path | None = PEERS_RESULTS) -> dict[tuple[str, str]
             r = json.loads(line) if line.strip() else {}
             if r.get("model") != "smollm2" or r.get("status") != "ok":
                 continue
-            if r.get("tool") in PEER_ROWS:
-                out[r["tool"], r["setting"]] = {"variant": r["tool"], "setting": r["setting"], "ppl": r["metric"]["ppl"],
-                                                "quantize_s": r["calib_s"], "peer": True, "date": r["date"]}  # fmt: skip
+            if r.get("tool") in PEER_ROWS or r.get("tool") == FP_TOOL:
+                out[r["tool"], r["setting"]] = {
+                    "variant": r["tool"], "setting": r["setting"], "ppl": r["metric"]["ppl"],
+                    "quantize_s": r["calib_s"], "peer": True, "date": r["date"],
+                }  # fmt: skip
             if r.get("tool") == "hf_qlimit default":
                 # records made before the decoder default took the min-max grid say no range: the Lp one
                 variant = "default" if "range minmax" in r.get("details", "") else "default-lp"
@@ -138,15 +137,20 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
     done = [r for r in records.values() if not r.get("peer")]
     threads = sorted({r["threads"] for r in done})
     loads = [r["load"] for r in done if r.get("load") is not None]
+    fp = records.get((FP_TOOL, "FP32"))
+    fp_ppl = "–" if fp is None else f"{fp['ppl']:.2f}"
+    machine = _common.machine(threads=threads[0] if threads else None)
     lines += [
         "",
         f"SmolLM2-135M-Instruct, WikiText-2 test perplexity over the peers protocol's {peer_eval.LM_EVAL_WINDOWS} "
-        f"windows of {peer_eval.LM_SEQ_LEN} tokens (FP 30.03); {peer_eval.LM_CALIB_WINDOWS} calibration windows; "
-        "weight-only, groups of 64, embeddings and head at 8 bits unless a row says FP. In parentheses: the quantization call's wall "
-        f"time on {_common.machine(threads=threads[0] if threads else None)}, torch threads {threads}, load average "
+        f"windows of {peer_eval.LM_SEQ_LEN} tokens (FP {fp_ppl}); "
+        f"{peer_eval.LM_CALIB_WINDOWS} calibration windows; weight-only, groups of 64, embeddings and head at 8 bits "
+        f"unless a row says FP. In parentheses: the quantization call's wall time on {machine}, torch threads "
+        f"{threads}, load average "
         f"at the end of this script's runs {min(loads, default=0):.1f}–{max(loads, default=0):.1f}; the peers "
-        f"sitting's runs shared the two cores with 2 to 4 jobs, so every time here is inflated. The default row comes from the peers sitting (`benchmarks/peers/run.py`, same protocol) where this "
-        f"script did not run it. Dates: {', '.join(sorted({r['date'] for r in done}))}; commits: "
+        "sitting's runs shared the two cores with 2 to 4 jobs, so every time here is inflated. The default row comes "
+        "from the peers sitting (`benchmarks/peers/run.py`, same protocol) where this script did not run it."
+        f" Dates: {', '.join(sorted({r['date'] for r in done}))}; commits: "
         f"{', '.join(sorted({r['commit'] for r in done}))}. Generated by `benchmarks/lm_ablation.py`.",
     ]
     return _common.section(MARKER, "\n".join(lines))
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=OUT / "results.jsonl")
     parser.add_argument("--rerun", action="store_true")
-    parser.add_argument("--peers_results", type=Path, default=PEERS_RESULTS, help="Where the default row may come from.")
+    parser.add_argument("--peers_results", type=Path, default=PEERS_RESULTS,
+                        help="Where the default and peer rows may come from.")  # fmt: skip
     parser.add_argument("--table_only", action="store_true")
     parser.add_argument("--readme", type=Path, default=None, help="Also write the table into this README.")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SETTING"), help=argparse.SUPPRESS)
