@@ -65,7 +65,9 @@ class QuantizationArguments:
     loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher."})
     drop_prob: float | None = field(default=None, metadata={"help": "QDrop's probability of keeping FP activations."})
     rounding: str | None = field(
-        default=None, metadata={"help": "anneal (the papers') or progressive (hardens in rounds); none: the preset's."}
+        default=None,
+        metadata={"help": "anneal (the papers'), progressive (hardens in rounds) or sign (AutoRound's signed steps); "
+                          "none: the preset's."},
     )
     learn_weight_scale: bool | None = field(
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}

@@ -10,7 +10,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
 LOSSES = ("mse", "fisher")
-ROUNDINGS = ("anneal", "progressive")
+ROUNDINGS = ("anneal", "progressive", "sign")
 WEIGHT_INITS = ("rtn", "gptq")
 WEIGHT_RANGES = ("lp", "minmax")
 
@@ -83,7 +83,10 @@ class QLimitConfig(QuantizationConfigMixin):
         weight_lr, act_lr: Adam learning rates of the rounding variables and of the activation step sizes.
         rounding: `"anneal"` (AdaRound: the β regulariser pushes h to 0 or 1, hard rounding at the end) or
             `"progressive"` (as anneal, but after warm-up the most decided h are fixed in rounds, all of them by
-            80% of the iterations, so the hard result is what was optimised).
+            80% of the iterations, so the hard result is what was optimised) or `"sign"` (AutoRound's update:
+            offsets in [−½, ½] before a straight-through rounding, steps of `weight_lr` · sign(gradient) decaying
+            linearly to 0, the best iterate kept; with `learn_weight_scale` each group's min and max are learned
+            too, within [½, 1] of their start).
         weight_init: where the rounding starts: `"rtn"` (the FP weight; AdaRound's init) or `"gptq"` (GPTQ's
             error-compensated weight from the Hessian of each Linear's calibration inputs). Unset: the preset's
             ("gptq" for "fast"), except that `method="rtn"` stays plain round-to-nearest; `method="rtn",

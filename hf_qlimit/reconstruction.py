@@ -22,6 +22,7 @@ from .modules import QuantLinear
 from .quantizers import beta_schedule, hardened_fraction
 from .quantizers.adaround import row_slices
 from .quantizers.lsq import mix
+from .quantizers.signround import SignSGD
 
 
 @dataclass
@@ -135,12 +136,19 @@ def _optimize(
     for it (train: with QDrop's dropping).
 
     `release_fp`: the FP weights are not needed after AdaRound's initialisation (the targets are cached)."""
+    signed = config.rounding == "sign"  # AutoRound's update: hard rounding throughout, the best iterate kept
+    sign_params: list[nn.Parameter] = []
     for module in modules:
-        module.weight_quantizer.init_adaround(module.weight)
+        if signed:
+            sign_params += module.weight_quantizer.init_sign(module.weight, config.learn_weight_scale)
+        else:
+            module.weight_quantizer.init_adaround(module.weight)
         if release_fp:
             module.weight_quantizer.release_weight(module)
-    alphas = [m.weight_quantizer.alpha for m in modules]
-    log_scales = [m.weight_quantizer.learn_scale() for m in modules] if config.learn_weight_scale else []
+    alphas = [m.weight_quantizer.alpha for m in modules if m.weight_quantizer.alpha is not None]
+    log_scales = [m.weight_quantizer.learn_scale() for m in modules] if config.learn_weight_scale and not signed else []
+    sign_opt = SignSGD(sign_params, config.weight_lr, config.iters) if sign_params else None
+    best_loss, best = float("inf"), None
     scales = [q.scale for q in acts]
     for p in scales:
         p.requires_grad_(True)
@@ -169,7 +177,7 @@ def _optimize(
                     if not groups:  # nothing else learns (weight-only, fixed steps): the block is final
                         stats = ReconStats(0.0, float("nan"), _hard_error(modules, acts, step_fn, draw()), None)
                         break
-            beta = beta_schedule(step, config.iters, config.warmup, *config.beta_range)
+            beta = None if signed else beta_schedule(step, config.iters, config.warmup, *config.beta_range)
             report = step % 50 == 0 or step == config.iters - 1
             for module in modules:  # the forward pass computes the regulariser alongside the weight
                 module.weight_quantizer.beta = beta
@@ -179,11 +187,19 @@ def _optimize(
             loss = rec
             if beta is not None and alphas and not all_hard:
                 loss = rec + config.round_loss_weight * sum(m.weight_quantizer.rounding_loss() for m in modules)
+            if sign_opt is not None and rec.item() < best_loss:  # the loss of the codes before this step
+                best_loss, best = rec.item(), [p.detach().clone() for p in sign_params]
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
+            if sign_opt is not None:
+                sign_opt.zero_grad(set_to_none=True)
             loss.backward()  # steps the rounding variables on the way (_step_in_backward)
             if opt is not None:
                 opt.step()
+            if sign_opt is not None:
+                sign_opt.step()
+                for module in modules:
+                    module.weight_quantizer.sign.clamp_()
             if sched is not None:
                 sched.step()
             for q in acts:  # a step size must stay positive
@@ -192,6 +208,10 @@ def _optimize(
                 stats = ReconStats(_undecided(modules), rec.item(), _hard_error(modules, acts, step_fn, key), key)
                 bar.set_postfix(soft=f"{stats.soft_error:.4g}", hard=f"{stats.hard_error:.4g}",
                                 undecided=f"{stats.undecided:.1%}")  # fmt: skip
+        if best is not None:
+            with torch.no_grad():
+                for p, b in zip(sign_params, best):
+                    p.copy_(b)
         if config.iters == 0:
             stats.undecided = _undecided(modules)
     finally:

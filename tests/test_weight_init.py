@@ -105,3 +105,49 @@ def test_weight_range_and_act_order_reach_the_codes():
     assert any(not torch.equal(base[n], ordered[n]) for n in base)
     with pytest.raises(ValueError, match="weight_range"):
         QLimitConfig(weight_range="mse")
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_signed_rounding_at_zero_iterations_gives_the_initialisers_codes(kind):
+    gptq = _block_codes(_quantize(kind, method="rtn", weight_init="gptq", group_size=16))
+    signed = _block_codes(_quantize(kind, method="qdrop", weight_init="gptq", iters=0, rounding="sign", group_size=16))
+    assert gptq.keys() == signed.keys() and gptq
+    for name in gptq:
+        assert torch.equal(gptq[name], signed[name]), name
+
+
+def test_signed_rounding_learns_codes_and_grid_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    start = _quantize("llama", method="rtn", weight_init="gptq", group_size=16)
+    model = _quantize("llama", method="brecq", weight_init="gptq", iters=30, rounding="sign", weight_lr=5e-3,
+                      group_size=16)  # fmt: skip
+    codes, learned = _block_codes(start), _block_codes(model)
+    assert any(not torch.equal(codes[n], learned[n]) for n in codes)  # some rounding flipped
+    scales = {n: m.weight_quantizer.scale for n, m in quantized_modules(start)}
+    assert any(not torch.equal(scales[n], m.weight_quantizer.scale) for n, m in quantized_modules(model) if n in codes)
+    for before, after in zip(start.qlimit_block_errors, model.qlimit_block_errors):
+        assert after["mse"] <= before["mse"] * 1.05, (before, after)  # the best iterate is kept
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_signed_rounding_keeps_each_factor_and_offset_in_bounds():
+    from hf_qlimit.quantizers.signround import FACTOR_BOUNDS, V_BOUND, SignRounding, SignSGD
+
+    w = torch.randn(4, 2, 8)
+    scale = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 7
+    zero = (-w.amin(-1, keepdim=True) / scale).round()
+    r = SignRounding(w, scale, zero, 3, symmetric=False, learn_range=True)
+    assert torch.allclose(r(), (torch.round(w / scale) + zero).clamp(0, 7).sub(zero).mul(scale))
+    opt = SignSGD(r.parameters_to_learn(), lr=0.3, total=10)
+    for _ in range(10):
+        opt.zero_grad()
+        (r() - 3 * w).pow(2).sum().backward()
+        opt.step()
+        r.clamp_()
+    assert r.offset.abs().max() <= V_BOUND
+    assert FACTOR_BOUNDS[0] <= r.low_factor.min() and r.high_factor.max() <= FACTOR_BOUNDS[1]

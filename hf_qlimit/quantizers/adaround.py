@@ -10,6 +10,7 @@ from torch import nn
 
 from .fake_quant import dequantize_codes, qrange, quantize_codes
 from .range_search import group_view, search_weight_range
+from .signround import SignRounding
 
 ROW_CHUNK = 1 << 22  # weight elements handled at a time when a whole matrix need not be in float at once
 # ... and in the elementwise loops of every reconstruction iteration, whose temporaries add to its peak
@@ -133,6 +134,7 @@ class WeightQuantizer(nn.Module):
         self.beta: float | None = None  # set by the reconstruction loop before each forward; None: no regulariser
         self._reg: torch.Tensor | None = None
         self.report_reg = True  # False: the regulariser's value is not computed (its gradient still is)
+        self.sign: SignRounding | None = None  # rounding="sign": AutoRound-style variables instead of V
         self.enabled = True
 
     def _grid(self, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +170,17 @@ class WeightQuantizer(nn.Module):
         self.alpha = nn.Parameter(rest.sub_(GAMMA).reciprocal_().mul_(ZETA - GAMMA).sub_(1).log_().neg_())
 
     @torch.no_grad()
+    def init_sign(self, weight: torch.Tensor, learn_range: bool) -> list[nn.Parameter]:
+        """Starts signed-gradient rounding from `weight` (or from `self.start`, then consumed) on the current grid;
+        `learn_range`: the grid's min and max are learned too. Returns the parameters to learn."""
+        base = self.start if self.start is not None else weight
+        self.start = None
+        scale, zero = self._grid()
+        self.sign = SignRounding(group_view(base.detach().float(), self.group_size), scale, zero, self.bits,
+                                 self.symmetric, learn_range)  # fmt: skip
+        return self.sign.parameters_to_learn()
+
+    @torch.no_grad()
     def round_start(self) -> None:
         """Fixes the codes nearest to the initialiser's weight (`start`, e.g. GPTQ's), with no reconstruction."""
         if self.start is not None:
@@ -188,6 +201,13 @@ class WeightQuantizer(nn.Module):
     def finish_learning(self) -> None:
         """Ends reconstruction: the rounding becomes hard and a learned step goes into `scale`, as the very floats
         the forward pass used (so the frozen and the saved model compute what was evaluated)."""
+        if self.sign is not None:  # its codes and grid become AdaRound's hard form: w_floor + 0
+            codes, scale, zero = self.sign.final()
+            self.scale.copy_(scale.squeeze(-1).expand_as(self.scale))
+            self.zero.copy_(zero.squeeze(-1).expand_as(self.zero).to(torch.uint8))
+            self.w_floor = codes.to(torch.int8 if codes.max() <= torch.iinfo(torch.int8).max else torch.int16)
+            self.alpha = nn.Parameter(torch.full_like(codes, -100.0), requires_grad=False)
+            self.sign = None
         self.harden()
         if self.log_scale is not None:
             self.scale.copy_(self.scale * torch.exp(self.log_scale))
@@ -220,7 +240,7 @@ class WeightQuantizer(nn.Module):
 
     def release_weight(self, module: nn.Module) -> None:
         """Once V holds the rounding, the FP weight is needed no more (only its shape): it goes to `meta`."""
-        if self.alpha is not None:
+        if self.alpha is not None or self.sign is not None:
             module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
 
     @torch.no_grad()
@@ -241,6 +261,8 @@ class WeightQuantizer(nn.Module):
         """The fake-quantized weight; with `rows`, `weight` holds only those rows (an embedding lookup)."""
         if not self.enabled:
             return weight
+        if self.sign is not None:
+            return self.sign().reshape(weight.shape)
         scale, zero = self._grid(rows)
         if self.alpha is None:
             q = quantize_codes(group_view(weight, self.group_size), scale, zero, self.bits)
@@ -254,10 +276,13 @@ class WeightQuantizer(nn.Module):
     @property
     def learning(self) -> bool:
         """True while V is being learned and this forward pass records a graph."""
-        return self.alpha is not None and self.alpha.requires_grad and torch.is_grad_enabled()
+        learns = self.sign is not None or (self.alpha is not None and self.alpha.requires_grad)
+        return learns and torch.is_grad_enabled()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """F.linear with the soft-rounded weight while V is learned (see _SoftRoundedLinear)."""
+        if self.sign is not None:
+            return nn.functional.linear(x, self.sign().reshape(self.sign.base.shape[0], -1).to(x.dtype), bias)
         scale, zero = self._grid()
         qmin, qmax = qrange(self.bits)
         y, reg = _SoftRoundedLinear.apply(
