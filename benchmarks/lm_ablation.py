@@ -52,7 +52,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "it20": ("GPTQ init + 20 it + learned steps", {"iters": 20}),
     "default-lp": ("GPTQ init (Lp grid) + 50 it + learned steps (the default before 2026-11-29)",
                    {"weight_range": "lp", "gptq_act_order": False}),
-    "default": ("**default**: GPTQ init (min-max grid, act-order) + 50 it + learned steps", {}),
+    "default-progressive": ("GPTQ init (min-max grid, act-order) + 50 it progressive AdaRound + learned steps (the "
+                            "default from 2026-11-29 until signed steps)",
+                            {"rounding": "progressive", "weight_init": "gptq", "weight_lr": 3e-3}),
+    "sign-gptq": ("GPTQ init (min-max grid, act-order) + 50 it signed steps + learned min/max",
+                  {"rounding": "sign", "weight_init": "gptq", "weight_lr": 5e-3}),
+    "default": ("**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max", {}),
     "it200": ("GPTQ init + 200 it + learned steps", {"iters": 200}),
 }
 
@@ -109,8 +114,10 @@ def load(path: Path, peers: Path | None = PEERS_RESULTS) -> dict[tuple[str, str]
                     "quantize_s": r["calib_s"], "peer": True, "date": r["date"],
                 }  # fmt: skip
             if r.get("tool") == "hf_qlimit default":
-                # records made before the decoder default took the min-max grid say no range: the Lp one
-                variant = "default" if "range minmax" in r.get("details", "") else "default-lp"
+                # the decoder default changed twice on 2026-11-29: the Lp grid, then min-max, then signed steps
+                details = r.get("details", "")
+                variant = ("default" if "rounding sign" in details
+                           else "default-progressive" if "range minmax" in details else "default-lp")  # fmt: skip
                 out[variant, r["setting"]] = {
                     "variant": variant, "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],
                     "threads": 1, "date": r["date"], "commit": "peers run", "load": None,

@@ -62,8 +62,8 @@ def test_the_default_config_resolves_per_family_as_the_readme_says(kind):
     for key, value in PRESETS[preset].items():
         assert getattr(resolved, key) == value, key
     assert resolved.method == "qdrop" and resolved.weight_bits == 3 and resolved.group_size == 16
-    if preset == "fast-lm":  # the decoder default: GPTQ on the min-max grid with act-order, then 50 iterations
-        assert (resolved.weight_init, resolved.weight_range, resolved.gptq_act_order) == ("gptq", "minmax", True)
+    if preset == "fast-lm":  # the decoder default: signed steps from round-to-nearest on the min-max grid
+        assert (resolved.weight_init, resolved.weight_range, resolved.rounding) == ("rtn", "minmax", "sign")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     p = PRESETS[preset]
     words = f"{p['num_samples']} samples, batch {p['batch_size']}, {p['iters']}"

@@ -43,7 +43,7 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
         options["details"] = (
             f"default config (preset auto): {resolved.method}, {resolved.iters} iters/block, "
             f"batch {resolved.batch_size}, {min(resolved.num_samples, len(calib))} samples, "
-            f"init {resolved.weight_init}, range {resolved.weight_range}"
+            f"init {resolved.weight_init}, range {resolved.weight_range}, rounding {resolved.rounding}"
             + (", act-order" if resolved.gptq_act_order else "")
         )
         return net
