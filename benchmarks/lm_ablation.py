@@ -46,19 +46,21 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-minmax-actorder": ("GPTQ init only (0 it), min-max grid, act-order",
                              {"method": "rtn", "weight_init": "gptq", "weight_range": "minmax",
                               "gptq_act_order": True}),
-    "rtn-init": ("RTN init + 50 it + learned steps", {"weight_init": "rtn"}),
-    "fixed-steps": ("GPTQ init + 50 it, fixed steps", {"learn_weight_scale": False}),
-    "brecq": ("GPTQ init + 50 it + learned steps, BRECQ (no QDrop input mixing)", {"method": "brecq"}),
-    "it20": ("GPTQ init + 20 it + learned steps", {"iters": 20}),
-    "default-lp": ("GPTQ init (Lp grid) + 50 it + learned steps (the default before 2026-11-29)",
-                   {"weight_range": "lp", "gptq_act_order": False}),
+    "fixed-range": ("RTN init + 50 it signed steps, min/max fixed", {"learn_weight_scale": False}),
+    "brecq": ("RTN init + 50 it signed steps + learned min/max, `method=\"brecq\"` (the default's computation)",
+              {"method": "brecq"}),
+    "qdrop": ("RTN init + 50 it signed steps + learned min/max, QDrop's input mixing at 0.5", {"drop_prob": 0.5}),
+    "it20": ("RTN init + 20 it signed steps + learned min/max", {"iters": 20}),
+    "default-lp": ("GPTQ init (Lp grid) + 50 it progressive AdaRound + learned steps (the default before "
+                   "2026-11-29)", {"weight_range": "lp", "gptq_act_order": False, "rounding": "progressive",
+                                   "weight_init": "gptq", "weight_lr": 3e-3}),
     "default-progressive": ("GPTQ init (min-max grid, act-order) + 50 it progressive AdaRound + learned steps (the "
                             "default from 2026-11-29 until signed steps)",
                             {"rounding": "progressive", "weight_init": "gptq", "weight_lr": 3e-3}),
     "sign-gptq": ("GPTQ init (min-max grid, act-order) + 50 it signed steps + learned min/max",
                   {"rounding": "sign", "weight_init": "gptq", "weight_lr": 5e-3}),
-    "default": ("**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max", {}),
-    "it200": ("GPTQ init + 200 it + learned steps", {"iters": 200}),
+    "default": ("**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max, no input mixing", {}),
+    "it200": ("RTN init + 200 it signed steps + learned min/max", {"iters": 200}),
 }
 
 
@@ -116,7 +118,8 @@ def load(path: Path, peers: Path | None = PEERS_RESULTS) -> dict[tuple[str, str]
             if r.get("tool") == "hf_qlimit default":
                 # the decoder default changed twice on 2026-11-29: the Lp grid, then min-max, then signed steps
                 details = r.get("details", "")
-                variant = ("default" if "rounding sign" in details
+                variant = ("default" if "drop_prob 0.0" in details and "rounding sign" in details
+                           else "qdrop" if "rounding sign" in details
                            else "default-progressive" if "range minmax" in details else "default-lp")  # fmt: skip
                 out[variant, r["setting"]] = {
                     "variant": variant, "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],

@@ -38,10 +38,16 @@ _RECON_DEFAULTS: dict[str, Any] = {
     "round_loss_weight": 0.01,
     "beta_range": (20.0, 2.0),
     "warmup": 0.2,
-    "drop_prob": 0.5,
     "loss": "mse",
     "fisher_damping": 1.0,
 }
+
+
+def default_drop_prob(preset: str, act_bits: int | None) -> float:
+    """QDrop's probability when unset: the papers' 0.5, but 0 (BRECQ) for weight-only decoders ("fast-lm" with no
+    activation quantizer), where mixing FP values into the block input measured worse on SmolLM2 (row "brecq" of
+    `benchmarks/lm_ablation.py`): their blocks are then trained on the very inputs they will see."""
+    return 0.0 if preset == "fast-lm" and act_bits is None else 0.5
 
 
 def _check_bits(name: str, value: Any, allow_none: bool = False) -> None:
@@ -79,6 +85,7 @@ class QLimitConfig(QuantizationConfigMixin):
         beta_range: (start, end) of the annealed β of the AdaRound regulariser.
         warmup: fraction of the iterations before the regulariser starts.
         drop_prob: QDrop's probability of keeping an activation in full precision (applied in steps of 2⁻¹⁶).
+            Unset: 0.5, except 0 for weight-only decoders under `"fast-lm"` (see `default_drop_prob`).
         loss: `"mse"` or `"fisher"` (output error weighted by (|g| + d)², g the gradients of the KL at the block
             output normalised to mean |g| = 1, d = `fisher_damping`; BRECQ's own code uses (|g| + 1)²).
         fisher_damping: d above; 0 weights by g² alone, where a few tokens carry most of the loss.
@@ -173,6 +180,8 @@ class QLimitConfig(QuantizationConfigMixin):
         for key, value in {**_RECON_DEFAULTS, **PRESETS.get(self.preset, {})}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.drop_prob is None and self.preset != AUTO:
+            self.drop_prob = default_drop_prob(self.preset, self.act_bits)
         self.beta_range = tuple(float(b) for b in self.beta_range)
         self.module_bits = dict(self.module_bits or {})
         if self.modules_to_not_convert is not None:
@@ -200,6 +209,8 @@ class QLimitConfig(QuantizationConfigMixin):
         for key, value in PRESETS[preset].items():
             if getattr(out, key) is None:
                 setattr(out, key, value)
+        if out.drop_prob is None:
+            out.drop_prob = default_drop_prob(preset, out.act_bits)
         out.validate()
         return out
 
@@ -241,7 +252,7 @@ class QLimitConfig(QuantizationConfigMixin):
                 raise ValueError("Mixed precision (`bit_candidates`) needs a budget: set `avg_bits` or `size_budget_bytes`.")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"`max_length` must be a positive integer or None, got {self.max_length!r}.")
-        if not 0.0 <= self.drop_prob <= 1.0:
+        if self.drop_prob is not None and not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"`drop_prob` must lie in [0, 1], got {self.drop_prob!r}.")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"`warmup` must lie in [0, 1), got {self.warmup!r}.")

@@ -61,9 +61,14 @@ def test_the_default_config_resolves_per_family_as_the_readme_says(kind):
     preset = "fast" if kind == "bert" else "fast-lm"
     for key, value in PRESETS[preset].items():
         assert getattr(resolved, key) == value, key
+    if preset == "fast":
+        assert resolved.drop_probability == 0.5
     assert resolved.method == "qdrop" and resolved.weight_bits == 3 and resolved.group_size == 16
     if preset == "fast-lm":  # the decoder default: signed steps from round-to-nearest on the min-max grid
         assert (resolved.weight_init, resolved.weight_range, resolved.rounding) == ("rtn", "minmax", "sign")
+        assert resolved.drop_probability == 0.0  # weight-only: the blocks train on the quantized stream alone
+        with_acts = QLimitConfig(weight_bits=4, act_bits=8).for_model(model)
+        assert with_acts.drop_probability == 0.5  # QDrop's dropping stays where activations are quantized
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     p = PRESETS[preset]
     words = f"{p['num_samples']} samples, batch {p['batch_size']}, {p['iters']}"

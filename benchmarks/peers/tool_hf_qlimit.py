@@ -41,7 +41,9 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
         resolved = config.for_model(net)
         net.quantize_qlimit(calib, config)
         options["details"] = (
-            f"default config (preset auto): {resolved.method}, {resolved.iters} iters/block, "
+            f"default config (preset auto): {resolved.method}"
+            + (f" (drop_prob {resolved.drop_prob})" if resolved.method == "qdrop" else "")
+            + f", {resolved.iters} iters/block, "
             f"batch {resolved.batch_size}, {min(resolved.num_samples, len(calib))} samples, "
             f"init {resolved.weight_init}, range {resolved.weight_range}, rounding {resolved.rounding}"
             + (", act-order" if resolved.gptq_act_order else "")
