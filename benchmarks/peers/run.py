@@ -67,14 +67,15 @@ DEFAULT_ITERS = {"minilm-sst2": 500, "smollm2": 20}
 # Why a peer beats hf_qlimit, where it does: best guesses, shown under the table next to the measured losses.
 WHY = {
     "GPTQ": "GPTQ cancels each column's rounding error in the columns not yet quantized, with second-order "
-    "(Hessian) information. hf_qlimit's decoder default starts from GPTQ's own codes (min-max grid, act-order) and "
-    "reconstructs each block for 50 iterations; where the peer still wins, the likely causes are the 8-bit embedding "
-    "and head hf_qlimit keeps (the peers keep them FP) and, on rows run before 2026-11-29, the Lp-clipped grid or no "
-    "GPTQ start at all (the old `fast` preset)",
-    "AutoRound": "AutoRound tunes every weight's rounding and every group's min / max clipping together for 50 "
-    "iterations at batch 8 (twice the samples per step of hf_qlimit's decoder default), keeps the iteration with the "
-    "lowest block loss; it keeps the embedding and head in FP, which measured worth 0.08 perplexity at SmolLM2 W3 "
-    "(benchmarks/lm_ablation.py), so not the cause",
+    "(Hessian) information. hf_qlimit's decoder default starts from round-to-nearest and learns rounding and clipping "
+    "with 50 signed steps per block; where the peer still wins, the likely causes are the 8-bit embedding and head "
+    "hf_qlimit keeps (the peers keep them FP) and, on rows run before 2026-11-29, the Lp-clipped grid or no GPTQ start "
+    "at all (the old `fast` preset)",
+    "AutoRound": "hf_qlimit's decoder default uses AutoRound's own update (signed steps on the rounding and on each "
+    "group's min / max); AutoRound runs it at batch 8, twice the samples per step of hf_qlimit's default (batch 4). "
+    "Rows of hf_qlimit made before that default (notes without `rounding sign`) used AdaRound from GPTQ's codes, "
+    "which barely moved in 50 iterations. AutoRound keeps the embedding and head in FP, which measured worth 0.08 "
+    "perplexity at SmolLM2 W3 (benchmarks/lm_ablation.py)",
     "AWQ": "AWQ rescales salient input channels before rounding, which RTN-family grids lack",
     "RTN": "the peer keeps embeddings and head in FP32 while hf_qlimit rounds them to 8 bits, and "
     "one seed's calibration set moves SST-2 accuracy by 1 to 2 points (see the seed study)",
