@@ -187,8 +187,8 @@ def _optimize(
             loss = rec
             if beta is not None and alphas and not all_hard:
                 loss = rec + config.round_loss_weight * sum(m.weight_quantizer.rounding_loss() for m in modules)
-            if sign_opt is not None and rec.item() < best_loss:  # the loss of the codes before this step
-                best_loss, best = rec.item(), [p.detach().clone() for p in sign_params]
+            if sign_opt is not None and (value := rec.item()) < best_loss:  # the codes' loss before this step
+                best_loss, best = value, [p.detach().clone() for p in sign_params]
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
             if sign_opt is not None:

@@ -48,15 +48,19 @@ def test_gptq_start_lowers_the_block_error(kind):
         assert g["mse"] < r["mse"], (r, g)
 
 
-def test_gptq_start_survives_save_and_reload(tmp_path):
+def _assert_reloads_exactly(model, folder) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = _quantize("llama", method="qdrop", weight_init="gptq", iters=10, group_size=16)
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    model.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_gptq_start_survives_save_and_reload(tmp_path):
+    model = _quantize("llama", method="qdrop", weight_init="gptq", iters=10, group_size=16)
+    _assert_reloads_exactly(model, tmp_path)
 
 
 def test_margin_start_puts_the_soft_weight_next_to_the_decision():
@@ -117,8 +121,6 @@ def test_signed_rounding_at_zero_iterations_gives_the_initialisers_codes(kind):
 
 
 def test_signed_rounding_learns_codes_and_grid_and_reloads(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     start = _quantize("llama", method="rtn", weight_init="gptq", group_size=16)
     model = _quantize("llama", method="brecq", weight_init="gptq", iters=30, rounding="sign", weight_lr=5e-3,
                       group_size=16)  # fmt: skip
@@ -128,11 +130,7 @@ def test_signed_rounding_learns_codes_and_grid_and_reloads(tmp_path):
     assert any(not torch.equal(scales[n], m.weight_quantizer.scale) for n, m in quantized_modules(model) if n in codes)
     for before, after in zip(start.qlimit_block_errors, model.qlimit_block_errors):
         assert after["mse"] <= before["mse"] * 1.05, (before, after)  # the best iterate is kept
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    _assert_reloads_exactly(model, tmp_path)
 
 
 def test_signed_rounding_keeps_each_factor_and_offset_in_bounds():

@@ -26,6 +26,11 @@ def row_slices(rows: int, cols: int, temporaries: bool = False) -> Iterator[slic
         yield slice(i, min(i + step, rows))
 
 
+def _code_dtype(bits: int) -> torch.dtype:
+    """Storage of ⌊w/s⌋ + z (clamped to [qmin − 2, qmax + 1]): int8 up to 6 bits, else int16."""
+    return torch.int8 if qrange(bits)[1] + 1 <= torch.iinfo(torch.int8).max else torch.int16
+
+
 def _soft(alpha: torch.Tensor) -> torch.Tensor:
     """h(V) = clamp(σ(V)(ζ−γ)+γ, 0, 1), in place on a fresh tensor."""
     return torch.sigmoid(alpha).mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
@@ -164,8 +169,7 @@ class WeightQuantizer(nn.Module):
         rest = w.sub_(floor).clamp_(1e-4, 1 - 1e-4)
         if margin is not None:  # h near the decision round-to-nearest takes (V >= 0 iff rest >= ½ holds still)
             rest = torch.where(rest >= 0.5, 1.0 - margin, margin)
-        code_dtype = torch.int8 if qmax + 1 <= torch.iinfo(torch.int8).max else torch.int16
-        self.w_floor = floor.add_(zero).clamp_(qmin - 2, qmax + 1).to(code_dtype)
+        self.w_floor = floor.add_(zero).clamp_(qmin - 2, qmax + 1).to(_code_dtype(self.bits))
         del floor
         self.alpha = nn.Parameter(rest.sub_(GAMMA).reciprocal_().mul_(ZETA - GAMMA).sub_(1).log_().neg_())
 
@@ -205,7 +209,7 @@ class WeightQuantizer(nn.Module):
             codes, scale, zero = self.sign.final()
             self.scale.copy_(scale.squeeze(-1).expand_as(self.scale))
             self.zero.copy_(zero.squeeze(-1).expand_as(self.zero).to(torch.uint8))
-            self.w_floor = codes.to(torch.int8 if codes.max() <= torch.iinfo(torch.int8).max else torch.int16)
+            self.w_floor = codes.to(_code_dtype(self.bits))
             self.alpha = nn.Parameter(torch.full_like(codes, -100.0), requires_grad=False)
             self.sign = None
         self.harden()

@@ -51,15 +51,14 @@ class SignRounding(nn.Module):
         scale = ((high - low) / qmax).clamp(min=1e-8)
         return scale, _round_ste(-low / scale).clamp(0, qmax)
 
-    def codes(self) -> torch.Tensor:
-        scale, zero = self.grid()
+    def _codes(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         _, qmax = qrange(self.bits)
         return (_round_ste(self.base / scale + self.offset) + zero).clamp(0, qmax)
 
     def forward(self) -> torch.Tensor:
         """The fake-quantized grouped weight, differentiable in V and the factors."""
         scale, zero = self.grid()
-        return (self.codes() - zero) * scale
+        return (self._codes(scale, zero) - zero) * scale
 
     def parameters_to_learn(self) -> list[nn.Parameter]:
         return [p for p in (self.offset, self.low_factor, self.high_factor) if p.requires_grad]
@@ -74,7 +73,7 @@ class SignRounding(nn.Module):
     def final(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(integer codes, scale, zero) as the forward pass uses them."""
         scale, zero = self.grid()
-        return self.codes(), scale, zero
+        return self._codes(scale, zero), scale, zero
 
 
 class SignSGD(torch.optim.Optimizer):
