@@ -123,9 +123,9 @@ def format_table(rows: list[dict[str, Any]], header: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def replace_table(text: str, table: str) -> str:
+def replace_table(text: str, table: str, marker: str = MARKER) -> str:
     """Replaces what lies between the two markers (kept) by `table`."""
-    return _common.replace_between_markers(text, MARKER, _common.section(MARKER, table), where="The README")
+    return _common.replace_between_markers(text, marker, _common.section(marker, table), where="The README")
 
 
 def rows_from(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -176,10 +176,11 @@ def main(argv: list[str] | None = None) -> str:
         help="README to rewrite (default: examples/squad/README.md; with --quick a copy in output_dir)",
     )
     parser.add_argument("--settings", nargs="+", default=None, help=f"subset of {ALL_SETTINGS}")
-    parser.add_argument("--preset", default="fast", choices=["fast", "paper"])
+    parser.add_argument("--preset", default="auto", choices=["auto", "fast", "paper"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--reuse", action="store_true", help="keep settings that already have a results.json")
+    parser.add_argument("--marker", default=MARKER, help="README section to rewrite (another one keeps the main table)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> str:
     if not readme.exists():
         readme.parent.mkdir(parents=True, exist_ok=True)
         readme.write_text(README.read_text())
-    readme.write_text(replace_table(readme.read_text(), table))
+    readme.write_text(replace_table(readme.read_text(), table, args.marker))
     logger.info(f"Table written to {readme}:\n{table}")
     return table
 
