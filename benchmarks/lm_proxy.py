@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     cut.model.layers = cut.model.layers[: args.blocks]
     cut.config.num_hidden_layers = args.blocks
     overrides = json.loads(args.overrides)
-    config = QLimitConfig(weight_bits=args.bits, group_size=args.group_size, act_bits=None, first_last_bits=None,
-                          **overrides)  # fmt: skip
+    # weight-only, embeddings and head FP unless the overrides say otherwise (e.g. {"act_bits": 8})
+    config = QLimitConfig(weight_bits=args.bits, group_size=args.group_size,
+                          **{"act_bits": None, "first_last_bits": None, **overrides})  # fmt: skip
     tick = time.perf_counter()
     cut.quantize_qlimit(calib, config)
     seconds = time.perf_counter() - tick
