@@ -8,7 +8,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.utils import logging
 
 from .config import QLimitConfig
-from .integration import convert_model, quantized_modules
+from .integration import convert_model, quantized_modules, share_tied_codes
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -63,6 +63,7 @@ class QLimitHfQuantizer(HfQuantizer):
             )
         for _, module in quantized_modules(model):
             module.invalidate_cache()
+        share_tied_codes(model)  # an embedding tied to the head in FP: one copy of their equal codes
         return model
 
     failed = False  # set when quantize_qlimit stopped half-way: such a model must not be saved

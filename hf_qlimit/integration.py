@@ -24,7 +24,7 @@ def _empty_module(module: nn.Module, spec: dict, config: QLimitConfig) -> nn.Mod
         return QuantLinear(module.in_features, module.out_features, module.bias is not None, spec["w"], spec.get("a"),
                            config.group_size, config.weight_sym, config.act_sym, frozen=True)  # fmt: skip
     return QuantEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, spec["w"],
-                          config.weight_sym, frozen=True)  # fmt: skip
+                          config.weight_sym, frozen=True, group_size=spec.get("group"))  # fmt: skip
 
 
 def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimitConfig, frozen: bool) -> None:
@@ -122,6 +122,30 @@ def _untie_quantized_embeddings(model: nn.Module, layer_config: dict[str, dict])
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             if getattr(config, "tie_word_embeddings", False):
                 config.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def share_tied_codes(model: nn.Module) -> bool:
+    """An embedding and LM head that were tied in FP and got the same 8-bit codes and grid keep one copy of
+    the codes in memory (the head's; the embedding gathers its rows from it). The checkpoint keeps both, so
+    it stays an ordinary one. Returns whether they were shared."""
+    emb = model.get_input_embeddings()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if not (isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)) or emb.__dict__.get("_tied_head"):
+        return False
+    qe, qh = emb.weight_quantizer, head.weight_quantizer
+    if (
+        not (emb.is_frozen and head.is_frozen) or head.input_quantizer is not None
+        or (emb.rows, emb.cols, qe.bits, qe.group_size, qe.symmetric) != (head.rows, head.cols, 8, qh.group_size, qh.symmetric)
+        or qh.bits != 8  # only byte-wide codes gather cheaply from the head's kernel layout
+        or "_hf_hook" in emb.__dict__ or "_hf_hook" in head.__dict__ or qe.scale.device != qh.scale.device
+    ):  # fmt: skip
+        return False
+    if not (torch.equal(qe.scale, qh.scale) and torch.equal(qe.zero, qh.zero)
+            and torch.equal(emb.packed_weight(), head.packed_weight())):  # fmt: skip
+        return False
+    emb.tie_codes(head)
+    return True
 
 
 def quantized_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:

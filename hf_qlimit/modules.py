@@ -80,8 +80,8 @@ class _QuantWeightMixin:
         return kernels.unpack_int8(self._kernel_weight)
 
     def __getattr__(self, name: str):
-        # `.weight` of a module whose codes sit in a kernel's layout: the hf_qlimit codes, rebuilt
-        if name == "weight" and self.__dict__.get("_kernel") is not None:
+        # `.weight` of a module whose codes sit in a kernel's layout (or in a tied head): the hf_qlimit codes
+        if name == "weight" and (self.__dict__.get("_kernel") is not None or self.__dict__.get("_tied_head") is not None):
             return self.packed_weight()
         return super().__getattr__(name)
 
@@ -97,6 +97,14 @@ class _QuantWeightMixin:
 
     def _has_cache(self) -> bool:
         return self._dequantized is not None and self._dequantized.device == self.weight_quantizer.scale.device
+
+    def code_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Unpacked codes (len(rows), cols) of the rows `rows` of a frozen module, read from whatever layout
+        holds them (the int8 kernel's is gathered from, not unpacked whole)."""
+        if self._kernel is not None and self._kernel.kind == "int8":
+            picked = self._kernel_weight.index_select(1, rows)  # (groups, n, group): q − 128
+            return picked.permute(1, 0, 2).reshape(len(rows), self.cols).view(torch.uint8) ^ 0x80
+        return unpack_codes(self.packed_weight().reshape(self.rows, -1)[rows], self.weight_quantizer.bits, self.cols)
 
     def _dequantize_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Float weight of a frozen module, all rows or only `rows` (a slice or index tensor)."""
@@ -182,7 +190,9 @@ class _QuantWeightMixin:
 
     def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._kernel is not None:
+        if self.__dict__.get("_tied_head") is not None:  # a copy: the checkpoint keeps both modules' codes
+            destination[prefix + "weight"] = self.packed_weight().clone()
+        elif self._kernel is not None:
             destination[prefix + "weight"] = self.packed_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -280,21 +290,46 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
 
 
 class QuantEmbedding(_QuantWeightMixin, nn.Module):
-    """`nn.Embedding` with one quantization scale per embedding row."""
+    """`nn.Embedding` with one quantization scale per embedding row, or per row and group (`group_size`, which
+    a model whose LM head is tied to its embedding uses: the head's grid, so both get the same codes)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, weight_bits: int,
-                 weight_sym: bool = False, frozen: bool = True) -> None:  # fmt: skip
+                 weight_sym: bool = False, frozen: bool = True, group_size: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         if not frozen:
             self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
-        self._init_weight(num_embeddings, embedding_dim, weight_bits, None, weight_sym, frozen)
+        self._init_weight(num_embeddings, embedding_dim, weight_bits, group_size, weight_sym, frozen)
+        self.__dict__["_tied_head"] = None  # not a submodule: the head stays where the model has it
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, spec: dict, weight_sym: bool) -> "QuantEmbedding":
-        module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, spec["w"], weight_sym, frozen=False)
+        module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, spec["w"], weight_sym, frozen=False,
+                     group_size=spec.get("group"))  # fmt: skip
         module.weight = emb.weight
         return module
+
+    @torch.no_grad()
+    def tie_codes(self, head: "QuantLinear") -> None:
+        """Reads the codes from `head` (same codes, checked by the caller) and drops this module's own copy."""
+        memory.drop_file_pages(self._buffers["weight"])
+        del self._buffers["weight"]
+        self.__dict__["_tied_head"] = head
+
+    @torch.no_grad()
+    def untie_codes(self) -> None:
+        head = self.__dict__.get("_tied_head")
+        if head is not None:
+            self.__dict__["_tied_head"] = None  # first: `weight` must stop resolving to the head's codes
+            self.register_buffer("weight", head.packed_weight().clone().to(self.weight_quantizer.scale.device))
+
+    def packed_weight(self) -> torch.Tensor:
+        head = self.__dict__.get("_tied_head")
+        return super().packed_weight() if head is None else head.packed_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.untie_codes()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self._has_cache() or (self.is_frozen and self.keep_dequantized):
@@ -302,7 +337,11 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         # The grid is per row: quantizing only the rows looked up equals quantizing the table first, without
         # materialising a vocabulary-sized fp32 copy per call (GBs for a large vocabulary).
         flat = ids.reshape(-1)
-        if self.is_frozen:
+        head = self.__dict__.get("_tied_head")
+        if head is not None:
+            codes = head.code_rows(flat.to(head.weight_quantizer.scale.device)).to(flat.device)
+            rows = self.weight_quantizer.dequantize(codes, rows=flat)
+        elif self.is_frozen:
             rows = self._dequantize_rows(flat)
         else:
             rows = self.weight_quantizer(self.weight.index_select(0, flat), rows=flat)

@@ -28,7 +28,7 @@ from .block_inputs import capture_block_inputs, run_block, to_device
 from .cache import ActivationCache
 from .calibration import length_sorted_batches, prepare_calibration
 from .config import QLimitConfig
-from .integration import act_quantizers, convert_model, quant_state, quantized_modules
+from .integration import act_quantizers, convert_model, quant_state, quantized_modules, share_tied_codes
 from .models import get_adapter
 from .offload import Offloader, bound_heap, default_device, is_dispatched, release_memory
 from .reconstruction import BlockData, block_output_error, fisher_weights, reconstruct_block
@@ -281,6 +281,8 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     else:
         for _, module in quantized_modules(model):
             del module.keep_dequantized  # back to the class default: packed inference, no float copy
+        if share_tied_codes(model):
+            logger.info("The embedding reads its codes from the tied LM head: one copy in memory.")
         if run.home != device:
             model.to(run.home)
     _attach_quantizer(model, config)

@@ -20,11 +20,12 @@ BF16_TOLERANCE = 0.01
 
 
 def _quantized(kind: str, **overrides) -> nn.Module:
-    build = {"bert": tiny_bert, "opt": tiny_opt, "llama": lambda: tiny_decoder("llama")}[kind]
+    build = {"bert": tiny_bert, "opt": tiny_opt, "llama": lambda: tiny_decoder("llama"),
+             "llama-untied": lambda: tiny_decoder("llama", tie=False)}[kind]  # fmt: skip
     model = build()
     settings = {"weight_bits": 4, "act_bits": None, "group_size": 32, "method": "rtn", "num_samples": 8,
                 "batch_size": 4}  # fmt: skip
-    data = decoder_calib(8) if kind == "llama" else calib_samples(8)  # the tiny Llama has a smaller vocabulary
+    data = decoder_calib(8) if kind.startswith("llama") else calib_samples(8)  # the tiny Llama has a smaller vocabulary
     return model.quantize_qlimit(data, QLimitConfig(**{**settings, **overrides}))
 
 
@@ -76,6 +77,36 @@ def test_no_float_copy_after_a_forward(reload, tmp_path):
     assert grown <= weights / 8
     _logits(model, "cached")
     assert tensor_bytes(model) - before >= 4 * sum(m.rows * m.cols for m in model.modules() if isinstance(m, QuantLinear))
+
+
+@pytest.mark.parametrize("reload", [False, True])
+def test_a_tied_embedding_reads_its_codes_from_the_head(reload, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _quantized("llama")
+    if reload:
+        model.save_pretrained(tmp_path)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert emb._tied_head is head and "weight" not in emb._buffers
+    assert emb.weight_quantizer.group_size == head.weight_quantizer.group_size == 32  # the head's grid
+    state = model.state_dict()
+    assert torch.equal(state["model.embed_tokens.weight"], state["lm_head.weight"])
+    assert state["model.embed_tokens.weight"].data_ptr() != state["lm_head.weight"].data_ptr()  # saved twice
+    exact = _logits(model, "dequantize")
+    packed = _logits(model, "packed")
+    assert head._kernel is not None and head._kernel.kind == "int8"  # the embedding gathers from its layout
+    shared = tensor_bytes(model)
+    emb.untie_codes()
+    assert tensor_bytes(model) - shared == emb.rows * emb.cols  # one byte per 8-bit code is what sharing saves
+    assert torch.equal(_logits(model, "packed"), packed) and torch.equal(_logits(model, "dequantize"), exact)
+
+
+def test_an_untied_embedding_keeps_its_own_grid_and_codes():
+    model = _quantized("llama-untied")
+    emb = model.get_input_embeddings()
+    assert emb._tied_head is None and emb.weight_quantizer.group_size is None  # one scale per row, as before
+    assert "group" not in model.config.quantization_config.layer_config["model.embed_tokens"]
 
 
 def test_activation_quantized_models_keep_exact_fake_quantization():

@@ -58,6 +58,9 @@ class ArchitectureAdapter:
         """Module name -> {"kind", "w" (weight bits), "a" (input activation bits)} of every module to convert."""
         prefix = self.blocks_name(model) + "."
         first_last_act = config.first_last_bits if config.act_bits is not None else None
+        # an embedding tied to the LM head takes the head's grid, so both round to the same codes (shared later)
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        tied = head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight
         plan: dict[str, dict[str, Any]] = {}
         for name, module in model.named_modules():
             in_block = name.startswith(prefix)
@@ -75,6 +78,8 @@ class ArchitectureAdapter:
                     spec = {"kind": "linear", "w": config.first_last_bits, "a": first_last_act}
             elif type(module) is nn.Embedding and not in_block:
                 spec = {"kind": "embedding", "w": config.first_last_bits}
+                if tied and module is model.get_input_embeddings() and config.group_size is not None:
+                    spec["group"] = config.group_size
             elif in_block and name.endswith("." + self.attention_path) and config.quantize_attention:
                 if config.act_bits is None:
                     continue
