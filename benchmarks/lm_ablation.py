@@ -141,22 +141,22 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
         cells = []
         for setting in settings:
             r = records.get((variant, setting))
-            cells.append("–" if r is None else f"{r['ppl']:.2f} ({r['quantize_s'] / 60:.0f} min)")
+            threads = "" if r is None or r.get("threads", 1) == 1 else f", {r['threads']} threads"
+            cells.append("–" if r is None else f"{r['ppl']:.2f} ({r['quantize_s'] / 60:.0f} min{threads})")
         if any(c != "–" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     done = [r for r in records.values() if not r.get("peer")]
-    threads = sorted({r["threads"] for r in done})
     loads = [r["load"] for r in done if r.get("load") is not None]
     fp = records.get((FP_TOOL, "FP32"))
     fp_ppl = "–" if fp is None else f"{fp['ppl']:.2f}"
-    machine = _common.machine(threads=threads[0] if threads else None)
+    machine = _common.machine(threads=1).replace(" (1 threads)", "")
     lines += [
         "",
         f"SmolLM2-135M-Instruct, WikiText-2 test perplexity over the peers protocol's {peer_eval.LM_EVAL_WINDOWS} "
         f"windows of {peer_eval.LM_SEQ_LEN} tokens (FP {fp_ppl}); "
         f"{peer_eval.LM_CALIB_WINDOWS} calibration windows; weight-only, groups of 64, embeddings and head at 8 bits "
-        f"unless a row says FP. In parentheses: the quantization call's wall time on {machine}, torch threads "
-        f"{threads}, load average "
+        f"unless a row says FP. In parentheses: the quantization call's wall time on {machine}, one torch thread "
+        f"unless the cell says more, load average "
         f"at the end of this script's runs {min(loads, default=0):.1f}–{max(loads, default=0):.1f}; the peers "
         "sitting's runs shared the two cores with 2 to 4 jobs, so every time here is inflated. The default row comes "
         "from the peers sitting (`benchmarks/peers/run.py`, same protocol) where this script did not run it."
