@@ -61,6 +61,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                   {"rounding": "sign", "weight_init": "gptq", "weight_lr": 5e-3}),
     "default": ("**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max, no input mixing", {}),
     "it200": ("RTN init + 200 it signed steps + learned min/max", {"iters": 200}),
+    "batch8": ("RTN init + 50 it signed steps + learned min/max, batch 8 (AutoRound's)", {"batch_size": 8}),
 }
 
 
