@@ -129,8 +129,10 @@ def share_tied_codes(model: nn.Module) -> bool:
     """An embedding and LM head that were tied in FP and got the same 8-bit codes and grid keep one copy of
     the codes in memory (the head's; the embedding gathers its rows from it). The checkpoint keeps both, so
     it stays an ordinary one. Returns whether they were shared."""
-    emb = model.get_input_embeddings()
-    head = getattr(model, "get_output_embeddings", lambda: None)()
+    try:
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # a model class that does not say where they are
+        return False
     if not (isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)) or emb.__dict__.get("_tied_head"):
         return False
     qe, qh = emb.weight_quantizer, head.weight_quantizer

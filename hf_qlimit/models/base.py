@@ -59,8 +59,11 @@ class ArchitectureAdapter:
         prefix = self.blocks_name(model) + "."
         first_last_act = config.first_last_bits if config.act_bits is not None else None
         # an embedding tied to the LM head takes the head's grid, so both round to the same codes (shared later)
-        head = getattr(model, "get_output_embeddings", lambda: None)()
-        tied = head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight
+        try:
+            head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # a model class that does not say where they are
+            head = emb = None
+        tied = head is not None and emb is not None and getattr(head, "weight", None) is getattr(emb, "weight", 0)
         plan: dict[str, dict[str, Any]] = {}
         for name, module in model.named_modules():
             in_block = name.startswith(prefix)
@@ -78,7 +81,7 @@ class ArchitectureAdapter:
                     spec = {"kind": "linear", "w": config.first_last_bits, "a": first_last_act}
             elif type(module) is nn.Embedding and not in_block:
                 spec = {"kind": "embedding", "w": config.first_last_bits}
-                if tied and module is model.get_input_embeddings() and config.group_size is not None:
+                if tied and module is emb and config.group_size is not None:
                     spec["group"] = config.group_size
             elif in_block and name.endswith("." + self.attention_path) and config.quantize_attention:
                 if config.act_bits is None:
