@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import QLimitConfig
+from .models.base import input_output_embeddings
 from .modules import ATTENTION_ATTR, AttentionQuantizers, QuantEmbedding, QuantLinear, register_attention
 from .quantizers import ActQuantizer, WeightQuantizer
 from .quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
@@ -117,7 +118,7 @@ def _device_of(module: nn.Module) -> torch.device:
 def _untie_quantized_embeddings(model: nn.Module, layer_config: dict[str, dict]) -> None:
     # A quantized input embedding and LM head each keep their own codes (and the head its input quantizer),
     # so the saved model must not tie them back together.
-    tied = {id(model.get_input_embeddings()), id(getattr(model, "get_output_embeddings", lambda: None)())}
+    tied = {id(m) for m in input_output_embeddings(model) if m is not None}
     if any(id(module) in tied for name, module in model.named_modules() if name in layer_config):
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             if getattr(config, "tie_word_embeddings", False):
@@ -129,10 +130,7 @@ def share_tied_codes(model: nn.Module) -> bool:
     """An embedding and LM head that were tied in FP and got the same 8-bit codes and grid keep one copy of
     the codes in memory (the head's; the embedding gathers its rows from it). The checkpoint keeps both, so
     it stays an ordinary one. Returns whether they were shared."""
-    try:
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):  # a model class that does not say where they are
-        return False
+    emb, head = input_output_embeddings(model)
     if not (isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)) or emb.__dict__.get("_tied_head"):
         return False
     qe, qh = emb.weight_quantizer, head.weight_quantizer

@@ -98,19 +98,18 @@ class _QuantWeightMixin:
     def _has_cache(self) -> bool:
         return self._dequantized is not None and self._dequantized.device == self.weight_quantizer.scale.device
 
-    def code_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Unpacked codes (len(rows), cols) of the rows `rows` of a frozen module, read from whatever layout
-        holds them (the int8 kernel's is gathered from, not unpacked whole)."""
-        if self._kernel is not None and self._kernel.kind == "int8":
+    def code_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Unpacked codes of a frozen module, all rows or only `rows`, read from whatever layout holds them
+        (an index tensor is gathered from the int8 kernel's layout, not unpacked whole)."""
+        if isinstance(rows, torch.Tensor) and self._kernel is not None and self._kernel.kind == "int8":
             picked = self._kernel_weight.index_select(1, rows)  # (groups, n, group): q − 128
             return picked.permute(1, 0, 2).reshape(len(rows), self.cols).view(torch.uint8) ^ 0x80
-        return unpack_codes(self.packed_weight().reshape(self.rows, -1)[rows], self.weight_quantizer.bits, self.cols)
+        packed = self.packed_weight().reshape(self.rows, -1)
+        return unpack_codes(packed if rows is None else packed[rows], self.weight_quantizer.bits, self.cols)
 
     def _dequantize_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Float weight of a frozen module, all rows or only `rows` (a slice or index tensor)."""
-        packed = self.packed_weight().reshape(self.rows, -1)
-        codes = unpack_codes(packed if rows is None else packed[rows], self.weight_quantizer.bits, self.cols)
-        return self.weight_quantizer.dequantize(codes, rows=rows)
+        return self.weight_quantizer.dequantize(self.code_rows(rows), rows=rows)
 
     def invalidate_cache(self) -> None:
         self._dequantized = None
@@ -327,6 +326,14 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         head = self.__dict__.get("_tied_head")
         return super().packed_weight() if head is None else head.packed_weight()
 
+    def code_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        head = self.__dict__.get("_tied_head")
+        if head is None:
+            return super().code_rows(rows)
+        device = head.weight_quantizer.scale.device
+        codes = head.code_rows(rows.to(device) if isinstance(rows, torch.Tensor) else rows)
+        return codes.to(self.weight_quantizer.scale.device)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.untie_codes()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -337,11 +344,7 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         # The grid is per row: quantizing only the rows looked up equals quantizing the table first, without
         # materialising a vocabulary-sized fp32 copy per call (GBs for a large vocabulary).
         flat = ids.reshape(-1)
-        head = self.__dict__.get("_tied_head")
-        if head is not None:
-            codes = head.code_rows(flat.to(head.weight_quantizer.scale.device)).to(flat.device)
-            rows = self.weight_quantizer.dequantize(codes, rows=flat)
-        elif self.is_frozen:
+        if self.is_frozen:
             rows = self._dequantize_rows(flat)
         else:
             rows = self.weight_quantizer(self.weight.index_select(0, flat), rows=flat)

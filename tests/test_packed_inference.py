@@ -57,15 +57,21 @@ def test_packed_kernels_equal_fake_quantization(kind):
     torch.testing.assert_close(_logits(model, "cached"), exact, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("reload", [False, True])
-def test_no_float_copy_after_a_forward(reload, tmp_path):
-    """The default, straight after quantization and after `from_pretrained`: packed, no fp32 copy."""
+def _quantized_llama(reload: bool, folder) -> nn.Module:
+    """The tiny Llama quantized by `_quantized`, as returned, or saved to `folder` and loaded back."""
     from transformers import AutoModelForCausalLM
 
     model = _quantized("llama")
-    if reload:
-        model.save_pretrained(tmp_path)
-        model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    if not reload:
+        return model
+    model.save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("reload", [False, True])
+def test_no_float_copy_after_a_forward(reload, tmp_path):
+    """The default, straight after quantization and after `from_pretrained`: packed, no fp32 copy."""
+    model = _quantized_llama(reload, tmp_path)
     before = tensor_bytes(model)
     with torch.no_grad():
         model(input_ids=_ids())
@@ -81,12 +87,7 @@ def test_no_float_copy_after_a_forward(reload, tmp_path):
 
 @pytest.mark.parametrize("reload", [False, True])
 def test_a_tied_embedding_reads_its_codes_from_the_head(reload, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = _quantized("llama")
-    if reload:
-        model.save_pretrained(tmp_path)
-        model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = _quantized_llama(reload, tmp_path)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert emb._tied_head is head and "weight" not in emb._buffers
     assert emb.weight_quantizer.group_size == head.weight_quantizer.group_size == 32  # the head's grid

@@ -13,6 +13,14 @@ if TYPE_CHECKING:
     from ..config import QLimitConfig
 
 
+def input_output_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The model's input embedding and output head, (None, None) for a class that does not say where they are."""
+    try:
+        return model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+
+
 def matches(name: str, pattern: str) -> bool:
     """A module name matches its full name, an fnmatch pattern, or a dotted suffix such as "lm_head"."""
     return name == pattern or fnmatch(name, pattern) or name.endswith("." + pattern)
@@ -59,10 +67,7 @@ class ArchitectureAdapter:
         prefix = self.blocks_name(model) + "."
         first_last_act = config.first_last_bits if config.act_bits is not None else None
         # an embedding tied to the LM head takes the head's grid, so both round to the same codes (shared later)
-        try:
-            head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-        except (AttributeError, NotImplementedError):  # a model class that does not say where they are
-            head = emb = None
+        emb, head = input_output_embeddings(model)
         tied = head is not None and emb is not None and getattr(head, "weight", None) is getattr(emb, "weight", 0)
         plan: dict[str, dict[str, Any]] = {}
         for name, module in model.named_modules():
