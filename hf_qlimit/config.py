@@ -18,9 +18,9 @@ WEIGHT_RANGES = ("lp", "minmax")
 # (20k iterations, β-annealed rounding from the FP weight on a fixed grid). "fast" is fitted to a run of minutes on
 # a CPU: with 100× fewer iterations the paper's learning rates barely move V (most h stay undecided, the hard
 # result is RTN), so it starts from GPTQ's codes, hardens the rounding progressively, learns the weight steps with
-# it and steps faster. "fast-lm" is its decoder-LM variant: fewer, longer samples in smaller batches, so a 135M
-# model quantizes in minutes on a CPU, and AutoRound's signed steps from round-to-nearest on the min-max grid, which
-# measured better on SmolLM2 than AdaRound from GPTQ's codes (benchmarks/lm_ablation.py). "auto" (the default)
+# it and steps faster. "fast-lm" is its decoder-LM variant: fewer, longer samples in batches of 8 (AutoRound's;
+# batch 4 measured worse at W2 on SmolLM2), so a 135M model quantizes in minutes on a CPU, and AutoRound's signed
+# steps from round-to-nearest on the min-max grid, which measured better on SmolLM2 than AdaRound from GPTQ's codes (benchmarks/lm_ablation.py). "auto" (the default)
 # picks "fast-lm" for causal LMs, else "fast".
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000, "rounding": "anneal", "learn_weight_scale": False,
@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"num_samples": 256, "batch_size": 32, "iters": 200, "rounding": "progressive", "learn_weight_scale": True,
              "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3, "weight_init": "gptq",
              "weight_range": "lp", "gptq_act_order": False},
-    "fast-lm": {"num_samples": 64, "batch_size": 4, "iters": 50, "rounding": "sign", "learn_weight_scale": True,
+    "fast-lm": {"num_samples": 64, "batch_size": 8, "iters": 50, "rounding": "sign", "learn_weight_scale": True,
                 "weight_lr": 5e-3, "act_lr": 4e-4, "scale_lr": 3e-4, "weight_init": "rtn", "init_margin": 0.05,
                 "weight_range": "minmax", "gptq_act_order": True},
 }  # fmt: skip

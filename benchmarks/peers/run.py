@@ -72,7 +72,7 @@ WHY = {
     "hf_qlimit keeps (the peers keep them FP) and, on rows run before 2026-11-29, the Lp-clipped grid or no GPTQ start "
     "at all (the old `fast` preset)",
     "AutoRound": "hf_qlimit's decoder default uses AutoRound's own update (signed steps on the rounding and on each "
-    "group's min / max); AutoRound runs it at batch 8, twice the samples per step of hf_qlimit's default (batch 4). "
+    "group's min / max); AutoRound runs it at batch 8, as hf_qlimit's default does since 2026-11-30 (batch 4 before). "
     "Rows of hf_qlimit made before that default (notes without `rounding sign`) used AdaRound from GPTQ's codes, "
     "which barely moved in 50 iterations. AutoRound keeps the embedding and head in FP, which measured worth 0.08 "
     "perplexity at SmolLM2 W3 (benchmarks/lm_ablation.py)",
