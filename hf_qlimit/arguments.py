@@ -107,7 +107,11 @@ class QuantizationArguments:
     transforms: list[str] | None = field(
         default=None, metadata={"help": "Outlier transforms first: smoothquant[@a] os_plus[@a] hadamard_down hadamard_inputs."}
     )
-    act_layout: str = field(default="per_linear", metadata={"help": "per_linear, or shared (one quantizer per tensor)."})
+    act_layout: str = field(
+        default="per_linear",
+        metadata={"help": "per_linear, shared (one quantizer per tensor) or block_output (shared, and post-LN blocks "
+                  "quantize their output for the next block)."},
+    )
     prob_bits: int | None = field(default=None, metadata={"help": "Bits of the attention probabilities (default: act)."})
     prob_grid: str = field(default="uniform", metadata={"help": "Grid of the attention probabilities: uniform or log2."})
     act_dynamic: bool = field(default=False, metadata={"help": "Dynamic per-token grids for block Linear inputs."})

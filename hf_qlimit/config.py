@@ -163,6 +163,8 @@ class QLimitConfig(QuantizationConfigMixin):
     # Activation outliers (issue 19; checked by hf_qlimit.transforms / hf_qlimit.integration): function-preserving
     # transforms applied to the FP model first ("smoothquant[@α]", "os_plus[@α]", "hadamard_down",
     # "hadamard_inputs"); "shared": one input quantizer per tensor (Q/K/V, gate/up) instead of one per Linear;
+    # "block_output": shared, and post-LN blocks (BERT) quantize their output, inside their own loss, for the next
+    # block's Q/K/V;
     # attention probabilities on their own bits and/or a "log2" grid; dynamic per-token Linear-input grids.
     transforms: list[str] | None = None
     act_layout: str = "per_linear"

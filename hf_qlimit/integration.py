@@ -16,7 +16,8 @@ from .quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 from .transforms.input_op import KIND as INPUT_TRANSFORM
 from .transforms.input_op import InputTransform
 
-ACT_LAYOUTS = ("per_linear", "shared")
+ACT_LAYOUTS = ("per_linear", "shared", "block_output")
+OUTPUT_QUANTIZER = "output_quantizer"
 PROB_GRIDS = ("uniform", "log2")
 
 
@@ -43,6 +44,9 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
                 parent, _, child = name.rpartition(".")
                 model.get_submodule(parent).add_module(child, InputTransform.from_spec(module, spec))
             continue
+        if spec["kind"] == "block_output":
+            add_output_quantizer(module, ActQuantizer(spec["a"], config.act_sym).to(_device_of(module)))
+            continue
         if spec["kind"] == "attention":
             with torch.device(_device_of(module)):
                 quantizers = AttentionQuantizers(spec["a"], config.act_sym)
@@ -65,7 +69,7 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
         if spec.get("dynamic") and new.input_quantizer is not None:
             new.input_quantizer = DynamicTokenQuantizer(spec["a"], config.act_sym).to(_device_of(new))
         model.set_submodule(name, new)
-    if config.act_layout == "shared":
+    if config.act_layout in ("shared", "block_output"):
         share_input_quantizers(model, layer_config)
     if any(spec["kind"] == "attention" for spec in layer_config.values()):
         register_attention()
@@ -104,6 +108,20 @@ def share_input_quantizers(model: nn.Module, layer_config: dict[str, dict]) -> N
                 continue
             for linear in linears[1:]:
                 linear.input_quantizer = linears[0].input_quantizer
+
+
+def add_output_quantizer(block: nn.Module, quantizer: ActQuantizer) -> None:
+    """Quantizes what `block` returns (its hidden states), as a child module so the grid is saved and learned."""
+    if getattr(block, OUTPUT_QUANTIZER, None) is None:
+        block.register_forward_hook(_quantize_output)
+    setattr(block, OUTPUT_QUANTIZER, quantizer)
+
+
+def _quantize_output(block: nn.Module, args, output):
+    quantizer = getattr(block, OUTPUT_QUANTIZER)
+    if isinstance(output, tuple):
+        return (quantizer(output[0]), *output[1:])
+    return quantizer(output)
 
 
 def _inner_linear(module: nn.Module) -> nn.Module:

@@ -208,7 +208,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     token_mask = run.token_mask
     for i, block in enumerate(tqdm(blocks, desc="Quantizing blocks", unit="block")):
         name = f"{blocks_name}{i}"
-        names = [n for n in config.layer_config if n.startswith(name + ".")]
+        names = [n for n in config.layer_config if n == name or n.startswith(name + ".")]  # the block: its output op
         if i < run.done:  # finished by the interrupted run: rebuild it from the work folder
             run.offloader.materialize(name)
             _convert(model, names, run, config, frozen=True)

@@ -98,3 +98,47 @@ def test_bad_options_are_errors():
         _quantize("bert", act_layout="tied")
     with pytest.raises(ValueError, match="prob_grid"):
         _quantize("bert", prob_grid="log10")
+
+
+def _output_quantizers(model) -> list:
+    return [getattr(block, "output_quantizer", None) for block in get_adapter(model).blocks(model)]
+
+
+def test_block_output_layout_quantizes_post_ln_block_outputs(tmp_path, inputs):
+    model = _quantize("bert", act_layout="block_output")
+    blocks = get_adapter(model).blocks(model)
+    outs = _output_quantizers(model)
+    assert all(isinstance(q, ActQuantizer) for q in outs[:-1]) and outs[-1] is None  # the head quantizes its own
+    assert blocks[0].attention.self.query.input_quantizer is not None  # the embeddings' LayerNorm output
+    for block in blocks[1:]:
+        qkv = [block.attention.self.query, block.attention.self.key, block.attention.self.value]
+        assert all(m.input_quantizer is None for m in qkv)  # they read the previous block's quantized output
+        assert block.intermediate.dense.input_quantizer is not None
+    hidden = model.bert.embeddings(input_ids=inputs)
+    out = blocks[0](hidden)
+    out = out[0] if isinstance(out, tuple) else out
+    q = outs[0]
+    grid = (out / q.scale + q.zero.round()).detach()
+    assert torch.allclose(grid, grid.round(), atol=1e-3)  # every value of the block output is on its grid
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AUTO["bert"].from_pretrained(tmp_path / "q")
+    assert all(isinstance(q, ActQuantizer) for q in _output_quantizers(reloaded)[:-1])
+    assert torch.equal(logits(reloaded, inputs), expected)
+
+
+def test_block_output_quantizer_is_trained_in_the_block_loss():
+    """Only the reconstruction loss moves an activation step away from its calibrated start: at 0 iterations the
+    step is the Lp search's, after some iterations of QDrop it has been learned through the block's own loss."""
+    settings = {"act_layout": "block_output", "method": "qdrop", "num_samples": 8, "batch_size": 4, "act_lr": 0.05}
+    start = [q.scale.item() for q in _output_quantizers(_quantize("bert", iters=0, **settings))[:-1]]
+    learned = [q.scale.item() for q in _output_quantizers(_quantize("bert", iters=6, **settings))[:-1]]
+    assert all(abs(a - b) > 1e-4 * abs(a) for a, b in zip(start, learned)), (start, learned)
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_block_output_layout_is_shared_for_pre_ln_blocks(arch):
+    """Pre-LN blocks output the residual stream, which stays unquantized; the layout then equals "shared"."""
+    model = _quantize(arch, act_layout="block_output")
+    assert all(q is None for q in _output_quantizers(model))
+    assert all(len({id(q) for q in g}) == 1 and g[0] is not None for g in _input_quantizers(model, arch))

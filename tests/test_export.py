@@ -110,6 +110,14 @@ def test_attention_quantizers_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_block_output_quantizers_are_refused(tmp_path):
+    model = tiny_bert().quantize_qlimit(calib_samples(8), _config(weight_bits=8, act_bits=8, group_size=None,
+                                                                   quantize_attention=False, act_layout="block_output"))
+    with pytest.raises(ExportError, match="block_output"):
+        hf_qlimit.export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_w4a8_is_refused(tmp_path):
     with pytest.raises(ExportError, match="W4A8.*int-quantized"):
         hf_qlimit.export(_llama(act_bits=8, quantize_attention=False), tmp_path / "out")

@@ -127,6 +127,12 @@ def _refuse_unexpressible(model: nn.Module) -> None:
             f"{attention[0]!r}); compressed-tensors has no such quantizers. Quantize with `quantize_attention=False` "
             "(or weight-only) to export."
         )
+    outputs = [name for name, m in model.named_modules() if getattr(m, "output_quantizer", None) is not None]
+    if outputs:
+        raise ExportError(
+            f"{len(outputs)} blocks quantize their outputs (act_layout='block_output', first: {outputs[0]!r}); "
+            "compressed-tensors quantizes Linear inputs only. Quantize with another `act_layout` to export."
+        )
 
 
 def export_compressed_tensors(model: nn.Module, out_dir: str | Path, allow_unservable: bool = False) -> Path:

@@ -46,6 +46,10 @@ class ArchitectureAdapter:
     norms: tuple[str, ...] = ()
     attention_output: str = ""  # the Linear after the attention matmuls
     ffn_down: str = ""  # the FFN's second Linear, whose input comes out of GELU/SiLU
+    # Post-LN: a block's output is the next block's Q/K/V input (and its residual), so act_layout="block_output"
+    # quantizes it once, at the block output, inside the block's loss. Pre-LN blocks output the residual stream,
+    # which deployed models keep in higher precision.
+    output_feeds_linears: bool = False
 
     def folding_norms(self, model: nn.Module) -> tuple[str, ...]:
         """`norms`, or () when this model's norms do not feed only the Linears (e.g. a post-LN variant)."""
@@ -100,7 +104,22 @@ class ArchitectureAdapter:
             if spec.get("w", 0) is None:
                 continue  # first/last layers kept in full precision
             plan[name] = spec
+        if getattr(config, "act_layout", "") == "block_output" and config.act_bits is not None:
+            self._move_quantizers_to_block_outputs(model, plan, config.act_bits)
         return plan
+
+    def _move_quantizers_to_block_outputs(self, model: nn.Module, plan: dict[str, dict[str, Any]], bits: int) -> None:
+        """Block i's output gets the quantizer of block i+1's Q/K/V inputs, which then read it as it is. Not on the
+        last block (the head has its own) nor where an input transform sits in between (it quantizes its output)."""
+        if not self.output_feeds_linears:
+            return
+        prefix = self.blocks_name(model) + "."
+        for index in range(len(self.blocks(model)) - 1):
+            readers = [f"{prefix}{index + 1}.{rel}" for rel in self.norm_inputs[0]]
+            if all(plan.get(n, {}).get("kind") == "linear" and plan[n].get("a") for n in readers):
+                plan[f"{prefix}{index}"] = {"kind": "block_output", "a": bits}
+                for n in readers:
+                    plan[n] = {**plan[n], "a": None}
 
 
 def probability_spec(config: "QLimitConfig") -> dict[str, Any]:

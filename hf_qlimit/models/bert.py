@@ -12,3 +12,4 @@ class BertAdapter(ArchitectureAdapter):
     norm_inputs = (("attention.self.query", "attention.self.key", "attention.self.value"), ("intermediate.dense",))
     attention_output = "attention.output.dense"
     ffn_down = "output.dense"  # post-LN: no norm feeds only Linears, so channel factors stay explicit ops
+    output_feeds_linears = True
