@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "peers")]
 import _common  # noqa: E402
 import peer_eval  # noqa: E402
-from hf_qlimit.config import PRESETS  # noqa: E402
+from hf_qlimit.config import preset_values  # noqa: E402
 
 REPO = HERE.parent
 OUT = REPO / "benchmarks" / "out" / "lm_ablation"
@@ -60,15 +60,27 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                             {"rounding": "progressive", "weight_init": "gptq", "weight_lr": 3e-3}),
     "sign-gptq": ("GPTQ init (min-max grid, act-order) + 50 it signed steps + learned min/max",
                   {"rounding": "sign", "weight_init": "gptq", "weight_lr": 5e-3}),
-    "batch4": ("RTN init + 50 it signed steps + learned min/max, batch 4 (the default until 2026-11-30)",
-               {"batch_size": 4}),
-    "default": ("**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max, batch 8, no input "
-                "mixing", {}),
+    "batch4": ("RTN init + 50 it signed steps + learned min/max, batch 4 at every width (the default until "
+               "2026-11-30)", {"batch_size": 4}),
+    "batch8": ("RTN init + 50 it signed steps + learned min/max, batch 8 at every width (AutoRound's)",
+               {"batch_size": 8}),
+    "default": ("**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max, batch 4 (8 at W2), "
+                "no input mixing", {}),
     "it200": ("RTN init + 200 it signed steps + learned min/max", {"iters": 200}),
 }
-# runs made before the default moved to batch 8 (2026-11-30): what they were is what they show as
-RENAMED = {("default", 4): "batch4", ("batch8", 8): "default"}
-DEFAULT_BATCH = PRESETS["fast-lm"]["batch_size"]
+BATCH_ROWS = ("default", "batch4", "batch8")  # one computation at a given batch: each run fills every row it is
+
+
+def default_batch(setting: str) -> int:
+    return preset_values("fast-lm", peer_eval.setting("smollm2", setting).weight_bits)["batch_size"]
+
+
+def _file_under_batch_rows(out: dict, record: dict[str, Any]) -> None:
+    batch = record.get("batch_size")
+    rows = [f"batch{batch}"] + (["default"] if batch == default_batch(record["setting"]) else [])
+    for row in rows:
+        if row in VARIANTS:
+            out[row, record["setting"]] = {**record, "variant": row}
 
 
 def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
@@ -129,18 +141,22 @@ def load(path: Path, peers: Path | None = PEERS_RESULTS) -> dict[tuple[str, str]
                            else "qdrop" if "rounding sign" in details
                            else "default-progressive" if "range minmax" in details else "default-lp")  # fmt: skip
                 batch = int(details.split(" batch ")[1].split(",")[0]) if " batch " in details else None
-                if variant == "default" and batch == 4:
-                    variant = "batch4"
-                out[variant, r["setting"]] = {
+                record = {
                     "variant": variant, "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],
                     "threads": 1, "date": r["date"], "commit": "peers run", "load": None, "batch_size": batch,
                 }  # fmt: skip
+                if variant == "default":
+                    _file_under_batch_rows(out, record)
+                else:
+                    out[variant, r["setting"]] = record
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                record["variant"] = RENAMED.get((record["variant"], record.get("batch_size")), record["variant"])
-                out[record["variant"], record["setting"]] = record
+                if record["variant"] in BATCH_ROWS:
+                    _file_under_batch_rows(out, record)
+                else:
+                    out[record["variant"], record["setting"]] = record
     return out
 
 
@@ -156,8 +172,9 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
                 cells.append("–")
                 continue
             extra = "" if r.get("threads", 1) == 1 else f", {r['threads']} threads"
-            if r.get("batch_size") not in (None, DEFAULT_BATCH) and r.get("iters") != 0 and variant != "batch4":
-                extra += f", batch {r['batch_size']}"  # rows run before the default moved to batch 8
+            other_batch = r.get("batch_size") not in (None, default_batch(setting))
+            if other_batch and r.get("iters") != 0 and variant not in BATCH_ROWS:
+                extra += f", batch {r['batch_size']}"  # not the default's batch at this width
             cells.append(f"{r['ppl']:.2f} ({r['quantize_s'] / 60:.0f} min{extra})")
         if any(c != "–" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -49,6 +49,8 @@ ROWS: list[dict[str, Any]] = [
     {"transforms": [], "layout": "shared", "probs": "p8", "acts": "static"},
     {"transforms": [], "layout": "shared", "probs": "uniform", "acts": "dynamic"},
     {"transforms": ["hadamard_inputs"], "layout": "shared", "probs": "p8", "acts": "dynamic"},
+    {"transforms": [], "layout": "block_output", "probs": "uniform", "acts": "static"},
+    {"transforms": ["hadamard_down"], "layout": "block_output", "probs": "uniform", "acts": "static"},
 ]  # fmt: skip
 
 

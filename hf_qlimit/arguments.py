@@ -115,6 +115,9 @@ class QuantizationArguments:
     prob_bits: int | None = field(default=None, metadata={"help": "Bits of the attention probabilities (default: act)."})
     prob_grid: str = field(default="uniform", metadata={"help": "Grid of the attention probabilities: uniform or log2."})
     act_dynamic: bool = field(default=False, metadata={"help": "Dynamic per-token grids for block Linear inputs."})
+    act_fp_first_token: bool = field(
+        default=False, metadata={"help": "Decoders: the token at position 0 (attention sink) skips activation quantization."}
+    )
 
     def quantize_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `quantize_qlimit` beyond the config: work folder, resume, cache budget."""
@@ -173,6 +176,7 @@ class QuantizationArguments:
             prob_bits=self.prob_bits,
             prob_grid=self.prob_grid,
             act_dynamic=self.act_dynamic,
+            act_fp_first_token=self.act_fp_first_token,
             **extra,
         )
 

@@ -18,10 +18,10 @@ WEIGHT_RANGES = ("lp", "minmax")
 # (20k iterations, β-annealed rounding from the FP weight on a fixed grid). "fast" is fitted to a run of minutes on
 # a CPU: with 100× fewer iterations the paper's learning rates barely move V (most h stay undecided, the hard
 # result is RTN), so it starts from GPTQ's codes, hardens the rounding progressively, learns the weight steps with
-# it and steps faster. "fast-lm" is its decoder-LM variant: fewer, longer samples in batches of 8 (AutoRound's;
-# batch 4 measured worse at W2 on SmolLM2), so a 135M model quantizes in minutes on a CPU, and AutoRound's signed
-# steps from round-to-nearest on the min-max grid, which measured better on SmolLM2 than AdaRound from GPTQ's codes (benchmarks/lm_ablation.py). "auto" (the default)
-# picks "fast-lm" for causal LMs, else "fast".
+# it and steps faster. "fast-lm" is its decoder-LM variant: fewer, longer samples in small batches, so a 135M
+# model quantizes in minutes on a CPU, and AutoRound's signed steps from round-to-nearest on the min-max grid,
+# which measured better on SmolLM2 than AdaRound from GPTQ's codes (benchmarks/lm_ablation.py). "auto" (the
+# default) picks "fast-lm" for causal LMs, else "fast".
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000, "rounding": "anneal", "learn_weight_scale": False,
               "weight_lr": 1e-3, "act_lr": 4e-5, "scale_lr": 1e-3, "weight_init": "rtn",
@@ -29,11 +29,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"num_samples": 256, "batch_size": 32, "iters": 200, "rounding": "progressive", "learn_weight_scale": True,
              "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3, "weight_init": "gptq",
              "weight_range": "lp", "gptq_act_order": False},
-    "fast-lm": {"num_samples": 64, "batch_size": 8, "iters": 50, "rounding": "sign", "learn_weight_scale": True,
+    "fast-lm": {"num_samples": 64, "batch_size": 4, "iters": 50, "rounding": "sign", "learn_weight_scale": True,
                 "weight_lr": 5e-3, "act_lr": 4e-4, "scale_lr": 3e-4, "weight_init": "rtn", "init_margin": 0.05,
                 "weight_range": "minmax", "gptq_act_order": True},
 }  # fmt: skip
+# At 2 bits "fast-lm" steps on batches of 8 (AutoRound's): on SmolLM2 W2 g64 batch 8 gave 86.22 against 99.73 at
+# batch 4, while at W3 batch 4 was better (35.95 against 37.23) and at W4 even (31.70 / 31.75).
+LOW_BITS_BATCH = {"fast-lm": (2, 8)}
 AUTO = "auto"
+
+
+def preset_values(preset: str, weight_bits: int) -> dict[str, Any]:
+    """The fields `preset` fills for this weight width."""
+    values = dict(PRESETS[preset])
+    if preset in LOW_BITS_BATCH and isinstance(weight_bits, int) and weight_bits <= LOW_BITS_BATCH[preset][0]:
+        values["batch_size"] = LOW_BITS_BATCH[preset][1]
+    return values
 _RECON_DEFAULTS: dict[str, Any] = {
     "round_loss_weight": 0.01,
     "beta_range": (20.0, 2.0),
@@ -165,12 +176,14 @@ class QLimitConfig(QuantizationConfigMixin):
     # "hadamard_inputs"); "shared": one input quantizer per tensor (Q/K/V, gate/up) instead of one per Linear;
     # "block_output": shared, and post-LN blocks (BERT) quantize their output, inside their own loss, for the next
     # block's Q/K/V;
-    # attention probabilities on their own bits and/or a "log2" grid; dynamic per-token Linear-input grids.
+    # attention probabilities on their own bits and/or a "log2" grid; dynamic per-token Linear-input grids;
+    # decoders: the token at position 0 (the attention sink) kept out of activation quantization (PrefixQuant).
     transforms: list[str] | None = None
     act_layout: str = "per_linear"
     prob_bits: int | None = None
     prob_grid: str = "uniform"
     act_dynamic: bool = False
+    act_fp_first_token: bool = False
     layer_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     quant_method: str = "qlimit"
 
@@ -179,7 +192,8 @@ class QLimitConfig(QuantizationConfigMixin):
         if self.preset not in PRESETS and self.preset != AUTO:
             raise ValueError(f"`preset` must be one of {[AUTO, *PRESETS]}, got {self.preset!r}.")
         # "auto" fills its preset's fields when the model is known (`resolved`)
-        for key, value in {**_RECON_DEFAULTS, **PRESETS.get(self.preset, {})}.items():
+        preset = preset_values(self.preset, self.weight_bits) if self.preset in PRESETS else {}
+        for key, value in {**_RECON_DEFAULTS, **preset}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.drop_prob is None and self.preset != AUTO:
@@ -208,7 +222,7 @@ class QLimitConfig(QuantizationConfigMixin):
         preset = ("fast-lm" if causal_lm else "fast") if self.preset == AUTO else self.preset
         if out.method == "rtn" and out.weight_init is None:  # plain round-to-nearest unless GPTQ is asked for
             out.weight_init = "rtn"
-        for key, value in PRESETS[preset].items():
+        for key, value in preset_values(preset, out.weight_bits).items():
             if getattr(out, key) is None:
                 setattr(out, key, value)
         if out.drop_prob is None:

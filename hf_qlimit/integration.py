@@ -12,6 +12,7 @@ from .config import QLimitConfig
 from .models.base import input_output_embeddings
 from .modules import ATTENTION_ATTR, AttentionQuantizers, QuantEmbedding, QuantLinear, register_attention
 from .quantizers import ActQuantizer, WeightQuantizer
+from .quantizers import first_token
 from .quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 from .transforms.input_op import KIND as INPUT_TRANSFORM
 from .transforms.input_op import InputTransform
@@ -35,8 +36,15 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
     frozen=False wraps the existing FP weights for calibration; frozen=True builds empty modules whose packed
     weights `from_pretrained` then loads.
     """
+    from .models import get_adapter
+
     expected = {"linear": nn.Linear, "embedding": nn.Embedding}
     _check_activation_options(config)
+    if config.act_fp_first_token and config.act_bits is not None and not get_adapter(model).causal_lm:
+        raise ValueError(
+            "`act_fp_first_token` keeps the attention sink (position 0) of decoder LMs in full precision; "
+            f"{type(model).__name__} is not a decoder LM. Leave it False."
+        )
     for name, spec in layer_config.items():
         module = model.get_submodule(name)
         if spec["kind"] == INPUT_TRANSFORM:  # a transform's explicit op: rebuilt around the Linear before loading
@@ -71,6 +79,8 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
         model.set_submodule(name, new)
     if config.act_layout in ("shared", "block_output"):
         share_input_quantizers(model, layer_config)
+    if config.act_fp_first_token and config.act_bits is not None:
+        first_token.hook_blocks(get_adapter(model).blocks(model))
     if any(spec["kind"] == "attention" for spec in layer_config.values()):
         register_attention()
         model.set_attn_implementation("qlimit")

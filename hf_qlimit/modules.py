@@ -22,6 +22,7 @@ from transformers.utils import logging
 from . import kernels, memory
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantizers import ActQuantizer, WeightQuantizer
+from .quantizers import first_token
 from .quantizers.adaround import ROW_CHUNK, row_slices
 
 logger = logging.get_logger(__name__)
@@ -260,7 +261,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
+            x = first_token.quantize_tokens(self.input_quantizer, x)
         if not self.is_frozen and self.weight_quantizer.learning:
             return self.weight_quantizer.linear(x, self.bias)
         if self.is_frozen and self._kernel_allowed() and self._take_kernel():
@@ -379,7 +380,8 @@ def qlimit_attention_forward(
     """Eager attention with quantized matmul inputs; registered in transformers' `AttentionInterface` as "qlimit"."""
     quant: AttentionQuantizers | None = getattr(module, ATTENTION_ATTR, None)
     if quant is not None:
-        query, key, value = quant.query(query), quant.key(key), quant.value(value)
+        query = first_token.quantize_queries(quant.query, query)
+        key, value = first_token.quantize_keys(quant.key, key), first_token.quantize_keys(quant.value, value)
     if key.shape[1] != query.shape[1]:  # grouped-query attention
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

@@ -69,6 +69,10 @@ def test_the_default_config_resolves_per_family_as_the_readme_says(kind):
         assert resolved.drop_probability == 0.0  # weight-only: the blocks train on the quantized stream alone
         with_acts = QLimitConfig(weight_bits=4, act_bits=8).for_model(model)
         assert with_acts.drop_probability == 0.5  # QDrop's dropping stays where activations are quantized
+        two_bits = QLimitConfig(weight_bits=2, group_size=16, act_bits=None)
+        assert two_bits.for_model(model).batch_size == 8  # AutoRound's batch at 2 bits, as the README says
+        assert QLimitConfig(weight_bits=2, preset="fast-lm").batch_size == 8
+        assert QLimitConfig(weight_bits=2, batch_size=2).for_model(model).batch_size == 2  # a set field wins
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     p = PRESETS[preset]
     words = f"{p['num_samples']} samples, batch {p['batch_size']}, {p['iters']}"

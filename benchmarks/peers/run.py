@@ -72,7 +72,7 @@ WHY = {
     "hf_qlimit keeps (the peers keep them FP) and, on rows run before 2026-11-29, the Lp-clipped grid or no GPTQ start "
     "at all (the old `fast` preset)",
     "AutoRound": "hf_qlimit's decoder default uses AutoRound's own update (signed steps on the rounding and on each "
-    "group's min / max); AutoRound runs it at batch 8, as hf_qlimit's default does since 2026-11-30 (batch 4 before). "
+    "group's min / max); AutoRound runs it at batch 8; hf_qlimit's default at batch 4, and at batch 8 for 2-bit weights since 2026-11-30. "
     "Rows of hf_qlimit made before that default (notes without `rounding sign`) used AdaRound from GPTQ's codes, "
     "which barely moved in 50 iterations. AutoRound keeps the embedding and head in FP, which measured worth 0.08 "
     "perplexity at SmolLM2 W3 (benchmarks/lm_ablation.py)",
@@ -111,14 +111,30 @@ def key(record: dict[str, Any]) -> tuple[str, str, str]:
     return record["tool"], record["model"], record["setting"]
 
 
+def is_current(record: dict[str, Any]) -> bool:
+    """False for an "hf_qlimit default" run made at another batch size than the default resolves to today (it
+    became width-dependent on 2026-11-30): kept in the file as history, shown only where nothing newer exists."""
+    details = record.get("details", "")
+    if record.get("tool") != "hf_qlimit default" or " batch " not in details:
+        return True
+    try:
+        from hf_qlimit.config import preset_values
+    except ImportError:  # an interpreter without hf_qlimit cannot tell
+        return True
+    preset = "fast-lm" if peer_eval.is_causal_lm(record["model"]) else "fast"
+    bits = peer_eval.setting(record["model"], record["setting"]).weight_bits
+    return int(details.split(" batch ")[1].split(",")[0]) == preset_values(preset, bits)["batch_size"]
+
+
 def load_records(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """The newest record of each (tool, model, setting) of a JSON lines file."""
+    """The newest record of each (tool, model, setting) of a JSON lines file, the default's current batch first."""
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                out[key(record)] = record
+                if key(record) not in out or is_current(record) or not is_current(out[key(record)]):
+                    out[key(record)] = record
     return out
 
 
