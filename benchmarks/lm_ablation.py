@@ -2,8 +2,8 @@
 """SmolLM2 ablation of the decoder default: initialiser × learned weight steps × iterations, on the peers
 protocol (`benchmarks/peers/peer_eval.py`: the same calibration windows, evaluation windows and FP model).
 
-Each variant is `QLimitConfig(weight_bits=B, group_size=64, act_bits=None, **overrides)`; the row "default" has no
-overrides, so it is what a user gets. One variant per process (its own peak RSS, no state shared between runs);
+Each variant is `QLimitConfig(weight_bits=B, group_size=64, act_bits=None, **overrides)` (act_bits=8 in the
+setting "W4A8 g64"); the row "default" has no overrides, so it is what a user gets. One variant per process (its own peak RSS, no state shared between runs);
 each result is appended to `--results` and the table is drawn from the newest record of each (variant, setting).
 
     python benchmarks/lm_ablation.py --settings "W3A16 g64" --variants rtn gptq default
@@ -67,12 +67,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max, batch 4 (8 at W2), "
                 "no input mixing", {}),
     "it200": ("RTN init + 200 it signed steps + learned min/max", {"iters": 200}),
+    # W4A8 rows: the default with activations is QDrop (input mixing 0.5) and learned activation steps
+    "a8-first-log2": ("W4A8: the default + first token (attention sink) in FP + log2 8-bit probabilities",
+                      {"act_fp_first_token": True, "prob_grid": "log2"}),
+    "a8-dynamic": ("W4A8: the default with **dynamic per-token** Linear inputs (not static)", {"act_dynamic": True}),
 }
+# the peers' weight-only settings, and W4A8 (issue 19: static per-tensor 8-bit activations, attention matmuls too)
+SETTINGS = {**peer_eval.SETTINGS["smollm2"], "W4A8 g64": peer_eval.Setting("W4A8 g64", 4, 64, 8)}
 BATCH_ROWS = ("default", "batch4", "batch8")  # one computation at a given batch: each run fills every row it is
 
 
 def default_batch(setting: str) -> int:
-    return preset_values("fast-lm", peer_eval.setting("smollm2", setting).weight_bits)["batch_size"]
+    return preset_values("fast-lm", SETTINGS[setting].weight_bits)["batch_size"]
 
 
 def _file_under_batch_rows(out: dict, record: dict[str, Any]) -> None:
@@ -93,11 +99,12 @@ def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
     from hf_qlimit import QLimitConfig
 
     torch.set_num_threads(threads)
-    setting = peer_eval.setting("smollm2", label)
+    setting = SETTINGS[label]
     net, tokenizer = peer_eval.load_fp("smollm2", peer_eval.model_path("smollm2"))
     calib = peer_eval.calibration("smollm2", tokenizer)
     config = QLimitConfig(
-        weight_bits=setting.weight_bits, group_size=setting.group_size, act_bits=None, **VARIANTS[variant][1]
+        weight_bits=setting.weight_bits, group_size=setting.group_size, act_bits=setting.act_bits,
+        **VARIANTS[variant][1],
     )
     resolved = config.for_model(net)
     tick = time.perf_counter()
@@ -161,7 +168,7 @@ def load(path: Path, peers: Path | None = PEERS_RESULTS) -> dict[tuple[str, str]
 
 
 def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
-    settings = [s for s in peer_eval.SETTINGS["smollm2"] if any(k[1] == s for k in records)]
+    settings = [s for s in SETTINGS if any(k[1] == s for k in records)]
     lines = ["| variant | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
     rows = [(v, label) for v, (label, _) in VARIANTS.items()] + list(PEER_ROWS.items())
     for variant, label in rows:
@@ -202,7 +209,7 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["rtn", "gptq", "default"], choices=list(VARIANTS))
-    parser.add_argument("--settings", nargs="+", default=["W3A16 g64"], choices=list(peer_eval.SETTINGS["smollm2"]))
+    parser.add_argument("--settings", nargs="+", default=["W3A16 g64"], choices=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=OUT / "results.jsonl")
     parser.add_argument("--rerun", action="store_true")
