@@ -11,8 +11,7 @@ from torch import nn
 from .config import QLimitConfig
 from .models.base import input_output_embeddings
 from .modules import ATTENTION_ATTR, AttentionQuantizers, QuantEmbedding, QuantLinear, register_attention
-from .quantizers import ActQuantizer, WeightQuantizer
-from .quantizers import first_token
+from .quantizers import ActQuantizer, WeightQuantizer, first_token
 from .quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 from .transforms.input_op import KIND as INPUT_TRANSFORM
 from .transforms.input_op import InputTransform
