@@ -59,7 +59,8 @@ def run_one(variant: str, windows: int, calib_windows: int) -> dict[str, Any]:
     peer_eval.LM_EVAL_WINDOWS = windows
     ppl = peer_eval.evaluate("smollm2", net, tokenizer)["ppl"]
     return {"variant": variant, "ppl": ppl, "quantize_s": seconds, "windows": windows, "calib": calib_windows,
-            "date": datetime.date.today().isoformat(), "commit": _common.commit(REPO), "load": os.getloadavg()[0]}  # fmt: skip
+            "date": datetime.date.today().isoformat(), "commit": _common.commit(REPO),
+            "load": os.getloadavg()[0]}  # fmt: skip
 
 
 def render(records: dict[str, dict[str, Any]]) -> str:

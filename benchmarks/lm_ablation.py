@@ -3,8 +3,9 @@
 protocol (`benchmarks/peers/peer_eval.py`: the same calibration windows, evaluation windows and FP model).
 
 Each variant is `QLimitConfig(weight_bits=B, group_size=64, act_bits=None, **overrides)` (act_bits=8 in the
-setting "W4A8 g64"); the row "default" has no overrides, so it is what a user gets. One variant per process (its own peak RSS, no state shared between runs);
-each result is appended to `--results` and the table is drawn from the newest record of each (variant, setting).
+setting "W4A8 g64"); the row "default" has no overrides, so it is what a user gets. One variant per process (its
+own peak RSS, no state shared between runs); each result is appended to `--results` and the table is drawn from
+the newest record of each (variant, setting).
 
     python benchmarks/lm_ablation.py --settings "W3A16 g64" --variants rtn gptq default
     python benchmarks/lm_ablation.py --table_only --readme examples/language-modeling/README.md
@@ -147,7 +148,7 @@ def load(path: Path, peers: Path | None = PEERS_RESULTS) -> dict[tuple[str, str]
                 variant = ("default" if "drop_prob 0.0" in details and "rounding sign" in details
                            else "qdrop" if "rounding sign" in details
                            else "default-progressive" if "range minmax" in details else "default-lp")  # fmt: skip
-                batch = int(details.split(" batch ")[1].split(",")[0]) if " batch " in details else None
+                batch = peer_eval.details_batch(details)
                 record = {
                     "variant": variant, "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],
                     "threads": 1, "date": r["date"], "commit": "peers run", "load": None, "batch_size": batch,

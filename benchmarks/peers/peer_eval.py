@@ -67,6 +67,11 @@ SETTINGS: dict[str, dict[str, Setting]] = {
 FP = Setting("FP32", 32)  # the unquantized reference row
 
 
+def details_batch(details: str) -> int | None:
+    """The reconstruction batch an hf_qlimit record's notes name ("..., batch 8, ..."), None if they name none."""
+    return int(details.split(" batch ")[1].split(",")[0]) if " batch " in details else None
+
+
 def setting(model: str, label: str) -> Setting:
     """The setting called `label` of `model` ("FP32" for the reference row)."""
     if label == FP.label:

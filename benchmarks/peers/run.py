@@ -72,7 +72,8 @@ WHY = {
     "hf_qlimit keeps (the peers keep them FP) and, on rows run before 2026-11-29, the Lp-clipped grid or no GPTQ start "
     "at all (the old `fast` preset)",
     "AutoRound": "hf_qlimit's decoder default uses AutoRound's own update (signed steps on the rounding and on each "
-    "group's min / max); AutoRound runs it at batch 8; hf_qlimit's default at batch 4, and at batch 8 for 2-bit weights since 2026-11-30. "
+    "group's min / max); AutoRound runs it at batch 8; hf_qlimit's default at batch 4, and at batch 8 for 2-bit "
+    "weights since 2026-11-30. "
     "Rows of hf_qlimit made before that default (notes without `rounding sign`) used AdaRound from GPTQ's codes, "
     "which barely moved in 50 iterations. AutoRound keeps the embedding and head in FP, which measured worth 0.08 "
     "perplexity at SmolLM2 W3 (benchmarks/lm_ablation.py)",
@@ -114,8 +115,8 @@ def key(record: dict[str, Any]) -> tuple[str, str, str]:
 def is_current(record: dict[str, Any]) -> bool:
     """False for an "hf_qlimit default" run made at another batch size than the default resolves to today (it
     became width-dependent on 2026-11-30): kept in the file as history, shown only where nothing newer exists."""
-    details = record.get("details", "")
-    if record.get("tool") != "hf_qlimit default" or " batch " not in details:
+    batch = peer_eval.details_batch(record.get("details", ""))
+    if record.get("tool") != "hf_qlimit default" or batch is None:
         return True
     try:
         from hf_qlimit.config import preset_values
@@ -123,7 +124,7 @@ def is_current(record: dict[str, Any]) -> bool:
         return True
     preset = "fast-lm" if peer_eval.is_causal_lm(record["model"]) else "fast"
     bits = peer_eval.setting(record["model"], record["setting"]).weight_bits
-    return int(details.split(" batch ")[1].split(",")[0]) == preset_values(preset, bits)["batch_size"]
+    return batch == preset_values(preset, bits)["batch_size"]
 
 
 def load_records(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
+from ..integration import OUTPUT_QUANTIZER
 from ..modules import QuantEmbedding, QuantLinear
 from ..packing import pack_codes, unpack_codes
 from .common import ExportError, refuse_input_transforms
@@ -127,7 +128,7 @@ def _refuse_unexpressible(model: nn.Module) -> None:
             f"{attention[0]!r}); compressed-tensors has no such quantizers. Quantize with `quantize_attention=False` "
             "(or weight-only) to export."
         )
-    outputs = [name for name, m in model.named_modules() if getattr(m, "output_quantizer", None) is not None]
+    outputs = [name for name, m in model.named_modules() if getattr(m, OUTPUT_QUANTIZER, None) is not None]
     if outputs:
         raise ExportError(
             f"{len(outputs)} blocks quantize their outputs (act_layout='block_output', first: {outputs[0]!r}); "

@@ -11,14 +11,21 @@ which tokens are at position 0; Linear inputs and queries of those tokens pass u
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .lsq import ActQuantizer
 
-_FIRST: ContextVar[torch.Tensor | None] = ContextVar("qlimit_first_token", default=None)
+class _Block(NamedTuple):
+    """Set while a hooked block runs: which tokens are at position 0 (None when this call has none, e.g. a
+    decoding step, whose keys and values still start with the cached position 0)."""
+
+    first: torch.Tensor | None
+
+
+_BLOCK: ContextVar[_Block | None] = ContextVar("qlimit_first_token", default=None)
 _HOOKED = "_qlimit_first_token_hooks"
 
 
@@ -31,13 +38,14 @@ def _enter(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             "act_fp_first_token needs the blocks' `position_ids` (or `cache_position`) to find position 0, and "
             f"{type(block).__name__} received neither. It applies to decoder LMs."
         )
-    block.__dict__["_qlimit_first_token"] = _FIRST.set(positions == 0)
+    first = positions == 0
+    block.__dict__["_qlimit_first_token"] = _BLOCK.set(_Block(first if bool(first.any()) else None))
 
 
 def _exit(block: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
     token = block.__dict__.pop("_qlimit_first_token", None)
     if token is not None:
-        _FIRST.reset(token)
+        _BLOCK.reset(token)
 
 
 def hook_blocks(blocks: nn.ModuleList) -> None:
@@ -50,7 +58,7 @@ def hook_blocks(blocks: nn.ModuleList) -> None:
 
 
 def _quantize(quantizer: ActQuantizer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    if keep is None or not bool(keep.any()):
+    if keep is None:
         return quantizer(x)
     if quantizer._observing:  # the grid is fitted to the other tokens
         quantizer(x.masked_select(~keep))
@@ -58,13 +66,14 @@ def _quantize(quantizer: ActQuantizer, x: torch.Tensor, keep: torch.Tensor | Non
     return torch.where(keep, x, quantizer(x))
 
 
-def _first(batch: int, tokens: int) -> torch.Tensor | None:
-    """(batch, tokens) True at position 0, or None outside a hooked block or for another shape (position ids
-    may come as one row for the whole batch)."""
-    first = _FIRST.get()
-    if first is None or first.dim() != 2 or first.shape[-1] != tokens or first.shape[0] not in (1, batch):
+def _first(rows: int, tokens: int) -> torch.Tensor | None:
+    """(rows, tokens) True at position 0; None outside a hooked block, when no token of this call is at position
+    0, or for another number of tokens. Position ids may come as one row for the whole batch."""
+    block = _BLOCK.get()
+    first = None if block is None else block.first
+    if first is None or first.dim() != 2 or first.shape[-1] != tokens or first.shape[0] not in (1, rows):
         return None
-    return first.expand(batch, tokens)
+    return first.expand(rows, tokens)
 
 
 def quantize_tokens(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +82,8 @@ def quantize_tokens(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
     first = None
     if x.dim() == 3:
         first = _first(x.shape[0], x.shape[1])
-    elif x.dim() == 2 and _FIRST.get() is not None and _FIRST.get().dim() == 2:
-        tokens = _FIRST.get().shape[-1]
+    elif x.dim() == 2 and (block := _BLOCK.get()) is not None and block.first is not None:
+        tokens = block.first.shape[-1]
         first = _first(x.shape[0] // tokens, tokens) if x.shape[0] % tokens == 0 else None
         first = None if first is None else first.reshape(-1)
     return _quantize(quantizer, x, None if first is None else first.unsqueeze(-1))
@@ -88,7 +97,7 @@ def quantize_queries(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
 
 def quantize_keys(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
     """Keys or values (batch, heads, cached + new tokens, dim): the cache's first entry, position 0, kept."""
-    if _FIRST.get() is None or x.dim() != 4:
+    if _BLOCK.get() is None or x.dim() != 4:
         return quantizer(x)
     keep = torch.zeros(x.shape[2], dtype=torch.bool, device=x.device)
     keep[0] = True
