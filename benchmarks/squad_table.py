@@ -54,7 +54,7 @@ def setting_args(setting: str, eval_fp: bool = False) -> list[str]:
 
 
 def run_setting(setting: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    out_dir = Path(args.output_dir) / setting
+    out_dir = Path(args.output_dir) / (setting + (f"-{args.variant}" if args.variant else ""))
     if args.reuse and (out_dir / "results.json").is_file():
         return json.loads((out_dir / "results.json").read_text())
     cmd = [
@@ -78,6 +78,7 @@ def run_setting(setting: str, args: argparse.Namespace, extra: list[str]) -> dic
         str(out_dir),
         *setting_args(setting, eval_fp=args.quick),
         *extra,
+        *args.run_qa_args.split(),
     ]
     if args.max_eval_samples is not None:
         cmd += ["--max_eval_samples", str(args.max_eval_samples)]
@@ -128,7 +129,7 @@ def replace_table(text: str, table: str, marker: str = MARKER) -> str:
     return _common.replace_between_markers(text, marker, _common.section(marker, table), where="The README")
 
 
-def rows_from(results: dict[str, Any]) -> list[dict[str, Any]]:
+def rows_from(results: dict[str, Any], variant: str = "") -> list[dict[str, Any]]:
     rows = []
     stages = results["results"]
     if "fp" in stages:
@@ -147,7 +148,7 @@ def rows_from(results: dict[str, Any]) -> list[dict[str, Any]]:
         scores = stages.get("reloaded", stages["quantized"])
         rows.append(
             {
-                "label": {"rtn": "RTN", "qdrop": "QDrop"}.get(method, method),
+                "label": {"rtn": "RTN", "qdrop": "QDrop"}.get(method, method) + (f" + {variant}" if variant else ""),
                 "bits": bits[1:].replace("A", "/"),
                 "em": scores["exact_match"],
                 "f1": scores["f1"],
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--reuse", action="store_true", help="keep settings that already have a results.json")
+    parser.add_argument("--variant", default="", help="name of the --run_qa_args below: output folder suffix, row label")
+    parser.add_argument("--run_qa_args", default="", help="more run_qa.py flags, e.g. '--transforms hadamard_inputs'")
     parser.add_argument("--marker", default=MARKER, help="README section to rewrite (another one keeps the main table)")
     parser.add_argument(
         "--quick",
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> str:
     environments = []
     for setting in settings:
         results = run_setting(setting, args, extra)
-        rows += rows_from(results)
+        rows += rows_from(results, args.variant)
         environments.append(results.get("environment"))
     rows.sort(key=_row_order)
 
