@@ -81,6 +81,9 @@ class QuantizationArguments:
     act_lr: float | None = field(default=None, metadata={"help": "Adam lr of the activation steps (LSQ)."})
     scale_lr: float | None = field(default=None, metadata={"help": "Adam lr of the learned weight steps (log)."})
     fisher_damping: float | None = field(default=None, metadata={"help": "d of loss=fisher's (|g| + d)² weights."})
+    batch_sampling: str | None = field(
+        default=None, metadata={"help": "Reconstruction mini-batches: random (samples from all batches) or fixed."}
+    )
     first_last_bits: str = field(
         default="8", metadata={"help": "Bits of embeddings and the task / LM head, or 'none' for FP."}
     )
@@ -164,6 +167,7 @@ class QuantizationArguments:
             act_lr=self.act_lr,
             scale_lr=self.scale_lr,
             fisher_damping=self.fisher_damping,
+            batch_sampling=self.batch_sampling,
             first_last_bits=parse_bits("first_last_bits", self.first_last_bits),
             modules_to_not_convert=self.modules_to_not_convert,
             seed=self.quant_seed if self.quant_seed is not None else seed,

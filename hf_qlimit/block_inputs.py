@@ -26,14 +26,30 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, obj)
 
 
+def select_rows(obj: Any, rows: torch.Tensor, batch_size: int) -> Any:
+    """The `rows` of every (batch, ...) tensor in an argument structure. 1-D tensors (cache positions) and
+    tensors broadcast over the batch (dim 0 of 1) are kept whole."""
+    if batch_size == 1:
+        return obj
+
+    def pick(x: Any) -> Any:
+        return x[rows] if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == batch_size else x
+
+    return tree_map(pick, obj)
+
+
 class BlockInputs:
     """The extra positional and keyword arguments (everything but the hidden states) of each batch."""
 
-    def __init__(self, per_batch: list[tuple[tuple, dict]]) -> None:
-        self.per_batch = per_batch
+    def __init__(self, per_batch: list[tuple[tuple, dict]], sizes: list[int]) -> None:
+        self.per_batch, self.sizes = per_batch, sizes  # sizes: samples in each batch
 
-    def get(self, batch: int, device: torch.device) -> tuple[tuple, dict]:
-        return to_device(self.per_batch[batch], device)
+    def get(self, batch: int, device: torch.device, rows: torch.Tensor | None = None) -> tuple[tuple, dict]:
+        """Batch `batch`'s arguments; `rows`: those of these samples only."""
+        args = self.per_batch[batch]
+        if rows is not None:
+            args = select_rows(args, rows, self.sizes[batch])
+        return to_device(args, device)
 
 
 @torch.no_grad()
@@ -47,11 +63,13 @@ def capture_block_inputs(
     """Runs the model prefix on each batch; returns the block's hidden-state inputs and its other arguments."""
     hidden = (cache or ActivationCache()).stream()
     extra: list[tuple[tuple, dict]] = []
+    sizes: list[int] = []
 
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
         states = args[0] if args else kwargs.pop("hidden_states")
         hidden.append(states)
+        sizes.append(states.shape[0])
         extra.append(to_device((tuple(args[1:]), kwargs), torch.device("cpu")))
         raise _Stop
 
@@ -66,7 +84,7 @@ def capture_block_inputs(
         handle.remove()
     if len(hidden) != len(batches):
         raise RuntimeError("The first block was not called by the model's forward; the adapter points at the wrong module.")
-    return hidden, BlockInputs(extra)
+    return hidden, BlockInputs(extra, sizes)
 
 
 def block_output(out: Any) -> torch.Tensor:
@@ -74,8 +92,16 @@ def block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def call_block(block: nn.Module, hidden: torch.Tensor, inputs: BlockInputs, batch: int, device: torch.device):
-    args, kwargs = inputs.get(batch, device)
+def call_block(
+    block: nn.Module,
+    hidden: torch.Tensor,
+    inputs: BlockInputs,
+    batch: int,
+    device: torch.device,
+    rows: torch.Tensor | None = None,
+):
+    """The block's output on batch `batch`; `rows`: on those samples of it only, which `hidden` then holds."""
+    args, kwargs = inputs.get(batch, device, rows)
     return block_output(block(hidden.to(device), *args, **kwargs))
 
 

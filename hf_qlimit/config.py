@@ -13,6 +13,7 @@ LOSSES = ("mse", "fisher")
 ROUNDINGS = ("anneal", "progressive", "sign")
 WEIGHT_INITS = ("rtn", "gptq")
 WEIGHT_RANGES = ("lp", "minmax")
+BATCH_SAMPLINGS = ("fixed", "random")
 
 # Reconstruction settings of each preset; a field set by hand wins. "paper" is exactly the BRECQ/QDrop setting
 # (20k iterations, β-annealed rounding from the FP weight on a fixed grid). "fast" is fitted to a run of minutes on
@@ -25,13 +26,13 @@ WEIGHT_RANGES = ("lp", "minmax")
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"num_samples": 1024, "batch_size": 32, "iters": 20000, "rounding": "anneal", "learn_weight_scale": False,
               "weight_lr": 1e-3, "act_lr": 4e-5, "scale_lr": 1e-3, "weight_init": "rtn",
-              "weight_range": "lp", "gptq_act_order": False},
+              "weight_range": "lp", "gptq_act_order": False, "batch_sampling": "random"},
     "fast": {"num_samples": 256, "batch_size": 32, "iters": 200, "rounding": "progressive", "learn_weight_scale": True,
              "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3, "weight_init": "gptq",
-             "weight_range": "lp", "gptq_act_order": False},
+             "weight_range": "lp", "gptq_act_order": False, "batch_sampling": "fixed"},
     "fast-lm": {"num_samples": 64, "batch_size": 4, "iters": 50, "rounding": "sign", "learn_weight_scale": True,
                 "weight_lr": 5e-3, "act_lr": 4e-4, "scale_lr": 3e-4, "weight_init": "rtn", "init_margin": 0.05,
-                "weight_range": "minmax", "gptq_act_order": True},
+                "weight_range": "minmax", "gptq_act_order": True, "batch_sampling": "fixed"},
 }  # fmt: skip
 # At 2 bits "fast-lm" steps on batches of 8 (AutoRound's): on SmolLM2 W2 g64 batch 8 gave 86.22 against 99.73 at
 # batch 4, while at W3 batch 4 was better (35.95 against 37.23) and at W4 even (31.70 / 31.75).
@@ -122,6 +123,10 @@ class QLimitConfig(QuantizationConfigMixin):
             poor model (its error feedback assumes the earlier columns already rounded).
         learn_weight_scale: learn each row's (group's) dequantization step with the rounding (Adam on its log,
             lr `scale_lr`); the learned steps are what gets saved.
+        batch_sampling: each reconstruction step's mini-batch: `"random"` (`batch_size` samples drawn anew from all
+            calibration samples, as the papers' code does; each batch's share runs at that batch's own length) or
+            `"fixed"` (one of the length-sorted calibration batches, one block call per step). Unset: the
+            preset's ("random" for "paper").
         seed: seed of sampling and dropping; the same seed and data give identical tensors.
         max_length: calibration sequences are truncated to this many tokens.
         bit_candidates: mixed precision: the weight bit-widths each block Linear may get, e.g. [2, 4, 8]. `None`
@@ -164,6 +169,7 @@ class QLimitConfig(QuantizationConfigMixin):
     learn_weight_scale: bool | None = None
     scale_lr: float | None = None
     fisher_damping: float | None = None
+    batch_sampling: str | None = None
     seed: int = 0
     max_length: int | None = 512
     bit_candidates: list[int] | None = None
@@ -248,6 +254,8 @@ class QLimitConfig(QuantizationConfigMixin):
             raise ValueError(f"`init_margin` must lie in (0, 0.5), got {self.init_margin!r}.")
         if self.weight_range is not None and self.weight_range not in WEIGHT_RANGES:
             raise ValueError(f"`weight_range` must be one of {list(WEIGHT_RANGES)}, got {self.weight_range!r}.")
+        if self.batch_sampling is not None and self.batch_sampling not in BATCH_SAMPLINGS:
+            raise ValueError(f"`batch_sampling` must be one of {list(BATCH_SAMPLINGS)}, got {self.batch_sampling!r}.")
         if self.weight_init is not None and self.weight_init not in WEIGHT_INITS:
             raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):

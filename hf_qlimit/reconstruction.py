@@ -234,6 +234,24 @@ def _sample(n: int, batch_size: int) -> torch.Tensor:
     return torch.randint(0, n, (min(batch_size, n),))
 
 
+def _fixed_batch(data: BlockData) -> Callable[[], int]:
+    """Draws one of the fixed (length-sorted) calibration batches."""
+    return lambda: int(torch.randint(0, len(data.q_in), ()))
+
+
+def _random_samples(data: BlockData, batch_size: int) -> Callable[[], list[tuple[int, torch.Tensor]]]:
+    """Draws `batch_size` distinct samples from all batches (the reference code's sampling), as (batch, rows)."""
+    sizes = [len(m) for m in data.token_mask]
+    owner = torch.cat([torch.full((n,), j) for j, n in enumerate(sizes)])
+    first = torch.tensor([0, *sizes]).cumsum(0)
+
+    def draw() -> list[tuple[int, torch.Tensor]]:
+        picked = torch.randperm(len(owner))[: min(batch_size, len(owner))].sort().values
+        return [(int(j), picked[owner[picked] == j] - first[j]) for j in owner[picked].unique()]
+
+    return draw
+
+
 def reconstruct_block(
     block: nn.Module, data: BlockData, config: QLimitConfig, device: torch.device, desc: str
 ) -> ReconStats:
@@ -244,16 +262,28 @@ def reconstruct_block(
     acts = list(act_quantizers(block))
     drop = config.drop_probability
 
-    def draw() -> int:
-        return int(torch.randint(0, len(data.q_in), ()))  # a random calibration batch
+    draw = _random_samples(data, config.batch_size) if config.batch_sampling == "random" else _fixed_batch(data)
 
-    def step(j: int, train: bool):
-        x = data.q_in[j].to(device)
+    def part(j: int, rows: torch.Tensor | None, train: bool):
+        def get(t: torch.Tensor) -> torch.Tensor:
+            return (t if rows is None else t[rows]).to(device)
+
+        x = get(data.q_in[j])
         if drop > 0 and train:  # QDrop: each input element comes from the FP stream with probability drop_prob
-            x = mix(x, data.fp_in[j].to(device), drop)
-        out = call_block(block, x, data.inputs, j, device)
-        weight = data.fisher[j].to(device) if data.fisher is not None else None
-        return out, data.fp_out[j].to(device), data.token_mask[j].to(device), weight
+            x = mix(x, get(data.fp_in[j]), drop)
+        out = call_block(block, x, data.inputs, j, device, rows)
+        weight = get(data.fisher[j]) if data.fisher is not None else None
+        return out, get(data.fp_out[j]), get(data.token_mask[j]), weight
+
+    def step(key, train: bool):
+        if isinstance(key, int):  # one fixed batch
+            return part(key, None, train)
+        # samples from several batches: each runs at its own batch's length; their real tokens are pooled
+        parts = [part(j, rows, train) for j, rows in key]
+        masks = [p[2] for p in parts]
+        weight = None if data.fisher is None else torch.cat([p[3][m] for p, m in zip(parts, masks)])
+        out, target = (torch.cat([p[i][m] for p, m in zip(parts, masks)]) for i in (0, 1))
+        return out, target, torch.ones(len(out), dtype=torch.bool, device=device), weight
 
     with quant_state(block, weights=True, acts=True):
         return _optimize(modules, acts, draw, step, config, desc, release_fp=True)
