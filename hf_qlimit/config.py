@@ -37,6 +37,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # At 2 bits "fast-lm" steps on batches of 8 (AutoRound's): on SmolLM2 W2 g64 batch 8 gave 86.22 against 99.73 at
 # batch 4, while at W3 batch 4 was better (35.95 against 37.23) and at W4 even (31.70 / 31.75).
 LOW_BITS_BATCH = {"fast-lm": (2, 8)}
+# "fast" keeps fixed batches: random draws (the papers' code) gave 2% less held-out error on MiniLM STS-B block 0
+# W2A8 at 200 iterations, for 2.3x the time (several small block calls per step; benchmarks/convergence.py).
 AUTO = "auto"
 
 
