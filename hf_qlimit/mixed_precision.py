@@ -37,7 +37,7 @@ from .config import QLimitConfig
 from .models.base import ArchitectureAdapter, matches
 from .modules import QuantLinear
 from .quantizers import WeightQuantizer
-from .reconstruction import _output_logits
+from .fisher import output_logits
 
 logger = logging.get_logger(__name__)
 
@@ -225,7 +225,7 @@ def measure_sensitivity(model: nn.Module, adapter: ArchitectureAdapter, batches:
             mask = batch["attention_mask"].bool()
             seen.clear()
             with torch.enable_grad():
-                logits = _output_logits(model(**batch, use_cache=False))
+                logits = output_logits(model(**batch, use_cache=False))
                 targets = [seen[n][1] for n in names] + [seen[i][1] for i in with_pairs]
                 fisher = [torch.zeros_like(t) for t in targets]
                 for loss in _fisher_losses(logits, mask, model.config, gen):

@@ -7,7 +7,6 @@ outputs of blocks < i. The pipeline feeds `reconstruct_block`; it knows nothing 
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -31,7 +30,8 @@ from .config import QLimitConfig
 from .integration import act_quantizers, convert_model, quant_state, quantized_modules, share_tied_codes
 from .models import get_adapter
 from .offload import Offloader, bound_heap, default_device, is_dispatched, release_memory
-from .reconstruction import BlockData, block_output_error, fisher_weights, reconstruct_block
+from .fisher import fisher_weights
+from .reconstruction import BlockData, block_output_error, reconstruct_block
 from .resume import WorkDir, fingerprint
 from .transforms import apply_transforms
 from .weight_init import init_block_weights

@@ -11,11 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_inputs import BlockInputs, Stream, block_output, call_block, run_block, to_device
+from .block_inputs import BlockInputs, Stream, call_block, run_block
 from .config import QLimitConfig
 from .integration import act_quantizers, quant_state, quantized_modules
 from .modules import QuantLinear
@@ -331,78 +330,3 @@ def _reconstruct_layerwise(
         undecided.append(layer_stats[-1].undecided * module.weight.numel())
     total = sum(m.weight.numel() for _, m in quantized_modules(block) if isinstance(m, QuantLinear))
     return ReconStats(undecided=sum(undecided) / max(1, total))
-
-
-def _output_logits(output) -> list[torch.Tensor]:
-    return [v for k, v in output.items() if k.endswith("logits") and isinstance(v, torch.Tensor)]
-
-
-def fisher_weights(
-    model: nn.Module, blocks: nn.ModuleList, batches: list[dict], device: torch.device, damping: float = 1.0
-) -> list[Stream]:
-    """(|g| + damping)², g the gradients at every block output of KL(FP output ‖ output with round-to-nearest
-    weights), normalised to mean |g| = 1 over real tokens (BRECQ's own code uses (|g| + 1)² on raw gradients).
-
-    Undamped g² lets a few elements carry the loss (measured on MiniLM: the top 1% held 70-86% of it, the CLS
-    token up to all of it). One forward and backward pass per batch serves all blocks. Each block's weights are
-    then normalised to mean 1 over real tokens, so the loss keeps the scale of the plain MSE and λ its meaning.
-    """
-    grads: list[list[torch.Tensor]] = [[] for _ in blocks]
-    outputs: list[torch.Tensor] = []
-
-    def keep(module, args, out):
-        hidden = block_output(out)
-        if hidden.requires_grad:
-            hidden.retain_grad()
-            outputs.append(hidden)
-
-    def start_graph(module, args, kwargs):
-        args = list(args)
-        if args:
-            args[0] = args[0].detach().requires_grad_(True)
-        else:
-            kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
-        return tuple(args), kwargs
-
-    regression = getattr(model.config, "problem_type", None) == "regression" or getattr(model.config, "num_labels", 2) == 1
-    handles = [b.register_forward_hook(keep) for b in blocks]
-    handles.append(blocks[0].register_forward_pre_hook(start_graph, with_kwargs=True))
-    try:
-        for batch in batches:
-            batch = to_device(batch, device)
-            mask = batch["attention_mask"].bool()
-            with torch.no_grad(), quant_state(model, weights=False, acts=False):
-                outputs.clear()
-                fp = _output_logits(model(**batch, use_cache=False))
-            outputs.clear()
-            with quant_state(model, weights=True, acts=False):
-                q = _output_logits(model(**batch, use_cache=False))
-            if not fp:
-                raise ValueError(
-                    f"loss='fisher' needs a model whose output has logits; {type(model).__name__} has none. "
-                    "Use loss='mse', or quantize the model with its task or LM head."
-                )
-            loss = 0.0
-            for f, g in zip(fp, q):
-                if regression:
-                    loss = loss + F.mse_loss(g, f, reduction="sum")
-                    continue
-                kl = F.kl_div(F.log_softmax(g, -1), F.log_softmax(f, -1), log_target=True, reduction="none").sum(-1)
-                loss = loss + (kl[mask].sum() if kl.shape == mask.shape else kl.sum())
-            loss.backward()
-            for i, hidden in enumerate(outputs):
-                grads[i].append(hidden.grad.detach().abs().cpu())
-            outputs.clear()
-    finally:
-        for h in handles:
-            h.remove()
-    masks = [b["attention_mask"].bool() for b in batches]
-    return [damped_fisher(per_batch, masks, damping) for per_batch in grads]
-
-
-def damped_fisher(abs_grads: list[torch.Tensor], masks: list[torch.Tensor], damping: float) -> list[torch.Tensor]:
-    """(|g|/mean|g| + damping)², scaled to mean 1; the means are over the real tokens of all batches."""
-    mean = torch.cat([g[m] for g, m in zip(abs_grads, masks)]).mean().clamp(min=1e-20)
-    weights = [(g / mean + damping).pow_(2) for g in abs_grads]
-    norm = torch.cat([w[m] for w, m in zip(weights, masks)]).mean().clamp(min=1e-20)
-    return [w / norm for w in weights]

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
-from hf_qlimit.quantizers import ActQuantizer
 
 # weights alike in every variant (RTN), head and embeddings FP: only the activations differ
 BASE = {"weight_bits": 4, "method": "rtn", "num_samples": 8, "batch_size": 4, "first_last_bits": None}

@@ -14,7 +14,8 @@ from hf_qlimit.integration import act_quantizers, convert_model, quant_state, qu
 from hf_qlimit.models import get_adapter
 from hf_qlimit.pipeline import _freeze
 from hf_qlimit.quantizers import hardened_fraction
-from hf_qlimit.reconstruction import BlockData, _masked_error, damped_fisher, reconstruct_block
+from hf_qlimit.fisher import damped_fisher
+from hf_qlimit.reconstruction import BlockData, _masked_error, reconstruct_block
 
 
 def _block_setup(config: QLimitConfig):
