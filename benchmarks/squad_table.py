@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ def run_setting(setting: str, args: argparse.Namespace, extra: list[str]) -> dic
         str(out_dir),
         *setting_args(setting, eval_fp=args.quick),
         *extra,
-        *args.run_qa_args.split(),
+        *shlex.split(args.run_qa_args),  # quoted values (paths with spaces) stay whole
     ]
     if args.max_eval_samples is not None:
         cmd += ["--max_eval_samples", str(args.max_eval_samples)]
