@@ -63,6 +63,11 @@ def test_the_default_config_resolves_per_family_as_the_readme_says(kind):
         assert getattr(resolved, key) == value, key
     if preset == "fast":
         assert resolved.drop_probability == 0.5
+        w4a4 = QLimitConfig(weight_bits=4, act_bits=4).for_model(model)
+        assert w4a4.drop_probability == 0.0  # BRECQ's inputs at 4-bit activations, as measured
+        assert QLimitConfig(weight_bits=2, act_bits=8).for_model(model).drop_probability == 0.5
+        assert QLimitConfig(weight_bits=4, act_bits=4, drop_prob=0.5).for_model(model).drop_probability == 0.5
+        assert QLimitConfig(weight_bits=4, act_bits=4, preset="paper").drop_probability == 0.5
     assert resolved.method == "qdrop" and resolved.weight_bits == 3 and resolved.group_size == 16
     if preset == "fast-lm":  # the decoder default: signed steps from round-to-nearest on the min-max grid
         assert (resolved.weight_init, resolved.weight_range, resolved.rounding) == ("rtn", "minmax", "sign")

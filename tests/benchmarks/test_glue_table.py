@@ -98,3 +98,17 @@ def test_measured_spans_the_runs_days_and_their_threads(glue_table, tmp_path):
     assert common.measured(runs.values()) == ("2023-11-14 to 2026-11-23", 1)
     runs["sst2", "RTN", "W4A8"] = {"environment": {"date": "2026-11-23T02:00:00+00:00", "torch_threads": 2}}
     assert common.measured(runs.values())[1] is None  # mixed: the table does not claim one thread count
+
+
+def test_qdrop_states_its_dropping_and_default_states_nothing(glue_table, tmp_path, monkeypatch):
+    """QDrop's column must drop (the default turns dropping off at 4-bit activations); "Default" runs the defaults."""
+    seen = []
+    failed = type("Failed", (), {"returncode": 1})
+    monkeypatch.setattr(glue_table.subprocess, "run", lambda cmd, check: seen.append(cmd) or failed)
+    for method in ("QDrop", "Default", "BRECQ"):
+        assert glue_table.run_one("stsb", method, "W4A4", tmp_path, tmp_path / "out", [], reuse=False) is None
+    qdrop, default, brecq = seen
+    assert qdrop[qdrop.index("--method") + 1] == "qdrop" and qdrop[qdrop.index("--drop_prob") + 1] == "0.5"
+    assert "--method" not in default and "--drop_prob" not in default
+    assert "default-w4a4" in default[default.index("--output_dir") + 1]
+    assert brecq[brecq.index("--method") + 1] == "brecq" and "--drop_prob" not in brecq
