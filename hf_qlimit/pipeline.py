@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,25 +27,17 @@ from .block_inputs import capture_block_inputs, run_block, to_device
 from .cache import ActivationCache
 from .calibration import length_sorted_batches, prepare_calibration
 from .config import QLimitConfig
+from .fisher import fisher_weights
 from .integration import act_quantizers, convert_model, quant_state, quantized_modules, share_tied_codes
 from .models import get_adapter
+from .observe import AllSeen, calibrate_outside_blocks, observe, stop_once_seen
 from .offload import Offloader, bound_heap, default_device, is_dispatched, release_memory
-from .fisher import fisher_weights
 from .reconstruction import BlockData, block_output_error, reconstruct_block
 from .resume import WorkDir, fingerprint
 from .transforms import apply_transforms
 from .weight_init import init_block_weights
 
 logger = logging.get_logger(__name__)
-
-
-def _observe(quantizers: list, run, p: float) -> None:
-    """Runs `run()` with the quantizers recording, then sets their ranges by Lp search."""
-    for q in quantizers:
-        q.observe()
-    run()
-    for q in quantizers:
-        q.finish_observing(p)
 
 
 def quantize_model(
@@ -190,7 +182,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
             def capture_quantized() -> None:
                 captured["q_in"] = capture_block_inputs(model, blocks[0], batches, device, cache)[0]
 
-            pending = _calibrate_outside_blocks(model, outer_acts, capture_quantized, config.lp_norm, last=False)
+            pending = calibrate_outside_blocks(model, outer_acts, capture_quantized, config.lp_norm, last=False)
             if len(pending) < len(outer_acts):  # the prefix has quantized activations: capture again with them set
                 capture_quantized()
             q_in = captured["q_in"]
@@ -233,7 +225,7 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
                 module.weight_quantizer.round_start()
             _freeze(block)
         with quant_state(block, weights=True, acts=True):
-            _observe(list(act_quantizers(block)), lambda: run_block(block, q_in, inputs, device), config.lp_norm)
+            observe(list(act_quantizers(block)), lambda: run_block(block, q_in, inputs, device), config.lp_norm)
         data_i = BlockData(fp_in, q_in, fp_out, inputs, token_mask, None if fisher is None else fisher[i])
         if config.method != "rtn":
             rtn_error = block_output_error(block, data_i, device)
@@ -268,16 +260,16 @@ def _quantize_converted(model, adapter, config, batches, run: _Run, started) -> 
     def run_model() -> None:
         if not pending:
             return
-        with _blocks_visiting(blocks, device, run), _stop_once_seen(pending) as seen:
+        with _blocks_visiting(blocks, device, run), stop_once_seen(pending) as seen:
             for batch in batches:
                 seen.clear()
                 try:
                     model(**to_device(batch, device), use_cache=False)
-                except _AllSeen:
+                except AllSeen:
                     pass
 
     with quant_state(model, weights=True, acts=True):
-        _calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
+        calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
     _freeze(model)
     if run.home is None:  # offloaded: no fp32 copy of the embedding or head either, so inference stays bounded
         run.offloader.release()  # the model is back on CPU, parked blocks on disk
@@ -337,29 +329,6 @@ def _blocks_visiting(blocks: nn.ModuleList, device: torch.device, run: _Run) -> 
             handle.remove()
 
 
-class _AllSeen(Exception):
-    """Ends a calibration forward pass early: every quantizer it calibrates has seen this batch."""
-
-
-@contextmanager
-def _stop_once_seen(quantizers: list) -> Iterator[set]:
-    """Raises `_AllSeen` as soon as each of `quantizers` has run on the current batch (clear the yielded set
-    between batches): the rest of the model, an LM head's vocabulary-sized logits above all, is not needed."""
-    seen: set[int] = set()
-
-    def hook(module: nn.Module, args: Any, out: Any) -> None:
-        seen.add(id(module))
-        if len(seen) == len(quantizers):
-            raise _AllSeen
-
-    handles = [q.register_forward_hook(hook) for q in quantizers]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def _prefix_modules(
     model: nn.Module, first_block: nn.Module, batch: dict[str, torch.Tensor], input_device: torch.device
@@ -386,33 +355,6 @@ def _prefix_modules(
 def _rest_of_model(model: nn.Module, blocks_name: str) -> list[str]:
     """Modules outside the blocks (final norm, head...): materialized for the last whole-model pass."""
     return [n for n, _ in model.named_modules() if not n.startswith(blocks_name) and n + "." != blocks_name]
-
-
-@torch.no_grad()
-def _calibrate_outside_blocks(model: nn.Module, quantizers: list, run: Callable[[], Any], p: float, last: bool) -> list:
-    """Calibrates the activation quantizers outside the blocks that `run()` reaches; returns those it did not.
-
-    Called once on the model prefix (e.g. OPT's project_in) and once, `last`, on the whole quantized model for
-    the task or LM head. A quantizer never reached even then guards a module the forward pass does not use
-    (e.g. an unused pooler): it is removed rather than left uncalibrated.
-    """
-    for q in quantizers:
-        q.observe()
-    run()
-    pending = []
-    for q in quantizers:
-        if q.has_observed:
-            q.finish_observing(p)
-        else:
-            q.stop_observing()
-            pending.append(q)
-    if last and pending:
-        unused = {id(q) for q in pending}
-        for name, module in quantized_modules(model):
-            if getattr(module, "input_quantizer", None) is not None and id(module.input_quantizer) in unused:
-                module.input_quantizer = None
-                model.config.quantization_config.layer_config[name]["a"] = None
-    return pending
 
 
 def _freeze_names(model: nn.Module, names: list[str]) -> None:
