@@ -65,7 +65,7 @@ class QuantizationArguments:
     loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher."})
     drop_prob: float | None = field(
         default=None,
-        metadata={"help": "QDrop's probability of keeping FP activations (unset: 0.5; fast: 0 at <=4-bit acts)."},
+        metadata={"help": "QDrop's probability of keeping FP activations (unset: see QLimitConfig.drop_prob)."},
     )
     rounding: str | None = field(
         default=None,
