@@ -31,7 +31,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine(threads: int | None = None) -> str:
+def machine(threads: int | str | None = None) -> str:
     """'<platform>, <CPU>, <n> CPUs, torch <version> (<threads> threads)[, GPU <name>]'.
 
     `threads`: what the measured processes used, where that is not this process's torch setting."""
@@ -103,10 +103,11 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
-def measured(runs: Iterable[dict[str, Any] | None]) -> tuple[str, int | None]:
-    """('<first day>[ to <last day>]', the CPU runs' torch threads if all that recorded them used the same) of
-    results read by `read_results` (None or empty: a failed or missing run)."""
+def measured(runs: Iterable[dict[str, Any] | None]) -> tuple[str, int | str | None]:
+    """('<first day>[ to <last day>]', the CPU runs' torch threads: one count, or '<fewest> to <most>' when they
+    differ, None when none recorded it) of results read by `read_results` (None or empty: a failed or missing run)."""
     runs = [r for r in runs if r]
     days = sorted({r["environment"]["date"][:10] for r in runs}) or [datetime.date.today().isoformat()]
     threads = {r["environment"]["torch_threads"] for r in runs if r["environment"].get("torch_threads")}
-    return (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"), (threads.pop() if len(threads) == 1 else None)
+    span = (f"{min(threads)} to {max(threads)}" if len(threads) > 1 else threads.pop()) if threads else None
+    return (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"), span

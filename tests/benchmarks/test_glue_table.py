@@ -97,7 +97,8 @@ def test_measured_spans_the_runs_days_and_their_threads(glue_table, tmp_path):
     }
     assert common.measured(runs.values()) == ("2023-11-14 to 2026-11-23", 1)
     runs["sst2", "RTN", "W4A8"] = {"environment": {"date": "2026-11-23T02:00:00+00:00", "torch_threads": 2}}
-    assert common.measured(runs.values())[1] is None  # mixed: the table does not claim one thread count
+    assert common.measured(runs.values())[1] == "1 to 2"  # mixed: the table does not claim one thread count
+    assert "(1 to 2 threads)" in common.machine("1 to 2")
 
 
 def test_qdrop_states_its_dropping_and_default_states_nothing(glue_table, tmp_path, monkeypatch):
