@@ -103,6 +103,14 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
+def method_flags(method: str) -> list[str]:
+    """The example scripts' flags for `method`: "default" passes none (QLimitConfig's defaults decide), "qdrop"
+    states QDrop's dropping, which the `fast` preset otherwise turns off."""
+    if method == "default":
+        return []
+    return ["--method", method, *(["--drop_prob", "0.5"] if method == "qdrop" else [])]
+
+
 def measured(runs: Iterable[dict[str, Any] | None]) -> tuple[str, int | str | None]:
     """('<first day>[ to <last day>]', the CPU runs' torch threads: one count, or '<fewest> to <most>' when they
     differ, None when none recorded it) of results read by `read_results` (None or empty: a failed or missing run)."""

@@ -30,11 +30,8 @@ START, END = _common.markers(MARKER)
 
 MODELS = {"sst2": "minilm-l6-sst2", "mrpc": "minilm-l6-mrpc", "stsb": "minilm-l6-stsb"}
 TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B"}
-# "Default": no --method, so whatever QLimitConfig's defaults resolve to (QDrop, but BRECQ at 4-bit activations).
+# "Default": no --method, so whatever QLimitConfig's defaults resolve to (`_common.method_flags`).
 METHODS = {"RTN": "rtn", "AdaRound": "adaround", "BRECQ": "brecq", "QDrop": "qdrop", "Default": "default"}
-# QDrop's dropping stated, not left to the default (which turns it off at 4-bit activations)
-METHOD_FLAGS = {"rtn": ["--method", "rtn"], "adaround": ["--method", "adaround"], "brecq": ["--method", "brecq"],
-                "qdrop": ["--method", "qdrop", "--drop_prob", "0.5"], "default": []}  # fmt: skip
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W2A8": (2, 8), "W4A4": (4, 4)}
 DEFAULT_METHODS, DEFAULT_SETTINGS = ["RTN", "QDrop"], ["W8A8", "W4A8", "W2A8"]
 METRIC_NAMES = {
@@ -74,7 +71,7 @@ def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, e
         str(shared / "data" / "glue"),
         "--output_dir",
         str(out),
-        *METHOD_FLAGS[METHODS[method]],
+        *_common.method_flags(METHODS[method]),
         "--weight_bits",
         str(weight_bits),
         "--act_bits",

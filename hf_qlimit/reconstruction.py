@@ -56,7 +56,8 @@ def block_output_error(block: nn.Module, data: BlockData, device: torch.device, 
 
 def _adam(param: torch.Tensor, lr: float) -> torch.optim.Adam:
     """torch's Adam for one tensor: fused where torch has the kernel (CPU, CUDA), one pass with no weight-sized
-    temporaries, where the single-tensor path made two and took about 6x as long (a third of a MiniLM step)."""
+    temporaries, where the single-tensor path made two and took about 6x as long (1.9 ms against 11.4 ms for one
+    1536x384 matrix, one thread)."""
     return torch.optim.Adam([param], lr=lr, fused=param.device.type in ("cpu", "cuda") and param.is_floating_point())
 
 

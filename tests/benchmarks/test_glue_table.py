@@ -102,7 +102,7 @@ def test_measured_spans_the_runs_days_and_their_threads(glue_table, tmp_path):
 
 
 def test_qdrop_states_its_dropping_and_default_states_nothing(glue_table, tmp_path, monkeypatch):
-    """QDrop's column must drop (the default turns dropping off at 4-bit activations); "Default" runs the defaults."""
+    """QDrop's column must drop (the `fast` default turns dropping off); "Default" runs the defaults."""
     seen = []
     failed = type("Failed", (), {"returncode": 1})
     monkeypatch.setattr(glue_table.subprocess, "run", lambda cmd, check: seen.append(cmd) or failed)
