@@ -103,12 +103,14 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
+def drop_flags(method: str) -> list[str]:
+    """QDrop's dropping stated for "qdrop" (the `fast` preset otherwise turns it off); nothing for the others."""
+    return ["--drop_prob", "0.5"] if method == "qdrop" else []
+
+
 def method_flags(method: str) -> list[str]:
-    """The example scripts' flags for `method`: "default" passes none (QLimitConfig's defaults decide), "qdrop"
-    states QDrop's dropping, which the `fast` preset otherwise turns off."""
-    if method == "default":
-        return []
-    return ["--method", method, *(["--drop_prob", "0.5"] if method == "qdrop" else [])]
+    """The example scripts' flags for `method`; "default" passes none (QLimitConfig's defaults decide)."""
+    return [] if method == "default" else ["--method", method, *drop_flags(method)]
 
 
 def measured(runs: Iterable[dict[str, Any] | None]) -> tuple[str, int | str | None]:

@@ -85,7 +85,8 @@ def run_one(task: str, method: str, setting: tuple[int, int], row: dict, shared:
         return None
     cmd = [sys.executable, str(RUN_GLUE), "--model_name_or_path", str(shared / "models" / MODELS[task]),
            "--task_name", task, "--data_dir", str(shared / "data" / "glue"), "--output_dir", str(out),
-           *_common.method_flags(method), "--weight_bits", str(setting[0]), "--act_bits", str(setting[1]),
+           "--method", method, "--weight_bits", str(setting[0]), "--act_bits", str(setting[1]),
+           *_common.drop_flags(method),
            "--per_device_eval_batch_size", "64", *row_flags(row), *extra]  # fmt: skip
     load = load_average()
     print(f"[outliers] {task} {method} {slug(row)} (load {load})", flush=True)

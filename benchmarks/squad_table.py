@@ -49,7 +49,7 @@ def setting_args(setting: str, eval_fp: bool = False) -> list[str]:
     if match is None:
         raise ValueError(f"Unknown setting {setting!r}; use 'fp' or e.g. 'qdrop-w4a8'.")
     method, weight_bits, act_bits = match.groups()
-    flags = [*_common.method_flags(method), "--weight_bits", weight_bits, "--act_bits", act_bits]
+    flags = ["--method", method, "--weight_bits", weight_bits, "--act_bits", act_bits, *_common.drop_flags(method)]
     # The FP row comes from its own run; quantized runs skip it unless asked (--quick: one run, two rows).
     return flags if eval_fp else flags + ["--no_eval_fp"]
 
