@@ -61,9 +61,9 @@ def default_drop_prob(preset: str, act_bits: int | None) -> float:
     """QDrop's probability when unset: the papers' 0.5 under "paper", but 0 (BRECQ) where dropping measured worse,
     so that the blocks train on the very inputs they will see:
     - "fast", at every activation width. MiniLM at 200 iterations, BRECQ against QDrop: W4A4 STS-B 67.2 ± 0.9
-      against 58.3 ± 2.8 (3 seeds each), SST-2 81.9 against 78.6; W2A8 STS-B 81.5 against 81.0, SQuAD F1 55.36
-      against 53.40, SST-2 87.4 against 88.2. QDrop trains a half-FP network; its flatter solution pays after the
-      papers' 20k iterations, and in 200 only the mismatch is left (README, seed study);
+      against 58.3 ± 2.8 (3 seeds each), SST-2 81.3 against 78.6; W2A8 STS-B 81.8 against 81.0, SQuAD F1 55.36
+      against 53.40, SST-2 88.2 both (README default table). QDrop trains a half-FP network; its flatter solution
+      pays after the papers' 20k iterations, and in 200 only the mismatch is left (README, seed study);
     - weight-only decoders ("fast-lm" with no activation quantizer): row "brecq" of `benchmarks/lm_ablation.py`."""
     if preset == "fast" or (preset == "fast-lm" and act_bits is None):
         return 0.0
