@@ -8,7 +8,7 @@ FP, RTN and QDrop at W4A16, W3A16, W2A16 g64 and W4A8; writes the table into exa
                                                     # a subset that fits a CPU session (what the README shows)
 
 `--reuse` keeps every cell whose `results.json` was made with the same arguments (an interrupted run resumes).
-The model folder is converted from the GGUF once (`hf_qlimit.gguf`) and reused. `--quick` writes its table to
+The model folder is converted from the GGUF once (`hf_qlimit.cli.gguf_to_hf`) and reused. `--quick` writes its table to
 `<out_dir>/table.md` only; the README is updated by full runs (or with `--write_readme`).
 """
 
@@ -52,7 +52,7 @@ def _load_run_ppl():
 
 def ensure_model(model_dir: Path) -> Path:
     if not (model_dir / "config.json").is_file():
-        from hf_qlimit.gguf import convert_gguf_to_hf, smollm2_path
+        from hf_qlimit.cli.gguf_to_hf import convert_gguf_to_hf, smollm2_path
 
         convert_gguf_to_hf(smollm2_path(), model_dir)
     return model_dir

@@ -84,7 +84,7 @@ def _smollm2_data(spec: dict) -> tuple[nn.Module, list[dict], list[dict]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not spec["path"].exists():
-        raise SystemExit(f"{spec['path']} is missing: run `python -m hf_qlimit.gguf --output_dir {spec['path']}`.")
+        raise SystemExit(f"{spec['path']} is missing: run `python -m hf_qlimit.cli.gguf_to_hf --output_dir {spec['path']}`.")
     tokenizer = AutoTokenizer.from_pretrained(spec["path"])
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
     wiki = SHARED / "data" / "wikitext-2"

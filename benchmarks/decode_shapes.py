@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hf_qlimit import kernels
-from hf_qlimit.packing import pack_codes
+from hf_qlimit.nn import kernels
+from hf_qlimit.nn.packing import pack_codes
 
 # (name, rows, cols, bits, Linears per block); 24 blocks, one head (vocabulary 50272)
 SHAPES = [("q/k/v/out", 2048, 2048, 4, 4), ("fc1", 8192, 2048, 4, 1), ("fc2", 2048, 8192, 4, 1),

@@ -143,7 +143,7 @@ def prepare(name: str, out_dir: Path, ppl_windows: int) -> dict[str, Path]:
     ids_path = out_dir / f"{name}-ids.pt"
     if name == "smollm2":
         if not SMOLLM2_FP.is_dir():
-            from hf_qlimit.gguf import convert_gguf_to_hf, smollm2_path
+            from hf_qlimit.cli.gguf_to_hf import convert_gguf_to_hf, smollm2_path
 
             convert_gguf_to_hf(smollm2_path(), SMOLLM2_FP)
         folders["fp"] = SMOLLM2_FP

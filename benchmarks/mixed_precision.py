@@ -30,7 +30,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import hf_qlimit  # noqa: F401  (registers the qlimit quantizer)
 from hf_qlimit import QLimitConfig, quantize
 from hf_qlimit import mixed_precision as mp
-from hf_qlimit.calibration import length_sorted_batches, prepare_calibration
+from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script

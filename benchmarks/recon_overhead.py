@@ -29,10 +29,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from hf_qlimit import QLimitConfig
-from hf_qlimit.block_inputs import capture_block_inputs, run_block
-from hf_qlimit.integration import act_quantizers, convert_model, quant_state, quantized_modules
+from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
+from hf_qlimit.hf.surgery import act_quantizers, convert_model, quant_state, quantized_modules
 from hf_qlimit.models import get_adapter
-from hf_qlimit.reconstruction import BlockData, reconstruct_block
+from hf_qlimit.calibration.reconstruction import BlockData, reconstruct_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
 import _common

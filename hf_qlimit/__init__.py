@@ -10,12 +10,11 @@ from transformers.quantizers import register_quantization_config, register_quant
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from .api import patch_pretrained_model, quantize
-from .arguments import QuantizationArguments
 from .config import PRESETS, QLimitConfig
 from .export import export  # the function; the package stays importable as hf_qlimit.export (python -m)
-from .hf_quantizer import QLimitHfQuantizer
+from .hf.quantizer import QLimitHfQuantizer
 from .models import register_adapter, supported_model_types
-from .modules import register_attention, set_inference_mode
+from .nn.modules import register_attention, set_inference_mode
 
 __version__ = "0.1.0"
 
@@ -28,11 +27,28 @@ patch_pretrained_model()
 # hf_qlimit's loggers follow transformers' verbosity and handler (`transformers.logging.set_verbosity_info()`).
 _logging.getLogger("hf_qlimit").parent = _logging.getLogger("transformers")
 
+
+
+def __getattr__(name: str):
+    if name == "QuantizationArguments":  # moved to hf_qlimit.cli; the old import works for one more release
+        import warnings
+
+        from .cli import QuantizationArguments
+
+        warnings.warn(
+            "`from hf_qlimit import QuantizationArguments` is deprecated: use `from hf_qlimit.cli import "
+            "QuantizationArguments`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return QuantizationArguments
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "PRESETS",
     "QLimitConfig",
     "QLimitHfQuantizer",
-    "QuantizationArguments",
     "export",
     "quantize",
     "register_adapter",

@@ -42,7 +42,7 @@ def quantize(
     After this, `model.save_pretrained(path)` writes packed integer weights, and
     `AutoModel*.from_pretrained(path)` (after `import hf_qlimit`) rebuilds the same model.
     """
-    from .pipeline import quantize_model
+    from .calibration.pipeline import quantize_model
 
     return quantize_model(
         model,

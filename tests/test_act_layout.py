@@ -10,7 +10,7 @@ from test_transforms import AUTO, BUILDERS, _calib
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.models import get_adapter
-from hf_qlimit.modules import ATTENTION_ATTR, QuantLinear
+from hf_qlimit.nn.modules import ATTENTION_ATTR, QuantLinear
 from hf_qlimit.quantizers import ActQuantizer
 from hf_qlimit.quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 

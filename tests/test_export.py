@@ -18,7 +18,7 @@ from test_llama import tiny as tiny_decoder
 import hf_qlimit
 from hf_qlimit import QLimitConfig
 from hf_qlimit.export import ExportError
-from hf_qlimit.integration import quant_state
+from hf_qlimit.hf.surgery import quant_state
 
 needs_ct = pytest.mark.skipif(
     __import__("importlib").util.find_spec("compressed_tensors") is None,

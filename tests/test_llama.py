@@ -26,9 +26,9 @@ from transformers import (
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
-from hf_qlimit.block_inputs import capture_block_inputs, run_block
+from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
 from hf_qlimit.models import get_adapter
-from hf_qlimit.modules import QuantEmbedding, QuantLinear, qlimit_attention_forward
+from hf_qlimit.nn.modules import QuantEmbedding, QuantLinear, qlimit_attention_forward
 
 VOCAB = 96
 SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -1,4 +1,4 @@
-"""hf_qlimit.memory: pages of dropped checkpoint codes leave the process, freed temporaries go back to the OS."""
+"""hf_qlimit.nn.memory: pages of dropped checkpoint codes leave the process, freed temporaries go back to the OS."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_qlimit import memory
+from hf_qlimit.nn import memory
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux") or memory._libc() is None, reason="glibc on Linux")
 

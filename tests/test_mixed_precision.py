@@ -13,9 +13,10 @@ from conftest import calib_samples, logits, tiny_bert, tiny_opt
 from transformers import AutoModelForSequenceClassification
 
 import hf_qlimit
-from hf_qlimit import QLimitConfig, pipeline
+from hf_qlimit import QLimitConfig
+from hf_qlimit.calibration import pipeline
 from hf_qlimit import mixed_precision as mp
-from hf_qlimit.calibration import length_sorted_batches, prepare_calibration
+from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
 
 CANDIDATES = [2, 4, 8]

@@ -13,7 +13,7 @@ from conftest import calib_samples, logits, tiny_opt
 from transformers import AutoModelForCausalLM
 
 from hf_qlimit import QLimitConfig
-from hf_qlimit.resume import WorkDir
+from hf_qlimit.calibration.resume import WorkDir
 
 CONFIG = {"weight_bits": 4, "act_bits": 8, "method": "qdrop", "iters": 20, "batch_size": 4}
 
@@ -63,7 +63,7 @@ def test_disk_offload_gives_the_in_memory_result(saved_opt, in_memory, tmp_path,
 
 
 def test_cache_over_budget_spills_and_gives_the_same_result(saved_opt, in_memory, tmp_path, monkeypatch):
-    from hf_qlimit import cache
+    from hf_qlimit.calibration import cache
 
     spilled = []
     original = cache.ActivationCache._keep
@@ -105,7 +105,7 @@ def test_killed_with_sigkill_then_resumed(saved_opt, in_memory, tmp_path):
         from conftest import calib_samples
         from transformers import AutoModelForCausalLM
         from hf_qlimit import QLimitConfig
-        from hf_qlimit.resume import WorkDir
+        from hf_qlimit.calibration.resume import WorkDir
         original = WorkDir.save_block
         def save_then_die(self, i, *args):
             original(self, i, *args)

@@ -10,9 +10,10 @@ from test_llama import calib as decoder_calib
 from test_llama import tiny as tiny_decoder
 from torch import nn
 
-from hf_qlimit import QLimitConfig, kernels
-from hf_qlimit.modules import QuantEmbedding, QuantLinear, set_inference_mode
-from hf_qlimit.packing import pack_codes
+from hf_qlimit import QLimitConfig
+from hf_qlimit.nn import kernels
+from hf_qlimit.nn.modules import QuantEmbedding, QuantLinear, set_inference_mode
+from hf_qlimit.nn.packing import pack_codes
 
 # The kernels take bfloat16 activations and scales (8 significant bits): a tiny 2-layer model's logits then
 # differ from the float fake quantization by well under 1 % of their range. Measured here: about 0.3 %.

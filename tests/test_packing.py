@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_qlimit import packing
+from hf_qlimit.nn import packing
 
 
 def test_layout_is_lsb_first():

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
-from hf_qlimit.modules import QuantLinear
+from hf_qlimit.nn.modules import QuantLinear
 
 AUTO = {"bert": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM}
 
@@ -199,7 +199,7 @@ def test_a_failed_quantization_cannot_be_saved(tmp_path):
 def test_embedding_lookup_quantizes_only_the_rows_it_needs(frozen):
     from torch import nn
 
-    from hf_qlimit.modules import QuantEmbedding
+    from hf_qlimit.nn.modules import QuantEmbedding
 
     emb = QuantEmbedding.from_embedding(nn.Embedding(50, 16), {"w": 4}, weight_sym=False)
     emb.weight_quantizer.init_range(emb.weight, 2.4)
@@ -215,8 +215,8 @@ def test_embedding_lookup_quantizes_only_the_rows_it_needs(frozen):
 def test_large_frozen_linear_without_cache_runs_in_slabs(monkeypatch):
     from torch import nn
 
-    from hf_qlimit import modules
-    from hf_qlimit.modules import QuantLinear
+    from hf_qlimit.nn import modules
+    from hf_qlimit.nn.modules import QuantLinear
 
     layer = QuantLinear.from_linear(nn.Linear(16, 40), {"w": 4, "a": None}, None, False, False)
     layer.weight_quantizer.init_range(layer.weight, 2.4)

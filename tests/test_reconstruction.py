@@ -8,7 +8,7 @@ from conftest import calib_samples, logits, tiny_bert, tiny_opt
 from transformers import AutoModelForCausalLM
 
 from hf_qlimit import QLimitConfig
-from hf_qlimit.modules import QuantLinear
+from hf_qlimit.nn.modules import QuantLinear
 from hf_qlimit.quantizers import ActQuantizer, WeightQuantizer, beta_schedule
 
 FAST = {"iters": 60, "batch_size": 8}
@@ -221,7 +221,7 @@ def test_rounding_codes_are_small_integers_and_the_fp_weight_can_go(bits, dtype)
 
 
 def test_adam_stepped_during_backward_equals_adam_after_backward():
-    from hf_qlimit.reconstruction import _step_in_backward
+    from hf_qlimit.calibration.reconstruction import _step_in_backward
 
     torch.manual_seed(0)
     a, b = torch.randn(4, 5, requires_grad=True), torch.randn(3, requires_grad=True)

@@ -8,14 +8,14 @@ import torch
 from conftest import calib_samples, logits, tiny_bert
 
 from hf_qlimit import QLimitConfig
-from hf_qlimit.block_inputs import capture_block_inputs, run_block
-from hf_qlimit.calibration import length_sorted_batches, prepare_calibration
-from hf_qlimit.integration import act_quantizers, convert_model, quant_state, quantized_modules
+from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
+from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
+from hf_qlimit.hf.surgery import act_quantizers, convert_model, quant_state, quantized_modules
 from hf_qlimit.models import get_adapter
-from hf_qlimit.pipeline import _freeze
+from hf_qlimit.calibration.pipeline import _freeze
 from hf_qlimit.quantizers import hardened_fraction
-from hf_qlimit.fisher import damped_fisher
-from hf_qlimit.reconstruction import BlockData, _masked_error, reconstruct_block
+from hf_qlimit.calibration.fisher import damped_fisher
+from hf_qlimit.calibration.reconstruction import BlockData, _masked_error, reconstruct_block
 
 
 def _block_setup(config: QLimitConfig):

@@ -11,7 +11,7 @@ from test_llama import tiny
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hf_qlimit import QLimitConfig
-from hf_qlimit.calibration import length_sorted_batches, prepare_calibration
+from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
 from hf_qlimit.transforms import InputTransform, apply_transforms
 from hf_qlimit.transforms.hadamard import hadamard, rotate

@@ -9,7 +9,7 @@ from test_llama import calib as llama_calib
 from test_llama import tiny as tiny_decoder
 
 from hf_qlimit import QLimitConfig
-from hf_qlimit.integration import quantized_modules
+from hf_qlimit.hf.surgery import quantized_modules
 
 
 def _models():

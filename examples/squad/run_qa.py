@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_qlimit.arguments import QuantizationArguments, parse_arguments, parse_bits, run_environment
+from hf_qlimit.cli.arguments import QuantizationArguments, parse_arguments, parse_bits, run_environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils_qa import (  # noqa: E402  (the example directory is not a package)
@@ -179,12 +179,7 @@ def predict_logits(
 
 def load_metric(version_2: bool) -> evaluate.EvaluationModule:
     """The project's SQuAD metric, loaded by path so that no Hub access is needed."""
-    path = REPO_ROOT / "hf_qlimit" / "metrics" / ("squad_v2" if version_2 else "squad")
-    if not path.is_dir():  # hf_qlimit installed elsewhere than next to this example
-        import importlib.util
-
-        spec = importlib.util.find_spec("hf_qlimit")
-        path = Path(spec.submodule_search_locations[0]) / "metrics" / path.name
+    path = Path(__file__).resolve().parents[1] / "metrics" / ("squad_v2" if version_2 else "squad")
     return evaluate.load(str(path))
 
 

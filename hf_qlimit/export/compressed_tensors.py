@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
-from ..integration import OUTPUT_QUANTIZER
-from ..modules import QuantEmbedding, QuantLinear
-from ..packing import pack_codes, unpack_codes
+from ..hf.surgery import OUTPUT_QUANTIZER
+from ..nn.modules import QuantEmbedding, QuantLinear
+from ..nn.packing import pack_codes, unpack_codes
 from .common import ExportError, refuse_input_transforms
 
 logger = logging.get_logger(__name__)
@@ -119,7 +119,7 @@ def _linear_tensors(prefix: str, module: QuantLinear, scheme: _Scheme) -> dict[s
 
 
 def _refuse_unexpressible(model: nn.Module) -> None:
-    from ..modules import ATTENTION_ATTR
+    from ..nn.modules import ATTENTION_ATTR
 
     attention = [name for name, m in model.named_modules() if getattr(m, ATTENTION_ATTR, None) is not None]
     if attention:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..modules import ATTENTION_ATTR, QuantEmbedding, QuantLinear
-from ..packing import unpack_codes
+from ..nn.modules import ATTENTION_ATTR, QuantEmbedding, QuantLinear
+from ..nn.packing import unpack_codes
 from .common import ExportError, refuse_input_transforms
 
 logger = logging.get_logger(__name__)

@@ -85,7 +85,7 @@ def apply_transforms(
     parsed = check_transforms(getattr(config, "transforms", None))
     if not parsed:
         return
-    from ..offload import is_dispatched
+    from ..calibration.offload import is_dispatched
 
     if is_dispatched(model):
         raise ValueError("`transforms` need the whole FP model in memory (one calibration pass); not with offload.")

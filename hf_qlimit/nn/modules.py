@@ -21,8 +21,8 @@ from transformers.utils import logging
 
 from . import kernels, memory
 from .packing import pack_codes, packed_row_bytes, unpack_codes
-from .quantizers import ActQuantizer, WeightQuantizer, first_token
-from .quantizers.adaround import ROW_CHUNK, row_slices
+from ..quantizers import ActQuantizer, WeightQuantizer, first_token
+from ..quantizers.adaround import ROW_CHUNK, row_slices
 
 logger = logging.get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 Load it by path, which needs no Hugging Face Hub access (works with `HF_HUB_OFFLINE=1`):
 
-    metric = evaluate.load("hf_qlimit/metrics/squad")
+    metric = evaluate.load("examples/metrics/squad")
 
 Scores follow the official v1.1 evaluation script: answers are normalised (lower case, punctuation and the
 articles a/an/the removed, whitespace collapsed), each prediction takes its best score over the gold answers,
@@ -46,7 +46,7 @@ Returns:
     'exact_match': percentage of predictions equal to a gold answer after normalisation,
     'f1': mean over questions of the best token-overlap F1 against the gold answers, in percent.
 Example:
-    >>> squad = evaluate.load("hf_qlimit/metrics/squad")
+    >>> squad = evaluate.load("examples/metrics/squad")
     >>> squad.compute(
     ...     predictions=[{"id": "q1", "prediction_text": "the Eiffel Tower"}],
     ...     references=[{"id": "q1", "answers": {"text": ["Eiffel Tower"], "answer_start": [10]}}],

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 from transformers.quantizers import HfQuantizer
 from transformers.utils import logging
 
-from .config import QLimitConfig
-from .integration import convert_model, quantized_modules, share_tied_codes
-from .quantizers import ActQuantizer, WeightQuantizer
+from ..config import QLimitConfig
+from .surgery import convert_model, quantized_modules, share_tied_codes
+from ..quantizers import ActQuantizer, WeightQuantizer
 
 
 def _quantized_and_activation_modules(model):
@@ -38,7 +38,7 @@ class QLimitHfQuantizer(HfQuantizer):
 
     def update_attn_implementation(self, config):
         if any(spec["kind"] == "attention" for spec in self.quantization_config.layer_config.values()):
-            from .modules import register_attention
+            from ..nn.modules import register_attention
 
             register_attention()
             config._attn_implementation = "qlimit"

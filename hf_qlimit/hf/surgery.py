@@ -8,13 +8,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .config import QLimitConfig
-from .models.base import input_output_embeddings
-from .modules import ATTENTION_ATTR, AttentionQuantizers, QuantEmbedding, QuantLinear, register_attention
-from .quantizers import ActQuantizer, WeightQuantizer, first_token
-from .quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
-from .transforms.input_op import KIND as INPUT_TRANSFORM
-from .transforms.input_op import InputTransform
+from ..config import QLimitConfig
+from ..models.base import input_output_embeddings
+from ..nn.modules import ATTENTION_ATTR, AttentionQuantizers, QuantEmbedding, QuantLinear, register_attention
+from ..quantizers import ActQuantizer, WeightQuantizer, first_token
+from ..quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
+from ..transforms.input_op import KIND as INPUT_TRANSFORM
+from ..transforms.input_op import InputTransform
 
 ACT_LAYOUTS = ("per_linear", "shared", "block_output")
 OUTPUT_QUANTIZER = "output_quantizer"
@@ -35,7 +35,7 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
     frozen=False wraps the existing FP weights for calibration; frozen=True builds empty modules whose packed
     weights `from_pretrained` then loads.
     """
-    from .models import get_adapter
+    from ..models import get_adapter
 
     expected = {"linear": nn.Linear, "embedding": nn.Embedding}
     _check_activation_options(config)
@@ -104,7 +104,7 @@ def share_input_quantizers(model: nn.Module, layer_config: dict[str, dict]) -> N
     """act_layout="shared": the Linears that read one tensor (the adapter's groups: Q/K/V, gate/up) get one
     ActQuantizer object, as a deployed integer model quantizes that tensor once. Saved once per Linear (equal
     copies); rebuilding the model ties them again before the values are loaded."""
-    from .models import get_adapter
+    from ..models import get_adapter
 
     adapter = get_adapter(model)
     blocks = adapter.blocks_name(model) + "."

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import transformers
 
-from .config import LOSSES, METHODS, PRESETS, QLimitConfig
+from ..config import LOSSES, METHODS, PRESETS, QLimitConfig
 
 _FULL_PRECISION = ("none", "fp", "")
 
@@ -211,7 +211,7 @@ def run_environment(device: torch.device | str) -> dict[str, Any]:
 
 def _version() -> str:
     """The package version, with the git commit when it runs from its own checkout ('.dirty' when edited)."""
-    from . import __version__
+    from .. import __version__
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

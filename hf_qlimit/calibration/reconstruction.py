@@ -15,12 +15,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .block_inputs import BlockInputs, Stream, call_block, run_block
-from .config import QLimitConfig
-from .integration import act_quantizers, quant_state, quantized_modules
-from .modules import QuantLinear
-from .quantizers import beta_schedule, hardened_fraction
-from .quantizers.lsq import mix
-from .quantizers.signround import SignSGD
+from ..config import QLimitConfig
+from ..hf.surgery import act_quantizers, quant_state, quantized_modules
+from ..nn.modules import QuantLinear
+from ..quantizers import beta_schedule, hardened_fraction
+from ..quantizers.lsq import mix
+from ..quantizers.signround import SignSGD
 
 
 @dataclass
