@@ -297,6 +297,12 @@ class QLimitConfig(QuantizationConfigMixin):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)!r}.")
 
+    def summary(self) -> str:
+        """One line saying what a resolved config runs (logged when quantization starts)."""
+        kind = "BRECQ" if self.drop_probability == 0 else "QDrop"
+        return (f"{self.method}: {self.iters} iterations per block, batch {self.batch_size}, "
+                f"drop_prob {self.drop_probability} ({kind})")
+
     @property
     def drop_probability(self) -> float:
         """Probability that an activation stays in full precision during reconstruction (0 unless QDrop)."""

@@ -60,8 +60,7 @@ def quantize_model(
     adapter = get_adapter(model)
     config = config.resolved(causal_lm=adapter.causal_lm)
     if config.method in ("brecq", "qdrop"):  # the filled fields say which method the defaults amount to
-        logger.info(f"{config.method}: {config.iters} iterations per block, batch {config.batch_size}, "
-                    f"drop_prob {config.drop_probability} ({'BRECQ' if config.drop_probability == 0 else 'QDrop'})")
+        logger.info(config.summary())
     dispatched = is_dispatched(model)
     if work_dir is not None and config.loss == "fisher" and config.method != "rtn":
         raise ValueError("work_dir (resumable runs) does not support loss='fisher' yet: use loss='mse'.")
