@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits
-from test_transforms import AUTO, BUILDERS, _calib
+from helpers import AUTO, DECODER_VOCAB, TINY, calib_all_models, logits
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.models import get_adapter
@@ -16,9 +15,9 @@ from hf_qlimit.quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 
 
 def _quantize(arch: str, **kwargs):
-    model = BUILDERS[arch]()
+    model = TINY[arch]()
     config = {"weight_bits": 4, "act_bits": 4, "method": "rtn", "batch_size": 8, **kwargs}
-    model.quantize_qlimit(_calib(), QLimitConfig(**config))
+    model.quantize_qlimit(calib_all_models(), QLimitConfig(**config))
     return model
 
 
@@ -37,7 +36,7 @@ def _input_quantizers(model, arch: str) -> list[list[ActQuantizer]]:
 
 @pytest.mark.parametrize("arch", ["bert", "opt", "llama"])
 def test_shared_layout_has_one_quantizer_per_input_tensor(arch, tmp_path, inputs):
-    ids = inputs % 96
+    ids = inputs % DECODER_VOCAB
     model = _quantize(arch, act_layout="shared", method="qdrop", iters=3, num_samples=8, batch_size=4)
     groups = _input_quantizers(model, arch)
     assert any(len(g) > 1 for g in groups)

@@ -51,8 +51,8 @@ def test_foreign_config_is_rejected():
 def test_the_default_config_resolves_per_family_as_the_readme_says(kind):
     from pathlib import Path
 
-    from conftest import tiny_bert, tiny_opt
-    from test_llama import tiny
+    from helpers import tiny_bert, tiny_opt
+    from helpers import tiny_decoder as tiny
 
     from hf_qlimit.config import PRESETS
 

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calib_samples, tiny_bert
-from test_llama import calib as decoder_calib
-from test_llama import tiny as tiny_decoder
+from helpers import calib_samples, decoder_calib, tiny_bert, tiny_decoder
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
@@ -69,6 +67,7 @@ def _assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert error <= LOGIT_RTOL, f"relative error {error:.2e}"
 
 
+@pytest.mark.slow
 @needs_ct
 def test_weight_only_and_w8a8_load_without_hf_qlimit(tmp_path):
     w4 = _llama()  # asymmetric W4 g16, 8-bit head: pack-quantized
@@ -91,6 +90,7 @@ def test_weight_only_and_w8a8_load_without_hf_qlimit(tmp_path):
     assert (weights_only - refs["w8a8"]).abs().max() > 100 * LOGIT_RTOL * refs["w8a8"].abs().max()
 
 
+@pytest.mark.slow
 @needs_ct
 def test_cli_exports_a_saved_bert_folder(tmp_path):
     model = tiny_bert().quantize_qlimit(calib_samples(8), _config())
@@ -131,6 +131,7 @@ def test_asymmetric_low_bits_are_refused_unless_allowed(tmp_path, caplog):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
 
 
+@pytest.mark.slow
 def test_cli_reports_a_refusal(tmp_path):
     _llama(weight_bits=8, act_bits=8, group_size=None).save_pretrained(tmp_path / "qlimit")
     cli = [sys.executable, "-m", "hf_qlimit.export", str(tmp_path / "qlimit"), str(tmp_path / "ct")]
@@ -156,11 +157,14 @@ needs_gguf = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_gguf
 def test_gguf_q4_1_and_q8_0_hold_hf_qlimits_codes_and_load_in_transformers(tmp_path):
     import gguf
 
-    from hf_qlimit.export.gguf import _rope_rows
+    def llama_cpp_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+        # llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute): its rotary embedding pairs neighbouring rows
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     w4 = tiny_decoder("llama", tie=False).quantize_qlimit(decoder_calib(8), _config(group_size=32))
     w8 = tiny_decoder("llama", tie=False).quantize_qlimit(decoder_calib(8), _config(weight_bits=8, weight_sym=True, group_size=32))
@@ -170,9 +174,9 @@ def test_gguf_q4_1_and_q8_0_hold_hf_qlimits_codes_and_load_in_transformers(tmp_p
         for name, hf in (("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj"), ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj")):
             assert tensors[name].tensor_type.name == kind
             module = model.get_submodule(hf)
-            expected = module._dequantize_rows()
+            expected = module.quantized_weight()
             if "attn_q" in name:
-                expected = expected[_rope_rows(module.rows, model.config.num_attention_heads)]
+                expected = llama_cpp_rows(expected, model.config.num_attention_heads)
             got = torch.from_numpy(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)).reshape(expected.shape)
             # the codes are hf_qlimit's; only the float16 scale (and Q4_1's offset) round
             assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert
-from test_llama import calib, tiny
+from helpers import DECODER_VOCAB, decoder_calib, tiny_bert, tiny_decoder
 from transformers import AutoModelForCausalLM
 
 import hf_qlimit
@@ -16,13 +15,13 @@ BASE = {"weight_bits": 4, "method": "rtn", "num_samples": 8, "batch_size": 4, "f
 
 
 def _quantized(kind: str = "llama", **kwargs):
-    model = tiny(kind)
-    model.quantize_qlimit(calib(), QLimitConfig(**{**BASE, **kwargs}))
+    model = tiny_decoder(kind)
+    model.quantize_qlimit(decoder_calib(), QLimitConfig(**{**BASE, **kwargs}))
     return model
 
 
 def _ids() -> torch.Tensor:
-    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    return torch.randint(0, DECODER_VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
 @torch.no_grad()
@@ -46,11 +45,11 @@ def test_first_token_is_computed_in_full_precision(kind, attention):
 @torch.no_grad()
 def test_grids_are_fitted_without_the_first_token():
     def down_scale(outlier: bool, keep_first: bool) -> float:
-        model = tiny("llama")
+        model = tiny_decoder("llama")
         if outlier:  # a huge first-token input of layer 0's down_proj, as SmolLM2 has at its attention sink
             model.model.layers[0].mlp.act_fn.register_forward_hook(
                 lambda m, a, out: torch.cat([out[:, :1] * 1000, out[:, 1:]], 1))
-        model.quantize_qlimit(calib(), QLimitConfig(**BASE, act_bits=8, act_fp_first_token=keep_first))
+        model.quantize_qlimit(decoder_calib(), QLimitConfig(**BASE, act_bits=8, act_fp_first_token=keep_first))
         return model.model.layers[0].mlp.down_proj.input_quantizer.scale.item()
 
     reference = down_scale(outlier=False, keep_first=True)
@@ -76,4 +75,4 @@ def test_cached_decoding_matches_the_full_forward(tmp_path):
 
 def test_encoders_are_refused():
     with pytest.raises(ValueError, match="act_fp_first_token.*decoder"):
-        tiny_bert().quantize_qlimit(calib(), QLimitConfig(**BASE, act_bits=8, act_fp_first_token=True))
+        tiny_bert().quantize_qlimit(decoder_calib(), QLimitConfig(**BASE, act_bits=8, act_fp_first_token=True))

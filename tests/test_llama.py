@@ -11,55 +11,14 @@ import textwrap
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Cache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from helpers import DECODER_VOCAB, decoder_calib, tiny_decoder
+from transformers import AutoModelForCausalLM, Cache
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
 from hf_qlimit.models import get_adapter
 from hf_qlimit.nn.modules import QuantEmbedding, QuantLinear, qlimit_attention_forward
-
-VOCAB = 96
-SMALL = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
-
-
-def tiny(kind: str, seed: int = 0, tie: bool = True):
-    torch.manual_seed(seed)
-    if kind == "opt":
-        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                           word_embed_proj_dim=32, max_position_embeddings=64, tie_word_embeddings=tie)  # fmt: skip
-        return OPTForCausalLM(config).eval()
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "mistral": (MistralConfig, MistralForCausalLM)}  # fmt: skip
-    config_cls, model_cls = classes[kind]
-    model = model_cls(config_cls(**SMALL, tie_word_embeddings=tie)).eval()
-    with torch.no_grad():  # random init leaves norms at 1 and small weights: spread them so quantization shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-def _packed(module: torch.nn.Module) -> torch.Tensor:
-    """The packed uint8 codes of a frozen quantized module (stored as `qweight` or, flat, as `weight`)."""
-    return module.qweight if hasattr(module, "qweight") else module.weight
-
-
-def calib(n: int = 8, length: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, VOCAB, (length,), generator=g)} for _ in range(n)]
 
 
 def qconfig(**kwargs) -> QLimitConfig:
@@ -69,7 +28,7 @@ def qconfig(**kwargs) -> QLimitConfig:
 
 def test_llama_family_adapter_and_layer_config():
     assert {"llama", "qwen2", "mistral", "opt"} <= set(hf_qlimit.supported_model_types())
-    model = tiny("llama")
+    model = tiny_decoder("llama")
     plan = get_adapter(model).layer_config(model, qconfig())
     assert plan["model.embed_tokens"] == {"kind": "embedding", "w": 8}
     assert plan["lm_head"] == {"kind": "linear", "w": 8, "a": 8}  # first/last layers at first_last_bits
@@ -90,10 +49,10 @@ def test_captured_block_inputs_reproduce_the_first_block(attn, padded):
     """Running block 0 on what capture_block_inputs recorded (rotary cos/sin, position ids, mask, cache flags)
     gives what block 0 computes inside the full forward pass. With sdpa an unpadded batch has no mask at all
     and a padded one has a tensor: mixing both must work."""
-    model = tiny("llama")
+    model = tiny_decoder("llama")
     if attn == "qlimit":
         model.set_attn_implementation("qlimit")
-    ids = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, DECODER_VOCAB, (4, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     if padded in ("all", "first"):
         mask[1, 7:] = 0  # right padding, as in calibration batches
@@ -127,7 +86,7 @@ def test_captured_block_inputs_reproduce_the_first_block(attn, padded):
 def test_qlimit_attention_matches_eager_with_grouped_query_attention():
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    model = tiny("llama")
+    model = tiny_decoder("llama")
     attn = model.model.layers[0].self_attn
     assert attn.num_key_value_groups == 2
     g = torch.Generator().manual_seed(0)
@@ -180,36 +139,42 @@ RELOAD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def quantized_checkpoints(tmp_path_factory):
-    """Every variant quantized, saved with its logits and greedy generation, and reloaded in ONE fresh process."""
+    """Every variant quantized and saved with its logits and greedy generation."""
     root = tmp_path_factory.mktemp("decoders")
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(0, DECODER_VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
     infos = {}
     for name, (arch, overrides) in VARIANTS.items():
-        model = tiny(arch)
+        model = tiny_decoder(arch)
         with torch.no_grad():
             fp_logits = model(ids).logits
-        model.quantize_qlimit(calib(), qconfig(**overrides))
+        model.quantize_qlimit(decoder_calib(), qconfig(**overrides))
         with torch.no_grad():
             logits = model(ids).logits
         gen = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, min_new_tokens=6)
         model.save_pretrained(root / name)
         torch.save({"ids": ids, "logits": logits, "generate": gen}, root / name / "expected.pt")
         infos[name] = {"model": model, "fp_logits": fp_logits, "logits": logits, "path": root / name}
-    paths = [str(info["path"]) for info in infos.values()]
+    return infos
+
+
+@pytest.fixture(scope="module")
+def reloaded_in_a_fresh_process(quantized_checkpoints):
+    """What every saved variant gives when reloaded in ONE fresh process, by path."""
+    paths = [str(info["path"]) for info in quantized_checkpoints.values()]
     proc = subprocess.run(
         [sys.executable, "-c", RELOAD, *paths], capture_output=True, text=True, timeout=300, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
-    for info in infos.values():
-        info["fresh"] = fresh[str(info["path"])]
-    return infos
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_quantize_save_reload_in_a_fresh_process_gives_identical_logits(quantized_checkpoints, name):
+def test_quantize_save_reload_in_a_fresh_process_gives_identical_logits(
+    quantized_checkpoints, reloaded_in_a_fresh_process, name
+):
     info = quantized_checkpoints[name]
-    fresh = info["fresh"]
+    fresh = reloaded_in_a_fresh_process[str(info["path"])]
     assert fresh["equal"], "logits of the reloaded model differ from those of the in-memory quantized model"
     assert fresh["generate"], "greedy generate() of the reloaded model differs"
     assert not fresh["tied"]  # quantized embedding and head each keep their own codes
@@ -228,7 +193,7 @@ def test_first_and_last_layers_stay_at_8_bits_and_untied(quantized_checkpoints):
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)
     assert emb.weight_quantizer.bits == 8 and head.weight_quantizer.bits == 8 and head.input_quantizer.bits == 8
-    assert _packed(emb).data_ptr() != _packed(head).data_ptr()
+    assert emb.packed_weight().data_ptr() != head.packed_weight().data_ptr()
     block_linear = model.model.layers[0].mlp.down_proj
     assert block_linear.weight_quantizer.bits == 4 and block_linear.input_quantizer.bits == 8
 
@@ -243,21 +208,21 @@ def test_weight_only_groups_have_one_scale_per_group(quantized_checkpoints):
     assert not hasattr(model.model.layers[0].self_attn, "qlimit_attention")
     # 3-bit groups: 3 bits per code, packed
     w3 = quantized_checkpoints["llama-w3a16-g16-rtn"]["model"].model.layers[0].mlp.up_proj
-    assert _packed(w3).dtype == torch.uint8 and _packed(w3).numel() == 64 * ((32 * 3 + 7) // 8)
+    assert w3.packed_weight().dtype == torch.uint8 and w3.packed_weight().numel() == 64 * ((32 * 3 + 7) // 8)
 
 
 def test_generate_with_cache_equals_generate_without(quantized_checkpoints):
     """Quantized K/V enter the cache before the (fixed-range) key/value quantizers, so caching changes nothing."""
     model = AutoModelForCausalLM.from_pretrained(quantized_checkpoints["llama-w4a8-qdrop"]["path"]).eval()
-    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    prompt = torch.randint(0, DECODER_VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
     cached = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True)
     uncached = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
 def test_untied_model_keeps_two_heads_and_fp_first_last_layers_are_left_alone():
-    model = tiny("llama", tie=False)
-    model.quantize_qlimit(calib(), qconfig(method="rtn", first_last_bits=None))
+    model = tiny_decoder("llama", tie=False)
+    model.quantize_qlimit(decoder_calib(), qconfig(method="rtn", first_last_bits=None))
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
     assert type(model.get_output_embeddings()) is torch.nn.Linear
     assert isinstance(model.model.layers[1].mlp.gate_proj, QuantLinear)

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import calib_samples, logits, tiny_bert, tiny_opt
+from helpers import calib_samples, logits, tiny_bert, tiny_opt
 from transformers import AutoModelForSequenceClassification
 
 import hf_qlimit

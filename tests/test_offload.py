@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import calib_samples, logits, tiny_opt
+from helpers import calib_samples, logits, tiny_opt
 from transformers import AutoModelForCausalLM
 
 from hf_qlimit import QLimitConfig
@@ -98,11 +98,12 @@ def test_interrupted_after_a_block_then_resumed_gives_the_same_result(saved_opt,
     assert [s["block"] for s in model.qlimit_block_errors] == [0, 1]
 
 
+@pytest.mark.slow
 def test_killed_with_sigkill_then_resumed(saved_opt, in_memory, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from conftest import calib_samples
+        from helpers import calib_samples
         from transformers import AutoModelForCausalLM
         from hf_qlimit import QLimitConfig
         from hf_qlimit.calibration.resume import WorkDir

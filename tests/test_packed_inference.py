@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calib_samples, tiny_bert, tiny_opt
-from test_llama import calib as decoder_calib
-from test_llama import tiny as tiny_decoder
+from helpers import calib_samples, decoder_calib, tiny_bert, tiny_decoder, tiny_opt
 from torch import nn
 
 from hf_qlimit import QLimitConfig

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import MODELS, calib_samples, logits, tiny_bert, tiny_opt
+from helpers import MODELS, calib_samples, logits, tiny_bert, tiny_opt
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -21,6 +21,7 @@ from hf_qlimit.nn.modules import QuantLinear
 AUTO = {"bert": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["bert", "opt"])
 def test_reload_in_fresh_process_gives_identical_outputs(arch, inputs, tmp_path):
     model = MODELS[arch]()
@@ -151,6 +152,7 @@ def test_quantizing_twice_is_an_error():
         model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
 
 
+@pytest.mark.slow
 def test_loading_without_hf_qlimit_fails_loudly(tmp_path):
     model = tiny_bert()
     model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))

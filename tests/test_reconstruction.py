@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calib_samples, logits, tiny_bert, tiny_opt
+from helpers import calib_samples, logits, tiny_bert, tiny_opt
 from transformers import AutoModelForCausalLM
 
 from hf_qlimit import QLimitConfig

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calib_samples, tiny_bert, tiny_opt
-from test_llama import tiny
+from helpers import calib_samples, tiny_bert, tiny_opt
+from helpers import tiny_decoder as tiny
 
 import hf_qlimit.calibration.reconstruction as reconstruction
 from hf_qlimit import QLimitConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calib_samples, logits, tiny_bert
+from helpers import calib_samples, logits, tiny_bert
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
@@ -68,8 +68,8 @@ def test_default_schedule_decides_the_rounding_before_hardening(monkeypatch):
 
 def test_weight_only_with_fixed_steps_stops_once_all_is_hard():
     """Nothing learns after the last hardening round: the loop ends there instead of failing in backward."""
-    from test_llama import calib as llama_calib
-    from test_llama import tiny as tiny_decoder
+    from helpers import decoder_calib as llama_calib
+    from helpers import tiny_decoder
 
     model = tiny_decoder("llama")
     config = QLimitConfig(weight_bits=3, act_bits=None, group_size=16, iters=20, batch_size=8, num_samples=16,

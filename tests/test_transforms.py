@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calib_samples, logits, tiny_bert, tiny_opt
-from test_llama import VOCAB as LLAMA_VOCAB
-from test_llama import tiny
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from helpers import AUTO, DECODER_VOCAB, TINY, calib_all_models, calib_samples, logits
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
@@ -16,19 +13,13 @@ from hf_qlimit.models import get_adapter
 from hf_qlimit.transforms import InputTransform, apply_transforms
 from hf_qlimit.transforms.hadamard import hadamard, rotate
 
-BUILDERS = {"bert": tiny_bert, "opt": tiny_opt, "llama": lambda: tiny("llama")}
-AUTO = {"bert": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM, "llama": AutoModelForCausalLM}
 TRANSFORMS = [["smoothquant"], ["smoothquant@0.8"], ["os_plus"], ["hadamard_down"], ["hadamard_inputs"],
               ["os_plus", "hadamard_inputs"]]  # fmt: skip
 
 
-def _calib() -> list[dict]:
-    return [{"input_ids": [i % LLAMA_VOCAB for i in s["input_ids"]]} for s in calib_samples()]
-
-
 @pytest.fixture
 def ids(inputs) -> torch.Tensor:
-    return inputs % LLAMA_VOCAB  # valid for every tiny model here
+    return inputs % DECODER_VOCAB  # valid for every tiny model here
 
 
 def _spread(model: torch.nn.Module) -> None:
@@ -41,10 +32,10 @@ def _spread(model: torch.nn.Module) -> None:
 
 
 def _transformed(arch: str, names: list[str]):
-    model = BUILDERS[arch]()
+    model = TINY[arch]()
     _spread(model)
     config = QLimitConfig(transforms=names, method="rtn", batch_size=8)
-    batches = length_sorted_batches(prepare_calibration(_calib(), 16, 64, 0), 8)
+    batches = length_sorted_batches(prepare_calibration(calib_all_models(), 16, 64, 0), 8)
     return model, config, batches
 
 
@@ -106,7 +97,7 @@ def test_transformed_quantized_model_reloads_bit_exact(arch, names, ids, tmp_pat
     model, _, _ = _transformed(arch, names)
     config = QLimitConfig(weight_bits=4, act_bits=4, method="rtn", batch_size=8, transforms=names,
                           act_layout="shared", prob_grid="log2", prob_bits=8)  # fmt: skip
-    model.quantize_qlimit(_calib(), config)
+    model.quantize_qlimit(calib_all_models(), config)
     expected = logits(model, ids)
     model.save_pretrained(tmp_path / "q")
     reloaded = AUTO[arch].from_pretrained(tmp_path / "q")
@@ -125,7 +116,7 @@ def test_reconstructed_transformed_model_reloads_bit_exact(ids, tmp_path):
     model, _, _ = _transformed("bert", ["os_plus", "hadamard_inputs"])
     config = QLimitConfig(weight_bits=4, act_bits=4, method="qdrop", iters=3, num_samples=8, batch_size=4,
                           transforms=["os_plus", "hadamard_inputs"], act_layout="shared")  # fmt: skip
-    model.quantize_qlimit(_calib(), config)
+    model.quantize_qlimit(calib_all_models(), config)
     expected = logits(model, ids)
     model.save_pretrained(tmp_path / "q")
     assert torch.equal(logits(AUTO["bert"].from_pretrained(tmp_path / "q"), ids), expected)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import calib_samples, tiny_bert, tiny_opt
-from test_llama import calib as llama_calib
-from test_llama import tiny as tiny_decoder
+from helpers import calib_samples, tiny_bert, tiny_decoder, tiny_opt
+from helpers import decoder_calib as llama_calib
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.hf.surgery import quantized_modules

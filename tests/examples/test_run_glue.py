@@ -326,6 +326,7 @@ def test_glue_metric_values(glue_metric):
         glue_metric("sst5")
 
 
+@pytest.mark.slow
 def test_glue_metric_loads_offline(run_glue):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
     code = (
