@@ -16,6 +16,8 @@ import hf_qlimit
 from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration import pipeline
 from hf_qlimit import mixed_precision as mp
+from hf_qlimit.mixed_precision import cache as mp_cache
+from hf_qlimit.mixed_precision import sensitivity as mp_sensitivity
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
 
@@ -189,7 +191,7 @@ def test_save_and_reload_with_mixed_bits_gives_identical_outputs(tmp_path, input
 def test_cache_hit_skips_measurement(tmp_path, monkeypatch):
     cache, calls = tmp_path / "sens.json", []
     measure = mp.measure_sensitivity
-    monkeypatch.setattr(mp, "measure_sensitivity", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    monkeypatch.setattr(mp_cache, "measure_sensitivity", lambda *a, **k: calls.append(1) or measure(*a, **k))
     model = tiny_bert()
     first = _allocate(model, _config(avg_bits=3.0, sensitivity_cache=str(cache)))
     assert len(calls) == 1 and cache.exists()
@@ -219,9 +221,12 @@ def test_batches_split_for_memory_give_the_same_single_sensitivities(measured, m
     """The singles are sums over samples: measuring in one-row slices must not change them."""
     model, config = tiny_bert(), _config()
     names = list(mp.block_linears(model, get_adapter(model), config))
-    monkeypatch.setattr(mp, "_MAX_TOKENS", 1)  # one row per forward pass
+    monkeypatch.setattr(mp_sensitivity, "_MAX_TOKENS", 1)  # one row per forward pass
+    passes = []
+    model.register_forward_hook(lambda *args: passes.append(1))
     split = mp.measure_sensitivity(model, get_adapter(model), _batches(config), config, torch.device("cpu"), names,
                                    pairwise=False)  # fmt: skip
+    assert len(passes) == N_SAMPLES  # the batches were split
     whole = measured[0].singles
     for n in names:
         for bits in CANDIDATES:
