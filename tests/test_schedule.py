@@ -12,7 +12,7 @@ from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.hf.surgery import act_quantizers, convert_model, quant_state, quantized_modules
 from hf_qlimit.models import get_adapter
-from hf_qlimit.calibration.pipeline import _freeze
+from hf_qlimit.calibration.pipeline import freeze_quantized
 from hf_qlimit.quantizers import hardened_fraction
 from hf_qlimit.calibration.fisher import damped_fisher
 from hf_qlimit.calibration.reconstruction import BlockData, _masked_error, reconstruct_block
@@ -127,7 +127,7 @@ def test_reported_hard_error_is_the_frozen_blocks(method, rounding):
     block, data = _block_setup(config)
     torch.manual_seed(0)
     stats = reconstruct_block(block, data, config, torch.device("cpu"), desc="test")
-    _freeze(block)
+    freeze_quantized(block)
     j = stats.batch
     with torch.no_grad(), quant_state(block, weights=True, acts=True):
         args, kwargs = data.inputs.get(j, torch.device("cpu"))

@@ -23,6 +23,7 @@ from accelerate.utils import OffloadedWeightsLoader, send_to_device, set_module_
 from safetensors.torch import save_file
 from torch import nn
 
+from ..nn.modules import set_inference_mode
 from .resume import cpu_state_dict
 
 
@@ -102,9 +103,7 @@ class Offloader:
             save_file(cpu_state_dict(module), str(path))
         loader = OffloadedWeightsLoader(index={k: {"safetensors_file": str(path), "weight_name": k} for k in keys})
         hook = _ParkedHook(loader, self.device)
-        for sub in module.modules():
-            if hasattr(sub, "keep_dequantized"):
-                sub.keep_dequantized = False  # a cached fp32 weight would outlive the hook's unloading
+        set_inference_mode(module, "dequantize")  # a cached fp32 weight would outlive the hook's unloading
         add_hook_to_module(module, hook)
         self.parked[name] = hook
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.utils import logging
 
@@ -11,16 +13,17 @@ from ..config import QLimitConfig
 from .surgery import convert_model, quantized_modules, share_tied_codes
 from ..quantizers import ActQuantizer, WeightQuantizer
 
-
-def _quantized_and_activation_modules(model):
-    for name, module in model.named_modules():
-        if isinstance(module, (ActQuantizer, WeightQuantizer)) or hasattr(module, "weight_quantizer"):
-            yield name, module
-
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 logger = logging.get_logger(__name__)
+
+
+def _quantized_and_activation_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The modules whose tensors a checkpoint must hold: quantized layers and their quantizers."""
+    for name, module in model.named_modules():
+        if isinstance(module, (ActQuantizer, WeightQuantizer)) or hasattr(module, "weight_quantizer"):
+            yield name, module
 
 
 class QLimitHfQuantizer(HfQuantizer):
@@ -28,6 +31,11 @@ class QLimitHfQuantizer(HfQuantizer):
 
     requires_calibration = True
     quantization_config: QLimitConfig
+    failed = False  # quantize_qlimit stopped half-way (see `mark_failed`): such a model must not be saved
+
+    def mark_failed(self) -> None:
+        """The quantization of this model stopped half-way: `save_pretrained` will refuse it."""
+        self.failed = True
 
     def validate_environment(self, *args, **kwargs) -> None:
         if not self.quantization_config.layer_config:
@@ -44,10 +52,10 @@ class QLimitHfQuantizer(HfQuantizer):
             config._attn_implementation = "qlimit"
         return config
 
-    def _process_model_before_weight_loading(self, model: "PreTrainedModel", **kwargs) -> None:
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
         convert_model(model, self.quantization_config.layer_config, self.quantization_config, frozen=True)
 
-    def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs) -> "PreTrainedModel":
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         # transformers flags every tensor it read from the checkpoint; a quantized tensor it had to make up
         # (zeros, ones) would give a silently wrong model, so refuse it.
         missing = []
@@ -65,8 +73,6 @@ class QLimitHfQuantizer(HfQuantizer):
             module.invalidate_cache()
         share_tied_codes(model)  # an embedding tied to the head in FP: one copy of their equal codes
         return model
-
-    failed = False  # set when quantize_qlimit stopped half-way: such a model must not be saved
 
     def is_serializable(self) -> bool:
         if self.failed:
