@@ -179,7 +179,7 @@ def _logits(window: list, peaks: dict[int, float], cls: float = -5.0) -> np.ndar
     out = np.full(len(window), -5.0)
     out[0] = cls
     for word, value in peaks.items():
-        out[[k for k, o in enumerate(window) if o == _WORD_OFFSETS[word]][0]] = value
+        out[next(k for k, o in enumerate(window) if o == _WORD_OFFSETS[word])] = value
     return out
 
 
