@@ -83,7 +83,9 @@ def capture_block_inputs(
     finally:
         handle.remove()
     if len(hidden) != len(batches):
-        raise RuntimeError("The first block was not called by the model's forward; the adapter points at the wrong module.")
+        raise RuntimeError(
+            "The first block was not called by the model's forward; the adapter points at the wrong module."
+        )
     return hidden, BlockInputs(extra, sizes)
 
 

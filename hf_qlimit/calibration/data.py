@@ -18,7 +18,8 @@ def _take(calib_ds: Any, num_samples: int, seed: int) -> list[Mapping]:
     if isinstance(calib_ds, (str, bytes)) or not isinstance(calib_ds, Iterable):
         raise TypeError(
             f"The calibration set must be a `datasets.Dataset` or an iterable of dicts of tokenized model inputs, "
-            f"got {type(calib_ds).__name__}. Tokenize your texts first, e.g. `ds.map(lambda b: tok(b['text']), batched=True)`."
+            f"got {type(calib_ds).__name__}. Tokenize your texts first, "
+            "e.g. `ds.map(lambda b: tok(b['text']), batched=True)`."
         )
     if hasattr(calib_ds, "__len__") and hasattr(calib_ds, "select"):  # datasets.Dataset: draw a seeded subset
         n = len(calib_ds)
@@ -37,7 +38,9 @@ def _ids(value: Any) -> torch.Tensor:
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1:
-        raise ValueError(f"Each calibration sample must hold one unpadded sequence; got a tensor of shape {tuple(ids.shape)}.")
+        raise ValueError(
+            f"Each calibration sample must hold one unpadded sequence; got a tensor of shape {tuple(ids.shape)}."
+        )
     return ids.long()
 
 
@@ -50,7 +53,9 @@ def prepare_calibration(
     """
     samples = _take(calib_ds, num_samples, seed)
     if not samples:
-        raise ValueError("The calibration set is empty: pass at least one tokenized sample (a few hundred are typical).")
+        raise ValueError(
+            "The calibration set is empty: pass at least one tokenized sample (a few hundred are typical)."
+        )
     first = samples[0]
     if not isinstance(first, Mapping) or "input_ids" not in first:
         found = list(first.keys()) if isinstance(first, Mapping) else type(first).__name__
@@ -66,7 +71,8 @@ def prepare_calibration(
         seq = {k: _ids(sample[k]) for k in keys}
         if "attention_mask" not in seq:
             seq["attention_mask"] = torch.ones_like(seq["input_ids"])
-        length = int(seq["attention_mask"].sum()) if max_length is None else min(int(seq["attention_mask"].sum()), max_length)
+        tokens = int(seq["attention_mask"].sum())
+        length = tokens if max_length is None else min(tokens, max_length)
         if length == 0:
             raise ValueError("A calibration sample has no tokens; drop empty samples before calibrating.")
         seqs.append({k: v[:length] for k, v in seq.items()})

@@ -155,7 +155,8 @@ class Offloader:
             hook.execution_device = cpu
         if self.parked:  # save_pretrained reads meta tensors back through the hooks when the map says "disk"
             self.model.hf_device_map = {
-                **{n: "cpu" for n, m in self.model.named_modules() if not self._is_parked(n) and _has_direct_tensors(m)},
+                **{n: "cpu" for n, m in self.model.named_modules()
+                   if not self._is_parked(n) and _has_direct_tensors(m)},  # fmt: skip
                 **dict.fromkeys(self.parked, "disk"),
             }
         elif hasattr(self.model, "hf_device_map"):

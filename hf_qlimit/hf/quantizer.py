@@ -40,8 +40,8 @@ class QLimitHfQuantizer(HfQuantizer):
     def validate_environment(self, *args, **kwargs) -> None:
         if not self.quantization_config.layer_config:
             raise ValueError(
-                "This quantization_config has no `layer_config`, so it describes no quantized checkpoint. To quantize a "
-                "model, load it in full precision and call `model.quantize_qlimit(calib_ds, QLimitConfig(...))`."
+                "This quantization_config has no `layer_config`, so it describes no quantized checkpoint. To quantize "
+                "a model, load it in full precision and call `model.quantize_qlimit(calib_ds, QLimitConfig(...))`."
             )
 
     def update_attn_implementation(self, config):
@@ -66,8 +66,8 @@ class QLimitHfQuantizer(HfQuantizer):
                     missing.append(f"{name}.{tensor_name}")
         if missing:
             raise ValueError(
-                f"The checkpoint lacks {len(missing)} quantized tensors (first: {missing[:3]}): it is truncated, corrupt, "
-                "or written by another hf_qlimit version. Quantize the full-precision model again."
+                f"The checkpoint lacks {len(missing)} quantized tensors (first: {missing[:3]}): it is truncated, "
+                "corrupt, or written by another hf_qlimit version. Quantize the full-precision model again."
             )
         for _, module in quantized_modules(model):
             module.invalidate_cache()
