@@ -13,7 +13,7 @@ from torch import nn
 from ..hf.surgery import quantized_modules
 
 
-def observe(quantizers: list, run, p: float) -> None:
+def observe(quantizers: list, run: Callable[[], Any], p: float) -> None:
     """Runs `run()` with the quantizers recording, then sets their ranges by Lp search."""
     for q in quantizers:
         q.observe()
