@@ -39,16 +39,28 @@ def _package_of(path: Path) -> str:
     return name if path.name == "__init__.py" else name.rpartition(".")[0]
 
 
+def _run_at_import(body: list[ast.stmt]):
+    """The statements importing the module executes: not function bodies, not `if TYPE_CHECKING:` blocks."""
+    for stmt in body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test):
+            yield from _run_at_import(stmt.orelse)
+            continue
+        yield stmt
+        for field in ("body", "orelse", "finalbody"):  # if / for / while / with / try / class blocks
+            yield from _run_at_import(getattr(stmt, field, []))
+        for handler in getattr(stmt, "handlers", []):
+            yield from _run_at_import(handler.body)
+
+
 @cache
 def _imports(path: Path) -> tuple[tuple[int, str, bool, str], ...]:
     """(line, imported module, at module level, source text) of every import in `path`. `from a import b` gives
     both `a` and `a.b` (b may be a submodule); a relative import is resolved against the file's package."""
     source = path.read_text()
     tree = ast.parse(source, filename=str(path))
-    module_level = {id(node) for node in tree.body}
-    for node in tree.body:  # `if TYPE_CHECKING:` / `try:` blocks at module level run at import time too
-        if isinstance(node, (ast.If, ast.Try)):
-            module_level |= {id(n) for n in ast.walk(node)}
+    module_level = {id(stmt) for stmt in _run_at_import(tree.body)}
     found = []
     lines = source.splitlines()
     for node in ast.walk(tree):
@@ -154,7 +166,9 @@ def test_the_rules_see_relative_and_function_level_imports(tmp_path, monkeypatch
     package = tmp_path / "hf_qlimit"
     (package / "nn").mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "nn" / "__init__.py").write_text("from .. import calibration\n")
+    (package / "nn" / "__init__.py").write_text(
+        "from typing import TYPE_CHECKING\nfrom .. import calibration\nif TYPE_CHECKING:\n    from ..export import gguf\n"
+    )
     (package / "nn" / "a.py").write_text(
         "import importlib\n\ndef f():\n    from ..transforms.apply import x\n"
         "    return importlib.import_module('hf_qlimit.export.gguf')\n"
@@ -162,6 +176,7 @@ def test_the_rules_see_relative_and_function_level_imports(tmp_path, monkeypatch
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     found = {(p.name, m, top) for p in sorted(package.rglob("*.py")) for _, m, top, _ in _imports(p)}
     assert ("__init__.py", "hf_qlimit.calibration", True) in found
+    assert ("__init__.py", "hf_qlimit.export.gguf", False) in found  # for type checkers only: not loaded
     assert ("a.py", "hf_qlimit.transforms.apply", False) in found
     assert ("a.py", "hf_qlimit.export.gguf", False) in found
     with pytest.raises(pytest.fail.Exception, match=r"hf_qlimit/nn/a\.py:4: from \.\.transforms\.apply import x"):
