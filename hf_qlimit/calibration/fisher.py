@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block_inputs import Stream, block_output, to_device
 from ..hf.surgery import quant_state
+from .block_inputs import Stream, block_output, to_device
 
 
 def output_logits(output) -> list[torch.Tensor]:

@@ -154,11 +154,8 @@ class Offloader:
         for hook in self.parked.values():
             hook.execution_device = cpu
         if self.parked:  # save_pretrained reads meta tensors back through the hooks when the map says "disk"
-            self.model.hf_device_map = {
-                **{n: "cpu" for n, m in self.model.named_modules()
-                   if not self._is_parked(n) and _has_direct_tensors(m)},  # fmt: skip
-                **dict.fromkeys(self.parked, "disk"),
-            }
+            in_memory = [n for n, m in self.model.named_modules() if not self._is_parked(n) and _has_direct_tensors(m)]
+            self.model.hf_device_map = {**dict.fromkeys(in_memory, "cpu"), **dict.fromkeys(self.parked, "disk")}
         elif hasattr(self.model, "hf_device_map"):
             del self.model.hf_device_map  # no longer dispatched: save_pretrained must not look for offloaded files
 

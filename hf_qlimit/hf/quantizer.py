@@ -10,8 +10,8 @@ from transformers.quantizers import HfQuantizer
 from transformers.utils import logging
 
 from ..config import QLimitConfig
-from .surgery import convert_model, quantized_modules, share_tied_codes
 from ..quantizers import ActQuantizer, WeightQuantizer
+from .surgery import convert_model, quantized_modules, share_tied_codes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -4,8 +4,16 @@
 The pipeline calls `allocate_bits` on the FP model when `config.bit_candidates` is set.
 """
 
-from .allocation import Allocation, LayerCost, allocate_bits, block_linears, budget_limits, budget_usage, layer_costs
-from .allocation import solve_allocation
+from .allocation import (
+    Allocation,
+    LayerCost,
+    allocate_bits,
+    block_linears,
+    budget_limits,
+    budget_usage,
+    layer_costs,
+    solve_allocation,
+)
 from .cache import cached_sensitivity
 from .sensitivity import Sensitivity, measure_sensitivity
 

@@ -172,9 +172,9 @@ class _BitsProblem:
         fixed_use = budget_usage({n: costs[n] for n in fixed}, fixed)
         rows = [({col[n, b]: 1 for b in candidates}, 1, 1) for n in free]  # (coefficients, lower, upper) of each row
         budget_rows = {key: len(rows) + k for k, key in enumerate(limits)}
-        for key in limits:
+        for key, allowed in limits.items():
             usage = {i: _layer_usage(costs[n], b)[key] for (n, b), i in col.items()}
-            rows.append((usage, -np.inf, limits[key] - fixed_use[key]))
+            rows.append((usage, -np.inf, allowed - fixed_use[key]))
         # y_k ≥ x[a,low] + x[b,low] − 1: pair k's excess is paid when both are at the lowest bits
         low = candidates[0]
         rows += [({nx + k: 1, col[a, low]: -1, col[b, low]: -1}, -1, np.inf) for k, (a, b, _) in enumerate(pairs)]
