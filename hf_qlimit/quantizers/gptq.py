@@ -14,7 +14,7 @@ import torch
 from transformers.utils import logging
 
 from .fake_quant import quantize_codes
-from .range_search import _CHUNK, _search_rows, group_view
+from .range_search import group_view, search_grouped_rows
 
 logger = logging.get_logger(__name__)
 
@@ -135,7 +135,19 @@ def gptq_compensated_weight(
         w, h, col_group = w[:, perm], h[perm][:, perm], col_group[perm]
     u = _upper_inverse_cholesky(h, damp)
     del h
+    compensated = _compensate_columns(w, u, scale, zero, col_group, bits, block_size)
+    if act_order:
+        compensated = compensated[:, torch.argsort(perm)]
+    return compensated
 
+
+def _compensate_columns(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        col_group: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:  # fmt: skip
+    """GPTQ's loop (IST-DASLab's `fasterquant`) on `w`, which it overwrites, columns in blocks of `block_size`:
+    each column's rounding error, divided by U[i,i], goes right away into the later columns of its block (a
+    rank-one update), and at the block's end into all later blocks (one matmul). Returns every column as it
+    was just before its rounding."""
+    in_features = w.shape[1]
     compensated = torch.empty_like(w)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
@@ -153,9 +165,6 @@ def gptq_compensated_weight(
             errors[:, i] = err
         if end < in_features:
             w[:, end:].addmm_(errors, u[start:end, end:], alpha=-1.0)
-
-    if act_order:
-        compensated = compensated[:, torch.argsort(perm)]
     return compensated
 
 
@@ -169,8 +178,4 @@ def search_weight_range_output(
     diag = hessian.diagonal() if hessian.dim() == 2 else hessian
     w = group_view(weight.detach().float(), group_size)
     weight_of = group_view(diag.to(device=w.device, dtype=torch.float32).reshape(1, -1), group_size)
-    rows = max(1, _CHUNK // (w.shape[1] * w.shape[2]))
-    parts = [_search_rows(w[i : i + rows], bits, symmetric, 2.0, err_weight=weight_of) for i in range(0, w.shape[0], rows)]
-    scale = torch.cat([s for s, _ in parts]).squeeze(-1)
-    zero = torch.cat([z for _, z in parts]).squeeze(-1)
-    return scale, zero
+    return search_grouped_rows(w, bits, symmetric, 2.0, err_weight=weight_of)

@@ -9,7 +9,7 @@ from .fake_quant import dequantize_codes, quantize_codes, scale_zero_from_range
 # Fractions of the observed range tried as the clipping range: a coarse grid, then a finer one around the best.
 _COARSE = torch.linspace(1.0, 0.2, 17).tolist()
 _FINE_STEP = 0.05 / 4
-_CHUNK = 1 << 18  # weights are searched in chunks of rows that stay in the CPU cache across candidates
+SEARCH_CHUNK = 1 << 18  # weights are searched in chunks of rows that stay in the CPU cache across candidates
 
 
 def _lp_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, p: float, dim, err_weight=None):
@@ -38,6 +38,19 @@ def _search_rows(w: torch.Tensor, bits: int, symmetric: bool, p: float, xmin=Non
     return scale_zero_from_range(fine * xmin, fine * xmax, bits, symmetric)
 
 
+def search_grouped_rows(
+    w: torch.Tensor, bits: int, symmetric: bool, p: float, err_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of shape (out, groups) for a grouped weight (out, groups, group_size), a chunk of rows at a
+    time; `err_weight` (broadcast to a chunk) weights each value's error."""
+    rows = max(1, SEARCH_CHUNK // (w.shape[1] * w.shape[2]))
+    parts = [_search_rows(w[i : i + rows], bits, symmetric, p, err_weight=err_weight)
+             for i in range(0, w.shape[0], rows)]  # fmt: skip
+    scale = torch.cat([s for s, _ in parts]).squeeze(-1)
+    zero = torch.cat([z for _, z in parts]).squeeze(-1)
+    return scale, zero
+
+
 @torch.no_grad()
 def search_weight_range(
     weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, p: float | None = 2.4
@@ -47,11 +60,7 @@ def search_weight_range(
     w = group_view(weight.detach().float(), group_size)
     if p is None:
         return scale_zero_from_range(w.amin(dim=-1), w.amax(dim=-1), bits, symmetric)
-    rows = max(1, _CHUNK // (w.shape[1] * w.shape[2]))
-    parts = [_search_rows(w[i : i + rows], bits, symmetric, p) for i in range(0, w.shape[0], rows)]
-    scale = torch.cat([s for s, _ in parts]).squeeze(-1)
-    zero = torch.cat([z for _, z in parts]).squeeze(-1)
-    return scale, zero
+    return search_grouped_rows(w, bits, symmetric, p)
 
 
 @torch.no_grad()
