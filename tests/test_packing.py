@@ -17,7 +17,7 @@ def test_layout_is_lsb_first():
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("n", [7, 8, 33, 96])
 def test_round_trip_in_small_chunks(bits, n, monkeypatch):
-    monkeypatch.setattr(packing, "_CHUNK", 64)  # several chunks of rows on the bit-map path
+    monkeypatch.setattr(packing, "BIT_CHUNK", 64)  # several chunks of rows on the bit-map path
     codes = torch.randint(0, 2**bits, (13, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
     packed = packing.pack_codes(codes, bits)
     assert packed.shape == (13, packing.packed_row_bytes(n, bits))

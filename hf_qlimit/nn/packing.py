@@ -9,7 +9,7 @@ def packed_row_bytes(in_features: int, bits: int) -> int:
     return (in_features * bits + 7) // 8
 
 
-_CHUNK = 1 << 22  # bits per chunk on the generic path: its bit map holds one byte per bit
+BIT_CHUNK = 1 << 22  # bits per chunk on the generic path: its bit map holds one byte per bit
 
 
 def _whole_codes_per_byte(n: int, bits: int) -> int | None:
@@ -28,7 +28,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for k in range(1, per):
             out |= grouped[..., k] << (k * bits)
         return out
-    step = max(1, _CHUNK // max(1, n * bits))  # rows at a time: the bit map of a whole embedding is GBs
+    step = max(1, BIT_CHUNK // max(1, n * bits))  # rows at a time: the bit map of a whole embedding is GBs
     return torch.cat([_pack_bitmap(codes[i : i + step], bits) for i in range(0, rows, step)])
 
 
@@ -50,7 +50,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if per is not None:
         mask = (1 << bits) - 1
         return torch.stack([(packed >> (k * bits)) & mask for k in range(per)], dim=-1).reshape(rows, n)
-    step = max(1, _CHUNK // max(1, n * bits))
+    step = max(1, BIT_CHUNK // max(1, n * bits))
     return torch.cat([_unpack_bitmap(packed[i : i + step], bits, n) for i in range(0, rows, step)])
 
 
