@@ -204,7 +204,7 @@ def test_a_kernel_failing_at_its_first_call_falls_back_to_exact_dequantization(m
     assert all(m._kernel is None and m._kernel_failed for m in blocks)
     assert (got - exact).abs().max() < BF16_TOLERANCE * exact.abs().max()  # the 8-bit head still ran its kernel
     x = torch.randn(2, blocks[0].cols)
-    assert torch.equal(blocks[0](x), torch.nn.functional.linear(x, blocks[0]._dequantize_rows()))
+    assert torch.equal(blocks[0](x), torch.nn.functional.linear(x, blocks[0].dequantize_rows()))
 
 
 def test_packed_layers_pass_gradients_to_their_inputs():
@@ -216,7 +216,7 @@ def test_packed_layers_pass_gradients_to_their_inputs():
     x = torch.randn(3, layer.cols, requires_grad=True)
     layer(x).pow(2).sum().backward()
     assert layer._kernel is not None
-    weight = layer._dequantize_rows()
+    weight = layer.dequantize_rows()
     xr = x.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(xr, weight).pow(2).sum().backward()
     assert (x.grad - xr.grad).abs().max() <= BF16_TOLERANCE * xr.grad.abs().max()

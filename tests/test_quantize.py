@@ -217,8 +217,8 @@ def test_embedding_lookup_quantizes_only_the_rows_it_needs(frozen):
 def test_large_frozen_linear_without_cache_runs_in_slabs(monkeypatch):
     from torch import nn
 
-    from hf_qlimit.nn import modules
     from hf_qlimit.nn.modules import QuantLinear
+    from hf_qlimit.quantizers import chunks
 
     layer = QuantLinear.from_linear(nn.Linear(16, 40), {"w": 4, "a": None}, None, False, False)
     layer.weight_quantizer.init_range(layer.weight, 2.4)
@@ -227,6 +227,10 @@ def test_large_frozen_linear_without_cache_runs_in_slabs(monkeypatch):
     full = layer(x)  # one dequantized matrix (and cached)
     layer.invalidate_cache()
     layer.keep_dequantized = False
-    monkeypatch.setattr(modules, "ROW_CHUNK", 16 * 7)  # slabs of 7 output rows: 6 slabs, the last one short
+    monkeypatch.setattr(chunks, "ROW_CHUNK", 16 * 7)  # slabs of 7 output rows: 6 slabs, the last one short
+    slabs = []
+    dequantize_rows = layer.dequantize_rows
+    monkeypatch.setattr(layer, "dequantize_rows", lambda rows=None: slabs.append(rows) or dequantize_rows(rows))
     torch.testing.assert_close(layer(x), full)
+    assert [(s.start, s.stop) for s in slabs] == [(0, 7), (7, 14), (14, 21), (21, 28), (28, 35), (35, 40)]
     assert layer._dequantized is None

@@ -37,8 +37,8 @@ def test_adaround_starts_at_the_fp_weight():
     w = torch.randn(16, 32)
     quantizer = WeightQuantizer(4, (16, 32), None, False)
     quantizer.init_range(w, 2.4)
-    quantizer.init_adaround(w)
-    scale, zero = quantizer._grid()
+    quantizer.begin_adaround(w)
+    scale, zero = quantizer.grid()
     real = w / scale.squeeze(-1) + zero.squeeze(-1)  # position on the integer grid
     frac = real - real.floor()
     inside = (real > 0) & (real < 15) & (frac > 1e-3) & (frac < 1 - 1e-3)  # not clipped, not at the h clamp
@@ -125,10 +125,10 @@ def test_fused_soft_rounding_matches_autograd(beta, monkeypatch):
     """The hand-written backward of AdaRound's weight + regulariser equals autograd through the plain formula.
 
     Through the Linear op with x = I, so its output is the soft weight itself (transposed)."""
-    from hf_qlimit.quantizers import adaround
-    from hf_qlimit.quantizers.adaround import GAMMA, ZETA, _SoftRoundedLinear
+    from hf_qlimit.quantizers import chunks
+    from hf_qlimit.quantizers.adaround import GAMMA, ZETA, SoftRoundedLinear
 
-    monkeypatch.setattr(adaround, "TEMP_CHUNK", 32)  # two rows per chunk
+    monkeypatch.setattr(chunks, "TEMP_CHUNK", 32)  # two rows per chunk
 
     g = torch.Generator().manual_seed(0)
     alpha = (3 * torch.randn(8, 1, 16, generator=g)).requires_grad_(True)  # some h clamped at 0 or 1
@@ -139,12 +139,12 @@ def test_fused_soft_rounding_matches_autograd(beta, monkeypatch):
     # the stored code: floor + zero, clamped to [qmin - 2, qmax + 1] in int16, must not change value or gradient
     code_floor = (w_floor + zero).clamp(-2, 16).to(torch.int16)
     eye = torch.eye(16)
-    out, reg = _SoftRoundedLinear.apply(eye, alpha, code_floor, zero, scale, None, 0, 15, beta, True)
+    out, reg = SoftRoundedLinear.apply(eye, alpha, code_floor, zero, scale, None, 0, 15, beta, True)
     out = out.t().reshape(8, 1, 16)
     ((out * upstream).sum() + 0.01 * reg).backward()
     fused = alpha.grad.clone()
-    alpha.grad = None  # without the regulariser's value (report_reg=False) its gradient is the same
-    out2, reg2 = _SoftRoundedLinear.apply(eye, alpha, code_floor, zero, scale, None, 0, 15, beta, False)
+    alpha.grad = None  # without the regulariser's value (report=False) its gradient is the same
+    out2, reg2 = SoftRoundedLinear.apply(eye, alpha, code_floor, zero, scale, None, 0, 15, beta, False)
     ((out2.t().reshape(8, 1, 16) * upstream).sum() + 0.01 * reg2).backward()
     assert reg2.item() == 0.0 and torch.equal(alpha.grad, fused)
 
@@ -163,7 +163,7 @@ def _learning_linear(bits: int = 4, group_size: int | None = None) -> QuantLinea
     torch.manual_seed(0)
     module = QuantLinear.from_linear(torch.nn.Linear(32, 24), {"w": bits, "a": None}, group_size, False, False)
     module.weight_quantizer.init_range(module.weight, 2.4)
-    module.weight_quantizer.init_adaround(module.weight)
+    module.weight_quantizer.begin_adaround(module.weight)
     return module
 
 
@@ -172,43 +172,44 @@ def _learning_linear(bits: int = 4, group_size: int | None = None) -> QuantLinea
 def test_fused_soft_rounded_linear_matches_the_unfused_path(group_size, beta, learn_scale, monkeypatch):
     """The Linear's own backward (weight and its gradient a row chunk at a time) gives autograd's gradients,
     also for a learned step."""
-    from hf_qlimit.quantizers import adaround
+    from hf_qlimit.quantizers import chunks
 
-    monkeypatch.setattr(adaround, "TEMP_CHUNK", 100)  # several row chunks
+    monkeypatch.setattr(chunks, "TEMP_CHUNK", 100)  # several row chunks
     module = _learning_linear(group_size=group_size)
-    quantizer = module.weight_quantizer
-    quantizer.beta = beta
+    quantizer, state = module.weight_quantizer, module.weight_quantizer.rounding
+    state.set_schedule(beta)
     if learn_scale:
-        quantizer.learn_scale().data.uniform_(-0.2, 0.2)
+        state.learn_scale().data.uniform_(-0.2, 0.2)
     x = torch.randn(3, 5, 32, requires_grad=True)
     upstream = torch.randn(3, 5, 24)
     out = module(x)  # the fused op
-    reg = quantizer.rounding_loss() if beta is not None else 0.0
+    assert quantizer.learning
+    reg = state.rounding_loss() if beta is not None else 0.0
     ((out * upstream).sum() + 0.01 * reg).backward()
-    fused = out.detach(), quantizer.alpha.grad.clone(), x.grad.clone()
-    fused_scale = quantizer.log_scale.grad.clone() if learn_scale else None
+    fused = out.detach(), state.alpha.grad.clone(), x.grad.clone()
+    fused_scale = state.log_scale.grad.clone() if learn_scale else None
 
-    quantizer.alpha.grad, x.grad = None, None
+    state.alpha.grad, x.grad = None, None
     if learn_scale:
-        quantizer.log_scale.grad = None
+        state.log_scale.grad = None
     w_q = quantizer(module.weight)  # the soft weight as its own op, then a plain Linear
-    reg = quantizer.rounding_loss() if beta is not None else 0.0
+    reg = state.rounding_loss() if beta is not None else 0.0
     ref = torch.nn.functional.linear(x, w_q, module.bias)
     ((ref * upstream).sum() + 0.01 * reg).backward()
     torch.testing.assert_close(fused[0], ref.detach())
-    torch.testing.assert_close(fused[1], quantizer.alpha.grad)
+    torch.testing.assert_close(fused[1], state.alpha.grad)
     torch.testing.assert_close(fused[2], x.grad)
     if learn_scale:
         assert fused_scale.abs().sum() > 0
-        torch.testing.assert_close(fused_scale, quantizer.log_scale.grad)
+        torch.testing.assert_close(fused_scale, state.log_scale.grad)
 
 
 @pytest.mark.parametrize("bits,dtype", [(2, torch.int8), (4, torch.int8), (6, torch.int8), (8, torch.int16)])
 def test_rounding_codes_are_small_integers_and_the_fp_weight_can_go(bits, dtype):
     module = _learning_linear(bits)
-    assert module.weight_quantizer.w_floor.dtype == dtype
+    assert module.weight_quantizer.rounding.w_floor.dtype == dtype
     before = module.weight_quantizer(module.weight).detach()
-    module.weight_quantizer.release_weight(module)
+    module.release_fp_weight()
     assert module.weight.is_meta
     assert torch.equal(module.weight_quantizer(module.weight).detach(), before)
     with torch.no_grad():
@@ -221,13 +222,13 @@ def test_rounding_codes_are_small_integers_and_the_fp_weight_can_go(bits, dtype)
 
 
 def test_adam_stepped_during_backward_equals_adam_after_backward():
-    from hf_qlimit.calibration.reconstruction import _step_in_backward
+    from hf_qlimit.calibration.rounding import step_in_backward
 
     torch.manual_seed(0)
     a, b = torch.randn(4, 5, requires_grad=True), torch.randn(3, requires_grad=True)
     a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([a2, b2], lr=1e-3, fused=True)
-    hooks = _step_in_backward([a, b], 1e-3)
+    hooks = step_in_backward([a, b], 1e-3)
     for _ in range(3):
         (a.sin().sum() * b.cos().sum() + a.sum()).backward()  # two uses of a: summed, then one step
         opt.zero_grad()
@@ -240,13 +241,13 @@ def test_adam_stepped_during_backward_equals_adam_after_backward():
 
 
 def test_fused_lsq_matches_torchs_learnable_kernel_and_drops_exactly():
-    from hf_qlimit.quantizers.lsq import _LearnedStepQuant
+    from hf_qlimit.quantizers.lsq import LearnedStepQuant
 
     torch.manual_seed(0)
     x0, upstream = 3 * torch.randn(64, 48), torch.randn(64, 48)  # wide enough that some elements clip
     scale, zero = torch.tensor(0.02), torch.tensor(100.0)
     x, s = x0.clone().requires_grad_(True), scale.clone().requires_grad_(True)
-    (_LearnedStepQuant.apply(x, s, zero, 255, 0.0) * upstream).sum().backward()
+    (LearnedStepQuant.apply(x, s, zero, 255, 0.0) * upstream).sum().backward()
     x_ref, s_ref = x0.clone().requires_grad_(True), scale.reshape(1).clone().requires_grad_(True)
     out_ref = torch._fake_quantize_learnable_per_tensor_affine(x_ref, s_ref, zero.reshape(1), 0, 255, 1.0)
     (out_ref * upstream).sum().backward()
@@ -254,7 +255,7 @@ def test_fused_lsq_matches_torchs_learnable_kernel_and_drops_exactly():
     torch.testing.assert_close(s.grad.reshape(1), s_ref.grad, rtol=1e-4, atol=1e-3)
 
     x.grad = s.grad = None
-    out = _LearnedStepQuant.apply(x, s, zero, 255, 0.5)
+    out = LearnedStepQuant.apply(x, s, zero, 255, 0.5)
     dropped = out == x0  # dropped elements are x exactly (a quantized one equals x only by chance)
     assert 0.4 < dropped.float().mean() < 0.6
     (out * upstream).sum().backward()
@@ -262,3 +263,33 @@ def test_fused_lsq_matches_torchs_learnable_kernel_and_drops_exactly():
     with torch.no_grad():
         quantized = torch.fake_quantize_per_tensor_affine(x0, 0.02, 100, 0, 255)
     assert torch.equal(out[~dropped], quantized[~dropped])
+
+
+@pytest.mark.parametrize("mode", ["adaround", "adaround-learned-step", "sign"])
+def test_finishing_keeps_the_hard_rounded_weight(mode):
+    """`finish_learning` leaves the decided codes and the grid (a learned step or range baked in) that give the
+    very floats the hard rounding gave while learning, and `freeze` packs exactly those."""
+    torch.manual_seed(0)
+    module = QuantLinear.from_linear(torch.nn.Linear(32, 24), {"w": 3, "a": None}, 8, False, False)
+    quantizer = module.weight_quantizer
+    quantizer.init_range(module.weight, 2.4)
+    grid = quantizer.scale.clone()
+    with torch.no_grad():
+        if mode == "sign":
+            state = quantizer.begin_sign(module.weight, learn_range=True)
+            state.offset.uniform_(-0.5, 0.5)
+            state.low_factor.uniform_(0.6, 1.0)
+            state.high_factor.uniform_(0.6, 1.0)
+        else:
+            state = quantizer.begin_adaround(module.weight)
+            state.set_hard(True)
+            if mode == "adaround-learned-step":
+                state.learn_scale().uniform_(-0.2, 0.2)
+        hard = quantizer(module.weight)
+        quantizer.finish_learning()
+        assert not quantizer.learning
+        assert torch.equal(quantizer(module.weight), hard)
+    assert (mode == "adaround") == torch.equal(quantizer.scale, grid)  # a learned grid went into `scale`
+    module.freeze()
+    assert quantizer.rounding is None
+    assert torch.equal(module.quantized_weight(), hard)

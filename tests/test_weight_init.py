@@ -68,9 +68,8 @@ def test_margin_start_puts_the_soft_weight_next_to_the_decision():
     w = torch.randn(8, 16)
     q = WeightQuantizer(3, (8, 16), None, False)
     q.init_range(w, 2.4)
-    q.start, q.start_margin = w.clone(), 0.05
-    q.init_adaround(w)
-    h = q.soft_rounding()
+    q.start_from(w.clone(), 0.05)
+    h = q.begin_adaround(torch.zeros_like(w)).soft_rounding()  # from the start weight, not this one
     assert torch.allclose(torch.minimum(h, 1 - h), torch.full_like(h, 0.05), atol=1e-5)
 
 
@@ -133,12 +132,12 @@ def test_signed_rounding_learns_codes_and_grid_and_reloads(tmp_path):
 
 
 def test_signed_rounding_keeps_each_factor_and_offset_in_bounds():
-    from hf_qlimit.quantizers.signround import FACTOR_BOUNDS, V_BOUND, SignRounding, SignSGD
+    from hf_qlimit.quantizers.signround import FACTOR_BOUNDS, V_BOUND, SignRoundState, SignSGD
 
     w = torch.randn(4, 2, 8)
     scale = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 7
     zero = (-w.amin(-1, keepdim=True) / scale).round()
-    r = SignRounding(w, scale, zero, 3, symmetric=False, learn_range=True)
+    r = SignRoundState(w, scale, zero, 3, symmetric=False, learn_range=True)
     assert torch.allclose(r(), (torch.round(w / scale) + zero).clamp(0, 7).sub(zero).mul(scale))
     opt = SignSGD(r.parameters_to_learn(), lr=0.3, total=10)
     for _ in range(10):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .block_inputs import BlockInputs, Stream, call_block
 from ..config import WEIGHT_INITS
 from ..hf.surgery import quant_state, quantized_modules
 from ..nn.modules import QuantLinear
 from ..quantizers.gptq import HessianAccumulator, gptq_compensated_weight
+from .block_inputs import BlockInputs, Stream, call_block
 
 
 @torch.no_grad()
@@ -58,8 +58,8 @@ def init_block_weights(
     margin: float | None = None,
     act_order: bool = False,
 ) -> None:
-    """Sets each quantized Linear's starting weight (`weight_quantizer.start`) by `method`; "rtn" leaves the FP
-    weight. Call after the grids are set and before the FP weights are released."""
+    """Sets where each quantized Linear's rounding starts (`weight_quantizer.start_from`) by `method`; "rtn"
+    leaves the FP weight. Call after the grids are set and before the FP weights are released."""
     if method == "rtn":
         return
     if method not in WEIGHT_INITS:
@@ -69,7 +69,7 @@ def init_block_weights(
         if name not in hessians:
             continue
         q = module.weight_quantizer
-        q.start = gptq_compensated_weight(
+        start = gptq_compensated_weight(
             module.weight, hessians.pop(name), q.scale, q.zero, q.bits, q.group_size, act_order=act_order
         )
-        q.start_margin = margin
+        q.start_from(start, margin)

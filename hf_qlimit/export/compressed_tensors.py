@@ -166,7 +166,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, allow_unser
         dense += others
         groups = {main: groups[main]}
     for name in dense:
-        tensors[f"{name}.weight"] = quantized[name]._dequantize_rows().cpu().contiguous()
+        tensors[f"{name}.weight"] = quantized[name].dequantize_rows().cpu().contiguous()
         if getattr(quantized[name], "bias", None) is not None:
             tensors[f"{name}.bias"] = quantized[name].bias.detach().cpu().contiguous()
     for scheme, names in groups.items():

@@ -120,7 +120,7 @@ def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
         order = next((_rope_rows(module.rows, h) for key, h in heads.items() if f".{key}." in target), None)
         mapped = _blocks(module) if isinstance(module, QuantLinear) else None
         if mapped is None:  # exact float values instead
-            weight = module._dequantize_rows().cpu()
+            weight = module.dequantize_rows().cpu()
             floats.append(name)
             writer.add_tensor(target, (weight if order is None else weight[order]).numpy())
             continue

@@ -124,7 +124,9 @@ def prepare_int8(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     return weight, scale.t().to(KERNEL_DTYPE).contiguous(), offset
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, offset: torch.Tensor | None
+) -> torch.Tensor:
     groups, rows, group = weight.shape
     x2d = x.reshape(-1, x.shape[-1])
     xb = x2d.to(KERNEL_DTYPE)
@@ -143,3 +145,24 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, off
 def unpack_int8(weight: torch.Tensor) -> torch.Tensor:
     groups, rows, group = weight.shape
     return (weight.permute(1, 0, 2).reshape(rows, groups * group).view(torch.uint8) ^ 0x80).reshape(-1)
+
+
+def prepare(chosen: KernelPlan, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+            cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(weight, scales, offset or None) of hf_qlimit's packed rows in the layout of `chosen`'s kernel."""
+    if chosen.kind == "int4":
+        return (*prepare_int4(packed, scale, zero, cols, chosen.group), None)
+    return prepare_int8(packed, scale, zero, cols, chosen.group)
+
+
+def linear(chosen: KernelPlan, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+           offset: torch.Tensor | None, rows: int) -> torch.Tensor:  # fmt: skip
+    """x · Wᵀ (no bias) through `chosen`'s kernel, in x's dtype."""
+    if chosen.kind == "int4":
+        return int4_linear(x, weight, scales, chosen.group, rows).to(x.dtype)
+    return int8_linear(x, weight, scales, offset).to(x.dtype)
+
+
+def unpack(chosen: KernelPlan, weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """hf_qlimit's flat packed codes back from `chosen`'s layout, exactly."""
+    return unpack_int4(weight, rows, cols) if chosen.kind == "int4" else unpack_int8(weight)

@@ -16,13 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers.utils import logging
 
+from ..quantizers import ActQuantizer, WeightQuantizer, chunks, first_token
 from . import kernels, memory
 from .packing import pack_codes, packed_row_bytes, unpack_codes
-from ..quantizers import ActQuantizer, WeightQuantizer, first_token
-from ..quantizers.adaround import ROW_CHUNK, row_slices
 
 logger = logging.get_logger(__name__)
 
@@ -40,10 +38,7 @@ class _QuantWeightMixin:
     """
 
     weight_quantizer: WeightQuantizer
-    # None: packed inference (kernels where they fit, else dequantize per call, no float copy kept); False:
-    # always dequantize per call, in float (quantization sets this, so its frozen blocks stay exact and cost no
-    # memory); True: keep an fp32 copy after the first forward (fast for small models, 8x a W4 weight's bytes).
-    keep_dequantized: bool | None = None
+    keep_dequantized: bool | None = None  # the inference mode (see the module's docstring), set_inference_mode's
 
     def _init_weight(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool, frozen: bool):
         self.rows, self.cols = rows, cols
@@ -65,23 +60,28 @@ class _QuantWeightMixin:
         packed = torch.empty(self.rows, row_bytes, dtype=torch.uint8, device=self.weight_quantizer.scale.device)
         for rows, codes in self.weight_quantizer.code_chunks(self.weight):
             packed[rows] = pack_codes(codes, bits)
-        self.weight_quantizer.alpha = self.weight_quantizer.w_floor = self.weight_quantizer._reg = None
+        self.weight_quantizer.clear_rounding()
         del self.weight
         self.register_buffer("weight", packed.reshape(-1))
         self.is_frozen = True
         self._dequantized = None
 
+    def release_fp_weight(self) -> None:
+        """Once the quantizer's rounding state holds the rounding, the FP weight is needed no more (only its
+        shape): it goes to `meta`."""
+        if self.weight_quantizer.rounding is not None:
+            self.weight = nn.Parameter(self.weight.to("meta"), requires_grad=False)
+
     def packed_weight(self) -> torch.Tensor:
         """The flat uint8 buffer of hf_qlimit codes (rebuilt exactly if the weight is in a kernel's layout)."""
         if self._kernel is None:
             return self._buffers["weight"]
-        if self._kernel.kind == "int4":
-            return kernels.unpack_int4(self._kernel_weight, self.rows, self.cols)
-        return kernels.unpack_int8(self._kernel_weight)
+        return kernels.unpack(self._kernel, self._kernel_weight, self.rows, self.cols)
 
     def __getattr__(self, name: str):
         # `.weight` of a module whose codes sit in a kernel's layout (or in a tied head): the hf_qlimit codes
-        if name == "weight" and (self.__dict__.get("_kernel") is not None or self.__dict__.get("_tied_head") is not None):
+        if name == "weight" and (self.__dict__.get("_kernel") is not None
+                                 or self.__dict__.get("_tied_head") is not None):  # fmt: skip
             return self.packed_weight()
         return super().__getattr__(name)
 
@@ -91,7 +91,7 @@ class _QuantWeightMixin:
             return self.weight_quantizer(self.weight)
         if self._has_cache():
             return self._dequantized
-        weight = self._dequantize_rows()
+        weight = self.dequantize_rows()
         self._dequantized = weight if self.keep_dequantized else None
         return weight
 
@@ -107,7 +107,7 @@ class _QuantWeightMixin:
         packed = self.packed_weight().reshape(self.rows, -1)
         return unpack_codes(packed if rows is None else packed[rows], self.weight_quantizer.bits, self.cols)
 
-    def _dequantize_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+    def dequantize_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Float weight of a frozen module, all rows or only `rows` (a slice or index tensor)."""
         return self.weight_quantizer.dequantize(self.code_rows(rows), rows=rows)
 
@@ -139,11 +139,7 @@ class _QuantWeightMixin:
             self._kernel_failed = True  # not a layout any kernel takes: decided once
             return False
         try:
-            if chosen.kind == "int4":
-                weight, scales = kernels.prepare_int4(packed, quantizer.scale, quantizer.zero, self.cols, chosen.group)
-                offset = None
-            else:
-                weight, scales, offset = kernels.prepare_int8(packed, quantizer.scale, quantizer.zero, self.cols, chosen.group)
+            weight, scales, offset = kernels.prepare(chosen, packed, quantizer.scale, quantizer.zero, self.cols)
         except RuntimeError as err:  # an op this torch build lacks for the device: stay exact and slower
             logger.warning_once(f"No {chosen.kind} kernel for a {self.rows}x{self.cols} weight here ({err}); "
                                 "such layers dequantize at every call.")  # fmt: skip
@@ -176,11 +172,7 @@ class _QuantWeightMixin:
         return y if self.bias is None else y + self.bias
 
     def _kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel.kind == "int4":
-            y = kernels.int4_linear(x, self._kernel_weight, self._kernel_scales, self._kernel.group, self.rows)
-        else:
-            y = kernels.int8_linear(x, self._kernel_weight, self._kernel_scales, self._kernel_offset)
-        return y.to(x.dtype)
+        return kernels.linear(self._kernel, x, self._kernel_weight, self._kernel_scales, self._kernel_offset, self.rows)
 
     def _apply(self, fn, recurse: bool = True):
         self.release_kernel()  # a kernel layout is tied to its device; taken again at the next forward
@@ -210,7 +202,7 @@ class _PackedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.module._dequantize_rows().to(grad.dtype), None
+        return grad @ ctx.module.dequantize_rows().to(grad.dtype), None
 
 
 def set_inference_mode(model: nn.Module, mode: str = "packed") -> nn.Module:
@@ -252,7 +244,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         self.input_quantizer = ActQuantizer(act_bits, act_sym) if act_bits is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: dict, group_size, weight_sym, act_sym) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, spec: dict, group_size, weight_sym, act_sym) -> QuantLinear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec["w"], spec.get("a"),
                      group_size, weight_sym, act_sym, frozen=False)  # fmt: skip
         module.weight, module.bias = linear.weight, linear.bias
@@ -275,12 +267,13 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
                                     "dequantize at every call.")  # fmt: skip
                 self.release_kernel()
                 self._kernel_failed = True
-        if not self.is_frozen or self._has_cache() or self.keep_dequantized or self.rows * self.cols <= ROW_CHUNK:
+        small = self.rows * self.cols <= chunks.ROW_CHUNK
+        if not self.is_frozen or self._has_cache() or self.keep_dequantized or small:
             return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
         # No cache wanted: a large matrix (an LM head) is dequantized a slab at a time.
         outs = []
-        for rows in row_slices(self.rows, self.cols):
-            weight = self._dequantize_rows(rows).to(x.dtype)
+        for rows in chunks.row_slices(self.rows, self.cols):
+            weight = self.dequantize_rows(rows).to(x.dtype)
             outs.append(F.linear(x, weight, None if self.bias is None else self.bias[rows]))
         return torch.cat(outs, dim=-1)
 
@@ -302,14 +295,14 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         self.__dict__["_tied_head"] = None  # not a submodule: the head stays where the model has it
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, spec: dict, weight_sym: bool) -> "QuantEmbedding":
+    def from_embedding(cls, emb: nn.Embedding, spec: dict, weight_sym: bool) -> QuantEmbedding:
         module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, spec["w"], weight_sym, frozen=False,
                      group_size=spec.get("group"))  # fmt: skip
         module.weight = emb.weight
         return module
 
     @torch.no_grad()
-    def tie_codes(self, head: "QuantLinear") -> None:
+    def tie_codes(self, head: QuantLinear) -> None:
         """Reads the codes from `head` (same codes, checked by the caller) and drops this module's own copy."""
         memory.drop_file_pages(self._buffers["weight"])
         del self._buffers["weight"]
@@ -345,7 +338,7 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         # materialising a vocabulary-sized fp32 copy per call (GBs for a large vocabulary).
         flat = ids.reshape(-1)
         if self.is_frozen:
-            rows = self._dequantize_rows(flat)
+            rows = self.dequantize_rows(flat)
         else:
             rows = self.weight_quantizer(self.weight.index_select(0, flat), rows=flat)
         return rows.reshape(*ids.shape, self.cols)

@@ -1,32 +1,26 @@
-"""Weight quantizer: per-channel (or per-group) affine grid, rounded to nearest or by AdaRound."""
+"""AdaRound's learnable rounding of one weight on a fixed grid (Nagel et al., 2020), the state that
+reconstruction attaches to a `WeightQuantizer` while it learns, and the β and hardening schedules.
+
+w_q = (clamp(c + h(V), qmin, qmax) − z) · s  with  c = ⌊w/s⌋ + z  and  h(V) = clamp(σ(V)(ζ−γ)+γ, 0, 1),
+regularised by R = Σ (1 − |2h − 1|^β), which pushes every h to 0 or 1.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .fake_quant import dequantize_codes, qrange, quantize_codes
-from .range_search import group_view, search_weight_range
-from .signround import SignRounding
+from .chunks import row_slices
+from .fake_quant import dequantize_codes, qrange
+from .range_search import group_view
 
-ROW_CHUNK = 1 << 22  # weight elements handled at a time when a whole matrix need not be in float at once
-# ... and in the elementwise loops of every reconstruction iteration, whose temporaries add to its peak
-TEMP_CHUNK = 1 << 20
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h can reach exactly 0 and 1
+HARD = 100.0  # |V| of a decided rounding: h is exactly 0 or 1 and its gradient 0
 
 
-def row_slices(rows: int, cols: int, temporaries: bool = False) -> Iterator[slice]:
-    """Consecutive row ranges of a (rows, cols) matrix, each of about ROW_CHUNK (TEMP_CHUNK) elements, at
-    least one row."""
-    step = max(1, (TEMP_CHUNK if temporaries else ROW_CHUNK) // cols)
-    for i in range(0, rows, step):
-        yield slice(i, min(i + step, rows))
-
-
-def _code_dtype(bits: int) -> torch.dtype:
+def code_dtype(bits: int) -> torch.dtype:
     """Storage of ⌊w/s⌋ + z (clamped to [qmin − 2, qmax + 1]): int8 up to 6 bits, else int16."""
     return torch.int8 if qrange(bits)[1] + 1 <= torch.iinfo(torch.int8).max else torch.int16
 
@@ -72,10 +66,9 @@ def _backward_chunk(g, xf, alpha, code_floor, zero, scale, qmin: int, qmax: int,
     return grad_h.mul_(live).mul_(torch.addcmul(sig, sig, sig, value=-1)).mul_(ZETA - GAMMA), grad_scale
 
 
-class _SoftRoundedLinear(torch.autograd.Function):
+class SoftRoundedLinear(torch.autograd.Function):
     """F.linear(x, w_q(V), bias) and R(V) in one op, differentiable in V and x.
 
-    w_q = (clamp(c + h(V), qmin, qmax) − z) · s  and  R = Σ (1 − |2h − 1|^β),  c = ⌊w/s⌋ + z.
     With a learned step s (a tensor that requires grad), ∂/∂s comes from the same row chunks.
     Its backward pass rebuilds w_q and forms ∂/∂w_q one row chunk at a time, straight into V's gradient: neither
     the soft weight, its gradient nor autograd's intermediates ever exist whole, which were the peak of a large
@@ -83,7 +76,8 @@ class _SoftRoundedLinear(torch.autograd.Function):
     R's value is computed only when `report_reg` (for the progress bar): its gradient does not need it."""
 
     @staticmethod
-    def forward(ctx, x, alpha, code_floor, zero, scale, bias, qmin: int, qmax: int, beta: float | None, report_reg: bool):
+    def forward(ctx, x, alpha, code_floor, zero, scale, bias, qmin: int, qmax: int, beta: float | None,
+                report_reg: bool):  # fmt: skip
         w_q, reg = _soft_rounded(alpha, code_floor, zero, scale, qmin, qmax, beta if report_reg else None)
         y = torch.nn.functional.linear(x, w_q.reshape(alpha.shape[0], -1).to(x.dtype), bias)
         ctx.save_for_backward(x, alpha, code_floor, zero, scale)
@@ -104,7 +98,7 @@ class _SoftRoundedLinear(torch.autograd.Function):
             grad_alpha[r], chunk_scale = _backward_chunk(
                 gy[:, r], xf, alpha[r], code_floor[r], zero[r], scale[r], qmin, qmax, ctx.beta, grad_reg, grad_x,
                 want_scale,
-            )  # fmt: skip
+            )
             if want_scale:
                 grad_scale[r] = chunk_scale
         grad_bias = gy.sum(0) if ctx.needs_input_grad[5] else None
@@ -112,117 +106,87 @@ class _SoftRoundedLinear(torch.autograd.Function):
         return grad_x, grad_alpha, None, None, grad_scale, grad_bias, None, None, None, None
 
 
-class WeightQuantizer(nn.Module):
-    """Holds the grid (scale, zero point) of one weight and, during reconstruction, AdaRound's variables V.
+class AdaRoundState(nn.Module):
+    """The rounding variables V (`alpha`) of one weight while reconstruction learns them, and optionally a learned
+    dequantization step: s = scale · exp(log_scale), one factor per row and group (the integer codes stay fixed,
+    only the step moves, as TesseraQ's DST).
 
-    The weight itself stays in the owning module; `forward(weight)` returns its fake-quantized copy.
+    The reconstruction loop drives it through `set_schedule`, `rounding_loss`, `harden_fraction`, `set_hard` and
+    `stop_learning`; the `WeightQuantizer` it is attached to calls `fake_quant`, `linear`, `codes` and `final`
+    with its own (scale, zero) of shape (rows, groups).
     """
 
-    def __init__(self, bits: int, shape: tuple[int, int], group_size: int | None, symmetric: bool) -> None:
+    def __init__(self, start: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                 group_size: int | None, margin: float | None = None) -> None:  # fmt: skip
+        """V such that h(V) equals the fractional part of start / s: the soft weight starts at `start` (the FP
+        weight, or GPTQ's w̃). With a `margin`, h starts this close to the decision round-to-nearest takes: a
+        start whose rounding is already decided (GPTQ's w̃: its error feedback assumes the earlier columns
+        rounded) is no good model unrounded."""
         super().__init__()
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        groups = 1 if group_size is None or group_size >= shape[1] else shape[1] // group_size
-        self.register_buffer("scale", torch.ones(shape[0], groups))
-        self.register_buffer("zero", torch.zeros(shape[0], groups, dtype=torch.uint8))
-        self.alpha: nn.Parameter | None = None  # AdaRound's V, same shape as the grouped weight
-        # While learning the grid: s = scale · exp(log_scale), one factor per row and group (the integer codes
-        # stay fixed, only the dequantization step moves, as TesseraQ's DST). Baked into `scale` at the end.
-        self.log_scale: nn.Parameter | None = None
-        self.hard = False  # evaluate with the hard rounding (V >= 0) while V is still soft
-        self.start: torch.Tensor | None = None  # the weight the rounding starts from, if not the FP one (GPTQ's w̃)
-        # With a start weight whose rounding is already decided (GPTQ's w̃: unrounded it is no good model, its error
-        # feedback assumes the earlier columns rounded), h starts this close to the decision instead of at frac(w/s)
-        self.start_margin: float | None = None
-        # ⌊w/s⌋ + z as int8 (int16 above 6 bits), fixed while V is learned; clamped to [qmin − 2, qmax + 1],
-        # which changes neither clamp(c + h) nor its gradient for h in [0, 1]
-        self.register_buffer("w_floor", None, persistent=False)
-        self.beta: float | None = None  # set by the reconstruction loop before each forward; None: no regulariser
-        self._reg: torch.Tensor | None = None
-        self.report_reg = True  # False: the regulariser's value is not computed (its gradient still is)
-        self.sign: SignRounding | None = None  # rounding="sign": AutoRound-style variables instead of V
-        self.enabled = True
-
-    def _grid(self, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero = (self.scale, self.zero) if rows is None else (self.scale[rows], self.zero[rows])
-        if self.log_scale is not None:
-            scale = scale * torch.exp(self.log_scale if rows is None else self.log_scale[rows])
-        return scale.unsqueeze(-1), zero.unsqueeze(-1).float()
-
-    @torch.no_grad()
-    def init_range(self, weight: torch.Tensor, p: float | None) -> None:
-        """The grid from the Lp search (`p`), or from each row's or group's [min, max] with `p=None`."""
-        scale, zero = search_weight_range(weight, self.bits, self.symmetric, self.group_size, p)
-        self.scale.copy_(scale)
-        self.zero.copy_(zero.to(torch.uint8))
-
-    @torch.no_grad()
-    def init_adaround(self, weight: torch.Tensor) -> None:
-        """V such that h(V) equals the fractional part of w / s, i.e. the soft weight starts at the FP weight
-        (or at `self.start`, which is then consumed)."""
-        margin = None
-        if self.start is not None:
-            weight, self.start, margin = self.start, None, self.start_margin
-        scale, zero = self._grid()
-        qmin, qmax = qrange(self.bits)
-        w = group_view(weight.detach().float(), self.group_size) / scale
+        self.bits = bits
+        qmin, qmax = qrange(bits)
+        w = group_view(start.detach().float(), group_size) / scale.unsqueeze(-1)
         floor = w.floor()
         rest = w.sub_(floor).clamp_(1e-4, 1 - 1e-4)
-        if margin is not None:  # h near the decision round-to-nearest takes (V >= 0 iff rest >= ½ holds still)
+        if margin is not None:  # V >= 0 iff rest >= ½ still holds
             rest = torch.where(rest >= 0.5, 1.0 - margin, margin)
-        self.w_floor = floor.add_(zero).clamp_(qmin - 2, qmax + 1).to(_code_dtype(self.bits))
+        # c = ⌊w/s⌋ + z as int8 (int16 above 6 bits), fixed while V is learned; clamped to [qmin − 2, qmax + 1],
+        # which changes neither clamp(c + h) nor its gradient for h in [0, 1]
+        w_floor = floor.add_(zero.unsqueeze(-1).float()).clamp_(qmin - 2, qmax + 1).to(code_dtype(bits))
+        self.register_buffer("w_floor", w_floor, persistent=False)
         del floor
         self.alpha = nn.Parameter(rest.sub_(GAMMA).reciprocal_().mul_(ZETA - GAMMA).sub_(1).log_().neg_())
+        self.register_parameter("log_scale", None)
+        self._step_like = scale.shape, scale.dtype
+        self._hard = False  # evaluate with the hard rounding (V >= 0) while V is still soft
+        self._beta: float | None = None  # None: no regulariser
+        self._report = True  # False: the regulariser's value is not computed (its gradient still is)
+        self._reg: torch.Tensor | None = None  # R from this iteration's forward pass
 
-    @torch.no_grad()
-    def init_sign(self, weight: torch.Tensor, learn_range: bool) -> list[nn.Parameter]:
-        """Starts signed-gradient rounding from `weight` (or from `self.start`, then consumed) on the current grid;
-        `learn_range`: the grid's min and max are learned too. Returns the parameters to learn."""
-        base = self.start if self.start is not None else weight
-        self.start = None
-        scale, zero = self._grid()
-        self.sign = SignRounding(group_view(base.detach().float(), self.group_size), scale, zero, self.bits,
-                                 self.symmetric, learn_range)  # fmt: skip
-        return self.sign.parameters_to_learn()
-
-    @torch.no_grad()
-    def round_start(self) -> None:
-        """Fixes the codes nearest to the initialiser's weight (`start`, e.g. GPTQ's), with no reconstruction."""
-        if self.start is not None:
-            self.init_adaround(self.start)
-            self.finish_learning()
-
-    def soft_rounding(self) -> torch.Tensor:
-        if self.hard:
-            return (self.alpha >= 0).to(self.alpha.dtype)
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    @property
+    def learning(self) -> bool:
+        return self.alpha.requires_grad
 
     def learn_scale(self) -> nn.Parameter:
         """Starts learning the dequantization step (one log-factor per row and group); returns the parameter."""
-        self.log_scale = nn.Parameter(torch.zeros_like(self.scale))
+        shape, dtype = self._step_like
+        self.log_scale = nn.Parameter(torch.zeros(shape, dtype=dtype, device=self.alpha.device))
         return self.log_scale
 
-    @torch.no_grad()
-    def finish_learning(self) -> None:
-        """Ends reconstruction: the rounding becomes hard and a learned step goes into `scale`, as the very floats
-        the forward pass used (so the frozen and the saved model compute what was evaluated)."""
-        if self.sign is not None:  # its codes and grid become AdaRound's hard form: w_floor + 0
-            codes, scale, zero = self.sign.final()
-            self.scale.copy_(scale.squeeze(-1).expand_as(self.scale))
-            self.zero.copy_(zero.squeeze(-1).expand_as(self.zero).to(torch.uint8))
-            self.w_floor = codes.to(_code_dtype(self.bits))
-            self.alpha = nn.Parameter(torch.full_like(codes, -100.0), requires_grad=False)
-            self.sign = None
-        self.harden()
+    def set_schedule(self, beta: float | None, report: bool = True) -> None:
+        """β of the regulariser for the coming forward passes (None: no regulariser); `report`: compute its value
+        too, which only the progress bar shows."""
+        self._beta, self._report = beta, report
+
+    def set_hard(self, hard: bool) -> None:
+        """Evaluate with the hard rounding (V >= 0) while V is still soft, or go back to the soft one."""
+        self._hard = hard
+
+    def stop_learning(self) -> None:
+        """V gets no gradient any more (every h is decided)."""
+        self.alpha.requires_grad_(False)
+
+    def grid(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, z) of shape (rows, groups, 1) from the quantizer's (scale, zero), with the learned step."""
         if self.log_scale is not None:
-            self.scale.copy_(self.scale * torch.exp(self.log_scale))
-            self.log_scale = None
-        self.hard = False
+            scale = scale * torch.exp(self.log_scale)
+        return scale.unsqueeze(-1), zero.unsqueeze(-1).float()
+
+    def soft_rounding(self) -> torch.Tensor:
+        if self._hard:
+            return (self.alpha >= 0).to(self.alpha.dtype)
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def rounding_loss(self) -> torch.Tensor:
+        """Σ (1 - |2h - 1|^β) at the scheduled β, from this iteration's forward pass: pushes every h to 0 or 1."""
+        if self._reg is None:  # the module did not run this iteration: the regulariser still applies
+            return (1 - (2 * self.soft_rounding() - 1).abs().pow(self._beta)).sum()
+        reg, self._reg = self._reg, None
+        return reg
 
     @torch.no_grad()
     def undecided(self, low: float = 0.01, high: float = 0.99) -> tuple[int, int]:
         """(number of h strictly between `low` and `high`, number of h): how far the rounding is from hard."""
-        if self.alpha is None:
-            return 0, 0
         count = 0
         for r in row_slices(self.alpha.shape[0], self.alpha[0].numel(), True):
             h = _soft(self.alpha[r])
@@ -232,93 +196,49 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def harden_fraction(self, fraction: float) -> None:
         """Progressive hardening: the `fraction` of rounding variables with h farthest from ½ (largest |V|),
-        those already hard included, are set hard for good (|V| = 100: h is exactly 0 or 1, its gradient 0)."""
-        if self.alpha is None or fraction <= 0:
+        those already hard included, are set hard for good."""
+        if fraction <= 0:
             return
         magnitude = self.alpha.abs().reshape(-1)
         n = magnitude.numel()
         keep_soft = n - min(n, math.ceil(fraction * n))
         threshold = float(torch.kthvalue(magnitude, keep_soft).values) if keep_soft > 0 else -1.0
         chosen = (magnitude > threshold).reshape(self.alpha.shape)
-        self.alpha.data = torch.where(chosen, torch.where(self.alpha >= 0, 100.0, -100.0), self.alpha)
+        self.alpha.data = torch.where(chosen, torch.where(self.alpha >= 0, HARD, -HARD), self.alpha)
 
-    def release_weight(self, module: nn.Module) -> None:
-        """Once V holds the rounding, the FP weight is needed no more (only its shape): it goes to `meta`."""
-        if self.alpha is not None or self.sign is not None:
-            module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
-
-    @torch.no_grad()
-    def harden(self) -> None:
-        """Saturates V so the soft rounding equals the hard one (h in {0, 1}) exactly."""
-        if self.alpha is not None:
-            self.alpha.data = torch.where(self.alpha >= 0, 100.0, -100.0).to(self.alpha.dtype)
-            self.alpha.requires_grad_(False)
-
-    def rounding_loss(self) -> torch.Tensor:
-        """Σ (1 - |2h - 1|^β) at `self.beta`, from this iteration's forward pass: pushes every h to 0 or 1."""
-        if self._reg is None:  # the module did not run this iteration: the regulariser still applies
-            return (1 - (2 * self.soft_rounding() - 1).abs().pow(self.beta)).sum()
-        reg, self._reg = self._reg, None
-        return reg
-
-    def forward(self, weight: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The fake-quantized weight; with `rows`, `weight` holds only those rows (an embedding lookup)."""
-        if not self.enabled:
-            return weight
-        if self.sign is not None:
-            return self.sign().reshape(weight.shape)
-        scale, zero = self._grid(rows)
-        if self.alpha is None:
-            q = quantize_codes(group_view(weight, self.group_size), scale, zero, self.bits)
-        else:  # `weight` may be on `meta` here (see release_weight): only its shape is used
-            qmin, qmax = qrange(self.bits)
-            # differentiable by autograd; a Linear learning V goes through `linear()` instead
-            h = self.soft_rounding()  # exactly 0 or 1 once `harden()` has run
-            q = torch.clamp(h + self.w_floor, qmin, qmax)
-        return dequantize_codes(q, scale, zero).reshape(weight.shape)
-
-    @property
-    def learning(self) -> bool:
-        """True while V is being learned and this forward pass records a graph."""
-        learns = self.sign is not None or (self.alpha is not None and self.alpha.requires_grad)
-        return learns and torch.is_grad_enabled()
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """F.linear with the soft-rounded weight while V is learned (see _SoftRoundedLinear)."""
-        if self.sign is not None:
-            return nn.functional.linear(x, self.sign().reshape(self.sign.base.shape[0], -1).to(x.dtype), bias)
-        scale, zero = self._grid()
+    def fake_quant(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The soft-rounded weight, grouped, differentiable by autograd (a learning Linear uses `linear`)."""
+        s, z = self.grid(scale, zero)
         qmin, qmax = qrange(self.bits)
-        y, reg = _SoftRoundedLinear.apply(
-            x, self.alpha, self.w_floor, zero, scale, bias, qmin, qmax, self.beta, self.report_reg
-        )
-        self._reg = reg if self.beta is not None else None
+        q = torch.clamp(self.soft_rounding() + self.w_floor, qmin, qmax)
+        return dequantize_codes(q, s, z)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+               zero: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """F.linear with the soft-rounded weight, the regulariser alongside (see SoftRoundedLinear)."""
+        s, z = self.grid(scale, zero)
+        qmin, qmax = qrange(self.bits)
+        y, reg = SoftRoundedLinear.apply(x, self.alpha, self.w_floor, z, s, bias, qmin, qmax, self._beta,
+                                         self._report)  # fmt: skip
+        self._reg = reg if self._beta is not None else None
         return y
 
+    def codes(self, rows: slice) -> torch.Tensor:
+        """The hard-rounded codes of `rows`, grouped, as floats."""
+        qmin, qmax = qrange(self.bits)
+        return torch.clamp(self.w_floor[rows] + (self.alpha[rows] >= 0).float(), qmin, qmax)
+
     @torch.no_grad()
-    def code_chunks(self, weight: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(rows, their uint8 codes) of the final (hard-rounded) weight, a row chunk at a time: the float
-        temporaries of a whole LM head would be GBs."""
-        for rows in row_slices(*weight.shape):
-            yield rows, self._codes(weight, rows)
-
-    def _codes(self, weight: torch.Tensor, rows: slice) -> torch.Tensor:
-        scale, zero = self._grid(rows)
-        if self.alpha is None:
-            q = quantize_codes(group_view(weight[rows].detach().float(), self.group_size), scale, zero, self.bits)
-        else:
-            qmin, qmax = qrange(self.bits)
-            q = torch.clamp(self.w_floor[rows] + (self.alpha[rows] >= 0).float(), qmin, qmax)
-        return q.reshape(-1, weight.shape[1]).to(torch.uint8)
-
-    def dequantize(self, codes: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """Float weight of integer codes (of all rows, or of `rows` only)."""
-        scale, zero = self._grid(rows)
-        q = group_view(codes.float(), self.group_size)
-        return q.sub_(zero).mul_(scale).reshape(codes.shape)  # in place: codes.float() is already a copy
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
+    def final(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, zero, uint8 codes) of the hard rounding, the learned step in the scale as the very floats the
+        forward pass used (so the frozen and the saved model compute what was evaluated)."""
+        self._reg = None  # drops the last graph
+        codes = torch.empty(self.alpha.shape, dtype=torch.uint8, device=self.alpha.device)
+        for r in row_slices(self.alpha.shape[0], self.alpha[0].numel(), True):
+            codes[r] = self.codes(r)
+        if self.log_scale is not None:
+            scale = scale * torch.exp(self.log_scale)
+        return scale, zero, codes
 
 
 def hardened_fraction(step: int, total: int, warmup: float, end: float = 0.8) -> float:

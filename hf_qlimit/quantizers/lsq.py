@@ -41,7 +41,7 @@ def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: 
     return shifted.clamp(0, qmax), shifted, scaled
 
 
-class _LearnedStepQuant(torch.autograd.Function):
+class LearnedStepQuant(torch.autograd.Function):
     """LSQ fake quantization with QDrop's dropping in one op: out = x where dropped, else (clamp(⌊x/s⌉+z) − z)·s.
 
     Gradients: x passes where dropped or inside the grid (straight-through); s gets LSQ's ⌊x/s⌉ − x/s inside,
@@ -79,7 +79,9 @@ class ActQuantizer(nn.Module):
     """Fake-quantizes a tensor on a per-tensor grid whose step size is trained (LSQ); the zero point stays fixed.
 
     Lifecycle: `observe()` -> forwards record extremes and a value sample -> `finish_observing()` sets the grid
-    by Lp search. During reconstruction `drop_prob` > 0 keeps each element in FP with that probability (QDrop).
+    by Lp search. Reconstruction: `begin_reconstruction(drop_prob)` -> steps of the returned `scale`, each followed
+    by `clamp_step()` -> `end_reconstruction()`; meanwhile `drop_prob` > 0 keeps each element in FP with that
+    probability (QDrop).
     """
 
     def __init__(self, bits: int, symmetric: bool = False) -> None:
@@ -87,10 +89,36 @@ class ActQuantizer(nn.Module):
         self.bits, self.symmetric = bits, symmetric
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.register_buffer("zero", torch.tensor(0.0))
-        self.enabled = True
-        self.drop_prob = 0.0
+        self._enabled = True
+        self.drop_prob = 0.0  # set by `begin_reconstruction`
         self._observing = False
         self._stats: dict | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """False: `forward` returns its input as it is (see `hf.surgery.quant_state`)."""
+        return self._enabled
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._enabled = enabled
+
+    def begin_reconstruction(self, drop_prob: float) -> nn.Parameter:
+        """Training mode (QDrop's dropping at `drop_prob`); returns the step size, now learnable."""
+        self.scale.requires_grad_(True)
+        self.drop_prob = drop_prob
+        self.train()
+        return self.scale
+
+    @torch.no_grad()
+    def clamp_step(self) -> None:
+        """Keeps the step size positive after an optimizer step."""
+        self.scale.data.clamp_(min=1e-8)
+
+    def end_reconstruction(self) -> None:
+        self.drop_prob = 0.0
+        self.eval()
+        self.scale.requires_grad_(False)
+        self.scale.grad = None
 
     def observe(self) -> None:
         self._observing = True
@@ -101,7 +129,8 @@ class ActQuantizer(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError(
                 "NaN or Inf activations reached an activation quantizer during calibration. Check the model in full "
-                "precision on the calibration data first (a half-precision overflow is the usual cause; load in float32)."
+                "precision on the calibration data first (a half-precision overflow is the usual cause; load in "
+                "float32)."
             )
         stats = self._stats
         flat = x.detach().reshape(-1).float()
@@ -134,12 +163,12 @@ class ActQuantizer(nn.Module):
         if self._observing:
             self._record(x)
             return x
-        if not self.enabled:
+        if not self._enabled:
             return x
         qmax = 2**self.bits - 1
         drop = self.drop_prob if self.training else 0.0
         if self.scale.requires_grad and torch.is_grad_enabled():
-            return _LearnedStepQuant.apply(x, self.scale, self.zero, qmax, drop)
+            return LearnedStepQuant.apply(x, self.scale, self.zero, qmax, drop)
         scale, zero = self.scale.detach().to(x.dtype), self.zero.round().to(x.dtype)
         xq = _fake_quant(x, scale, zero, qmax)[0].sub_(zero).mul_(scale)
         return mix(xq, x, drop) if drop > 0 else xq

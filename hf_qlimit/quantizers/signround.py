@@ -21,11 +21,15 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-class SignRounding(nn.Module):
-    """Learnable rounding of one grouped weight on an affine grid (scale, zero) of shape (rows, groups, 1).
+class SignRoundState(nn.Module):
+    """Learnable rounding of one grouped weight on an affine grid (scale, zero) of shape (rows, groups, 1), the
+    state reconstruction attaches to a `WeightQuantizer` with `rounding="sign"`.
 
     `base` is where the rounding starts (the FP weight, or GPTQ's compensated w̃): with V = 0 and factors 1 the
-    codes are round(base / s) + z, those of round-to-nearest (of GPTQ)."""
+    codes are round(base / s) + z, those of round-to-nearest (of GPTQ). The grid is its own (learned min / max):
+    `fake_quant`, `linear` and `final` ignore the quantizer's."""
+
+    learning = True  # every forward pass with autograd on builds the graph of V and the factors
 
     def __init__(self, base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
                  learn_range: bool) -> None:  # fmt: skip
@@ -60,6 +64,13 @@ class SignRounding(nn.Module):
         scale, zero = self.grid()
         return (self._codes(scale, zero) - zero) * scale
 
+    def fake_quant(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return self()
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+               zero: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return nn.functional.linear(x, self().reshape(self.base.shape[0], -1).to(x.dtype), bias)
+
     def parameters_to_learn(self) -> list[nn.Parameter]:
         return [p for p in (self.offset, self.low_factor, self.high_factor) if p.requires_grad]
 
@@ -70,10 +81,15 @@ class SignRounding(nn.Module):
         self.high_factor.clamp_(*FACTOR_BOUNDS)
 
     @torch.no_grad()
-    def final(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(integer codes, scale, zero) as the forward pass uses them."""
+    def codes(self, rows: slice) -> torch.Tensor:
+        """The codes of `rows`, grouped, as floats."""
+        return self._codes(*self.grid())[rows]
+
+    @torch.no_grad()
+    def final(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, zero, uint8 codes) as the forward pass uses them, the grid of shape (rows, groups)."""
         scale, zero = self.grid()
-        return self._codes(scale, zero), scale, zero
+        return scale.squeeze(-1), zero.squeeze(-1), self._codes(scale, zero).to(torch.uint8)
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -84,7 +100,7 @@ class SignSGD(torch.optim.Optimizer):
         self.total, self.done = max(1, total), 0
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102
+    def step(self, closure=None):
         lr_factor = max(0.0, 1.0 - self.done / self.total)
         self.done += 1
         for group in self.param_groups:
