@@ -12,7 +12,7 @@ from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import call_block, capture_block_inputs, run_block
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
-from hf_qlimit.calibration.reconstruction import BlockData, random_samples
+from hf_qlimit.calibration.reconstruction import BlockData, _random_samples
 
 CPU = torch.device("cpu")
 
@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 def test_random_draws_are_distinct_samples_from_every_batch():
     masks = [torch.ones(n, 4, dtype=torch.bool) for n in (3, 5, 2)]
     data = BlockData(fp_in=[], q_in=[], fp_out=[], inputs=None, token_mask=masks)
-    draw = random_samples(data, batch_size=4)
+    draw = _random_samples(data, batch_size=4)
     torch.manual_seed(0)
     seen, spanning = set(), 0
     for _ in range(200):
@@ -82,8 +82,8 @@ def test_reconstruction_steps_on_the_sampling_asked_for(sampling, monkeypatch):
 
 
 def test_paper_preset_samples_at_random_and_the_fast_presets_use_fixed_batches():
-    assert QLimitConfig(preset="paper").batch_sampling == "random"
-    assert QLimitConfig(preset="fast").batch_sampling == "fixed"
+    assert QLimitConfig(preset="paper").resolved(causal_lm=False).batch_sampling == "random"
+    assert QLimitConfig(preset="fast").resolved(causal_lm=False).batch_sampling == "fixed"
     assert QLimitConfig().resolved(causal_lm=True).batch_sampling == "fixed"
     with pytest.raises(ValueError, match="batch_sampling"):
         QLimitConfig(batch_sampling="shuffled")
@@ -101,11 +101,11 @@ def test_random_sampling_pools_the_real_tokens_of_its_batches(monkeypatch):
     def fake_optimize(modules, acts, draw, step_fn, config, desc, release_fp=False):
         with torch.no_grad():
             whole = [(j, torch.arange(len(m))) for j, m in enumerate(masks)]
-            seen["pooled"] = reconstruction.masked_error(*step_fn(whole, train=False)).item()
-            seen["fixed"] = [reconstruction.masked_error(*step_fn(j, train=False)).item() for j in range(len(masks))]
+            seen["pooled"] = reconstruction._masked_error(*step_fn(whole, train=False)).item()
+            seen["fixed"] = [reconstruction._masked_error(*step_fn(j, train=False)).item() for j in range(len(masks))]
         return reconstruction.ReconStats()
 
-    monkeypatch.setattr(reconstruction, "optimize", fake_optimize)
+    monkeypatch.setattr(reconstruction, "_optimize", fake_optimize)
     config = QLimitConfig(method="brecq", batch_sampling="random", iters=1, batch_size=4)
     reconstruction.reconstruct_block(block, data, config, CPU, "test")
     tokens = [int(m.sum()) for m in masks]

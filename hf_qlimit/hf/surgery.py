@@ -16,9 +16,7 @@ from ..quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 from ..transforms.input_op import KIND as INPUT_TRANSFORM
 from ..transforms.input_op import InputTransform
 
-ACT_LAYOUTS = ("per_linear", "shared", "block_output")
 OUTPUT_QUANTIZER = "output_quantizer"
-PROB_GRIDS = ("uniform", "log2")
 
 
 def _empty_module(module: nn.Module, spec: dict, config: QLimitConfig) -> nn.Module:
@@ -38,7 +36,7 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
     from ..models import get_adapter
 
     expected = {"linear": nn.Linear, "embedding": nn.Embedding}
-    _check_activation_options(config)
+    # The config checked its own fields when it was built; what needs the model is checked here.
     if config.act_fp_first_token and config.act_bits is not None and not get_adapter(model).causal_lm:
         raise ValueError(
             "`act_fp_first_token` keeps the attention sink (position 0) of decoder LMs in full precision; "
@@ -84,15 +82,6 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
         register_attention()
         model.set_attn_implementation("qlimit")
     _untie_quantized_embeddings(model, layer_config)
-
-
-def _check_activation_options(config: QLimitConfig) -> None:
-    if config.act_layout not in ACT_LAYOUTS:
-        raise ValueError(f"`act_layout` must be one of {list(ACT_LAYOUTS)}, got {config.act_layout!r}.")
-    if config.prob_grid not in PROB_GRIDS:
-        raise ValueError(f"`prob_grid` must be one of {list(PROB_GRIDS)}, got {config.prob_grid!r}.")
-    if config.prob_bits is not None and (isinstance(config.prob_bits, bool) or not 2 <= config.prob_bits <= 8):
-        raise ValueError(f"`prob_bits` must be an integer from 2 to 8, or None, got {config.prob_bits!r}.")
 
 
 def probability_quantizer(bits: int, grid: str) -> ActQuantizer:
@@ -191,9 +180,9 @@ def quant_state(module: nn.Module, weights: bool, acts: bool) -> Iterator[None]:
     quantizers = [m for m in module.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))]
     saved = [q.enabled for q in quantizers]
     for q in quantizers:
-        q.set_enabled(weights if isinstance(q, WeightQuantizer) else acts)
+        q.enabled = weights if isinstance(q, WeightQuantizer) else acts
     try:
         yield
     finally:
         for q, enabled in zip(quantizers, saved):
-            q.set_enabled(enabled)
+            q.enabled = enabled
