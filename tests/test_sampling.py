@@ -12,7 +12,7 @@ from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import call_block, capture_block_inputs, run_block
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
-from hf_qlimit.calibration.reconstruction import BlockData, _random_samples
+from hf_qlimit.calibration.reconstruction import BlockData, random_samples
 
 CPU = torch.device("cpu")
 
@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 def test_random_draws_are_distinct_samples_from_every_batch():
     masks = [torch.ones(n, 4, dtype=torch.bool) for n in (3, 5, 2)]
     data = BlockData(fp_in=[], q_in=[], fp_out=[], inputs=None, token_mask=masks)
-    draw = _random_samples(data, batch_size=4)
+    draw = random_samples(data, batch_size=4)
     torch.manual_seed(0)
     seen, spanning = set(), 0
     for _ in range(200):
@@ -101,11 +101,11 @@ def test_random_sampling_pools_the_real_tokens_of_its_batches(monkeypatch):
     def fake_optimize(modules, acts, draw, step_fn, config, desc, release_fp=False):
         with torch.no_grad():
             whole = [(j, torch.arange(len(m))) for j, m in enumerate(masks)]
-            seen["pooled"] = reconstruction._masked_error(*step_fn(whole, train=False)).item()
-            seen["fixed"] = [reconstruction._masked_error(*step_fn(j, train=False)).item() for j in range(len(masks))]
+            seen["pooled"] = reconstruction.masked_error(*step_fn(whole, train=False)).item()
+            seen["fixed"] = [reconstruction.masked_error(*step_fn(j, train=False)).item() for j in range(len(masks))]
         return reconstruction.ReconStats()
 
-    monkeypatch.setattr(reconstruction, "_optimize", fake_optimize)
+    monkeypatch.setattr(reconstruction, "optimize", fake_optimize)
     config = QLimitConfig(method="brecq", batch_sampling="random", iters=1, batch_size=4)
     reconstruction.reconstruct_block(block, data, config, CPU, "test")
     tokens = [int(m.sum()) for m in masks]

@@ -15,7 +15,7 @@ from hf_qlimit.models import get_adapter
 from hf_qlimit.calibration.pipeline import freeze_quantized
 from hf_qlimit.quantizers import hardened_fraction
 from hf_qlimit.calibration.fisher import damped_fisher
-from hf_qlimit.calibration.reconstruction import BlockData, _masked_error, reconstruct_block
+from hf_qlimit.calibration.reconstruction import BlockData, masked_error, reconstruct_block
 
 
 def _block_setup(config: QLimitConfig):
@@ -44,16 +44,16 @@ def _block_setup(config: QLimitConfig):
 
 def _undecided_before_hardening(config: QLimitConfig, monkeypatch) -> float:
     """Share of h strictly inside (0.01, 0.99) when reconstruction ends, before hard rounding."""
-    from hf_qlimit.quantizers import adaround
+    from hf_qlimit.quantizers import AdaRoundState
 
     seen = []
-    original = adaround.WeightQuantizer.finish_learning
+    original = AdaRoundState.final
 
-    def spy(self):
+    def spy(self, scale, zero):
         seen.append(self.undecided())
-        original(self)
+        return original(self, scale, zero)
 
-    monkeypatch.setattr(adaround.WeightQuantizer, "finish_learning", spy)
+    monkeypatch.setattr(AdaRoundState, "final", spy)
     model = tiny_bert()
     model.quantize_qlimit(calib_samples(16), config)
     return sum(c for c, _ in seen) / sum(n for _, n in seen)
@@ -90,13 +90,13 @@ def test_harden_fraction_fixes_the_most_decided_first():
     w = torch.randn(8, 16)
     q = WeightQuantizer(3, (8, 16), None, False)
     q.init_range(w, 2.4)
-    q.init_adaround(w)
-    before = q.alpha.detach().clone()
-    q.harden_fraction(0.25)
-    hard = q.alpha.abs() == 100
+    state = q.begin_adaround(w)
+    before = state.alpha.detach().clone()
+    state.harden_fraction(0.25)
+    hard = state.alpha.abs() == 100
     assert hard.sum() == 32  # a quarter of 128
     assert before.abs()[hard].min() >= before.abs()[~hard].max()  # the largest |V|, i.e. h farthest from ½
-    assert torch.equal(q.alpha[hard] > 0, before[hard] >= 0)  # each decided the way it leaned
+    assert torch.equal(state.alpha[hard] > 0, before[hard] >= 0)  # each decided the way it leaned
 
 
 def test_learned_scales_are_learned_and_survive_save_and_reload(tmp_path, inputs):
@@ -133,7 +133,7 @@ def test_reported_hard_error_is_the_frozen_blocks(method, rounding):
         args, kwargs = data.inputs.get(j, torch.device("cpu"))
         out = block(data.q_in[j], *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        recomputed = _masked_error(out, data.fp_out[j], data.token_mask[j], None).item()
+        recomputed = masked_error(out, data.fp_out[j], data.token_mask[j], None).item()
     assert stats.hard_error == pytest.approx(recomputed, rel=1e-5)
     if rounding == "progressive":
         assert stats.undecided == 0.0 and stats.soft_error == pytest.approx(stats.hard_error, rel=0.05)

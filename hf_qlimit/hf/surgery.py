@@ -180,9 +180,9 @@ def quant_state(module: nn.Module, weights: bool, acts: bool) -> Iterator[None]:
     quantizers = [m for m in module.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))]
     saved = [q.enabled for q in quantizers]
     for q in quantizers:
-        q.enabled = weights if isinstance(q, WeightQuantizer) else acts
+        q.set_enabled(weights if isinstance(q, WeightQuantizer) else acts)
     try:
         yield
     finally:
         for q, enabled in zip(quantizers, saved):
-            q.enabled = enabled
+            q.set_enabled(enabled)
