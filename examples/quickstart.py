@@ -21,7 +21,7 @@ class Arguments:
     output_dir: str = field(default="out/minilm-w4a8", metadata={"help": "Where the quantized model is saved."})
     weight_bits: int = 4
     act_bits: int = 8
-    method: str = field(default="qdrop", metadata={"help": "rtn, adaround, brecq or qdrop"})
+    method: str = field(default="auto", metadata={"help": "auto (the preset's choice), rtn, adaround, brecq or qdrop"})
     iters: int = field(default=100, metadata={"help": "Reconstruction iterations per block."})
     num_samples: int = 64
 

@@ -99,9 +99,10 @@ class QAQuantizationArguments(QuantizationArguments):
 
     quantize: bool = field(default=True, metadata={"help": "Quantize (--no_quantize: full-precision run only)."})
 
-    def label(self) -> str:
+    def label(self, method: str | None = None) -> str:
+        """The run's label, e.g. "qdrop W4A8": `method` is what ran (the resolved config's), else --method."""
         act = parse_bits("act_bits", self.act_bits)
-        return f"{self.method} W{self.weight_bits}A{act if act is not None else 16}"
+        return f"{method or self.method} W{self.weight_bits}A{act if act is not None else 16}"
 
 
 def load_examples(data_args: DataTrainingArguments, model_args: ModelArguments) -> tuple[Dataset, Dataset | None]:
@@ -300,14 +301,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         qconfig = quant_args.to_config(seed=training_args.seed).for_model(model)  # seed: --quant_seed, else --seed
         calib = calibration_features(calib_examples, tokenizer, data_args, qconfig.num_samples, qconfig.seed)
-        logger.info(f"Quantizing ({quant_args.label()}, preset {qconfig.preset}) on {len(calib)} calibration windows.")
+        label = quant_args.label(qconfig.method)
+        logger.info(f"Quantizing ({label}, preset {qconfig.preset}) on {len(calib)} calibration windows.")
         t0 = time.perf_counter()
         quantized = model.quantize_qlimit(calib, qconfig)
         # quantize_qlimit works in place; accept a returned model too.
         model = quantized if isinstance(quantized, PreTrainedModel) else model
         quantize_seconds = round(time.perf_counter() - t0, 2)
         results["quantization"] = {
-            "label": quant_args.label(),
+            "label": label,
             "config": {k: v for k, v in qconfig.to_dict().items() if k != "layer_config"},
             "calibration_features": len(calib),
             "quantize_seconds": quantize_seconds,
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["results"]["quantized"], q_starts = run_evaluation("quantized", model, **eval_kwargs)
         if fp_starts is not None:  # how far quantization moved the logits, beyond what EM/F1 show
             results["quantization"]["max_abs_start_logit_diff_vs_fp"] = _max_diff(fp_starts, q_starts)
-        summary.append(f"{quant_args.label()} {_em_f1(results['results']['quantized'])} ({quantize_seconds:.0f}s)")
+        summary.append(f"{label} {_em_f1(results['results']['quantized'])} ({quantize_seconds:.0f}s)")
         model.save_pretrained(training_args.output_dir)
         tokenizer.save_pretrained(training_args.output_dir)
         if data_args.eval_reloaded:

@@ -21,7 +21,19 @@ from typing import Any
 import torch
 import transformers
 
-from ..config import LOSSES, METHODS, PRESETS, QLimitConfig
+from ..config import (
+    ACT_LAYOUTS,
+    AUTO,
+    BATCH_SAMPLINGS,
+    LOSSES,
+    METHODS,
+    PRESETS,
+    PROB_GRIDS,
+    ROUNDINGS,
+    WEIGHT_INITS,
+    WEIGHT_RANGES,
+    QLimitConfig,
+)
 
 _FULL_PRECISION = ("none", "fp", "")
 
@@ -45,14 +57,24 @@ def parse_bits(name: str, value: Any) -> int | None:
 
 @dataclass
 class QuantizationArguments:
-    """Mapped onto `hf_qlimit.QLimitConfig` by `to_config`; `None` leaves the preset's value."""
+    """Mapped onto `hf_qlimit.QLimitConfig` by `to_config`; `None` (and `auto`) leaves the preset's value.
+
+    Each flag is the `QLimitConfig` field of the same name (see its docstring), except `--quant_seed` (`seed`) and
+    `--size_budget_mb` (`size_budget_bytes`), and `--work_dir`, `--resume`, `--cache_budget_mb`, which are
+    arguments of `quantize_qlimit`.
+    """
 
     weight_bits: int = field(default=4, metadata={"help": "Weight bits of the transformer blocks (2-8)."})
     act_bits: str = field(default="8", metadata={"help": "Activation bits (2-8), or 'none' for weight-only."})
-    method: str = field(default="qdrop", metadata={"help": "rtn, adaround, brecq or qdrop."})
+    method: str = field(
+        default=AUTO,
+        metadata={"help": "auto (the preset's: brecq, or qdrop where it drops activations), rtn, adaround, brecq or "
+                          "qdrop (QDrop; --drop_prob 0.5 unless set).", "choices": [AUTO, *METHODS]},
+    )
     preset: str = field(
-        default="auto",
-        metadata={"help": "auto (fast-lm for causal LMs, else fast), fast, fast-lm or paper: fills every unset field."},
+        default=AUTO,
+        metadata={"help": "auto (fast-lm for causal LMs, else fast), fast, fast-lm or paper: fills every unset field.",
+                  "choices": [AUTO, *PRESETS]},
     )
     num_samples: int | None = field(
         default=None, metadata={"help": "Calibration samples (sentences, windows or features); none: the preset's."}
@@ -62,21 +84,26 @@ class QuantizationArguments:
     group_size: int | None = field(
         default=None, metadata={"help": "Input features per weight scale; none: per channel."}
     )
-    loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher."})
+    loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher.", "choices": LOSSES})
     drop_prob: float | None = field(
         default=None,
-        metadata={"help": "QDrop's probability of keeping FP activations (unset: see QLimitConfig.drop_prob)."},
+        metadata={"help": "QDrop's probability of keeping FP activations; unset: 0.5 with qdrop. With --method auto, "
+                          "> 0 runs qdrop and 0 brecq."},
     )
     rounding: str | None = field(
         default=None,
         metadata={"help": "anneal (the papers'), progressive (hardens in rounds) or sign (AutoRound's signed steps); "
-                          "none: the preset's."},
+                          "none: the preset's.", "choices": ROUNDINGS},
     )
     learn_weight_scale: bool | None = field(
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
     )
-    weight_init: str | None = field(default=None, metadata={"help": "Where the rounding starts: rtn or gptq."})
-    weight_range: str | None = field(default=None, metadata={"help": "Initial weight grid: lp or minmax."})
+    weight_init: str | None = field(
+        default=None, metadata={"help": "Where the rounding starts: rtn or gptq.", "choices": WEIGHT_INITS}
+    )
+    weight_range: str | None = field(
+        default=None, metadata={"help": "Initial weight grid: lp or minmax.", "choices": WEIGHT_RANGES}
+    )
     gptq_act_order: bool | None = field(
         default=None, metadata={"help": "GPTQ start: round columns by decreasing H diagonal; none: the preset's."}
     )
@@ -85,7 +112,9 @@ class QuantizationArguments:
     scale_lr: float | None = field(default=None, metadata={"help": "Adam lr of the learned weight steps (log)."})
     fisher_damping: float | None = field(default=None, metadata={"help": "d of loss=fisher's (|g| + d)² weights."})
     batch_sampling: str | None = field(
-        default=None, metadata={"help": "Reconstruction mini-batches: random (samples from all batches) or fixed."}
+        default=None,
+        metadata={"help": "Reconstruction mini-batches: random (samples from all batches) or fixed.",
+                  "choices": BATCH_SAMPLINGS},
     )
     first_last_bits: str = field(
         default="8", metadata={"help": "Bits of embeddings and the task / LM head, or 'none' for FP."}
@@ -111,18 +140,25 @@ class QuantizationArguments:
         default=None, metadata={"help": "Mixed precision: file keeping measured sensitivities for other budgets."}
     )
     transforms: list[str] | None = field(
-        default=None, metadata={"help": "Outlier transforms first: smoothquant[@a] os_plus[@a] hadamard_down hadamard_inputs."}
+        default=None,
+        metadata={"help": "Outlier transforms first: smoothquant[@a] os_plus[@a] hadamard_down hadamard_inputs."},
     )
     act_layout: str = field(
         default="per_linear",
         metadata={"help": "per_linear, shared (one quantizer per tensor) or block_output (shared, and post-LN blocks "
-                  "quantize their output for the next block)."},
+                          "quantize their output for the next block).", "choices": ACT_LAYOUTS},
     )
-    prob_bits: int | None = field(default=None, metadata={"help": "Bits of the attention probabilities (default: act)."})
-    prob_grid: str = field(default="uniform", metadata={"help": "Grid of the attention probabilities: uniform or log2."})
+    prob_bits: int | None = field(
+        default=None, metadata={"help": "Bits of the attention probabilities (default: --act_bits)."}
+    )
+    prob_grid: str = field(
+        default="uniform",
+        metadata={"help": "Grid of the attention probabilities: uniform or log2.", "choices": PROB_GRIDS},
+    )
     act_dynamic: bool = field(default=False, metadata={"help": "Dynamic per-token grids for block Linear inputs."})
     act_fp_first_token: bool = field(
-        default=False, metadata={"help": "Decoders: the token at position 0 (attention sink) skips activation quantization."}
+        default=False,
+        metadata={"help": "Decoders: the token at position 0 (attention sink) skips activation quantization."},
     )
 
     def quantize_kwargs(self) -> dict[str, Any]:
@@ -131,13 +167,9 @@ class QuantizationArguments:
         return {"work_dir": self.work_dir, "resume": self.resume, "cache_budget_bytes": budget}
 
     def __post_init__(self) -> None:
-        # The choices fail at parsing, before any data or model is loaded (the bits are checked by `to_config`).
-        if self.method not in METHODS:
-            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r} (--method).")
-        if self.preset not in PRESETS and self.preset != "auto":
-            raise ValueError(f"`preset` must be one of {['auto', *PRESETS]}, got {self.preset!r} (--preset).")
-        if self.loss is not None and self.loss not in LOSSES:
-            raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r} (--loss).")
+        # Every value fails at parsing, before any data or model is loaded (also from a .json file, where argparse's
+        # choices do not apply): the config checks them all; the seed here is a stand-in.
+        self.to_config(seed=0)
 
     def to_config(self, *, seed: int, max_length: int | None = None) -> QLimitConfig:
         """The `QLimitConfig` of these arguments.

@@ -1,0 +1,113 @@
+"""hf_qlimit.cli.arguments: the example scripts' flags, mapped onto QLimitConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from transformers import HfArgumentParser
+
+from hf_qlimit import QLimitConfig
+from hf_qlimit.cli.arguments import QuantizationArguments, parse_arguments, parse_bits
+
+# Flags with another name (or unit) than their QLimitConfig field, and the quantize_qlimit arguments.
+RENAMED = {"quant_seed": "seed", "size_budget_mb": "size_budget_bytes"}
+NOT_CONFIG = {"work_dir", "resume", "cache_budget_mb"}
+
+
+def _parse(*argv: str) -> QuantizationArguments:
+    (args,) = HfArgumentParser(QuantizationArguments).parse_args_into_dataclasses(args=list(argv))
+    return args
+
+
+def test_no_flags_give_the_default_config():
+    assert QuantizationArguments().method == "auto"
+    assert _parse().to_config(seed=3).to_dict() == QLimitConfig(seed=3).to_dict()
+    assert _parse().to_config(seed=3, max_length=128).max_length == 128
+
+
+def test_every_flag_reaches_its_config_field():
+    fields = {f.name for f in dataclasses.fields(QLimitConfig)}
+    for flag in dataclasses.fields(QuantizationArguments):
+        assert flag.name in NOT_CONFIG or RENAMED.get(flag.name, flag.name) in fields, flag.name
+        assert flag.metadata.get("help"), flag.name
+    args = _parse(
+        "--method", "qdrop", "--preset", "paper", "--weight_bits", "3", "--act_bits", "none", "--drop_prob", "0.25",
+        "--group_size", "64", "--num_samples", "16", "--iters", "5", "--batch_size", "4", "--loss", "fisher",
+        "--rounding", "sign", "--learn_weight_scale", "false", "--weight_init", "gptq", "--weight_range", "minmax",
+        "--gptq_act_order", "true", "--weight_lr", "0.1", "--act_lr", "0.2", "--scale_lr", "0.3",
+        "--fisher_damping", "0.5", "--batch_sampling", "random", "--first_last_bits", "fp",
+        "--modules_to_not_convert", "lm_head", "classifier", "--quant_seed", "7", "--bit_candidates", "2", "4",
+        "--avg_bits", "3", "--size_budget_mb", "1.5", "--sensitivity_cache", "sens.json",
+        "--transforms", "smoothquant@0.75", "--act_layout", "shared", "--prob_bits", "6", "--prob_grid", "log2",
+        "--act_dynamic", "--act_fp_first_token",
+    )  # fmt: skip
+    config = args.to_config(seed=0)
+    expected = {
+        "method": "qdrop", "preset": "paper", "weight_bits": 3, "act_bits": None, "drop_prob": 0.25, "group_size": 64,
+        "num_samples": 16, "iters": 5, "batch_size": 4, "loss": "fisher", "rounding": "sign",
+        "learn_weight_scale": False, "weight_init": "gptq", "weight_range": "minmax", "gptq_act_order": True,
+        "weight_lr": 0.1, "act_lr": 0.2, "scale_lr": 0.3, "fisher_damping": 0.5, "batch_sampling": "random",
+        "first_last_bits": None, "modules_to_not_convert": ["lm_head", "classifier"], "seed": 7,
+        "bit_candidates": [2, 4], "avg_bits": 3.0, "size_budget_bytes": 1_500_000, "sensitivity_cache": "sens.json",
+        "transforms": ["smoothquant@0.75"], "act_layout": "shared", "prob_bits": 6, "prob_grid": "log2",
+        "act_dynamic": True, "act_fp_first_token": True,
+    }  # fmt: skip
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert args.quantize_kwargs() == {"work_dir": None, "resume": False, "cache_budget_bytes": None}
+
+
+@pytest.mark.parametrize("method, resolved_method, drop", [("auto", "brecq", 0.0), ("qdrop", "qdrop", 0.5),
+                                                           ("brecq", "brecq", 0.0)])  # fmt: skip
+def test_method_flag_resolves_as_the_config(method, resolved_method, drop):
+    config = _parse("--method", method).to_config(seed=0).resolved(causal_lm=False)
+    assert config.method == resolved_method and config.drop_probability == drop
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--method", "gptq"], ["--preset", "slow"], ["--loss", "kl"], ["--rounding", "sometimes"],
+     ["--act_layout", "tied"], ["--prob_grid", "log10"]],
+)  # fmt: skip
+def test_impossible_choices_stop_the_parser(argv, capsys):
+    with pytest.raises(SystemExit):
+        _parse(*argv)
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "gptq"}, "`method`"),  # a .json file skips argparse's choices
+        ({"transforms": ["rotate"]}, "`transforms`"),
+        ({"weight_bits": 12}, "`weight_bits`"),
+        ({"act_bits": "twelve"}, "--act_bits"),
+        ({"drop_prob": 2.0}, "`drop_prob`"),
+        ({"bit_candidates": [2, 4]}, "avg_bits"),
+    ],
+)
+def test_impossible_values_fail_when_the_arguments_are_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationArguments(**kwargs)
+
+
+def test_a_json_file_is_checked_too(tmp_path, monkeypatch):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"method": "qdrop", "act_bits": "none"}))
+    monkeypatch.setattr("sys.argv", ["run.py", str(path)])
+    (args,) = parse_arguments(HfArgumentParser(QuantizationArguments))
+    assert args.to_config(seed=0).act_bits is None and args.method == "qdrop"
+    path.write_text(json.dumps({"method": "qdorp"}))
+    with pytest.raises(ValueError, match="`method`"):
+        parse_arguments(HfArgumentParser(QuantizationArguments))
+
+
+@pytest.mark.parametrize("value, bits", [(None, None), (4, 4), ("8", 8), ("none", None), ("FP", None), ("", None)])
+def test_parse_bits(value, bits):
+    assert parse_bits("act_bits", value) == bits
+
+
+def test_parse_bits_names_the_flag():
+    with pytest.raises(ValueError, match="--first_last_bits"):
+        parse_bits("first_last_bits", "eight")
