@@ -27,8 +27,8 @@ def quantize(
         model: a `PreTrainedModel` in full precision (float32 is safest).
         calib_ds: a `datasets.Dataset`, or any iterable of dicts, of tokenized and unpadded model inputs
             (`input_ids`, optionally `attention_mask` and `token_type_ids`); other columns are ignored.
-        config: a `QLimitConfig`; the default is `QLimitConfig()`: W4A8 QDrop, preset "auto" ("fast-lm" for
-            causal LMs, "fast" otherwise).
+        config: a `QLimitConfig`; the default is `QLimitConfig()`: W4A8, method and preset "auto", which
+            `config.for_model(model)` shows resolved for this model.
         device: where the computation runs. Default: the model's device, or CUDA if available (else CPU) for a
             model dispatched by accelerate (`device_map=...` with CPU or disk offload). Blocks are brought to it
             one at a time; a dispatched model ends up on CPU, quantized.
