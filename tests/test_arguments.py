@@ -66,14 +66,21 @@ def test_method_flag_resolves_as_the_config(method, resolved_method, drop):
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--method", "gptq"], ["--preset", "slow"], ["--loss", "kl"], ["--rounding", "sometimes"],
-     ["--act_layout", "tied"], ["--prob_grid", "log10"]],
+    "argv, field",
+    [(["--method", "gptq"], "method"), (["--preset", "slow"], "preset"), (["--loss", "kl"], "loss"),
+     (["--rounding", "sometimes"], "rounding"), (["--act_layout", "tied"], "act_layout"),
+     (["--prob_grid", "log10"], "prob_grid"), (["--transforms", "rotate"], "transforms")],
 )  # fmt: skip
-def test_impossible_choices_stop_the_parser(argv, capsys):
-    with pytest.raises(SystemExit):
+def test_impossible_flags_fail_at_parsing_naming_the_flag(argv, field):
+    with pytest.raises(ValueError, match=f"`{field}` must be|`{field}`:"):
         _parse(*argv)
-    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_lists_the_allowed_values():
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(QuantizationArguments)}
+    assert helps["method"].startswith("auto, rtn, adaround, brecq or qdrop.")
+    assert helps["preset"].startswith("auto, paper, fast or fast-lm:")
+    assert "mse or fisher" in helps["loss"] and "uniform or log2" in helps["prob_grid"]
 
 
 @pytest.mark.parametrize(

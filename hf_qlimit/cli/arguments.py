@@ -21,21 +21,14 @@ from typing import Any
 import torch
 import transformers
 
-from ..config import (
-    ACT_LAYOUTS,
-    AUTO,
-    BATCH_SAMPLINGS,
-    LOSSES,
-    METHODS,
-    PRESETS,
-    PROB_GRIDS,
-    ROUNDINGS,
-    WEIGHT_INITS,
-    WEIGHT_RANGES,
-    QLimitConfig,
-)
+from ..config import AUTO, LOSSES, METHODS, PRESETS, PROB_GRIDS, WEIGHT_INITS, WEIGHT_RANGES, QLimitConfig
 
 _FULL_PRECISION = ("none", "fp", "")
+
+
+def _one_of(values: tuple[str, ...] | list[str]) -> str:
+    """The allowed values in a help text ("a, b or c"), from the config's own lists so that they stay in step."""
+    return ", ".join(values[:-1]) + f" or {values[-1]}"
 
 
 def parse_bits(name: str, value: Any) -> int | None:
@@ -68,13 +61,13 @@ class QuantizationArguments:
     act_bits: str = field(default="8", metadata={"help": "Activation bits (2-8), or 'none' for weight-only."})
     method: str = field(
         default=AUTO,
-        metadata={"help": "auto (the preset's: brecq, or qdrop where it drops activations), rtn, adaround, brecq or "
-                          "qdrop (QDrop; --drop_prob 0.5 unless set).", "choices": [AUTO, *METHODS]},
+        metadata={"help": f"{_one_of([AUTO, *METHODS])}. auto: the preset's (brecq, or qdrop where it drops "
+                          "activations); qdrop drops at --drop_prob 0.5 unless set."},
     )
     preset: str = field(
         default=AUTO,
-        metadata={"help": "auto (fast-lm for causal LMs, else fast), fast, fast-lm or paper: fills every unset field.",
-                  "choices": [AUTO, *PRESETS]},
+        metadata={"help": f"{_one_of([AUTO, *PRESETS])}: fills every unset field. auto: fast-lm for causal LMs, "
+                          "else fast."},
     )
     num_samples: int | None = field(
         default=None, metadata={"help": "Calibration samples (sentences, windows or features); none: the preset's."}
@@ -84,7 +77,7 @@ class QuantizationArguments:
     group_size: int | None = field(
         default=None, metadata={"help": "Input features per weight scale; none: per channel."}
     )
-    loss: str | None = field(default=None, metadata={"help": "Reconstruction loss: mse or fisher.", "choices": LOSSES})
+    loss: str | None = field(default=None, metadata={"help": f"Reconstruction loss: {_one_of(LOSSES)}."})
     drop_prob: float | None = field(
         default=None,
         metadata={"help": "QDrop's probability of keeping FP activations; unset: 0.5 with qdrop. With --method auto, "
@@ -93,16 +86,16 @@ class QuantizationArguments:
     rounding: str | None = field(
         default=None,
         metadata={"help": "anneal (the papers'), progressive (hardens in rounds) or sign (AutoRound's signed steps); "
-                          "none: the preset's.", "choices": ROUNDINGS},
+                          "none: the preset's."},
     )
     learn_weight_scale: bool | None = field(
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
     )
     weight_init: str | None = field(
-        default=None, metadata={"help": "Where the rounding starts: rtn or gptq.", "choices": WEIGHT_INITS}
+        default=None, metadata={"help": f"Where the rounding starts: {_one_of(WEIGHT_INITS)}."}
     )
     weight_range: str | None = field(
-        default=None, metadata={"help": "Initial weight grid: lp or minmax.", "choices": WEIGHT_RANGES}
+        default=None, metadata={"help": f"Initial weight grid: {_one_of(WEIGHT_RANGES)}."}
     )
     gptq_act_order: bool | None = field(
         default=None, metadata={"help": "GPTQ start: round columns by decreasing H diagonal; none: the preset's."}
@@ -113,8 +106,7 @@ class QuantizationArguments:
     fisher_damping: float | None = field(default=None, metadata={"help": "d of loss=fisher's (|g| + d)² weights."})
     batch_sampling: str | None = field(
         default=None,
-        metadata={"help": "Reconstruction mini-batches: random (samples from all batches) or fixed.",
-                  "choices": BATCH_SAMPLINGS},
+        metadata={"help": "Reconstruction mini-batches: random (samples from all batches) or fixed."},
     )
     first_last_bits: str = field(
         default="8", metadata={"help": "Bits of embeddings and the task / LM head, or 'none' for FP."}
@@ -146,14 +138,14 @@ class QuantizationArguments:
     act_layout: str = field(
         default="per_linear",
         metadata={"help": "per_linear, shared (one quantizer per tensor) or block_output (shared, and post-LN blocks "
-                          "quantize their output for the next block).", "choices": ACT_LAYOUTS},
+                          "quantize their output for the next block)."},
     )
     prob_bits: int | None = field(
-        default=None, metadata={"help": "Bits of the attention probabilities (default: --act_bits)."}
+        default=None, metadata={"help": "Bits of the attention probabilities; none: --act_bits."}
     )
     prob_grid: str = field(
         default="uniform",
-        metadata={"help": "Grid of the attention probabilities: uniform or log2.", "choices": PROB_GRIDS},
+        metadata={"help": f"Grid of the attention probabilities: {_one_of(PROB_GRIDS)}."},
     )
     act_dynamic: bool = field(default=False, metadata={"help": "Dynamic per-token grids for block Linear inputs."})
     act_fp_first_token: bool = field(
@@ -167,8 +159,8 @@ class QuantizationArguments:
         return {"work_dir": self.work_dir, "resume": self.resume, "cache_budget_bytes": budget}
 
     def __post_init__(self) -> None:
-        # Every value fails at parsing, before any data or model is loaded (also from a .json file, where argparse's
-        # choices do not apply): the config checks them all; the seed here is a stand-in.
+        # Every value fails at parsing, before any data or model is loaded (from a .json file too), with the
+        # config's message naming the field (= the flag); the seed here is a stand-in.
         self.to_config(seed=0)
 
     def to_config(self, *, seed: int, max_length: int | None = None) -> QLimitConfig:
