@@ -1,0 +1,1 @@
+"""MiniLM-L6 on SQuAD v1.1: the method table (`table`)."""
