@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Convergence of block reconstruction: one block's hard-rounded output error on held-out inputs, against the
 number of iterations, for two schedules:
 
@@ -12,9 +11,12 @@ mean over the real tokens of held-out inputs of the squared difference, summed o
 quantized block's output and the FP block's output on FP inputs. At 0 iterations each schedule's starting point
 is measured: round-to-nearest for `paper`, GPTQ's codes for `default`.
 
-    python benchmarks/convergence.py --readme README.md          # both models, the README table
-    python benchmarks/convergence.py --models minilm --iters 100 500 --variant fast_lr='{"weight_lr": 3e-2}'
-    python benchmarks/convergence.py --table_only --readme README.md
+The table goes between `<!-- convergence-table:start -->` and `<!-- convergence-table:end -->` of
+docs/design/short-budget-schedule.md.
+
+    python -m benchmarks.glue.convergence                # both models, the doc's table
+    python -m benchmarks.glue.convergence --models minilm --iters 100 500 --variant fast_lr='{"weight_lr": 3e-2}'
+    python -m benchmarks.glue.convergence --table_only
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import argparse
 import copy
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(REPO / "examples" / "glue"))
-sys.path.insert(0, str(REPO / "examples" / "language-modeling"))
-import _common  # noqa: E402
+from benchmarks import common
+from benchmarks.common import REPO, SHARED, ResultsLog
 
+DOC = REPO / "docs" / "design" / "short-budget-schedule.md"
 MARKER = "convergence-table"
 SCHEDULES: dict[str, dict[str, Any]] = {
     "paper": {"preset": "paper"},
@@ -65,14 +63,14 @@ def _cut_to_first_block(model: nn.Module) -> nn.Module:
 
 
 def _minilm_data(spec: dict) -> tuple[nn.Module, list[dict], list[dict]]:
-    from glue_data import read_glue_tsv
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["path"])
     model = AutoModelForSequenceClassification.from_pretrained(spec["path"]).eval()
 
     def encode(split: str, n: int) -> list[dict]:
-        ds = read_glue_tsv(SHARED / "data" / "glue" / "STS-B" / f"{split}.tsv", "stsb").select(range(n))
+        glue_data = common.load_example("examples/glue/glue_data.py")
+        ds = glue_data.read_glue_tsv(SHARED / "data" / "glue" / "STS-B" / f"{split}.tsv", "stsb").select(range(n))
         enc = tokenizer(list(ds["sentence1"]), list(ds["sentence2"]), truncation=True, max_length=128)
         return [{k: torch.tensor(enc[k][i]) for k in enc} for i in range(n)]
 
@@ -80,11 +78,14 @@ def _minilm_data(spec: dict) -> tuple[nn.Module, list[dict], list[dict]]:
 
 
 def _smollm2_data(spec: dict) -> tuple[nn.Module, list[dict], list[dict]]:
-    from run_ppl import calibration_windows, eval_windows, read_text_file, tokenize_corpus
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not spec["path"].exists():
-        raise SystemExit(f"{spec['path']} is missing: run `python -m hf_qlimit.cli.gguf_to_hf --output_dir {spec['path']}`.")
+        raise SystemExit(f"{spec['path']} is missing: run "
+                         f"`python -m hf_qlimit.cli.gguf_to_hf --output_dir {spec['path']}`.")  # fmt: skip
+    run_ppl = common.load_example("examples/language-modeling/run_ppl.py")
+    calibration_windows, eval_windows = run_ppl.calibration_windows, run_ppl.eval_windows
+    read_text_file, tokenize_corpus = run_ppl.read_text_file, run_ppl.tokenize_corpus
     tokenizer = AutoTokenizer.from_pretrained(spec["path"])
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
     wiki = SHARED / "data" / "wikitext-2"
@@ -125,7 +126,7 @@ def run_one(name: str, schedule: str, overrides: dict, iters: int, cache: dict) 
         model = _cut_to_first_block(model)
         cache[name] = (model, calib, held, _block_outputs(model, held))
     model, calib, held, fp_out = cache[name]
-    config = QLimitConfig(method="qdrop", num_samples=spec["num_samples"], batch_size=spec["batch_size"],
+    config = QLimitConfig(num_samples=spec["num_samples"], batch_size=spec["batch_size"],  # method: the preset's
                           iters=iters, **spec["setting"], **overrides)  # fmt: skip
     quantized = copy.deepcopy(model)
     torch.manual_seed(0)
@@ -139,15 +140,9 @@ def run_one(name: str, schedule: str, overrides: dict, iters: int, cache: dict) 
         "calib_error": stats["mse"], "calib_rtn_error": stats["rtn_mse"], "undecided": stats.get("undecided"),
         "seconds": seconds,
         "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                        "torch_threads": torch.get_num_threads(), "commit": _common.commit(REPO), "load": _load()},
+                        "torch_threads": torch.get_num_threads(), "commit": common.commit(),
+                        "load": common.load_average()},
     }  # fmt: skip
-
-
-def _load() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return float("nan")
 
 
 def render(rows: list[dict]) -> str:
@@ -162,21 +157,23 @@ def render(rows: list[dict]) -> str:
         for m in models:
             for s in SCHEDULES:
                 r = cell.get((m, s, n))
-                out.append("–" if r is None else f"{r['held_out_error']:.4g} ({r['undecided']:.0%} undecided, {r['seconds']:.0f} s)")
+                out.append("–" if r is None else f"{r['held_out_error']:.4g} ({r['undecided']:.0%} undecided, "
+                           f"{r['seconds']:.0f} s)")
         lines.append("| " + " | ".join(out) + " |")
-    days, threads = _common.measured(rows)
+    days, threads = common.measured(rows)
     loads = sorted(r["environment"]["load"] for r in rows)
     commits = sorted({r["environment"]["commit"] for r in rows})
     lines += ["", (
         "Held-out output error of the hard-rounded block (mean squared error per token, summed over features); in "
         "brackets the share of AdaRound's h still strictly between 0.01 and 0.99 before hard rounding, and the time "
         f"of the whole quantization of the one-block model. `paper`: {json.dumps(SCHEDULES['paper'])} at the given "
-        "iterations; `default`: QLimitConfig's defaults at that many iterations (`fast` for MiniLM, `fast-lm` for SmolLM2; at 0 iterations GPTQ's codes). MiniLM: 256 STS-B train pairs, batch 32, 128 "
+        "iterations; `default`: QLimitConfig's defaults at that many iterations (`fast` for MiniLM, `fast-lm` for "
+        "SmolLM2; at 0 iterations GPTQ's codes). MiniLM: 256 STS-B train pairs, batch 32, 128 "
         "dev pairs held out. SmolLM2 (FP32 dequantized from its Q4_1 GGUF): 32 WikiText-2 valid windows of 256 "
         "tokens, batch 4, embedding and head left in FP, 8 test windows held out. "
-        f"Measured {days} on {_common.machine(threads)}, commit {', '.join(commits)}, load average "
+        f"Measured {days} on {common.machine(threads)}, commit {', '.join(commits)}, load average "
         f"{loads[0]:.1f}-{loads[-1]:.1f} (2 cores shared with other jobs). Generated by "
-        "`python benchmarks/convergence.py --readme README.md`."
+        "`python -m benchmarks.glue.convergence`."
     )]  # fmt: skip
     return "\n".join(lines)
 
@@ -187,36 +184,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedules", nargs="*", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--iters", nargs="+", type=int, default=[0, 20, 100, 500, 2000])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
-                        help="An extra schedule: QLimitConfig overrides as JSON (not in the README table).")  # fmt: skip
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "out" / "convergence" / "results.jsonl")
+                        help="An extra schedule: QLimitConfig overrides as JSON (not in the doc's table).")  # fmt: skip
+    parser.add_argument("--results", type=Path, default=common.OUT / "convergence" / "results.jsonl")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table_only", action="store_true")
-    parser.add_argument("--readme", type=Path, default=None)
+    common.add_doc_arguments(parser, DOC)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     schedules = {s: SCHEDULES[s] for s in args.schedules}
     for item in args.variant:
         name, _, overrides = item.partition("=")
         schedules[name] = json.loads(overrides)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
+    log = ResultsLog("glue.convergence", results=args.results)
     if not args.table_only:
         cache: dict = {}
         for name in args.models:
             for n in args.iters:
                 for schedule, overrides in schedules.items():
                     row = run_one(name, schedule, overrides, n, cache)
-                    print(json.dumps({k: row[k] for k in ("model", "schedule", "iters", "held_out_error",
-                                                          "calib_error", "undecided", "seconds")}), flush=True)  # fmt: skip
-                    with args.results.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-    rows: dict[tuple, dict] = {}
-    for line in args.results.read_text().splitlines():  # the newest row of each cell wins
-        row = json.loads(line)
-        rows[(row["model"], row["schedule"], row["iters"])] = row
-    table = render(list(rows.values()))
-    print(table)
-    if args.readme is not None:
-        _common.rewrite_between_markers(args.readme, MARKER, _common.section(MARKER, table))
+                    shown = ("model", "schedule", "iters", "held_out_error", "calib_error", "undecided", "seconds")
+                    print(json.dumps({k: row[k] for k in shown}), flush=True)
+                    log.append(row)
+    rows = log.records(lambda row: (row["model"], row["schedule"], row["iters"]))  # the newest row of each cell
+    common.publish(render(list(rows.values())), MARKER, common.doc_target(args), "glue.convergence")
 
 
 if __name__ == "__main__":

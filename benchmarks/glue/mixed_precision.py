@@ -3,8 +3,8 @@
 Budgets (average weight bits over the block Linears): 3.0 mixed from {2, 4, 8} against uniform W3, and 2.5 mixed
 against uniform W2 (below the budget) and W3 (above it). Each with round-to-nearest and QDrop (fast preset).
 
-    python benchmarks/mixed_precision.py            # full run; writes the table into benchmarks/README.md
-    python benchmarks/mixed_precision.py --quick    # a few samples and iterations: checks that it runs
+    python -m benchmarks.glue.mixed_precision          # full run; the table into docs/results/mixed-precision.md
+    python -m benchmarks.glue.mixed_precision --quick  # a few samples and iterations: checks that it runs
 
 Each row is appended to `--results` (JSON lines) as soon as it is measured, so that runs can be split over
 processes (`--methods qdrop --settings "uniform W2" "mixed 2.5"`) and the table rebuilt with `--table_only`;
@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import json
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -28,15 +26,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_qlimit  # noqa: F401  (registers the qlimit quantizer)
+from benchmarks import common
+from benchmarks.common import ResultsLog
 from hf_qlimit import QLimitConfig, quantize
 from hf_qlimit import mixed_precision as mp
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
-import _common
-
-ROOT = Path(__file__).resolve().parents[1]
+DOC = common.RESULTS_DOCS / "mixed-precision.md"
 MARKER = "mixed-table"
 # (label, avg-bits budget of a mixed allocation, or the bits of a uniform one)
 SETTINGS = [("uniform W2", None, 2), ("mixed 2.5", 2.5, None), ("uniform W3", None, 3), ("mixed 3.0", 3.0, None)]
@@ -63,7 +60,8 @@ def accuracy(model, tokenizer, rows: list[dict[str, str]], batch_size: int = 64)
 
 def base_config(method: str, args: argparse.Namespace, **kwargs) -> QLimitConfig:
     quick = {"num_samples": 32, "batch_size": 16, "iters": 20} if args.quick else {}
-    return QLimitConfig(act_bits=8, method=method, preset="fast", seed=0, max_length=128, **quick, **kwargs)
+    config = QLimitConfig(act_bits=8, method=method, preset="fast", seed=0, max_length=128, **quick, **kwargs)
+    return config.resolved(causal_lm=False)  # presets fill their fields once resolved; read here before quantizing
 
 
 def allocate(model_path: str, calib: list[dict], budget: float, args: argparse.Namespace) -> dict[str, int]:
@@ -87,52 +85,56 @@ def size_and_bits(model, config: QLimitConfig, bits: dict[str, int]) -> tuple[fl
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT.parent / "shared/models/minilm-l6-sst2"))
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/glue/SST-2"))
+    parser.add_argument("--model", default=str(common.SHARED / "models" / "minilm-l6-sst2"))
+    parser.add_argument("--data", default=str(common.SHARED / "data" / "glue" / "SST-2"))
     parser.add_argument("--methods", nargs="+", default=["rtn", "qdrop"])
     parser.add_argument("--settings", nargs="+", default=[label for label, _, _ in SETTINGS],
                         choices=[label for label, _, _ in SETTINGS])  # fmt: skip
     parser.add_argument("--candidates", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "hf_qlimit_mixed_sensitivity.json"))
     parser.add_argument("--results", default=None, help="JSON lines of measured rows (default benchmarks/out/mixed/)")
-    parser.add_argument("--readme", default=None, help="default benchmarks/README.md; with --quick, none")
+    common.add_doc_arguments(parser, None, default_text=f"{DOC.relative_to(common.REPO)}; none with --quick")
     parser.add_argument("--table_only", action="store_true", help="rebuild the table from --results, run nothing")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-pairs", action="store_true", help="allocate without the within-block pair terms")
     parser.add_argument("--quick", action="store_true", help="32 calibration samples, 20 iterations, 128 dev sentences")
     args = parser.parse_args(argv)
-    out = ROOT / "benchmarks" / "out" / ("mixed_quick" if args.quick else "mixed")
+    out = common.OUT / ("mixed_quick" if args.quick else "mixed")
     args.results = Path(args.results or out / "results.jsonl")
-    args.readme = args.readme or (None if args.quick else str(ROOT / "benchmarks" / "README.md"))
+    args.doc = args.doc or (None if args.quick else DOC)
     return args
+
+
+def read_rows(log: ResultsLog) -> list[dict]:
+    """The measured rows in the order first measured; a later row for the same (method, setting) replaces an
+    earlier one."""
+    return list(log.records(lambda row: (row["method"], row["setting"])).values())
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    log = ResultsLog("glue.mixed_precision", results=args.results)
     if not args.table_only:
-        measure(args)
-    text = build_table(read_results(args.results), args)
-    print(text)
-    if args.readme:
-        write_table(Path(args.readme), text)
+        measure(args, log)
+    common.publish(build_table(read_rows(log), args), MARKER, common.doc_target(args), "glue.mixed_precision")
 
 
-def measure(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace, log: ResultsLog) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     train = read_tsv(Path(args.data) / "train.tsv")
     random.Random(0).shuffle(train)
     dev = read_tsv(Path(args.data) / "dev.tsv")[: 128 if args.quick else None]
     num_samples = base_config("rtn", args).num_samples
     calib = [dict(tokenizer(r["sentence"], truncation=True, max_length=128)) for r in train[:num_samples]]
-    common = {"dev_size": len(dev), "num_samples": num_samples, "candidates": args.candidates,
-              "pairs": not args.no_pairs, "machine": _common.machine(), "date": str(datetime.date.today())}  # fmt: skip
+    shared = {"dev_size": len(dev), "num_samples": num_samples, "candidates": args.candidates,
+              "pairs": not args.no_pairs, "machine": common.machine(), "date": str(datetime.date.today())}  # fmt: skip
 
-    if not any(r["method"] == "FP32" for r in read_results(args.results)):
+    if not any(r["method"] == "FP32" for r in read_rows(log)):
         fp_model = AutoModelForSequenceClassification.from_pretrained(args.model)
-        append_result(args.results, {"method": "FP32", "setting": "-", "bits": None, "accuracy":
-                                     accuracy(fp_model, tokenizer, dev), **common})  # fmt: skip
+        log.append({"method": "FP32", "setting": "-", "bits": None, "accuracy": accuracy(fp_model, tokenizer, dev),
+                    **shared})  # fmt: skip
     wanted = [s for s in SETTINGS if s[0] in args.settings]
     allocations = {}
     for budget in sorted({b for _, b, _ in wanted if b is not None}):
@@ -150,28 +152,11 @@ def measure(args: argparse.Namespace) -> None:
             avg, megabytes = size_and_bits(model, config, bits)
             tick = time.perf_counter()
             quantize(model, calib, config)
+            seconds = time.perf_counter() - tick
             row = {"method": method, "setting": label, "bits": bits, "avg_bits": avg, "mib": megabytes,
-                   "seconds": time.perf_counter() - tick, "accuracy": accuracy(model, tokenizer, dev), **common}  # fmt: skip
-            append_result(args.results, row)
+                   "seconds": seconds, "accuracy": accuracy(model, tokenizer, dev), **shared}  # fmt: skip
+            log.append(row)
             print(f"{method} {label}: acc {row['accuracy']:.4f}, {row['seconds']:.0f} s", flush=True)
-
-
-def read_results(path: Path) -> list[dict]:
-    """Rows in file order; a later row for the same (method, setting) replaces an earlier one."""
-    if not Path(path).exists():
-        return []
-    rows = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[(row["method"], row["setting"])] = row
-    return list(rows.values())
-
-
-def append_result(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def build_table(results: list[dict], args: argparse.Namespace) -> str:
@@ -192,7 +177,7 @@ def build_table(results: list[dict], args: argparse.Namespace) -> str:
                      f"{r['seconds']:.0f}"]  # fmt: skip
         lines.append(f"| {' | '.join(cells)} |")
     if not rows:
-        return "No results yet: run `python benchmarks/mixed_precision.py`."
+        return "No results yet: run `python -m benchmarks.glue.mixed_precision`."
     first = rows[0]
     machines = sorted({r["machine"] for r in rows})
     dates = sorted({r["date"] for r in rows})
@@ -202,23 +187,9 @@ def build_table(results: list[dict], args: argparse.Namespace) -> str:
         f"train; fast preset (QDrop {base_config('qdrop', args).iters} iterations per block); mixed = the ILP's "
         f"choice from {first['candidates']} at that average, {pairs} pair terms; block Linears MiB = packed codes + "
         f"scales + zero points. Machine: {'; '.join(machines)}. Date: {', '.join(dates)}. "
-        "Generated by `python benchmarks/mixed_precision.py` (rows accumulate in its `--results` file)."
+        "Generated by `python -m benchmarks.glue.mixed_precision` (rows accumulate in its `--results` file)."
     )
     return "\n".join([note, "", *lines])
-
-
-def write_table(path: Path, text: str, marker: str = MARKER,
-                title: str = "Mixed precision vs uniform at the same budget") -> None:  # fmt: skip
-    """Replaces what lies between the markers, or appends a section with them."""
-    block = _common.section(marker, text)
-    start, end = _common.markers(marker)
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in old and end in old:
-        new = _common.replace_between_markers(old, marker, block, where=str(path))
-    else:
-        new = old.rstrip("\n") + f"\n\n## {title}\n\n" + block + "\n"
-    path.write_text(new)
-    print(f"Table written to {path}")
 
 
 if __name__ == "__main__":

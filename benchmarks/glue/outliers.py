@@ -1,31 +1,26 @@
-#!/usr/bin/env python
 """Issue 19 ablation: outlier transform x activation-quantizer layout x attention-probability grid, W4A4.
 
 Each cell is one run of examples/glue/run_glue.py in its own process (one torch thread; quantize, save, reload,
 evaluate the reloaded model) on the MiniLM-L6 reference models; the table goes between
-`<!-- outliers-table:start -->` and `<!-- outliers-table:end -->` of README.md with the machine, the dates, the
-hf_qlimit commit(s) and the load average (`uptime`) each run started under.
+`<!-- outliers-table:start -->` and `<!-- outliers-table:end -->` of docs/design/outliers.md (`--marker
+outliers-table-w8a8` etc. for the other settings) with the machine, the dates, the hf_qlimit commit(s) and the load
+average each run started under.
 
-    python benchmarks/outliers.py --tasks stsb sst2 --methods rtn                # the RTN ablation
-    python benchmarks/outliers.py --tasks stsb --methods qdrop --rows 0 5 --reuse  # some QDrop cells
-    python benchmarks/outliers.py --table_only                                   # redraw from finished runs
+    python -m benchmarks.glue.outliers --tasks stsb sst2 --methods rtn                 # the RTN ablation
+    python -m benchmarks.glue.outliers --tasks stsb --methods qdrop --rows 0 5 --reuse  # some QDrop cells
+    python -m benchmarks.glue.outliers --table_only                                    # redraw from finished runs
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
-import _common
+from benchmarks import common
+from benchmarks.common import ResultsLog
 
-REPO = Path(__file__).resolve().parents[1]
-RUN_GLUE = REPO / "examples" / "glue" / "run_glue.py"
+DOC = common.REPO / "docs" / "design" / "outliers.md"
 MARKER = "outliers-table"
 MODELS = {"sst2": "minilm-l6-sst2", "mrpc": "minilm-l6-mrpc", "stsb": "minilm-l6-stsb"}
 TASK_NAMES = {"sst2": "SST-2 acc", "mrpc": "MRPC F1", "stsb": "STS-B Pearson"}
@@ -72,34 +67,15 @@ def row_flags(row: dict[str, Any]) -> list[str]:
     return flags
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def run_one(task: str, method: str, setting: tuple[int, int], row: dict, shared: Path, out_dir: Path,
-            extra: list[str], reuse: bool) -> dict | None:  # fmt: skip
+            extra: list[str], log: ResultsLog) -> dict | None:  # fmt: skip
+    """results.json of one cell (reused as `log` says), {} for one not run, None when the run failed."""
+    args = ["--model_name_or_path", str(shared / "models" / MODELS[task]), "--task_name", task,
+            "--data_dir", str(shared / "data" / "glue"), "--method", method, "--weight_bits", str(setting[0]),
+            "--act_bits", str(setting[1]), *common.drop_flags(method), "--per_device_eval_batch_size", "64",
+            *row_flags(row), *extra]  # fmt: skip
     out = out_dir / task / f"{method}-w{setting[0]}a{setting[1]}" / slug(row)
-    if reuse and (out / "results.json").is_file():
-        return _common.read_results(out / "results.json")
-    if reuse == "only":
-        return None
-    cmd = [sys.executable, str(RUN_GLUE), "--model_name_or_path", str(shared / "models" / MODELS[task]),
-           "--task_name", task, "--data_dir", str(shared / "data" / "glue"), "--output_dir", str(out),
-           "--method", method, "--weight_bits", str(setting[0]), "--act_bits", str(setting[1]),
-           *_common.drop_flags(method),
-           "--per_device_eval_batch_size", "64", *row_flags(row), *extra]  # fmt: skip
-    load = load_average()
-    print(f"[outliers] {task} {method} {slug(row)} (load {load})", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
-    if subprocess.run(cmd, check=False, env=env).returncode != 0:
-        print(f"[outliers] FAILED: {task} {method} {slug(row)}", file=sys.stderr)
-        return None
-    path = out / "results.json"
-    results = json.loads(path.read_text())
-    results["load_average_at_start"] = load
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return _common.read_results(path)
+    return log.run_example("examples/glue/run_glue.py", args, out, f"{task} {method} {slug(row)}")
 
 
 def _cell(task: str, result: dict | None) -> str:
@@ -109,7 +85,7 @@ def _cell(task: str, result: dict | None) -> str:
     return f"{value:.1f} ({result['timings_s']['quantize_s']:.0f} s)"
 
 
-def render(rows: list[int], tasks: list[str], methods: list[str], setting: tuple[int, int], results: dict) -> str:
+def _table(rows: list[int], tasks: list[str], methods: list[str], setting: tuple[int, int], results: dict) -> list[str]:
     head = ["#", "Transforms", "Act. quantizers", "Probabilities", "Activations"]
     cols = [(m, t) for m in methods for t in tasks]
     lines = ["| " + " | ".join(head + [f"{METHODS[m]} {TASK_NAMES[t]}" for m, t in cols]) + " |",
@@ -121,17 +97,27 @@ def render(rows: list[int], tasks: list[str], methods: list[str], setting: tuple
         cells = [str(i), " + ".join(row["transforms"]) or "none", row["layout"], probs[row["probs"]], acts[row["acts"]]]
         cells += [_cell(t, results.get((t, m, i))) for m, t in cols]
         lines.append("| " + " | ".join(cells) + " |")
-    runs = [r for r in results.values() if r]
-    days, threads = _common.measured(runs)
-    commits = sorted({r["environment"].get("versions", {}).get("hf_qlimit", "?") for r in runs})
-    loads = sorted(float(r["load_average_at_start"].split()[0]) for r in runs if r.get("load_average_at_start"))
-    load_text = f"{loads[0]:.1f} to {loads[-1]:.1f}" if loads else "not recorded"
+    return lines
+
+
+def _load_text(runs: list[dict]) -> str:
+    """The 1-minute load averages the runs started under (older runs recorded all three as a string)."""
+    loads = sorted(float(str(r["load_average_at_start"]).split()[0]) for r in runs if r.get("load_average_at_start"))
+    text = f"{loads[0]:.1f} to {loads[-1]:.1f}" if loads else "not recorded"
     unrecorded = sum(not r.get("load_average_at_start") for r in runs)
-    load_text += f" ({unrecorded} run(s) did not record it)" if unrecorded and loads else ""
+    return text + (f" ({unrecorded} run(s) did not record it)" if unrecorded and loads else "")
+
+
+def render(rows: list[int], tasks: list[str], methods: list[str], setting: tuple[int, int], results: dict) -> str:
+    """The section's body: the settings and FP scores, the table, when and where it was measured."""
+    runs = [r for r in results.values() if r]
+    days, threads = common.measured(runs)
+    commits = sorted({r["environment"].get("versions", {}).get("hf_qlimit", "?") for r in runs})
     iters = sorted({r["qlimit_config"]["iters"] for (_, m, _), r in results.items() if r and m != "rtn"})
-    iters_text = f"; {'/'.join(METHODS[m] for m in methods if m != 'rtn')} {'/'.join(map(str, iters))} iterations per block" if iters else ""
-    fps = {t: next((r["fp"][next(iter(r["fp"]))][METRIC[t]] * 100 for (tt, _, _), r in results.items() if r and tt == t), None)
-           for t in tasks}  # fmt: skip
+    iters_text = (f"; {'/'.join(METHODS[m] for m in methods if m != 'rtn')} {'/'.join(map(str, iters))} iterations "
+                  "per block" if iters else "")  # fmt: skip
+    fps = {t: next((r["fp"][next(iter(r["fp"]))][METRIC[t]] * 100 for (tt, _, _), r in results.items()
+                    if r and tt == t), None) for t in tasks}  # fmt: skip
     fp_text = ", ".join(f"{TASK_NAMES[t]} {v:.1f}" for t, v in fps.items() if v is not None)
     setting_flag = "" if setting == (4, 4) else f" --setting {setting[0]} {setting[1]}"
     return "\n".join([
@@ -139,12 +125,12 @@ def render(rows: list[int], tasks: list[str], methods: list[str], setting: tuple
         f"(256 calibration sentences{iters_text}). One seed per cell. The wall time is the whole quantization, "
         "transforms included, on a shared CPU.",
         "",
-        *lines,
+        *_table(rows, tasks, methods, setting, results),
         "",
-        f"Measured {days} on {_common.machine(threads)}; hf_qlimit commit(s) {', '.join(commits)} (each run's "
-        f"`results.json` names its own); 1-minute load average (`uptime`) at the start of the runs: {load_text}, on 2 "
-        "cores shared with other jobs. Generated by "
-        f"`python benchmarks/outliers.py --tasks {' '.join(tasks)} --methods {' '.join(methods)} --rows "
+        f"Measured {days} on {common.machine(threads)}; hf_qlimit commit(s) {', '.join(commits)} (each run's "
+        f"`results.json` names its own); 1-minute load average (`uptime`) at the start of the runs: "
+        f"{_load_text(runs)}, on 2 cores shared with other jobs. Generated by "
+        f"`python -m benchmarks.glue.outliers --tasks {' '.join(tasks)} --methods {' '.join(methods)} --rows "
         f"{' '.join(map(str, rows))}{setting_flag} --table_only`.",
     ])  # fmt: skip
 
@@ -155,27 +141,25 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--methods", nargs="+", default=["rtn"], choices=sorted(METHODS))
     parser.add_argument("--rows", nargs="+", type=int, default=list(range(len(ROWS))))
     parser.add_argument("--setting", nargs=2, type=int, default=[4, 4], metavar=("W", "A"))
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
-    parser.add_argument("--out_dir", type=Path, default=REPO / "benchmarks" / "out" / "outliers")
+    parser.add_argument("--shared", type=Path, default=common.SHARED)
+    parser.add_argument("--out_dir", type=Path, default=common.OUT / "outliers")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs")
     parser.add_argument("--table_only", action="store_true", help="draw the table from finished runs only")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
-    parser.add_argument("--marker", default=MARKER)
-    parser.add_argument("--no_readme", action="store_true")
+    common.add_doc_arguments(parser, DOC, MARKER)
     parser.add_argument("extra", nargs="*", help="after --: more run_glue.py arguments")
     args = parser.parse_args(argv)
     setting = tuple(args.setting)
-    reuse = "only" if args.table_only else args.reuse
+    # one torch thread per run: the cells' times are compared with each other
+    log = ResultsLog("glue.outliers", "only" if args.table_only else args.reuse, env=common.offline_env(1))
     results = {}
     for method in args.methods:
         for i in args.rows:
             for task in args.tasks:
                 results[(task, method, i)] = run_one(task, method, setting, ROWS[i], args.shared, args.out_dir,
-                                                     args.extra, reuse)  # fmt: skip
-    section = render(args.rows, args.tasks, args.methods, setting, results)
-    print(section)
-    if not args.no_readme:
-        _common.rewrite_between_markers(args.readme, args.marker, _common.section(args.marker, section))
+                                                     args.extra, log)  # fmt: skip
+    body = render(args.rows, args.tasks, args.methods, setting, results)
+    section = common.publish(body, args.marker, common.doc_target(args), "glue.outliers")
+    log.check()
     return section
 
 

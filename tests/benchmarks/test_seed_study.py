@@ -1,13 +1,8 @@
-"""benchmarks/seed_study.py: per-seed cells, mean ± sample sd, missing runs."""
+"""benchmarks.glue.seed_study: per-seed cells, mean ± sample sd, missing runs."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import seed_study  # noqa: E402
+from benchmarks.glue import seed_study
 
 
 def _run(acc: float, gpu: str | None = None) -> dict:
