@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Quantizing a model larger than the memory budget: OPT-1.3b-shaped (5.3 GB in fp32) under disk offload.
 
 Three measured runs, each in a fresh process so that its peak resident memory (`ru_maxrss`) is its own:
@@ -8,11 +7,12 @@ Three measured runs, each in a fresh process so that its peak resident memory (`
   compare: an OPT-125m-shaped model quantized twice with the same seed and settings, once loaded in memory
            (caches in RAM), once with disk offload and spilled caches; the saved tensors must be identical.
 The models have random weights (seeded): this measures memory and time, not accuracy. The table goes between
-`<!-- offload-table:start -->` and `<!-- offload-table:end -->` of README.md; the JSON into benchmarks/out/offload/.
+`<!-- offload-table:start -->` and `<!-- offload-table:end -->` of docs/results/offload.md (`offload_report` draws
+it); the JSON into benchmarks/out/offload/.
 
-    python benchmarks/offload.py --build     # once: writes the two random models (5.3 GB + 0.5 GB; needs ~12 GB RAM)
-    python benchmarks/offload.py             # measure both, rewrite the README table
-    python benchmarks/offload.py --quick     # a tiny OPT through the whole chain (< 1 min); prints, README untouched
+    python -m benchmarks.deploy.offload --build   # once: writes the two random models (5.3 GB + 0.5 GB; ~12 GB RAM)
+    python -m benchmarks.deploy.offload           # measure both, rewrite the doc's table
+    python -m benchmarks.deploy.offload --quick   # a tiny OPT through the whole chain (< 1 min); prints only
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import resource
 import shlex
 import shutil
@@ -30,15 +29,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py sits beside this script
-import _common
+from benchmarks import common
+from benchmarks.deploy.offload_report import (
+    GB,
+    LOAD_LABELS,
+    MIB,
+    compare_state_dicts,
+    format_bytes,
+    render_table,
+    rss_verdict,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+DOC = common.RESULTS_DOCS / "offload.md"
 MARKER = "offload-table"
-OUT = REPO / "benchmarks" / "out" / "offload"
-PREFIX = "[offload]"
-GB, MIB = 10**9, 2**20
+OUT = common.OUT / "offload"
+PREFIX = "[deploy.offload]"
 
 # OPTConfig arguments of the models built by --build (and --quick); real OPT shapes, random weights.
 SHAPES: dict[str, dict[str, int]] = {
@@ -49,8 +54,6 @@ SHAPES: dict[str, dict[str, int]] = {
     "opt-tiny": {"hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 256, "num_attention_heads": 4,
                  "vocab_size": 1000, "max_position_embeddings": 256, "word_embed_proj_dim": 64},
 }  # fmt: skip
-LABELS = {"opt-1.3b": "OPT-1.3b-shaped", "opt-125m": "OPT-125m-shaped", "opt-tiny": "tiny OPT"}
-LOAD_LABELS = {"disk": "disk offload", "memory": "in memory", "cpu": 'device_map="cpu"', "auto": 'device_map="auto"'}
 # --quick: every step of the chain on a model that loads in a second; the small cache budget forces spilling.
 QUICK = {"large": "opt-tiny", "compare": "opt-tiny", "num_samples": 8, "seq_len": 32, "batch_size": 4, "iters": 5,
          "cache_budget_mib": 1 / 64, "compare_cache_budget_mib": 1 / 64}  # fmt: skip
@@ -68,25 +71,6 @@ def peak_rss_bytes(ru_maxrss: int, platform: str = sys.platform) -> int:
     return ru_maxrss if platform == "darwin" else ru_maxrss * 1024
 
 
-def format_bytes(n: float | None) -> str:
-    """Decimal units, as the 1.5 GB limit is stated: '1.23 GB', '812 MB', '4.1 kB'; None is '–'."""
-    if n is None:
-        return "–"
-    for unit, size in (("GB", GB), ("MB", 10**6), ("kB", 10**3)):
-        if abs(n) >= size:
-            value = n / size
-            digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0  # three significant figures
-            return f"{value:.{digits}f} {unit}"
-    return f"{n:.0f} B"
-
-
-def rss_verdict(peak_bytes: int | None, limit_bytes: int) -> str:
-    """'PASS' when the peak is within the limit, 'FAIL' above it, 'FAIL (no measurement)' without one."""
-    if peak_bytes is None:
-        return "FAIL (no measurement)"
-    return "PASS" if peak_bytes <= limit_bytes else "FAIL"
-
-
 def calibration_data(num_samples: int, seq_len: int, vocab_size: int, seed: int) -> list[dict[str, list[int]]]:
     """Unpadded samples of random token ids (above OPT's special ids 0-2), the same for a seed on any machine."""
     import torch
@@ -94,124 +78,6 @@ def calibration_data(num_samples: int, seq_len: int, vocab_size: int, seed: int)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (num_samples, seq_len), generator=g)
     return [{"input_ids": row.tolist()} for row in ids]
-
-
-def compare_state_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Tensor by tensor with `torch.equal`: 'equal', else the names that differ and the largest |a - b|.
-
-    A name missing on one side, or a shape or dtype mismatch, counts as a difference of infinity.
-    """
-    import torch
-
-    differing: dict[str, float] = {}
-    for name in sorted(set(a) | set(b)):
-        x, y = a.get(name), b.get(name)
-        if x is None or y is None or x.shape != y.shape or x.dtype != y.dtype:
-            differing[name] = math.inf
-        elif not torch.equal(x, y):
-            differing[name] = (x.double() - y.double()).abs().max().item()  # packed int codes too: in float64
-    return {
-        "equal": not differing,
-        "tensors": len(set(a) | set(b)),
-        "differing": sorted(differing),
-        "max_abs_diff": max(differing.values(), default=0.0),
-        "only_in_first": sorted(set(a) - set(b)),
-        "only_in_second": sorted(set(b) - set(a)),
-    }
-
-
-def comparison_text(cmp: dict[str, Any] | None, label: str) -> str:
-    if cmp is None:
-        return f"Bit-identity, {label}, in memory against disk offload: not measured (a run failed)."
-    if cmp["equal"]:
-        return (f"Bit-identity, {label}, in memory against disk offload: **equal** (all {cmp['tensors']} saved "
-                "tensors, `torch.equal`).")  # fmt: skip
-    names = ", ".join(f"`{n}`" for n in cmp["differing"][:5]) + (", …" if len(cmp["differing"]) > 5 else "")
-    return (f"Bit-identity, {label}, in memory against disk offload: **differ** in {len(cmp['differing'])} of "
-            f"{cmp['tensors']} saved tensors, max abs difference {cmp['max_abs_diff']:.3g} ({names}).")  # fmt: skip
-
-
-def format_seconds(x: float) -> str:
-    """'812 s', '3.2 s': tenths only where they matter."""
-    return f"{x:.1f} s" if x < 10 else f"{x:.0f} s"
-
-
-def _row(run: str, result: dict[str, Any] | None, limit_bytes: int) -> str:
-    if not result or "error" in result:
-        return f"| {run} | failed | – | – | – | – | – | – | – |"
-    blocks = [b["seconds"] for b in result["block_errors"] if b.get("seconds") is not None]
-    per_block = f"{format_seconds(sum(blocks) / len(blocks))} / {format_seconds(max(blocks))}" if blocks else "–"
-    rss = f"{format_bytes(result['peak_rss_bytes'])}"
-    if run == "large":  # the limit is the large run's target; the others are there for comparison
-        peak = result["peak_rss_bytes"]
-        if peak is not None and format_bytes(peak) == format_bytes(limit_bytes):  # too close to call at 3 digits
-            rss = f"{peak / GB:.4f} GB"
-        rss += f" ({rss_verdict(peak, limit_bytes)}, limit {format_bytes(limit_bytes)})"
-    mse = result["block_errors"]
-    errors = (f"{sum(b['rtn_mse'] for b in mse) / len(mse):.3g} → {sum(b['mse'] for b in mse) / len(mse):.3g}"
-              if mse else "–")  # fmt: skip
-    return (
-        f"| {LABELS.get(result['model'], result['model'])}, {LOAD_LABELS.get(result['load'], result['load'])} | "
-        f"{format_bytes(result['model_bytes'])} | {rss} | {format_seconds(result['seconds']['load'])} | "
-        f"{format_seconds(result['seconds']['quantize'])} | {per_block} | {errors} | "
-        f"{format_bytes(result.get('work_dir_bytes'))} | {format_bytes(result['saved_bytes'])} |"
-    )
-
-
-METHOD_LABELS = {"rtn": "round-to-nearest", "adaround": "AdaRound", "brecq": "BRECQ", "qdrop": "QDrop"}
-
-
-def render_table(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    """The README section's body: the settings, one row per run, the bit-identity line, machine/date/command."""
-    limit = meta["rss_limit_bytes"]
-    lines = [
-        (f"Random-weight models (fp32, seeded), W4A8 {METHOD_LABELS[meta.get('method', 'qdrop')]}, "
-         f"{meta['num_samples']} random-token samples of {meta['seq_len']} tokens, batch {meta['batch_size']}"
-         + (f", {meta['iters']} iterations per block" if meta.get("method", "qdrop") != "rtn" else "") + "; activation "
-         f"cache budget {format_bytes(meta['cache_budget_bytes'])} for the large run, "
-         f"{format_bytes(meta['compare_cache_budget_bytes'])} for the offloaded comparison run (none in memory). "
-         "Peak RSS is `ru_maxrss` of the run's own process (load, quantize, save); block MSE is the mean output "
-         "error of the blocks, round-to-nearest → the method; work_dir is what the run left there (spilled caches, "
-         "resume state)."),
-        "",
-        "| model, weights | fp32 size | peak RSS | load | quantize | per block (mean / max) | block MSE | work_dir | saved |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
-    for run in ("large", "compare-memory", "compare-disk"):
-        if run in results["runs"]:
-            lines.append(_row(run, results["runs"][run], limit))
-    if "comparison" in results:
-        lines += ["", comparison_text(results["comparison"], LABELS.get(meta["compare_model"], meta["compare_model"]))]
-    lines += ["", f"Measured {meta['date']} on {meta['machine']}. Generated by `{meta['command']}`."]
-    return "\n".join(lines)
-
-
-SECTION_TITLE = "### Larger than memory: offload"
-SECTION_INTRO = (  # wrapped like the README's other paragraphs
-    "`python benchmarks/offload.py` quantizes an OPT-1.3b-shaped model with random weights (5.3 GB in fp32) loaded\n"
-    "with disk offload and checks its peak resident memory against 1.5 GB, and checks that an OPT-125m-shaped model\n"
-    "quantizes to the same saved tensors with and without offload."
-)
-
-
-def ensure_readme_section(text: str, marker: str = MARKER) -> str:
-    """`text` with the offload subsection and its markers at the end of "## Causal language models" if absent."""
-    start, end = _common.markers(marker)
-    if start in text or end in text:  # present (or half present: `replace_between_markers` says what is missing)
-        return text
-    heading = text.find("\n## Causal language models")
-    if heading < 0:
-        raise ValueError('The README has no "## Causal language models" section to put the offload table in.')
-    following = text.find("\n## ", heading + 1)
-    at = len(text) if following < 0 else following
-    body = text[:at].rstrip("\n")
-    block = f"\n\n{SECTION_TITLE}\n\n{SECTION_INTRO}\n\n{start}\n{end}\n"
-    return body + block + ("\n" + text[at:].lstrip("\n") if following >= 0 else "")
-
-
-def write_readme(readme: Path, table: str, marker: str = MARKER) -> None:
-    readme.write_text(ensure_readme_section(readme.read_text(encoding="utf-8"), marker), encoding="utf-8")
-    _common.rewrite_between_markers(readme, marker, _common.section(marker, table))
 
 
 def folder_bytes(path: Path) -> int:
@@ -277,7 +143,8 @@ def child(spec_path: Path) -> None:
     rss_after_load = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
     calib = calibration_data(spec["num_samples"], spec["seq_len"], model.config.vocab_size, spec["seed"])
-    config = QLimitConfig(weight_bits=4, act_bits=8, method=spec.get("method", "qdrop"), num_samples=spec["num_samples"],
+    config = QLimitConfig(weight_bits=4, act_bits=8, method=spec.get("method", "qdrop"),
+                          num_samples=spec["num_samples"],
                           batch_size=spec["batch_size"], iters=spec["iters"], max_length=spec["seq_len"],
                           seed=spec["seed"])  # fmt: skip
     t = time.perf_counter()
@@ -317,7 +184,7 @@ def run_child(name: str, spec: dict[str, Any], scratch: Path, keep_scratch: bool
     spec["result"] = str(run_scratch / "result.json")
     spec_path = run_scratch / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)]
+    cmd = [sys.executable, "-m", "benchmarks.deploy.offload", "--child", str(spec_path)]
     log(f"{name}: {spec['shape']} ({LOAD_LABELS[spec['load']]}): {shlex.join(cmd)}")
     started = time.perf_counter()
     code = subprocess.run(cmd, check=False).returncode  # output streams through: progress stays visible
@@ -350,16 +217,15 @@ def load_folder_state(folder: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="store_true", help="Only build the random models (skips existing ones).")
-    parser.add_argument("--quick", action="store_true", help="A tiny OPT through every step; README untouched.")
+    parser.add_argument("--quick", action="store_true", help="A tiny OPT through every step; the doc untouched.")
     parser.add_argument("--parts", nargs="+", default=["large", "compare"], choices=["large", "compare"],
                         help="large: the 1.3b run under offload; compare: 125m in memory vs offload.")  # fmt: skip
     parser.add_argument("--out_dir", type=Path, default=OUT, help="Models, quantized folders, scratch and JSON.")
-    parser.add_argument(
-        "--large_dir", type=Path, default=None, help="The 1.3b model folder (default OUT/opt-1.3b-random)."
-    )
+    parser.add_argument("--large_dir", type=Path, default=None,
+                        help="The 1.3b model folder (default OUT/opt-1.3b-random).")  # fmt: skip
     parser.add_argument("--compare_dir", type=Path, default=None, help="The 125m folder (default OUT/opt-125m-random).")
     parser.add_argument("--load", default="disk", choices=["disk", "cpu", "auto"], help="device_map of the large run.")
     parser.add_argument("--num_samples", type=int, default=16, help="Calibration samples.")
@@ -369,134 +235,134 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--method", default="qdrop", choices=["rtn", "adaround", "brecq", "qdrop"])
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the calibration data and QDrop.")
     parser.add_argument("--cache_budget_mib", type=float, default=64, help="cache_budget_bytes of the large run, MiB.")
-    parser.add_argument(
-        "--compare_cache_budget_mib",
-        type=float,
-        default=1,
-        help="cache_budget_bytes of the offloaded 125m run, MiB: small, so that its caches spill.",
-    )
+    parser.add_argument("--compare_cache_budget_mib", type=float, default=1,
+                        help="cache_budget_bytes of the offloaded 125m run, MiB: small, so that its caches "
+                        "spill.")  # fmt: skip
     parser.add_argument("--max_shard_size", default="200MB", help="save_pretrained shard size of the quantized models.")
-    parser.add_argument(
-        "--rss_limit_gb", type=float, default=1.5, help="Peak RSS target of the large run, in 10^9 bytes."
-    )
+    parser.add_argument("--rss_limit_gb", type=float, default=1.5,
+                        help="Peak RSS target of the large run, in 10^9 bytes.")  # fmt: skip
     parser.add_argument("--device", default=None, help="Execution device for quantize_qlimit (default: its own).")
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads in the runs (default: OMP's).")
     parser.add_argument("--strict", action="store_true", help="Exit non-zero on an RSS FAIL or unequal tensors.")
-    parser.add_argument("--readme", type=Path, default=README)
-    parser.add_argument("--no_readme", action="store_true", help="Do not rewrite the README table.")
+    common.add_doc_arguments(parser, DOC)
     parser.add_argument("--keep_scratch", action="store_true", help="Keep offload folders and work_dirs.")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # one measured run (internal)
-    parser.add_argument(
-        "--from_results", type=Path, nargs="+", default=None,
-        help="Run nothing: rewrite the README from these results.json files (e.g. an RTN large run and a QDrop "
-        "comparison made separately), one table each.",
-    )  # fmt: skip
+    parser.add_argument("--from_results", type=Path, nargs="+", default=None,
+                        help="Run nothing: rewrite the doc's table from these results.json files (e.g. an RTN large "
+                        "run and a QDrop comparison made separately), one table each.")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.quick:
+        args.out_dir = args.out_dir / "quick"
+        for key in ("num_samples", "seq_len", "batch_size", "iters", "cache_budget_mib", "compare_cache_budget_mib"):
+            setattr(args, key, QUICK[key])
+    args.shapes = ({"large": QUICK["large"], "compare": QUICK["compare"]} if args.quick
+                   else {"large": "opt-1.3b", "compare": "opt-125m"})  # fmt: skip
+    args.dirs = {"large": args.large_dir or args.out_dir / f"{args.shapes['large']}-random",
+                 "compare": args.compare_dir or args.out_dir / f"{args.shapes['compare']}-random"}  # fmt: skip
+    return args
+
+
+def _mib(x: float) -> int:
+    return round(x * MIB)
+
+
+def plan_runs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The spec of each measured run of `args.parts`, by run name."""
+    shapes, dirs, scratch = args.shapes, args.dirs, args.out_dir / "scratch"
+    shared = {"num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+              "iters": args.iters, "seed": args.seed, "device": args.device, "num_threads": args.num_threads,
+              "method": args.method, "max_shard_size": args.max_shard_size, "offload_folder": None}  # fmt: skip
+    runs: dict[str, dict[str, Any]] = {}
+    if "large" in args.parts:
+        runs["large"] = dict(shared, shape=shapes["large"], model_dir=str(dirs["large"]), load=args.load,
+                             work_dir=str(scratch / "large" / "work"), cache_budget_bytes=_mib(args.cache_budget_mib),
+                             save_dir=str(args.out_dir / f"{shapes['large']}-w4a8-{args.method}"))  # fmt: skip
+    if "compare" in args.parts:
+        # The reference takes the path that predates offload (weights and caches in RAM); the other run takes the
+        # offload path end to end, weights on disk and caches spilled, so equality covers both.
+        runs["compare-memory"] = dict(shared, shape=shapes["compare"], model_dir=str(dirs["compare"]), load="memory",
+                                      work_dir=None, cache_budget_bytes=None,
+                                      save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-memory"))  # fmt: skip
+        runs["compare-disk"] = dict(shared, shape=shapes["compare"], model_dir=str(dirs["compare"]), load="disk",
+                                    work_dir=str(scratch / "compare-disk" / "work"),
+                                    cache_budget_bytes=_mib(args.compare_cache_budget_mib),
+                                    save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-disk"))  # fmt: skip
+    return runs
+
+
+def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The two comparison runs' saved tensors compared, None when either run failed."""
+    pair = [runs[k] for k in ("compare-memory", "compare-disk")]
+    ok = all("error" not in r for r in pair)
+    cmp = compare_state_dicts(*(load_folder_state(Path(r["save_dir"])) for r in pair)) if ok else None
+    log("compare: " + ("not made (a run failed)" if cmp is None else "equal" if cmp["equal"] else
+                       f"differ: max abs diff {cmp['max_abs_diff']:.3g} in {cmp['differing']}"))  # fmt: skip
+    return cmp
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """Every planned run in its own process, the comparison and the settings (`meta`), as results.json holds them."""
+    started = time.perf_counter()
+    scratch = args.out_dir / "scratch"
+    results: dict[str, Any] = {
+        "runs": {name: run_child(name, spec, scratch, args.keep_scratch) for name, spec in plan_runs(args).items()}
+    }
+    if "compare" in args.parts:
+        results["comparison"] = compare(results["runs"])
+    limit = int(args.rss_limit_gb * GB)
+    results["meta"] = {
+        "date": datetime.date.today().isoformat(), "machine": common.machine(),
+        "command": common.command("benchmarks.deploy.offload", argv),
+        "num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "iters": args.iters,
+        "method": args.method, "seed": args.seed, "cache_budget_bytes": _mib(args.cache_budget_mib),
+        "compare_cache_budget_bytes": _mib(args.compare_cache_budget_mib), "compare_model": args.shapes["compare"],
+        "rss_limit_bytes": limit, "quick": args.quick, "wall_seconds": time.perf_counter() - started,
+    }  # fmt: skip
+    if "large" in results["runs"]:
+        results["rss_verdict"] = rss_verdict(results["runs"]["large"].get("peak_rss_bytes"), limit)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
     if args.child is not None:
         child(args.child)
         return None
     if args.from_results:
         saved = [json.loads(path.read_text()) for path in args.from_results]
         table = "\n\n".join(render_table(results, results["meta"]) for results in saved)
-        write_readme(args.readme, table)
-        print(table)
+        common.publish(table, MARKER, common.doc_target(args), "deploy.offload")
         return None
-
-    if args.quick:
-        args.out_dir = args.out_dir / "quick"
-        for key in ("num_samples", "seq_len", "batch_size", "iters", "cache_budget_mib", "compare_cache_budget_mib"):
-            setattr(args, key, QUICK[key])
-    shapes = (
-        {"large": QUICK["large"], "compare": QUICK["compare"]}
-        if args.quick
-        else {"large": "opt-1.3b", "compare": "opt-125m"}
-    )
-    dirs = {
-        "large": args.large_dir or args.out_dir / f"{shapes['large']}-random",
-        "compare": args.compare_dir or args.out_dir / f"{shapes['compare']}-random",
-    }
     if args.build or args.quick:  # --quick builds its tiny model itself: the smoke test needs no other step
         for part in ("large", "compare") if args.build else sorted(set(args.parts)):
-            build_model(shapes[part], dirs[part], args.seed)
+            build_model(args.shapes[part], args.dirs[part], args.seed)
         if args.build:
             return None
     for part in args.parts:
-        if not (dirs[part] / "config.json").is_file():
-            raise SystemExit(f"{PREFIX} {dirs[part]} does not exist: run `python benchmarks/offload.py --build` first.")
+        if not (args.dirs[part] / "config.json").is_file():
+            raise SystemExit(f"{PREFIX} {args.dirs[part]} does not exist: run "
+                             "`python -m benchmarks.deploy.offload --build` first.")  # fmt: skip
 
-    scratch = args.out_dir / "scratch"
-    common = {"num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-              "iters": args.iters, "seed": args.seed, "device": args.device, "num_threads": args.num_threads,
-              "method": args.method,
-              "max_shard_size": args.max_shard_size, "offload_folder": None}  # fmt: skip
-
-    def mib(x: float) -> int:
-        return round(x * MIB)
-
-    runs: dict[str, dict[str, Any]] = {}
-    if "large" in args.parts:
-        runs["large"] = dict(common, shape=shapes["large"], model_dir=str(dirs["large"]), load=args.load,
-                             work_dir=str(scratch / "large" / "work"), cache_budget_bytes=mib(args.cache_budget_mib),
-                             save_dir=str(args.out_dir / f"{shapes['large']}-w4a8-{args.method}"))  # fmt: skip
-    if "compare" in args.parts:
-        # The reference takes the path that predates offload (weights and caches in RAM); the other run takes the
-        # offload path end to end, weights on disk and caches spilled, so equality covers both.
-        runs["compare-memory"] = dict(common, shape=shapes["compare"], model_dir=str(dirs["compare"]), load="memory",
-                                      work_dir=None, cache_budget_bytes=None,
-                                      save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-memory"))  # fmt: skip
-        runs["compare-disk"] = dict(common, shape=shapes["compare"], model_dir=str(dirs["compare"]), load="disk",
-                                    work_dir=str(scratch / "compare-disk" / "work"),
-                                    cache_budget_bytes=mib(args.compare_cache_budget_mib),
-                                    save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-disk"))  # fmt: skip
-
-    started = time.perf_counter()
-    results: dict[str, Any] = {
-        "runs": {name: run_child(name, spec, scratch, args.keep_scratch) for name, spec in runs.items()}
-    }
-    if "compare" in args.parts:
-        pair = [results["runs"][k] for k in ("compare-memory", "compare-disk")]
-        ok = all("error" not in r for r in pair)
-        results["comparison"] = (
-            compare_state_dicts(*(load_folder_state(Path(r["save_dir"])) for r in pair)) if ok else None
-        )
-        cmp = results["comparison"]
-        log("compare: " + ("not made (a run failed)" if cmp is None else "equal" if cmp["equal"] else
-                           f"differ: max abs diff {cmp['max_abs_diff']:.3g} in {cmp['differing']}"))  # fmt: skip
-
-    limit = int(args.rss_limit_gb * GB)
-    meta = {
-        "date": datetime.date.today().isoformat(), "machine": _common.machine(),
-        "command": "python " + shlex.join(["benchmarks/offload.py", *(argv if argv is not None else sys.argv[1:])]),
-        "num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "iters": args.iters,
-        "method": args.method,
-        "seed": args.seed, "cache_budget_bytes": mib(args.cache_budget_mib),
-        "compare_cache_budget_bytes": mib(args.compare_cache_budget_mib), "compare_model": shapes["compare"],
-        "rss_limit_bytes": limit, "quick": args.quick, "wall_seconds": time.perf_counter() - started,
-    }  # fmt: skip
-    results["meta"] = meta
-    verdict = None
-    if "large" in results["runs"]:
-        verdict = rss_verdict(results["runs"]["large"].get("peak_rss_bytes"), limit)
-        results["rss_verdict"] = verdict
-    table = render_table(results, meta)
+    results = measure(args, argv)
+    table = render_table(results, results["meta"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out_dir / "table.md").write_text(table + "\n", encoding="utf-8")
-    print(table)
     log(f"results in {args.out_dir / 'results.json'}")
     failed = [name for name, r in results["runs"].items() if "error" in r]
+    verdict = results.get("rss_verdict")
     if verdict is not None:
-        peak = results["runs"]["large"].get("peak_rss_bytes")
+        peak, limit = results["runs"]["large"].get("peak_rss_bytes"), results["meta"]["rss_limit_bytes"]
         log(f"{verdict}: peak RSS of the large run {format_bytes(peak)}, limit {format_bytes(limit)}")
-    if not args.quick and not args.no_readme and not failed:  # a failed run must not replace a measured table
-        write_readme(args.readme, table)
-        log(f"table written to {args.readme}")
+    # a failed run must not replace a measured table
+    common.publish(table, MARKER, None if args.quick or failed else common.doc_target(args), "deploy.offload")
     if failed:
         raise SystemExit(f"{PREFIX} runs failed: {', '.join(failed)}; see above.")
     unequal = results.get("comparison") is not None and not results["comparison"]["equal"]
     if args.strict and (verdict == "FAIL" or unequal):
-        raise SystemExit(f"{PREFIX} --strict: " + ", ".join(
-            (["peak RSS over the limit"] if verdict == "FAIL" else []) + (["quantized tensors differ"] if unequal else [])))  # fmt: skip
+        reasons = ["peak RSS over the limit"] if verdict == "FAIL" else []
+        reasons += ["quantized tensors differ"] if unequal else []
+        raise SystemExit(f"{PREFIX} --strict: " + ", ".join(reasons))
     return results
 
 

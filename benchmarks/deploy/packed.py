@@ -1,21 +1,22 @@
-#!/usr/bin/env python
 """Deployment benchmark: memory, load time and decode speed of a packed W4 model against FP32, bf16 and the old
 cached path (one fp32 copy per weight after the first forward), plus logits agreement and perplexity, and the
 same for the compressed-tensors export loaded without hf_qlimit.
 
-    python benchmarks/deploy.py --readme README.md                 # MiniLM export, SmolLM2-135M, OPT-1.3b-shaped
-    python benchmarks/deploy.py --models smollm2 --readme README.md
-    python benchmarks/deploy.py --table_only --readme README.md    # redraw from benchmarks/out/deploy/results.json
+    python -m benchmarks.deploy.packed                    # MiniLM export, SmolLM2-135M, OPT-1.3b-shaped
+    python -m benchmarks.deploy.packed --models smollm2
+    python -m benchmarks.deploy.packed --table_only       # redraw from benchmarks/out/deploy/results.json
 
 Every variant runs in its own process (so load time and RSS are its own); a variant without hf_qlimit in its
 name never imports it. Decode speed: greedy `generate` of 64 new tokens after a 32-token prompt at batch 1, minus
 a 1-token `generate` (the prefill), so 63 decode steps; best of `--reps`, by the wall clock and, at one thread, by
-the process's CPU time (the machine may be shared). Load average is recorded with each run.
+the process's CPU time (the machine may be shared). Load average is recorded with each run. The table goes between
+`<!-- deploy-table:start -->` and `<!-- deploy-table:end -->` of docs/results/deploy.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -24,13 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import _common  # noqa: E402
+from benchmarks import common
+from benchmarks.common import load_average
 
-SMOLLM2_FP = ROOT / "models" / "smollm2-135m-instruct-q4_1"
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+SMOLLM2_FP = common.REPO / "models" / "smollm2-135m-instruct-q4_1"
+DATA = common.SHARED / "data" / "wikitext-2"
+DOC = common.RESULTS_DOCS / "deploy.md"
 MARKER = "deploy-table"
 OPT_SHAPES = {  # random OPT models, shaped like the real ones
     "opt1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192, "num_attention_heads": 32},
@@ -48,10 +48,6 @@ VARIANTS = [
 REFERENCE = "W4 cached fp32 (old default)"  # exact fake quantization: what the W4 rows are compared with
 
 
-def load_average() -> float:
-    return os.getloadavg()[0]
-
-
 # -- worker: one variant, in its own process --------------------------------------------------------------------
 
 
@@ -63,12 +59,13 @@ def _proc_kb(field: str) -> int:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One variant's figures; this process imports hf_qlimit only where the variant's mode needs it."""
     import torch
     import transformers
-    import transformers.modeling_utils  # noqa: F401
+    import transformers.modeling_utils
 
-    # modeling_utils (~125 MB of RSS with what it pulls in, measured) is imported lazily by `from_pretrained`, and eagerly by
-    # hf_qlimit: imported here in every variant, so the import baselines compare like with like
+    # modeling_utils (~125 MB of RSS with what it pulls in, measured) is imported lazily by `from_pretrained`, and
+    # eagerly by hf_qlimit: imported here in every variant, so the import baselines compare like with like
     torch.set_num_threads(1)
     if spec["mode"] is not None:
         import hf_qlimit
@@ -126,10 +123,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _windows(tokenizer, seq_len: int):
-    sys.path.insert(0, str(ROOT / "examples" / "language-modeling"))
-    from run_ppl import eval_windows, read_text_file, tokenize_corpus
+    from benchmarks.lm.table import load_run_ppl  # here: the variants' processes must not import hf_qlimit
 
-    return eval_windows(tokenize_corpus(tokenizer, read_text_file(DATA / "test.txt")), seq_len)
+    run_ppl = load_run_ppl()
+    return run_ppl.eval_windows(run_ppl.tokenize_corpus(tokenizer, run_ppl.read_text_file(DATA / "test.txt")), seq_len)
 
 
 def prepare(name: str, out_dir: Path, ppl_windows: int) -> dict[str, Path]:
@@ -150,13 +147,14 @@ def prepare(name: str, out_dir: Path, ppl_windows: int) -> dict[str, Path]:
         if not ids_path.exists():
             torch.save(_windows(AutoTokenizer.from_pretrained(SMOLLM2_FP), 512)[: max(ppl_windows, 1)], ids_path)
     else:
-        config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=OPT_SHAPES[name]["hidden_size"],
-                           **OPT_SHAPES[name])  # fmt: skip
+        config = OPTConfig(vocab_size=50272, max_position_embeddings=2048,
+                           word_embed_proj_dim=OPT_SHAPES[name]["hidden_size"], **OPT_SHAPES[name])  # fmt: skip
         if not (folders["fp"] / "config.json").exists():
             torch.manual_seed(0)
             OPTForCausalLM(config).save_pretrained(folders["fp"])
         if not ids_path.exists():
-            torch.save(torch.randint(2, config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0)), ids_path)
+            generator = torch.Generator().manual_seed(0)
+            torch.save(torch.randint(2, config.vocab_size, (1, 512), generator=generator), ids_path)
     if not (folders["w4"] / "config.json").exists():
         torch.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained(folders["fp"], dtype=torch.float32)
@@ -174,7 +172,8 @@ def prepare(name: str, out_dir: Path, ppl_windows: int) -> dict[str, Path]:
 def run_variant(label: str, spec: dict[str, Any]) -> dict[str, Any]:
     spec_path = Path(spec["logits"]).with_suffix(".json")
     spec_path.write_text(json.dumps(spec))
-    run = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.deploy.packed", "--worker", str(spec_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{run.stderr[-4000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -187,8 +186,8 @@ def measure(name: str, out_dir: Path, threads: list[int], reps: int, ppl_windows
     variants = [v for v in VARIANTS if name == "smollm2" or v[1] != "ct"]  # the export is checked on SmolLM2
     rows, logits = {}, {}
     for i, (label, key, dtype, mode) in enumerate(variants):
-        spec = {"folder": str(folders[key]), "dtype": dtype, "mode": mode, "ids": str(folders["ids"]), "threads": threads,
-                "reps": reps, "ppl_windows": ppl_windows if name == "smollm2" else 0,
+        spec = {"folder": str(folders[key]), "dtype": dtype, "mode": mode, "ids": str(folders["ids"]),
+                "threads": threads, "reps": reps, "ppl_windows": ppl_windows if name == "smollm2" else 0,
                 "logits": str(out_dir / f"{name}-logits{i}.pt")}  # fmt: skip
         print(f"[{name}] {label} (load {load_average():.2f})", flush=True)
         rows[label] = run_variant(label, spec)
@@ -263,11 +262,12 @@ def _targets(name: str, rows: dict[str, Any]) -> list[str]:
                   f"{above[0]:.0f} MB against {above[1]:.0f} MB ({above[0] / above[1]:.2f}x)",
                   f"decode {speed:.2f}x FP32 at 1 thread by the wall clock, {cpu:.2f}x by CPU time (target >= 1.0): "
                   f"{verdict(speed >= 1.0)} / {verdict(cpu >= 1.0)}",
-                  f"compressed-tensors logits within {ct['logits_rel_diff']:.1e} relative of hf_qlimit's (target 1e-3): "
-                  f"{verdict(ct['logits_rel_diff'] <= 1e-3)}"]  # fmt: skip
+                  f"compressed-tensors logits within {ct['logits_rel_diff']:.1e} relative of hf_qlimit's "
+                  f"(target 1e-3): {verdict(ct['logits_rel_diff'] <= 1e-3)}"]  # fmt: skip
         if "ppl" in ct:
             same = f"{ct['ppl']:.2f}" == f"{rows[REFERENCE]['ppl']:.2f}"
-            lines.append(f"compressed-tensors perplexity {ct['ppl']:.2f} vs {rows[REFERENCE]['ppl']:.2f} (same to 2 decimals): {verdict(same)}")
+            lines.append(f"compressed-tensors perplexity {ct['ppl']:.2f} vs {rows[REFERENCE]['ppl']:.2f} "
+                         f"(same to 2 decimals): {verdict(same)}")
     else:
         speed, cpu = w4["tok_s_1t"] / fp["tok_s_1t"], w4["tok_s_cpu_1t"] / fp["tok_s_cpu_1t"]
         lines.append(f"decode {speed:.2f}x FP32 at 1 thread by the wall clock, {cpu:.2f}x by CPU time (target >= 2.0): "
@@ -275,41 +275,53 @@ def _targets(name: str, rows: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _row_cells(label: str, r: dict[str, Any], threads: list[int], ppl: bool) -> list[str]:
+    cells = [label, f"{r['load_s']:.1f}", f"{r['mb_after_load']:.0f}", f"{r['mb_after_generate']:.0f}",
+             f"{r['rss_mb']:.0f} ({r['rss_imports_mb']:.0f})", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
+    cells += [f"{r[f'tok_s_{t}t']:.1f}" for t in threads]
+    cells.append(f"{r['tok_s_cpu_1t']:.1f}" if "tok_s_cpu_1t" in r else "–")
+    ref = r["logits_ref"]
+    cached = " cached" if ref == REFERENCE else ""
+    cells.append("–" if ref == label else f"{r['logits_rel_diff']:.1e} ({ref.split(' ')[0]}{cached})")
+    return cells + ([f"{r['ppl']:.2f}"] if ppl else [])
+
+
+def _model_table(name: str, res: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """One model's title, rows, load, targets and date."""
+    rows, threads = res["rows"], res.get("threads") or results["threads"]  # each model: the threads it ran
+    title = "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)" if name == "smollm2" else f"random {name}-shaped OPT"
+    head = ["variant", "load s", "MB after load", "MB after generate", "RSS MB (imports)", "peak RSS MB"]
+    head += [f"tok/s {t}T" for t in threads] + ["tok/CPU-s 1T", "logits rel. diff (vs)"]
+    head += ["ppl"] if res["ppl_windows"] else []
+    parts = [f"**{title}**, W4 g64 weight-only RTN (embeddings and head 8-bit g64).\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    parts += ["| " + " | ".join(_row_cells(label, r, threads, bool(res["ppl_windows"]))) + " |"
+              for label, r in rows.items()]  # fmt: skip
+    loads = [x for r in rows.values() for x in r["load_avg"]]
+    parts.append(f"\nLoad average (1 min) during these runs: {min(loads):.2f} to {max(loads):.2f} on "
+                 f"{os.cpu_count()} CPUs. Targets: " + "; ".join(_targets(name, rows)) + ".\n")  # fmt: skip
+    reps = f", best of {res['reps']} repetitions" if res.get("reps") else ""
+    parts.append(f"Measured {res.get('date') or results['date']} at hf_qlimit commit "
+                 f"{res.get('commit') or results['commit']}{reps}.\n")  # fmt: skip
+    if res["ppl_windows"]:
+        parts.append(f"Perplexity: WikiText-2 test (tokenized v1 release), first {res['ppl_windows']} windows of "
+                     "512.\n")  # fmt: skip
+    return parts
+
+
 def table(results: dict[str, Any]) -> str:
-    parts = []
-    for name, res in results["models"].items():
-        rows, threads = res["rows"], res.get("threads") or results["threads"]  # each model: the threads it ran
-        title = "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)" if name == "smollm2" else f"random {name}-shaped OPT"
-        parts.append(f"**{title}**, W4 g64 weight-only RTN (embeddings and head 8-bit g64).\n")
-        head = ["variant", "load s", "MB after load", "MB after generate", "RSS MB (imports)", "peak RSS MB"]
-        head += [f"tok/s {t}T" for t in threads] + ["tok/CPU-s 1T", "logits rel. diff (vs)"] + (["ppl"] if res["ppl_windows"] else [])
-        parts.append("| " + " | ".join(head) + " |")
-        parts.append("|" + "---|" * len(head))
-        for label, r in rows.items():
-            cells = [label, f"{r['load_s']:.1f}", f"{r['mb_after_load']:.0f}", f"{r['mb_after_generate']:.0f}",
-                     f"{r['rss_mb']:.0f} ({r['rss_imports_mb']:.0f})", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
-            cells += [f"{r[f'tok_s_{t}t']:.1f}" for t in threads] + [f"{r['tok_s_cpu_1t']:.1f}" if "tok_s_cpu_1t" in r else "–"]
-            cells.append("–" if r["logits_ref"] == label else f"{r['logits_rel_diff']:.1e} ({r['logits_ref'].split(' ')[0]}"
-                         f"{' cached' if r['logits_ref'] == REFERENCE else ''})")  # fmt: skip
-            if res["ppl_windows"]:
-                cells.append(f"{r['ppl']:.2f}")
-            parts.append("| " + " | ".join(cells) + " |")
-        loads = [x for r in rows.values() for x in r["load_avg"]]
-        parts.append(f"\nLoad average (1 min) during these runs: {min(loads):.2f} to {max(loads):.2f} on "
-                     f"{os.cpu_count()} CPUs. Targets: " + "; ".join(_targets(name, rows)) + ".\n")  # fmt: skip
-        reps = f", best of {res['reps']} repetitions" if res.get("reps") else ""
-        parts.append(f"Measured {res.get('date') or results['date']} at hf_qlimit commit "
-                     f"{res.get('commit') or results['commit']}{reps}.\n")  # fmt: skip
-        if res["ppl_windows"]:
-            parts.append(f"Perplexity: WikiText-2 test (tokenized v1 release), first {res['ppl_windows']} windows of 512.\n")
+    """The section's body: a table per model with its targets, the MiniLM export check, the machine."""
+    parts = [line for name, res in results["models"].items() for line in _model_table(name, res, results)]
     if "minilm" in results:
         m = results["minilm"]
         ok = "met" if m["rel_diff"] <= 1e-3 else "NOT met"
-        parts.append(f"all-MiniLM-L6-v2 W4 g64: the compressed-tensors export, loaded without hf_qlimit, gives the last hidden "
-                     f"state within {m['rel_diff']:.1e} relative of hf_qlimit's on {m['sentences']} sentences (target 1e-3: {ok}).\n")  # fmt: skip
+        parts.append(f"all-MiniLM-L6-v2 W4 g64: the compressed-tensors export, loaded without hf_qlimit, gives the "
+                     f"last hidden state within {m['rel_diff']:.1e} relative of hf_qlimit's on {m['sentences']} "
+                     f"sentences (target 1e-3: {ok}).\n")  # fmt: skip
     parts.append(f"Machine: {results['machine']}. "
-                 "RSS (imports): the process RSS after the 64-token generate, and in parentheses after the imports alone "
-                 "(torch, transformers with its modeling code, and hf_qlimit in its rows). Generated by `python benchmarks/deploy.py --readme README.md`.")  # fmt: skip
+                 "RSS (imports): the process RSS after the 64-token generate, and in parentheses after the imports "
+                 "alone (torch, transformers with its modeling code, and hf_qlimit in its rows). Generated by "
+                 "`python -m benchmarks.deploy.packed`.")  # fmt: skip
     return "\n".join(parts)
 
 
@@ -320,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--ppl_windows", type=int, default=16)
-    parser.add_argument("--out_dir", default=str(HERE / "out" / "deploy"))
-    parser.add_argument("--readme", help="rewrite this README's deploy-table section")
+    parser.add_argument("--out_dir", default=str(common.OUT / "deploy"))
+    common.add_doc_arguments(parser, DOC)
     parser.add_argument("--table_only", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -333,9 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     results_path = out_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"models": {}}
     if not args.table_only:
-        import datetime
-
-        commit = _common.commit(ROOT)
+        commit = common.commit()
         if "minilm" in args.models:
             results["minilm"] = minilm_export(out_dir)
         for entry in results["models"].values():  # runs of an earlier invocation keep their own date and commit
@@ -348,13 +358,11 @@ def main(argv: list[str] | None = None) -> None:
             results["models"][name].update(date=datetime.date.today().isoformat(), commit=commit, reps=reps,
                                            threads=args.threads)  # fmt: skip
             results.update(threads=args.threads, date=datetime.date.today().isoformat(), commit=commit,
-                           machine=_common.machine(threads=1).replace(" (1 threads)", ""))  # fmt: skip
+                           machine=common.machine(threads=1).replace(" (1 threads)", ""))  # fmt: skip
             results_path.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     (out_dir / "table.md").write_text(text + "\n")
-    print(text)
-    if args.readme:
-        _common.rewrite_between_markers(Path(args.readme), MARKER, _common.section(MARKER, text))
+    common.publish(text, MARKER, common.doc_target(args), "deploy.packed")
 
 
 if __name__ == "__main__":

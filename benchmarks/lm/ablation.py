@@ -1,36 +1,30 @@
-#!/usr/bin/env python
 """SmolLM2 ablation of the decoder default: initialiser × learned weight steps × iterations, on the peers
-protocol (`benchmarks/peers/peer_eval.py`: the same calibration windows, evaluation windows and FP model).
+protocol (`benchmarks.peers.peer_eval`: the same calibration windows, evaluation windows and FP model).
 
 Each variant is `QLimitConfig(weight_bits=B, group_size=64, act_bits=None, **overrides)` (act_bits=8 in the
 setting "W4A8 g64"); the row "default" has no overrides, so it is what a user gets. One variant per process (its
 own peak RSS, no state shared between runs); each result is appended to `--results` and the table is drawn from
-the newest record of each (variant, setting).
+the newest record of each (variant, setting), between `<!-- lm-ablation-table:start -->` and
+`<!-- lm-ablation-table:end -->` of docs/results/language-modeling.md.
 
-    python benchmarks/lm_ablation.py --settings "W3A16 g64" --variants rtn gptq default
-    python benchmarks/lm_ablation.py --table_only --readme examples/language-modeling/README.md
+    python -m benchmarks.lm.ablation --settings "W3A16 g64" --variants rtn gptq default
+    python -m benchmarks.lm.ablation --table_only
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE / "peers")]
-import _common  # noqa: E402
-import peer_eval  # noqa: E402
-from hf_qlimit.config import preset_values  # noqa: E402
+from benchmarks import common
+from benchmarks.common import ResultsLog, read_jsonl
+from benchmarks.lm.table import DOC
+from benchmarks.peers import peer_eval
 
-REPO = HERE.parent
-OUT = REPO / "benchmarks" / "out" / "lm_ablation"
+OUT = common.OUT / "lm_ablation"
 MARKER = "lm-ablation-table"
 # (label, QLimitConfig overrides): rows in table order
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -79,7 +73,8 @@ BATCH_ROWS = ("default", "batch4", "batch8")  # one computation at a given batch
 
 
 def default_batch(setting: str) -> int:
-    return preset_values("fast-lm", SETTINGS[setting].weight_bits)["batch_size"]
+    """The batch the decoder default reconstructs with at this setting's weight width."""
+    return peer_eval.default_batch("smollm2", SETTINGS[setting].weight_bits)
 
 
 def _file_under_batch_rows(out: dict, record: dict[str, Any]) -> None:
@@ -117,8 +112,7 @@ def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
         "iters": resolved.iters if resolved.method != "rtn" else 0, "weight_init": resolved.weight_init,
         "learn_weight_scale": resolved.learn_weight_scale, "num_samples": min(resolved.num_samples, len(calib)),
         "batch_size": resolved.batch_size, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "date": datetime.date.today().isoformat(), "commit": _common.commit(REPO),
-        "load": os.getloadavg()[0],
+        "date": datetime.date.today().isoformat(), "commit": common.commit(), "load": common.load_average(),
     }  # fmt: skip
 
 
@@ -128,43 +122,45 @@ PEER_ROWS = {"llm-compressor GPTQ": "*peer:* llm-compressor GPTQ (min-max grid, 
              "AutoRound": "*peer:* AutoRound, its light recipe (50 it, FP head)"}  # fmt: skip
 
 
+def _peer_records(peers: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """The peers sitting's SmolLM2 rows this table shows: its FP reference, the peers named in PEER_ROWS, and its
+    "hf_qlimit default" runs filed under the variant that default was on their date."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in read_jsonl(peers):
+        if r.get("model") != "smollm2" or r.get("status") != "ok":
+            continue
+        if r.get("tool") in PEER_ROWS or r.get("tool") == FP_TOOL:
+            out[r["tool"], r["setting"]] = {
+                "variant": r["tool"], "setting": r["setting"], "ppl": r["metric"]["ppl"],
+                "quantize_s": r["calib_s"], "peer": True, "date": r["date"],
+            }  # fmt: skip
+        if r.get("tool") == "hf_qlimit default":
+            # the decoder default changed twice on 2026-11-29: the Lp grid, then min-max, then signed steps
+            details = r.get("details", "")
+            variant = ("default" if "drop_prob 0.0" in details and "rounding sign" in details
+                       else "qdrop" if "rounding sign" in details
+                       else "default-progressive" if "range minmax" in details else "default-lp")  # fmt: skip
+            record = {
+                "variant": variant, "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],
+                "threads": 1, "date": r["date"], "commit": "peers run", "load": None,
+                "batch_size": peer_eval.details_batch(details),
+            }  # fmt: skip
+            if variant == "default":
+                _file_under_batch_rows(out, record)
+            else:
+                out[variant, r["setting"]] = record
+    return out
+
+
 def load(path: Path, peers: Path | None = PEERS_RESULTS) -> dict[tuple[str, str], dict[str, Any]]:
     """This script's records, and the peers sitting's "hf_qlimit default" runs as the "default" row (the same
     protocol and config, so it is not run twice); a record of this script made later wins."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    if peers is not None and peers.is_file():
-        for line in peers.read_text().splitlines():
-            r = json.loads(line) if line.strip() else {}
-            if r.get("model") != "smollm2" or r.get("status") != "ok":
-                continue
-            if r.get("tool") in PEER_ROWS or r.get("tool") == FP_TOOL:
-                out[r["tool"], r["setting"]] = {
-                    "variant": r["tool"], "setting": r["setting"], "ppl": r["metric"]["ppl"],
-                    "quantize_s": r["calib_s"], "peer": True, "date": r["date"],
-                }  # fmt: skip
-            if r.get("tool") == "hf_qlimit default":
-                # the decoder default changed twice on 2026-11-29: the Lp grid, then min-max, then signed steps
-                details = r.get("details", "")
-                variant = ("default" if "drop_prob 0.0" in details and "rounding sign" in details
-                           else "qdrop" if "rounding sign" in details
-                           else "default-progressive" if "range minmax" in details else "default-lp")  # fmt: skip
-                batch = peer_eval.details_batch(details)
-                record = {
-                    "variant": variant, "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],
-                    "threads": 1, "date": r["date"], "commit": "peers run", "load": None, "batch_size": batch,
-                }  # fmt: skip
-                if variant == "default":
-                    _file_under_batch_rows(out, record)
-                else:
-                    out[variant, r["setting"]] = record
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if record["variant"] in BATCH_ROWS:
-                    _file_under_batch_rows(out, record)
-                else:
-                    out[record["variant"], record["setting"]] = record
+    out = _peer_records(peers) if peers is not None else {}
+    for record in read_jsonl(path):
+        if record["variant"] in BATCH_ROWS:
+            _file_under_batch_rows(out, record)
+        else:
+            out[record["variant"], record["setting"]] = record
     return out
 
 
@@ -190,7 +186,7 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
     loads = [r["load"] for r in done if r.get("load") is not None]
     fp = records.get((FP_TOOL, "FP32"))
     fp_ppl = "–" if fp is None else f"{fp['ppl']:.2f}"
-    machine = _common.machine(threads=1).replace(" (1 threads)", "")
+    machine = common.machine(threads=1).replace(" (1 threads)", "")
     lines += [
         "",
         f"SmolLM2-135M-Instruct, WikiText-2 test perplexity over the peers protocol's {peer_eval.LM_EVAL_WINDOWS} "
@@ -200,11 +196,11 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
         f"unless the cell says more, load average "
         f"at the end of this script's runs {min(loads, default=0):.1f}–{max(loads, default=0):.1f}; the peers "
         "sitting's runs shared the two cores with 2 to 4 jobs, so every time here is inflated. The default row comes "
-        "from the peers sitting (`benchmarks/peers/run.py`, same protocol) where this script did not run it."
+        "from the peers sitting (`python -m benchmarks.peers.run`, same protocol) where this script did not run it."
         f" Dates: {', '.join(sorted({r['date'] for r in done}))}; commits: "
-        f"{', '.join(sorted({r['commit'] for r in done}))}. Generated by `benchmarks/lm_ablation.py`.",
+        f"{', '.join(sorted({r['commit'] for r in done}))}. Generated by `python -m benchmarks.lm.ablation`.",
     ]
-    return _common.section(MARKER, "\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,33 +213,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers_results", type=Path, default=PEERS_RESULTS,
                         help="Where the default and peer rows may come from.")  # fmt: skip
     parser.add_argument("--table_only", action="store_true")
-    parser.add_argument("--readme", type=Path, default=None, help="Also write the table into this README.")
+    common.add_doc_arguments(parser, DOC)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print("RESULT " + json.dumps(run_one(*args.child, args.threads)), flush=True)
+    if args.child:  # one variant in its own process: its own peak RSS, no state shared between runs
+        common.emit_result(run_one(*args.child, args.threads))
         return
     records = load(args.results, args.peers_results)
-    if not args.table_only:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        for setting in args.settings:
-            for variant in args.variants:
-                if (variant, setting) in records and not args.rerun:
-                    continue
-                print(f"[ablation] {variant} | {setting}", flush=True)
-                cmd = [sys.executable, __file__, "--child", variant, setting, "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
-                line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-                record = json.loads(line[len("RESULT ") :])
-                print(f"[ablation]   ppl {record['ppl']:.2f}, {record['quantize_s']:.0f} s", flush=True)
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                records[variant, setting] = record
-    section = render(records)
-    print(section)
-    if args.readme is not None:
-        _common.rewrite_between_markers(args.readme, MARKER, section)
+    log = ResultsLog("lm.ablation", env=common.offline_env(args.threads), results=args.results)
+    for setting in [] if args.table_only else args.settings:
+        for variant in args.variants:
+            if (variant, setting) in records and not args.rerun:
+                continue
+            child = ["-m", "benchmarks.lm.ablation", "--child", variant, setting, "--threads", str(args.threads)]
+            record = log.run_child(child, f"{variant} | {setting}")
+            if record is not None:
+                log.log(f"  ppl {record['ppl']:.2f}, {record['quantize_s']:.0f} s")
+                records = load(args.results, args.peers_results)
+    common.publish(render(records), MARKER, common.doc_target(args), "lm.ablation")
+    log.check()
 
 
 if __name__ == "__main__":
