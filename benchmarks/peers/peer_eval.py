@@ -9,22 +9,20 @@ Every tool gets the same calibration data and is evaluated on the same data by t
   first `LM_EVAL_WINDOWS` windows of WikiText-2 test (the GPTQ protocol of examples/language-modeling/run_ppl.py,
   whose functions are imported).
 
-This module imports no quantization library, so that it runs under every tool's interpreter.
+This module imports no quantization library at import time, so that it runs under every tool's interpreter (which
+finds `benchmarks` because the worker runs from the repository root, `benchmarks.peers.run` sees to it).
 """
 
 from __future__ import annotations
 
 import os
 import resource
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(HERE.parent))  # benchmarks/: _common.py, causal_lm_table.py
+from benchmarks import common
+from benchmarks.common import SHARED
 
 CALIB_SENTENCES = 256
 SST2_MAX_LEN = 128
@@ -67,6 +65,14 @@ SETTINGS: dict[str, dict[str, Setting]] = {
 FP = Setting("FP32", 32)  # the unquantized reference row
 
 
+def default_batch(model: str, weight_bits: int) -> int:
+    """The reconstruction batch hf_qlimit's default config resolves to for `model` at this weight width (it became
+    width-dependent on 2026-11-30). Imports hf_qlimit: call it from an interpreter that has it."""
+    from hf_qlimit import QLimitConfig
+
+    return QLimitConfig(weight_bits=weight_bits).resolved(causal_lm=is_causal_lm(model)).batch_size
+
+
 def details_batch(details: str) -> int | None:
     """The reconstruction batch an hf_qlimit record's notes name ("..., batch 8, ..."), None if they name none."""
     return int(details.split(" batch ")[1].split(",")[0]) if " batch " in details else None
@@ -91,9 +97,9 @@ def model_path(model: str, smollm2_dir: Path | None = None) -> Path:
     if model == "minilm-sst2":
         return SHARED / "models" / "minilm-l6-sst2"
     if model == "smollm2":
-        import causal_lm_table  # the folder converted from the GGUF once, shared with that benchmark
+        from benchmarks.lm import table as lm_table  # the folder converted from the GGUF once, shared with that table
 
-        return causal_lm_table.ensure_model(smollm2_dir or REPO / "benchmarks" / "out" / "smollm2-135m-instruct-q4_1")
+        return lm_table.ensure_model(smollm2_dir or lm_table.MODEL_DIR)
     raise ValueError(f"Unknown model {model!r}; one of {sorted(SETTINGS)}.")
 
 
@@ -111,16 +117,12 @@ def load_fp(model: str, path: Path):
 
 
 def _run_ppl():
-    import causal_lm_table
-
-    return causal_lm_table._load_run_ppl()
+    return common.load_example("examples/language-modeling/run_ppl.py")
 
 
 def _sst2(split: str):
-    sys.path.insert(0, str(REPO / "examples" / "glue"))
-    from glue_data import read_glue_tsv
-
-    return read_glue_tsv(SHARED / "data" / "glue" / "SST-2" / f"{split}.tsv", "sst2")
+    glue_data = common.load_example("examples/glue/glue_data.py")
+    return glue_data.read_glue_tsv(SHARED / "data" / "glue" / "SST-2" / f"{split}.tsv", "sst2")
 
 
 def calibration(model: str, tokenizer: Any) -> list[dict[str, Any]]:

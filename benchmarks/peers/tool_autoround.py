@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import peer_eval
+from benchmarks.peers import peer_eval
 
 ALGOS = ("autoround",)
 LIGHT = {"iters": 50, "lr": 5e-3}  # auto_round.cli.main.RECIPES["light"] (its batch 8 is kept too)

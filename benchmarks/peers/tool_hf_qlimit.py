@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import peer_eval
+from benchmarks.peers import peer_eval
 
 ALGOS = ("fp", "default", "rtn", "brecq", "qdrop")
 
@@ -42,7 +42,7 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
         net.quantize_qlimit(calib, config)
         options["details"] = (
             f"default config (preset auto): {resolved.method}"
-            + (f" (drop_prob {resolved.drop_prob})" if resolved.method == "qdrop" else "")
+            + (f" (drop_prob {resolved.drop_prob})" if resolved.method in ("brecq", "qdrop") else "")
             + f", {resolved.iters} iters/block, "
             f"batch {resolved.batch_size}, {min(resolved.num_samples, len(calib))} samples, "
             f"init {resolved.weight_init}, range {resolved.weight_range}, rounding {resolved.rounding}"
@@ -60,7 +60,8 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
     )  # fmt: skip
     net.quantize_qlimit(calib, config)
     if algo != "rtn":
-        options["details"] = f"{config.iters} iters/block, batch {config.batch_size}"
+        resolved = config.for_model(net)  # the preset's fields are filled once the model is known
+        options["details"] = f"{resolved.iters} iters/block, batch {resolved.batch_size}"
     return net
 
 

@@ -1,6 +1,6 @@
-"""llm-compressor worker: GPTQ (`GPTQModifier`), AWQ (`AWQModifier` scales, then `QuantizationModifier` rounds), SmoothQuant + GPTQ for W8A8, and its own
-round to nearest (`QuantizationModifier`), all through `oneshot` on the calibration set, saved compressed with
-`save_pretrained(save_compressed=True)` (compressed-tensors format).
+"""llm-compressor worker: GPTQ (`GPTQModifier`), AWQ (`AWQModifier` scales, then `QuantizationModifier` rounds),
+SmoothQuant + GPTQ for W8A8, and its own round to nearest (`QuantizationModifier`), all through `oneshot` on the
+calibration set, saved compressed with `save_pretrained(save_compressed=True)` (compressed-tensors format).
 
 Weight-only settings use asymmetric integer weights (as hf_qlimit and GPTQ's paper), per channel or per group;
 W8A8 is llm-compressor's `W8A8` scheme: int8 per-channel weights and dynamic per-token int8 input activations.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import peer_eval
+from benchmarks.peers import peer_eval
 
 ALGOS = ("gptq", "awq", "smoothquant", "rtn")
 IGNORE = {"minilm-sst2": ["classifier", "re:.*pooler.*"], "smollm2": ["lm_head"]}

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import peer_eval
+from benchmarks.peers import peer_eval
 
 BLOCKS = {"minilm-sst2": "bert.encoder.layer.*", "smollm2": "model.layers.*"}
 

@@ -1,8 +1,10 @@
-#!/usr/bin/env python
 """One (tool, model, setting) run of the peers benchmark, in its own process and under the tool's interpreter.
 
-    python benchmarks/peers/worker.py --tool quanto --algo rtn --model minilm-sst2 --setting "W4A16 g128" \
+    python -m benchmarks.peers.worker --tool quanto --algo rtn --model minilm-sst2 --setting "W4A16 g128" \
         --out_dir benchmarks/out/peers/ckpt/x --result /tmp/x.json
+
+Run from the repository root (`benchmarks.peers.run` does, and puts it on PYTHONPATH): the peers' interpreters do
+not have this checkout installed, and find `benchmarks` and `hf_qlimit` there.
 
 Loads the FP model, quantizes it with `tool_<tool>.quantize` (timed: the calibration wall time), saves it in the
 tool's own format (`tool_<tool>.save`; its size on disk is the checkpoint size), evaluates the quantized model in
@@ -22,9 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-# peer_eval.py beside this file; the repository root so hf_qlimit imports even where it is not installed
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
-import peer_eval
+from benchmarks.peers import peer_eval
 
 
 def one_line(exc: BaseException) -> str:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     tool = None
     try:
         peer_eval.single_thread()
-        tool = importlib.import_module(f"tool_{args.tool}")
+        tool = importlib.import_module(f"benchmarks.peers.tool_{args.tool}")
         result["versions"] = versions(tool)
         options = {"iters": args.iters}
         tool.check(args.algo, args.model, setting, options)  # raises Unsupported before any work
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tool", required=True, help="Module tool_<TOOL>.py beside this script.")
+    parser.add_argument("--tool", required=True, help="Module benchmarks.peers.tool_<TOOL>.")
     parser.add_argument("--algo", required=True, help="The tool's algorithm: rtn, gptq, awq, smoothquant, brecq...")
     parser.add_argument("--model", required=True, choices=sorted(peer_eval.SETTINGS))
     parser.add_argument("--setting", required=True)

@@ -1,30 +1,22 @@
-"""benchmarks/peers: failing or missing peers stay in the table with their error; the table is drawn from JSON lines."""
+"""benchmarks.peers: failing or missing peers stay in the table with their error; the table is drawn from JSON
+lines; the worker runs as a module from the repository root, under whatever interpreter the tool has."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from benchmarks.peers import run as peers
+from benchmarks.peers import table as peers_table
 
 
-@pytest.fixture(scope="module")
-def peers():
-    spec = importlib.util.spec_from_file_location("peers_run", REPO / "benchmarks" / "peers" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["peers_run"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _readme(tmp_path: Path) -> Path:
-    readme = tmp_path / "README.md"
-    readme.write_text("# B\n\n<!-- peers-table:start -->\nold\n<!-- peers-table:end -->\n\ntail\n")
-    return readme
+def _doc(tmp_path: Path) -> Path:
+    doc = tmp_path / "peers.md"
+    doc.write_text("# B\n\n<!-- peers-table:start -->\nold\n<!-- peers-table:end -->\n\ntail\n")
+    return doc
 
 
 def _ok(tool: str, model: str, setting: str, metric: dict, **extra) -> dict:
@@ -35,12 +27,12 @@ def _ok(tool: str, model: str, setting: str, metric: dict, **extra) -> dict:
     return record
 
 
-def test_missing_interpreter_is_a_row_with_its_error(peers, tmp_path):
-    results, readme = tmp_path / "results.jsonl", _readme(tmp_path)
+def test_missing_interpreter_is_a_row_with_its_error(tmp_path):
+    results, doc = tmp_path / "results.jsonl", _doc(tmp_path)
     missing = str(tmp_path / "nowhere" / "python")
     section = peers.main([
         "--models", "minilm-sst2", "--tools", "optimum-quanto RTN", "--settings", "W4A16 g128",
-        "--python", f"quanto={missing}", f"hf_qlimit={missing}", "--results", str(results), "--readme", str(readme),
+        "--python", f"quanto={missing}", f"hf_qlimit={missing}", "--results", str(results), "--doc", str(doc),
     ])  # fmt: skip
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["tool"], r["status"]) for r in records] == [
@@ -49,21 +41,35 @@ def test_missing_interpreter_is_a_row_with_its_error(peers, tmp_path):
     ]
     row = next(line for line in section.splitlines() if line.startswith("| W4A16 g128 | optimum-quanto RTN"))
     assert "failed" in row and f"interpreter {missing} does not exist" in row
-    text = readme.read_text()
+    text = doc.read_text()
     assert "old" not in text and text.endswith("tail\n") and "optimum-quanto RTN" in text
     # the settings not run are rows too, marked as such, never dropped
     assert "| W3A16 | optimum-quanto RTN | – |" in section and "not run yet" in section
 
 
-def test_worker_failure_becomes_an_error_record(peers, tmp_path):
+@pytest.mark.slow
+def test_worker_failure_becomes_an_error_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the worker finds `benchmarks` from the working directory run_job gives it, not ours
     tool = peers.Tool("broken peer", "no_such_peer", "rtn")
     record = peers.run_job(tool, "minilm-sst2", "W4A16", sys.executable, None, 120, tmp_path)
     assert record["status"] == "error"
-    assert "ModuleNotFoundError" in record["error"] and "tool_no_such_peer" in record["error"]
+    assert "ModuleNotFoundError" in record["error"] and "benchmarks.peers.tool_no_such_peer" in record["error"]
     assert record["peak_rss_mb_wait4"] > 0 and "\n" not in record["error"]
 
 
-def test_install_failure_is_read_from_the_log(peers, tmp_path):
+@pytest.mark.slow
+def test_worker_imports_a_tool_module_and_reports_an_unsupported_setting(tmp_path, monkeypatch):
+    """The whole import chain of a tool run (worker, peer_eval, tool_hf_qlimit, hf_qlimit), stopped by the tool's
+    own check before any model is loaded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # as in a peer's venv: nothing but what run_job passes
+    tool = peers.Tool("hf_qlimit bogus", "hf_qlimit", "bogus")
+    record = peers.run_job(tool, "minilm-sst2", "W4A16", sys.executable, None, 300, tmp_path)
+    assert record["status"] == "unsupported", record
+    assert "hf_qlimit has no algorithm 'bogus'" in record["error"] and "hf_qlimit" in record["versions"]
+
+
+def test_install_failure_is_read_from_the_log(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "gptqmodel.log").write_text(
         "Collecting gptqmodel\nERROR: No matching distribution found\nrc=1\n"
@@ -73,7 +79,7 @@ def test_install_failure_is_read_from_the_log(peers, tmp_path):
     assert peers.install_error("quanto", tmp_path) is None and peers.install_error("other", tmp_path) is None
 
 
-def test_table_from_json_lines(peers, tmp_path):
+def test_table_from_json_lines(tmp_path):
     lm, bert = "smollm2", "minilm-sst2"
     lines = [
         _ok("FP32 (reference)", lm, "FP32", {"ppl": 20.0}),
@@ -88,9 +94,9 @@ def test_table_from_json_lines(peers, tmp_path):
     ]  # fmt: skip
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    records = peers.load_records(path)
+    records = peers_table.load_records(path)
     assert records["hf_qlimit RTN", lm, "W4A16 g64"]["metric"]["ppl"] == 25.0
-    section = peers.render(records, [bert, lm], peers.TOOLS, tmp_path)
+    section = peers_table.render(records, [bert, lm], peers_table.TOOLS)
     assert "| W4A16 g64 | hf_qlimit RTN | 25.00 | 12.5 | 800 | 20.0 |" in section
     assert "not saved: OSError: disk full" in section
     assert "| W3A16 g64 | optimum-quanto RTN | unsupported |" in section and "quanto has no 3-bit weights" in section
@@ -101,3 +107,19 @@ def test_table_from_json_lines(peers, tmp_path):
     )
     assert "W4A16: hf_qlimit ahead" not in section  # no peer measured there: no verdict
     assert "minilm-sst2 200" in section and "| FP32 | FP32 (reference) | 20.00 |" in section
+    assert section.endswith("Generated by `python -m benchmarks.peers.run` (`--table_only` redraws it).")
+
+
+def test_default_rows_at_a_stale_batch_give_way_to_current_ones(tmp_path):
+    """An "hf_qlimit default" record at another batch than today's default is history: shown only where nothing
+    newer exists, and never over a record at the current batch, whatever the order."""
+    w2, w3 = (peers_table.peer_eval.default_batch("smollm2", bits) for bits in (2, 3))
+    assert w2 != w3  # the default's batch depends on the width (else this test has nothing to tell apart)
+    rows = [_ok("hf_qlimit default", "smollm2", "W2A16 g64", {"ppl": 86.0}, details=f"x, batch {w2}, y"),
+            _ok("hf_qlimit default", "smollm2", "W2A16 g64", {"ppl": 99.0}, details=f"x, batch {w3}, y"),
+            _ok("hf_qlimit default", "smollm2", "W3A16 g64", {"ppl": 40.0}, details=f"x, batch {w2}, y")]  # fmt: skip
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    records = peers_table.load_records(path)
+    assert records["hf_qlimit default", "smollm2", "W2A16 g64"]["metric"]["ppl"] == 86.0
+    assert records["hf_qlimit default", "smollm2", "W3A16 g64"]["metric"]["ppl"] == 40.0  # nothing newer
