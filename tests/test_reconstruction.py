@@ -91,7 +91,8 @@ def test_qdrop_quantizes_at_the_configured_rate():
 
 def test_reconstructed_model_reloads_identically(inputs, tmp_path):
     model = tiny_opt()
-    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=4, act_bits=8, method="qdrop", loss="fisher", **FAST))
+    config = QLimitConfig(weight_bits=4, act_bits=8, method="qdrop", loss="fisher", **FAST)
+    model.quantize_qlimit(calib_samples(), config)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(logits(reloaded, inputs), logits(model, inputs))

@@ -28,7 +28,9 @@ def _quantize(kind: str, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("kind,margin", [("llama", None), ("opt", None), ("bert", None), ("llama", 0.05), ("bert", 0.2)])
+@pytest.mark.parametrize(
+    "kind,margin", [("llama", None), ("opt", None), ("bert", None), ("llama", 0.05), ("bert", 0.2)]
+)
 def test_zero_iterations_give_the_initialisers_codes(kind, margin):
     gptq = _block_codes(_quantize(kind, method="rtn", weight_init="gptq"))
     zero_iters = _block_codes(_quantize(kind, method="qdrop", weight_init="gptq", iters=0, init_margin=margin))
