@@ -105,7 +105,8 @@ def measured(runs: Iterable[Record | None]) -> tuple[str, int | str | None]:
 
 
 def drop_flags(method: str) -> list[str]:
-    """QDrop's dropping stated for "qdrop" (the `fast` preset otherwise turns it off); nothing for the others."""
+    """QDrop's dropping stated for "qdrop" (its default too, said on the command line so the table's command
+    reproduces it whatever the default becomes); nothing for the others."""
     return ["--drop_prob", "0.5"] if method == "qdrop" else []
 
 

@@ -14,7 +14,8 @@ from .config import PRESETS, QLimitConfig
 from .export import export  # the function; the package stays importable as hf_qlimit.export (python -m)
 from .hf.quantizer import QLimitHfQuantizer
 from .models import register_adapter, supported_model_types
-from .nn.modules import register_attention, set_inference_mode
+from .nn.attention import register_attention
+from .nn.modules import set_inference_mode
 
 __version__ = "0.1.0"
 

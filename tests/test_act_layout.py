@@ -9,7 +9,8 @@ from helpers import AUTO, DECODER_VOCAB, TINY, calib_all_models, logits
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.models import get_adapter
-from hf_qlimit.nn.modules import ATTENTION_ATTR, QuantLinear
+from hf_qlimit.nn.attention import ATTENTION_ATTR
+from hf_qlimit.nn.modules import QuantLinear
 from hf_qlimit.quantizers import ActQuantizer
 from hf_qlimit.quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 

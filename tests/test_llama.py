@@ -18,7 +18,8 @@ import hf_qlimit
 from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
 from hf_qlimit.models import get_adapter
-from hf_qlimit.nn.modules import QuantEmbedding, QuantLinear, qlimit_attention_forward
+from hf_qlimit.nn.attention import qlimit_attention_forward
+from hf_qlimit.nn.modules import QuantEmbedding, QuantLinear
 
 
 def qconfig(**kwargs) -> QLimitConfig:

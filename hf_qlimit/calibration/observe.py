@@ -67,6 +67,6 @@ def calibrate_outside_blocks(model: nn.Module, quantizers: list, run: Callable[[
         unused = {id(q) for q in pending}
         for name, module in quantized_modules(model):
             if getattr(module, "input_quantizer", None) is not None and id(module.input_quantizer) in unused:
-                module.input_quantizer = None
+                module.remove_input_quantizer()
                 model.config.quantization_config.layer_config[name]["a"] = None
     return pending

@@ -58,8 +58,7 @@ def quantize_model(
     _check_request(model, config, work_dir, resume)
     adapter = get_adapter(model)
     config = config.resolved(causal_lm=adapter.causal_lm)
-    if config.method in ("brecq", "qdrop"):  # the filled fields say which method the defaults amount to
-        logger.info(config.summary())
+    logger.info(config.summary())  # what the preset filled in, so a run says what it ran
     dispatched = is_dispatched(model)
     _check_supported(config, work_dir, dispatched)
     if dispatched:  # offloaded to bound memory: the allocator must not hold on to what is freed either

@@ -119,7 +119,7 @@ def _linear_tensors(prefix: str, module: QuantLinear, scheme: _Scheme) -> dict[s
 
 
 def _refuse_unexpressible(model: nn.Module) -> None:
-    from ..nn.modules import ATTENTION_ATTR
+    from ..nn.attention import ATTENTION_ATTR
 
     attention = [name for name, m in model.named_modules() if getattr(m, ATTENTION_ATTR, None) is not None]
     if attention:

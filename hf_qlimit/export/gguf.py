@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..nn.modules import ATTENTION_ATTR, QuantEmbedding, QuantLinear
+from ..nn.attention import ATTENTION_ATTR
+from ..nn.modules import QuantEmbedding, QuantLinear
 from ..nn.packing import unpack_codes
 from .common import ExportError, refuse_input_transforms
 

@@ -46,7 +46,7 @@ class QLimitHfQuantizer(HfQuantizer):
 
     def update_attn_implementation(self, config):
         if any(spec["kind"] == "attention" for spec in self.quantization_config.layer_config.values()):
-            from ..nn.modules import register_attention
+            from ..nn.attention import register_attention
 
             register_attention()
             config._attn_implementation = "qlimit"

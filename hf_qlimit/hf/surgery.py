@@ -10,7 +10,8 @@ from torch import nn
 
 from ..config import QLimitConfig
 from ..models.base import input_output_embeddings
-from ..nn.modules import ATTENTION_ATTR, AttentionQuantizers, QuantEmbedding, QuantLinear, register_attention
+from ..nn.attention import ATTENTION_ATTR, AttentionQuantizers, register_attention
+from ..nn.modules import QuantEmbedding, QuantLinear
 from ..quantizers import ActQuantizer, WeightQuantizer, first_token
 from ..quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 from ..transforms.input_op import KIND as INPUT_TRANSFORM

@@ -1,4 +1,4 @@
-"""Quantized modules that replace `nn.Linear`, `nn.Embedding` and the attention matmuls.
+"""Quantized modules that replace `nn.Linear` and `nn.Embedding` (the attention matmuls: attention.py).
 
 Each module has two states. While calibrating it holds the FP weight and fake-quantizes it (RTN or AdaRound).
 `freeze()` turns the weight into packed integer codes; from then on, and after `from_pretrained`, the forward
@@ -277,6 +277,10 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
             outs.append(F.linear(x, weight, None if self.bias is None else self.bias[rows]))
         return torch.cat(outs, dim=-1)
 
+    def remove_input_quantizer(self) -> None:
+        """Drops the input quantizer (one calibration never reached: the layer then runs on FP inputs)."""
+        self.input_quantizer = None
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -342,56 +346,3 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         else:
             rows = self.weight_quantizer(self.weight.index_select(0, flat), rows=flat)
         return rows.reshape(*ids.shape, self.cols)
-
-
-class AttentionQuantizers(nn.Module):
-    """Quantizers of the attention matmul inputs: Q and K for Q·Kᵀ, the probabilities P and V for P·V."""
-
-    def __init__(self, act_bits: int, act_sym: bool = False) -> None:
-        super().__init__()
-        self.query = ActQuantizer(act_bits, act_sym)
-        self.key = ActQuantizer(act_bits, act_sym)
-        self.value = ActQuantizer(act_bits, act_sym)
-        # Softmax outputs lie in [0, 1]: an asymmetric grid wastes no code on negatives.
-        self.probs = ActQuantizer(act_bits, False)
-
-
-ATTENTION_ATTR = "qlimit_attention"
-
-
-def qlimit_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention with quantized matmul inputs; registered in transformers' `AttentionInterface` as "qlimit"."""
-    quant: AttentionQuantizers | None = getattr(module, ATTENTION_ATTR, None)
-    if quant is not None:
-        query = first_token.quantize_queries(quant.query, query)
-        key, value = first_token.quantize_keys(quant.key, key), first_token.quantize_keys(quant.value, value)
-    if key.shape[1] != query.shape[1]:  # grouped-query attention
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = F.dropout(probs, p=dropout, training=module.training)
-    if quant is not None:
-        probs = quant.probs(probs)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return out, probs
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-
-    AttentionInterface.register("qlimit", qlimit_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("qlimit", eager_mask)
