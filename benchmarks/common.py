@@ -122,8 +122,12 @@ def command(module: str, argv: Sequence[str] | None = None) -> str:
 
 def offline_env(threads: int = 1) -> dict[str, str]:
     """Environment of a measured child run: `threads` CPU threads, no network (the models and data are local)."""
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
 
 
 def load_example(path: str) -> ModuleType:
@@ -168,8 +172,9 @@ class ResultsLog:
     and `check()` exits non-zero once the table is written.
     """
 
-    def __init__(self, tag: str, reuse: Reuse = False, env: dict[str, str] | None = None,
-                 results: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, tag: str, reuse: Reuse = False, env: dict[str, str] | None = None, results: Path | None = None
+    ) -> None:
         self.tag, self.reuse, self.results = tag, reuse, results
         self.env = {**os.environ, **(env or {})}
         self.failed: list[str] = []
@@ -287,14 +292,22 @@ def publish(body: str, marker: str, doc: Path | None, tag: str) -> str:
     return text
 
 
-def add_doc_arguments(parser: argparse.ArgumentParser, default: Path | None, marker: str | None = None,
-                      default_text: str | None = None) -> None:  # fmt: skip
+def add_doc_arguments(
+    parser: argparse.ArgumentParser, default: Path | None, marker: str | None = None, default_text: str | None = None
+) -> None:
     """`--doc PATH` (alias `--readme`): the page the table goes into; `--no_doc` (alias `--no_readme`): print only;
     with `marker`, `--marker`: another section of that page (another table of the same script). `default_text`
     says what the default is where the script resolves it later (None here)."""
     where = default_text or ("nowhere" if default is None else os.path.relpath(default, REPO))
-    parser.add_argument("--doc", "--readme", dest="doc", type=Path, default=default, metavar="PATH",
-                        help=f"Page the table is written into, between its markers (default: {where}).")  # fmt: skip
+    parser.add_argument(
+        "--doc",
+        "--readme",
+        dest="doc",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help=f"Page the table is written into, between its markers (default: {where}).",
+    )
     parser.add_argument("--no_doc", "--no_readme", dest="no_doc", action="store_true", help="Print the table only.")
     if marker is not None:
         parser.add_argument("--marker", default=marker, help="The page's section <!-- MARKER:start/end --> to write.")

@@ -47,8 +47,13 @@ def main() -> None:
     fp = embed(model, tok, probe)
 
     calib = [dict(tok(s, truncation=True, max_length=128)) for s in sentences[: args.num_samples]]
-    config = QLimitConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method,
-                          iters=args.iters, num_samples=args.num_samples)  # fmt: skip
+    config = QLimitConfig(
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
+        method=args.method,
+        iters=args.iters,
+        num_samples=args.num_samples,
+    )
     start = time.perf_counter()
     model.quantize_qlimit(calib, config)
     seconds = time.perf_counter() - start
@@ -59,9 +64,11 @@ def main() -> None:
     reloaded = AutoModel.from_pretrained(args.output_dir).eval()
     again = embed(reloaded, tok, probe)
     cosine = (fp * quantized).sum(-1)
-    print(f"{args.method} W{args.weight_bits}A{args.act_bits} in {seconds:.0f}s: cosine(FP, quantized) mean "
-          f"{cosine.mean():.4f}, min {cosine.min():.4f}; reloaded identical: {torch.equal(again, quantized)}; "
-          f"saved to {args.output_dir}")  # fmt: skip
+    print(
+        f"{args.method} W{args.weight_bits}A{args.act_bits} in {seconds:.0f}s: cosine(FP, quantized) mean "
+        f"{cosine.mean():.4f}, min {cosine.min():.4f}; reloaded identical: {torch.equal(again, quantized)}; "
+        f"saved to {args.output_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ patch_pretrained_model()
 _logging.getLogger("hf_qlimit").parent = _logging.getLogger("transformers")
 
 
-
 def __getattr__(name: str):
     if name == "QuantizationArguments":  # moved to hf_qlimit.cli; the old import works for one more release
         import warnings

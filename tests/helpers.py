@@ -31,23 +31,47 @@ from transformers import (
 
 VOCAB = 120  # tiny_bert, tiny_opt, calib_samples
 DECODER_VOCAB = 96  # tiny_decoder, decoder_calib
-_DECODER = {"vocab_size": DECODER_VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
-_DECODERS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-             "mistral": (MistralConfig, MistralForCausalLM)}  # fmt: skip
+_DECODER = {
+    "vocab_size": DECODER_VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+_DECODERS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config).eval()
 
 
 def tiny_opt(seed: int = 0) -> OPTForCausalLM:
     torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                       max_position_embeddings=64, word_embed_proj_dim=32)  # fmt: skip
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    )
     return OPTForCausalLM(config).eval()
 
 
@@ -56,9 +80,16 @@ def tiny_decoder(kind: str, seed: int = 0, tie: bool = True):
     [0.5, 1.5] so quantization shows) or "opt" (not `tiny_opt`: this one has `DECODER_VOCAB`)."""
     torch.manual_seed(seed)
     if kind == "opt":
-        config = OPTConfig(vocab_size=DECODER_VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                           num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
-                           tie_word_embeddings=tie)  # fmt: skip
+        config = OPTConfig(
+            vocab_size=DECODER_VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie,
+        )
         return OPTForCausalLM(config).eval()
     config_cls, model_cls = _DECODERS[kind]
     model = model_cls(config_cls(**_DECODER, tie_word_embeddings=tie)).eval()

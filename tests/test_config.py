@@ -18,14 +18,36 @@ LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
 # What tests/fixtures/make_legacy_checkpoints.py built each legacy checkpoint from (before method "auto").
 LEGACY_KWARGS = {
     "bert-default-w4a8": (False, dict(weight_bits=4, act_bits=8, iters=20, num_samples=16, batch_size=8)),
-    "bert-rtn-w2a4-hadamard-block-output": (False, dict(
-        weight_bits=2, act_bits=4, method="rtn", transforms=["hadamard_inputs"], act_layout="block_output",
-        num_samples=16, batch_size=8)),
+    "bert-rtn-w2a4-hadamard-block-output": (
+        False,
+        dict(
+            weight_bits=2,
+            act_bits=4,
+            method="rtn",
+            transforms=["hadamard_inputs"],
+            act_layout="block_output",
+            num_samples=16,
+            batch_size=8,
+        ),
+    ),
     "llama-default-w4g16": (True, dict(weight_bits=4, act_bits=None, group_size=16, iters=10, num_samples=8)),
-    "llama-qdrop-w8a8-log2-first-token": (True, dict(
-        weight_bits=8, act_bits=8, method="qdrop", drop_prob=0.5, prob_grid="log2", act_fp_first_token=True,
-        act_layout="shared", iters=10, num_samples=8, batch_size=4, module_bits={"model.layers.1.mlp.down_proj": 2})),
-}  # fmt: skip
+    "llama-qdrop-w8a8-log2-first-token": (
+        True,
+        dict(
+            weight_bits=8,
+            act_bits=8,
+            method="qdrop",
+            drop_prob=0.5,
+            prob_grid="log2",
+            act_fp_first_token=True,
+            act_layout="shared",
+            iters=10,
+            num_samples=8,
+            batch_size=4,
+            module_bits={"model.layers.1.mlp.down_proj": 2},
+        ),
+    ),
+}
 
 
 def _saved_config(name: str) -> dict:
@@ -33,8 +55,17 @@ def _saved_config(name: str) -> dict:
 
 
 def test_round_trip_is_exact():
-    config = QLimitConfig(weight_bits=2, act_bits=None, method="brecq", group_size=64, module_bits={"*.fc1": 8},
-                          modules_to_not_convert=["lm_head"], preset="paper", loss="fisher", beta_range=(16, 4))  # fmt: skip
+    config = QLimitConfig(
+        weight_bits=2,
+        act_bits=None,
+        method="brecq",
+        group_size=64,
+        module_bits={"*.fc1": 8},
+        modules_to_not_convert=["lm_head"],
+        preset="paper",
+        loss="fisher",
+        beta_range=(16, 4),
+    )
     for data in (config.to_dict(), config.resolved(causal_lm=True).to_dict()):
         again = QLimitConfig.from_dict(data)
         assert again.to_dict() == data
@@ -215,9 +246,21 @@ def test_invalid_values_name_the_field_when_built(kwargs, field):
 
 
 def test_valid_values_pass():
-    QLimitConfig(transforms=("smoothquant@0.75", "hadamard_inputs"), act_layout="block_output", prob_bits=4,
-                 prob_grid="log2", act_dynamic=True, act_fp_first_token=True, bit_candidates=[8, 2, 4], avg_bits=3,
-                 bops_budget=1e9, sensitivity_cache="cache/sens.json", init_margin=0.05, iters=0, seed=-1)  # fmt: skip
+    QLimitConfig(
+        transforms=("smoothquant@0.75", "hadamard_inputs"),
+        act_layout="block_output",
+        prob_bits=4,
+        prob_grid="log2",
+        act_dynamic=True,
+        act_fp_first_token=True,
+        bit_candidates=[8, 2, 4],
+        avg_bits=3,
+        bops_budget=1e9,
+        sensitivity_cache="cache/sens.json",
+        init_margin=0.05,
+        iters=0,
+        seed=-1,
+    )
 
 
 def test_foreign_config_is_rejected():
@@ -237,4 +280,3 @@ def test_the_default_config_resolves_per_family_as_the_docs_say(kind):
     p = PRESETS[preset]
     words = f"{p['num_samples']} samples, batch {p['batch_size']}, {p['iters']}"
     assert f'`"{preset}"` for ' in docs and words in docs, words
-

@@ -50,7 +50,7 @@ def _load_elsewhere(folders: list[Path], auto_class: str, tmp_path: Path) -> lis
     torch.save(_ids(), tmp_path / "ids.pt")
     script = textwrap.dedent(f"""
         import sys, torch, transformers
-        ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        ids = torch.load({str(tmp_path / "ids.pt")!r})
         for i, folder in enumerate({[str(f) for f in folders]!r}):
             model = getattr(transformers, {auto_class!r}).from_pretrained(folder).eval()
             with torch.no_grad():
@@ -81,7 +81,9 @@ def test_weight_only_and_w8a8_load_without_hf_qlimit(tmp_path):
     config = json.loads((tmp_path / "w4" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["dequantize"] is True
     assert config["config_groups"]["group_0"]["weights"]["group_size"] == 16
-    assert json.loads((tmp_path / "w8a8" / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    assert (
+        json.loads((tmp_path / "w8a8" / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    )
     for (name, ref), got in zip(refs.items(), _load_elsewhere(folders, "AutoModelForCausalLM", tmp_path)):
         _assert_close(got, ref)
     # the reloaded W8A8 model really quantizes its inputs: without them the logits are others
@@ -111,8 +113,10 @@ def test_attention_quantizers_are_refused(tmp_path):
 
 
 def test_block_output_quantizers_are_refused(tmp_path):
-    model = tiny_bert().quantize_qlimit(calib_samples(8), _config(weight_bits=8, act_bits=8, group_size=None,
-                                                                   quantize_attention=False, act_layout="block_output"))
+    model = tiny_bert().quantize_qlimit(
+        calib_samples(8),
+        _config(weight_bits=8, act_bits=8, group_size=None, quantize_attention=False, act_layout="block_output"),
+    )
     with pytest.raises(ExportError, match="block_output"):
         hf_qlimit.export(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -167,17 +171,24 @@ def test_gguf_q4_1_and_q8_0_hold_hf_qlimits_codes_and_load_in_transformers(tmp_p
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     w4 = tiny_decoder("llama", tie=False).quantize_qlimit(decoder_calib(8), _config(group_size=32))
-    w8 = tiny_decoder("llama", tie=False).quantize_qlimit(decoder_calib(8), _config(weight_bits=8, weight_sym=True, group_size=32))
+    w8 = tiny_decoder("llama", tie=False).quantize_qlimit(
+        decoder_calib(8), _config(weight_bits=8, weight_sym=True, group_size=32)
+    )
     for model, kind in ((w4, "Q4_1"), (w8, "Q8_0")):
         path = hf_qlimit.export(model, tmp_path / kind, format="gguf")
         tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-        for name, hf in (("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj"), ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj")):
+        for name, hf in (
+            ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj"),
+            ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj"),
+        ):
             assert tensors[name].tensor_type.name == kind
             module = model.get_submodule(hf)
             expected = module.quantized_weight()
             if "attn_q" in name:
                 expected = llama_cpp_rows(expected, model.config.num_attention_heads)
-            got = torch.from_numpy(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)).reshape(expected.shape)
+            got = torch.from_numpy(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)).reshape(
+                expected.shape
+            )
             # the codes are hf_qlimit's; only the float16 scale (and Q4_1's offset) round
             assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
     assert tensors["token_embd.weight"].tensor_type.name == "F32"  # a per-row asymmetric 8-bit grid: exact floats
@@ -185,9 +196,9 @@ def test_gguf_q4_1_and_q8_0_hold_hf_qlimits_codes_and_load_in_transformers(tmp_p
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'Q4_1')!r}, gguf_file="model.gguf", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "Q4_1")!r}, gguf_file="model.gguf", dtype=torch.float32)
         with torch.no_grad():
-            torch.save(model.eval()(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'g.pt')!r})
+            torch.save(model.eval()(input_ids=torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "g.pt")!r})
         assert "hf_qlimit" not in sys.modules
     """)
     torch.save(_ids(), tmp_path / "ids.pt")

@@ -48,7 +48,8 @@ def test_grids_are_fitted_without_the_first_token():
         model = tiny_decoder("llama")
         if outlier:  # a huge first-token input of layer 0's down_proj, as SmolLM2 has at its attention sink
             model.model.layers[0].mlp.act_fn.register_forward_hook(
-                lambda m, a, out: torch.cat([out[:, :1] * 1000, out[:, 1:]], 1))
+                lambda m, a, out: torch.cat([out[:, :1] * 1000, out[:, 1:]], 1)
+            )
         model.quantize_qlimit(decoder_calib(), QLimitConfig(**BASE, act_bits=8, act_fp_first_token=keep_first))
         return model.model.layers[0].mlp.down_proj.input_quantizer.scale.item()
 

@@ -77,9 +77,7 @@ def test_rounding_compensated_weight_gives_gptq_codes(group_size, act_order, blo
     x, w = correlated_inputs(seed=1, dead=(3, 40))
     h = hessian_of(x)
     scale, zero = search_weight_range(w, BITS, False, group_size)
-    w_tilde = gptq_compensated_weight(
-        w, h, scale, zero, BITS, group_size, block_size=block_size, act_order=act_order
-    )
+    w_tilde = gptq_compensated_weight(w, h, scale, zero, BITS, group_size, block_size=block_size, act_order=act_order)
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(IN)
     ref_codes, ref_compensated = reference_gptq(w, h, scale, zero, group_size, order)
     codes = codes_of(w_tilde, scale, zero, group_size)
@@ -163,8 +161,10 @@ def test_output_range_search(group_size):
     x = x * torch.logspace(-1, 1, IN)  # uneven input scales: the weight error of some columns matters 100× more
     h = hessian_of(x)
     # with H = identity, the diag-weighted error is the L2 weight error: the same choice as search_weight_range(p=2)
-    for a, b in zip(search_weight_range_output(w, torch.eye(IN), BITS, False, group_size),
-                    search_weight_range(w, BITS, False, group_size, p=2.0)):  # fmt: skip
+    for a, b in zip(
+        search_weight_range_output(w, torch.eye(IN), BITS, False, group_size),
+        search_weight_range(w, BITS, False, group_size, p=2.0),
+    ):
         assert torch.equal(a, b)
     scale, zero = search_weight_range_output(w, h, BITS, False, group_size)
     lp_scale, lp_zero = search_weight_range(w, BITS, False, group_size)

@@ -117,8 +117,9 @@ def test_no_import_statement_breaks_the_layering(rule):
             if _is_under(module, forbidden):
                 errors.setdefault((str(path), line), f"{_where(path, line, text)}  (imports {module})")
     if errors:
-        pytest.fail(f"hf_qlimit/{rule} must not import {', '.join(forbidden)}:\n" + "\n".join(errors.values()),
-                    pytrace=False)  # fmt: skip
+        pytest.fail(
+            f"hf_qlimit/{rule} must not import {', '.join(forbidden)}:\n" + "\n".join(errors.values()), pytrace=False
+        )
 
 
 def _loaded_by(name: str, modules: dict[str, Path], forbidden: tuple[str, ...]) -> dict[str, tuple[str, ...]]:

@@ -35,8 +35,15 @@ def test_llama_family_adapter_and_layer_config():
     assert plan["lm_head"] == {"kind": "linear", "w": 8, "a": 8}  # first/last layers at first_last_bits
     for i in range(2):
         assert plan[f"model.layers.{i}.self_attn"] == {"kind": "attention", "a": 8}
-        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):  # fmt: skip
+        for proj in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
             assert plan[f"model.layers.{i}.{proj}"] == {"kind": "linear", "w": 4, "a": 8}
     assert len(plan) == 2 + 2 * 8
     weight_only = get_adapter(model).layer_config(model, qconfig(act_bits=None))

@@ -14,11 +14,11 @@ from transformers import AutoModelForSequenceClassification
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
-from hf_qlimit.calibration import pipeline
 from hf_qlimit import mixed_precision as mp
+from hf_qlimit.calibration import pipeline
+from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.mixed_precision import cache as mp_cache
 from hf_qlimit.mixed_precision import sensitivity as mp_sensitivity
-from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.models import get_adapter
 
 CANDIDATES = [2, 4, 8]
@@ -70,9 +70,14 @@ def test_sensitivity_shrinks_with_bits(measured):
 
 @pytest.mark.parametrize(
     "budget",
-    [{"avg_bits": 3.0}, {"avg_bits": 2.5}, {"avg_bits": 7.9}, {"avg_bits": None, "size_budget_bytes": 9000},
-     {"avg_bits": 8.0, "bops_budget": 4.0e5}],
-)  # fmt: skip
+    [
+        {"avg_bits": 3.0},
+        {"avg_bits": 2.5},
+        {"avg_bits": 7.9},
+        {"avg_bits": None, "size_budget_bytes": 9000},
+        {"avg_bits": 8.0, "bops_budget": 4.0e5},
+    ],
+)
 def test_ilp_respects_budget_and_reports_its_usage(measured, budget):
     sens, costs = measured
     alloc = mp.solve_allocation(sens, costs, _config(**budget))
@@ -141,9 +146,11 @@ def _dead_feature(norm: str):
 
 @pytest.mark.parametrize(
     "target, norm",
-    [("bert.encoder.layer.1.intermediate.dense", "bert.encoder.layer.1.attention.output.LayerNorm"),
-     ("bert.encoder.layer.0.attention.self.value", "bert.embeddings.LayerNorm")],
-)  # fmt: skip
+    [
+        ("bert.encoder.layer.1.intermediate.dense", "bert.encoder.layer.1.attention.output.LayerNorm"),
+        ("bert.encoder.layer.0.attention.self.value", "bert.embeddings.LayerNorm"),
+    ],
+)
 def test_a_layer_made_more_sensitive_gets_at_least_as_many_bits(target, norm, inputs):
     config = _config(avg_bits=3.0)
     before = _allocate(_dead_feature(norm), config)
@@ -224,8 +231,9 @@ def test_batches_split_for_memory_give_the_same_single_sensitivities(measured, m
     monkeypatch.setattr(mp_sensitivity, "_MAX_TOKENS", 1)  # one row per forward pass
     passes = []
     model.register_forward_hook(lambda *args: passes.append(1))
-    split = mp.measure_sensitivity(model, get_adapter(model), _batches(config), config, torch.device("cpu"), names,
-                                   pairwise=False)  # fmt: skip
+    split = mp.measure_sensitivity(
+        model, get_adapter(model), _batches(config), config, torch.device("cpu"), names, pairwise=False
+    )
     assert len(passes) == N_SAMPLES  # the batches were split
     whole = measured[0].singles
     for n in names:

@@ -19,11 +19,21 @@ BF16_TOLERANCE = 0.01
 
 
 def _quantized(kind: str, **overrides) -> nn.Module:
-    build = {"bert": tiny_bert, "opt": tiny_opt, "llama": lambda: tiny_decoder("llama"),
-             "llama-untied": lambda: tiny_decoder("llama", tie=False)}[kind]  # fmt: skip
+    build = {
+        "bert": tiny_bert,
+        "opt": tiny_opt,
+        "llama": lambda: tiny_decoder("llama"),
+        "llama-untied": lambda: tiny_decoder("llama", tie=False),
+    }[kind]
     model = build()
-    settings = {"weight_bits": 4, "act_bits": None, "group_size": 32, "method": "rtn", "num_samples": 8,
-                "batch_size": 4}  # fmt: skip
+    settings = {
+        "weight_bits": 4,
+        "act_bits": None,
+        "group_size": 32,
+        "method": "rtn",
+        "num_samples": 8,
+        "batch_size": 4,
+    }
     data = decoder_calib(8) if kind.startswith("llama") else calib_samples(8)  # the tiny Llama has a smaller vocabulary
     return model.quantize_qlimit(data, QLimitConfig(**{**settings, **overrides}))
 

@@ -45,8 +45,15 @@ def test_roberta_round_trip(inputs, tmp_path):
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=130, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=70, pad_token_id=1)  # fmt: skip
+    config = RobertaConfig(
+        vocab_size=130,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        pad_token_id=1,
+    )
     model = RobertaForSequenceClassification(config).eval()
     model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=4, act_bits=8, method="brecq", iters=5))
     model.save_pretrained(tmp_path)

@@ -168,8 +168,10 @@ def _learning_linear(bits: int = 4, group_size: int | None = None) -> QuantLinea
     return module
 
 
-@pytest.mark.parametrize("group_size,beta,learn_scale", [(None, None, False), (8, 20.0, False), (None, 2.0, False),
-                                                         (8, 20.0, True), (None, None, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "group_size,beta,learn_scale",
+    [(None, None, False), (8, 20.0, False), (None, 2.0, False), (8, 20.0, True), (None, None, True)],
+)
 def test_fused_soft_rounded_linear_matches_the_unfused_path(group_size, beta, learn_scale, monkeypatch):
     """The Linear's own backward (weight and its gradient a row chunk at a time) gives autograd's gradients,
     also for a learned step."""

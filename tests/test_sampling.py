@@ -7,12 +7,12 @@ import torch
 from helpers import calib_samples, tiny_bert, tiny_opt
 from helpers import tiny_decoder as tiny
 
-import hf_qlimit.calibration.reconstruction as reconstruction
 from hf_qlimit import QLimitConfig
+from hf_qlimit.calibration import reconstruction
 from hf_qlimit.calibration.block_inputs import call_block, capture_block_inputs, run_block
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
-from hf_qlimit.models import get_adapter
 from hf_qlimit.calibration.reconstruction import BlockData, random_samples
+from hf_qlimit.models import get_adapter
 
 CPU = torch.device("cpu")
 

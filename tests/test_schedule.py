@@ -10,12 +10,12 @@ from helpers import calib_samples, logits, tiny_bert
 from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
+from hf_qlimit.calibration.fisher import damped_fisher
+from hf_qlimit.calibration.pipeline import freeze_quantized
+from hf_qlimit.calibration.reconstruction import BlockData, masked_error, reconstruct_block
 from hf_qlimit.hf.surgery import act_quantizers, convert_model, quant_state, quantized_modules
 from hf_qlimit.models import get_adapter
-from hf_qlimit.calibration.pipeline import freeze_quantized
 from hf_qlimit.quantizers import hardened_fraction
-from hf_qlimit.calibration.fisher import damped_fisher
-from hf_qlimit.calibration.reconstruction import BlockData, masked_error, reconstruct_block
 
 
 def _block_setup(config: QLimitConfig):
@@ -72,8 +72,9 @@ def test_weight_only_with_fixed_steps_stops_once_all_is_hard():
     from helpers import tiny_decoder
 
     model = tiny_decoder("llama")
-    config = QLimitConfig(weight_bits=3, act_bits=None, group_size=16, iters=20, batch_size=8, num_samples=16,
-                          learn_weight_scale=False)  # fmt: skip
+    config = QLimitConfig(
+        weight_bits=3, act_bits=None, group_size=16, iters=20, batch_size=8, num_samples=16, learn_weight_scale=False
+    )
     model.quantize_qlimit(llama_calib(16, 16), config)
     assert all(b["undecided"] == 0.0 for b in model.qlimit_block_errors)
 
@@ -122,8 +123,9 @@ def test_learned_scales_are_learned_and_survive_save_and_reload(tmp_path, inputs
 def test_reported_hard_error_is_the_frozen_blocks(method, rounding):
     """The last progress report's hard-rounded error equals the error of the frozen block on the same batch
     (with annealing the soft rounding is still far from hard there, so a soft report would differ)."""
-    config = QLimitConfig(weight_bits=2, act_bits=8, method=method, iters=30, batch_size=8, num_samples=16,
-                          rounding=rounding).resolved(causal_lm=False)  # fmt: skip
+    config = QLimitConfig(
+        weight_bits=2, act_bits=8, method=method, iters=30, batch_size=8, num_samples=16, rounding=rounding
+    ).resolved(causal_lm=False)
     block, data = _block_setup(config)
     torch.manual_seed(0)
     stats = reconstruct_block(block, data, config, torch.device("cpu"), desc="test")
@@ -159,7 +161,12 @@ def test_paper_preset_stays_the_papers_setting():
     assert (paper.num_samples, paper.batch_size, paper.iters) == (1024, 32, 20000)
     assert paper.rounding == "anneal" and not paper.learn_weight_scale
     assert (paper.weight_lr, paper.act_lr, paper.round_loss_weight, paper.beta_range, paper.warmup) == (
-        1e-3, 4e-5, 0.01, (20.0, 2.0), 0.2)  # fmt: skip
+        1e-3,
+        4e-5,
+        0.01,
+        (20.0, 2.0),
+        0.2,
+    )
     assert QLimitConfig(preset="paper", rounding="progressive").resolved(False).rounding == "progressive"  # a knob wins
     with pytest.raises(ValueError, match="rounding"):
         QLimitConfig(rounding="sometimes")

@@ -13,8 +13,14 @@ from hf_qlimit.models import get_adapter
 from hf_qlimit.transforms import InputTransform, apply_transforms
 from hf_qlimit.transforms.hadamard import hadamard, rotate
 
-TRANSFORMS = [["smoothquant"], ["smoothquant@0.8"], ["os_plus"], ["hadamard_down"], ["hadamard_inputs"],
-              ["os_plus", "hadamard_inputs"]]  # fmt: skip
+TRANSFORMS = [
+    ["smoothquant"],
+    ["smoothquant@0.8"],
+    ["os_plus"],
+    ["hadamard_down"],
+    ["hadamard_inputs"],
+    ["os_plus", "hadamard_inputs"],
+]
 
 
 @pytest.fixture
@@ -95,8 +101,16 @@ def test_post_ln_bert_keeps_an_explicit_op():
 @pytest.mark.parametrize("names", [["smoothquant", "hadamard_down"], ["os_plus", "hadamard_inputs"]], ids="+".join)
 def test_transformed_quantized_model_reloads_bit_exact(arch, names, ids, tmp_path):
     model, _, _ = _transformed(arch, names)
-    config = QLimitConfig(weight_bits=4, act_bits=4, method="rtn", batch_size=8, transforms=names,
-                          act_layout="shared", prob_grid="log2", prob_bits=8)  # fmt: skip
+    config = QLimitConfig(
+        weight_bits=4,
+        act_bits=4,
+        method="rtn",
+        batch_size=8,
+        transforms=names,
+        act_layout="shared",
+        prob_grid="log2",
+        prob_bits=8,
+    )
     model.quantize_qlimit(calib_all_models(), config)
     expected = logits(model, ids)
     model.save_pretrained(tmp_path / "q")
@@ -114,8 +128,16 @@ def test_unknown_transform_is_an_error():
 def test_reconstructed_transformed_model_reloads_bit_exact(ids, tmp_path):
     """QDrop (GPTQ start, learned steps) on the transformed inputs, shared quantizers: still exact after reload."""
     model, _, _ = _transformed("bert", ["os_plus", "hadamard_inputs"])
-    config = QLimitConfig(weight_bits=4, act_bits=4, method="qdrop", iters=3, num_samples=8, batch_size=4,
-                          transforms=["os_plus", "hadamard_inputs"], act_layout="shared")  # fmt: skip
+    config = QLimitConfig(
+        weight_bits=4,
+        act_bits=4,
+        method="qdrop",
+        iters=3,
+        num_samples=8,
+        batch_size=4,
+        transforms=["os_plus", "hadamard_inputs"],
+        act_layout="shared",
+    )
     model.quantize_qlimit(calib_all_models(), config)
     expected = logits(model, ids)
     model.save_pretrained(tmp_path / "q")

@@ -12,8 +12,11 @@ from hf_qlimit.hf.surgery import quantized_modules
 
 
 def _models():
-    return {"llama": (lambda: tiny_decoder("llama"), lambda: llama_calib(16, 16)),
-            "opt": (tiny_opt, lambda: calib_samples(16)), "bert": (tiny_bert, lambda: calib_samples(16))}  # fmt: skip
+    return {
+        "llama": (lambda: tiny_decoder("llama"), lambda: llama_calib(16, 16)),
+        "opt": (tiny_opt, lambda: calib_samples(16)),
+        "bert": (tiny_bert, lambda: calib_samples(16)),
+    }
 
 
 def _block_codes(model) -> dict[str, torch.Tensor]:
@@ -101,8 +104,16 @@ def test_minmax_grid_covers_each_group_exactly():
 
 def test_weight_range_and_act_order_reach_the_codes():
     def codes(weight_range: str, act_order: bool) -> dict[str, torch.Tensor]:
-        return _block_codes(_quantize("llama", method="rtn", weight_init="gptq", group_size=16,
-                                      weight_range=weight_range, gptq_act_order=act_order))  # fmt: skip
+        return _block_codes(
+            _quantize(
+                "llama",
+                method="rtn",
+                weight_init="gptq",
+                group_size=16,
+                weight_range=weight_range,
+                gptq_act_order=act_order,
+            )
+        )
 
     base, minmax, ordered = codes("lp", False), codes("minmax", False), codes("lp", True)
     assert any(not torch.equal(base[n], minmax[n]) for n in base)
@@ -122,8 +133,9 @@ def test_signed_rounding_at_zero_iterations_gives_the_initialisers_codes(kind):
 
 def test_signed_rounding_learns_codes_and_grid_and_reloads(tmp_path):
     start = _quantize("llama", method="rtn", weight_init="gptq", group_size=16)
-    model = _quantize("llama", method="brecq", weight_init="gptq", iters=30, rounding="sign", weight_lr=5e-3,
-                      group_size=16)  # fmt: skip
+    model = _quantize(
+        "llama", method="brecq", weight_init="gptq", iters=30, rounding="sign", weight_lr=5e-3, group_size=16
+    )
     codes, learned = _block_codes(start), _block_codes(model)
     assert any(not torch.equal(codes[n], learned[n]) for n in codes)  # some rounding flipped
     scales = {n: m.weight_quantizer.scale for n, m in quantized_modules(start)}

@@ -22,8 +22,12 @@ from hf_qlimit.nn import kernels
 from hf_qlimit.nn.packing import pack_codes
 
 # (name, rows, cols, bits, Linears per block); 24 blocks, one head (vocabulary 50272)
-SHAPES = [("q/k/v/out", 2048, 2048, 4, 4), ("fc1", 8192, 2048, 4, 1), ("fc2", 2048, 8192, 4, 1),
-          ("head", 50272, 2048, 8, 1)]
+SHAPES = [
+    ("q/k/v/out", 2048, 2048, 4, 4),
+    ("fc1", 8192, 2048, 4, 1),
+    ("fc2", 2048, 8192, 4, 1),
+    ("head", 50272, 2048, 8, 1),
+]
 BLOCKS, GROUP = 24, 64
 
 
@@ -61,8 +65,10 @@ def main() -> None:
         count = per_block * (BLOCKS if name != "head" else 1)
         total_fp, total_packed = total_fp + fp * count, total_packed + q * count
         print(f"{name:9s} {rows}x{cols}: fp32 {fp:.3f} ms, packed W{bits} {q:.3f} ms ({fp / q:.2f}x)", flush=True)
-    print(f"per token ({BLOCKS} blocks + head, matmuls only): fp32 {total_fp:.0f} ms, packed {total_packed:.0f} ms "
-          f"({total_fp / total_packed:.2f}x)")  # fmt: skip
+    print(
+        f"per token ({BLOCKS} blocks + head, matmuls only): fp32 {total_fp:.0f} ms, packed {total_packed:.0f} ms "
+        f"({total_fp / total_packed:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -47,16 +47,45 @@ PREFIX = "[deploy.offload]"
 
 # OPTConfig arguments of the models built by --build (and --quick); real OPT shapes, random weights.
 SHAPES: dict[str, dict[str, int]] = {
-    "opt-1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192, "num_attention_heads": 32,
-                 "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 2048},
-    "opt-125m": {"hidden_size": 768, "num_hidden_layers": 12, "ffn_dim": 3072, "num_attention_heads": 12,
-                 "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 768},
-    "opt-tiny": {"hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 256, "num_attention_heads": 4,
-                 "vocab_size": 1000, "max_position_embeddings": 256, "word_embed_proj_dim": 64},
-}  # fmt: skip
+    "opt-1.3b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "ffn_dim": 8192,
+        "num_attention_heads": 32,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 2048,
+    },
+    "opt-125m": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "ffn_dim": 3072,
+        "num_attention_heads": 12,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 768,
+    },
+    "opt-tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "ffn_dim": 256,
+        "num_attention_heads": 4,
+        "vocab_size": 1000,
+        "max_position_embeddings": 256,
+        "word_embed_proj_dim": 64,
+    },
+}
 # --quick: every step of the chain on a model that loads in a second; the small cache budget forces spilling.
-QUICK = {"large": "opt-tiny", "compare": "opt-tiny", "num_samples": 8, "seq_len": 32, "batch_size": 4, "iters": 5,
-         "cache_budget_mib": 1 / 64, "compare_cache_budget_mib": 1 / 64}  # fmt: skip
+QUICK = {
+    "large": "opt-tiny",
+    "compare": "opt-tiny",
+    "num_samples": 8,
+    "seq_len": 32,
+    "batch_size": 4,
+    "iters": 5,
+    "cache_budget_mib": 1 / 64,
+    "compare_cache_budget_mib": 1 / 64,
+}
 
 
 def log(message: str) -> None:
@@ -112,8 +141,10 @@ def build_model(shape: str, out_dir: Path, seed: int) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     n = sum(p.numel() for p in model.parameters())
-    log(f"built {shape}: {n / 1e6:.0f}M parameters, {format_bytes(folder_bytes(out_dir))} in {out_dir} "
-        f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+    log(
+        f"built {shape}: {n / 1e6:.0f}M parameters, {format_bytes(folder_bytes(out_dir))} in {out_dir} "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
     return out_dir
 
 
@@ -143,13 +174,20 @@ def child(spec_path: Path) -> None:
     rss_after_load = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
     calib = calibration_data(spec["num_samples"], spec["seq_len"], model.config.vocab_size, spec["seed"])
-    config = QLimitConfig(weight_bits=4, act_bits=8, method=spec.get("method", "qdrop"),
-                          num_samples=spec["num_samples"],
-                          batch_size=spec["batch_size"], iters=spec["iters"], max_length=spec["seq_len"],
-                          seed=spec["seed"])  # fmt: skip
+    config = QLimitConfig(
+        weight_bits=4,
+        act_bits=8,
+        method=spec.get("method", "qdrop"),
+        num_samples=spec["num_samples"],
+        batch_size=spec["batch_size"],
+        iters=spec["iters"],
+        max_length=spec["seq_len"],
+        seed=spec["seed"],
+    )
     t = time.perf_counter()
-    model.quantize_qlimit(calib, config, device=spec["device"], work_dir=spec["work_dir"],
-                          cache_budget_bytes=spec["cache_budget_bytes"])  # fmt: skip
+    model.quantize_qlimit(
+        calib, config, device=spec["device"], work_dir=spec["work_dir"], cache_budget_bytes=spec["cache_budget_bytes"]
+    )
     seconds["quantize"] = time.perf_counter() - t
     work_dir_bytes = folder_bytes(Path(spec["work_dir"])) if spec["work_dir"] else None  # spilled caches, state
 
@@ -160,16 +198,21 @@ def child(spec_path: Path) -> None:
     # measured last: ru_maxrss is the peak of the whole process so far, loading and saving included
     peak = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     result = {
-        "model": spec["shape"], "load": spec["load"], "model_dir": spec["model_dir"],
-        "model_bytes": folder_bytes(Path(spec["model_dir"])), "peak_rss_bytes": peak,
-        "peak_rss_after_load_bytes": rss_after_load, "seconds": seconds,
+        "model": spec["shape"],
+        "load": spec["load"],
+        "model_dir": spec["model_dir"],
+        "model_bytes": folder_bytes(Path(spec["model_dir"])),
+        "peak_rss_bytes": peak,
+        "peak_rss_after_load_bytes": rss_after_load,
+        "seconds": seconds,
         "block_errors": [dict(b) for b in getattr(model, "qlimit_block_errors", [])],
         "work_dir_bytes": work_dir_bytes,
         "offload_folder_bytes": folder_bytes(Path(spec["offload_folder"])) if spec["offload_folder"] else None,
-        "saved_bytes": folder_bytes(Path(spec["save_dir"])), "save_dir": spec["save_dir"],
+        "saved_bytes": folder_bytes(Path(spec["save_dir"])),
+        "save_dir": spec["save_dir"],
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "spec": spec,
-    }  # fmt: skip
+    }
     Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -194,9 +237,11 @@ def run_child(name: str, spec: dict[str, Any], scratch: Path, keep_scratch: bool
         result: dict[str, Any] = {"error": f"exit code {code}", "spec": spec}
     else:
         result = json.loads(Path(spec["result"]).read_text())
-        log(f"{name}: peak RSS {format_bytes(result['peak_rss_bytes'])} (after loading "
+        log(
+            f"{name}: peak RSS {format_bytes(result['peak_rss_bytes'])} (after loading "
             f"{format_bytes(result['peak_rss_after_load_bytes'])}), quantize {result['seconds']['quantize']:.1f} s, "
-            f"total {result['seconds']['total']:.1f} s, process {wall:.1f} s")  # fmt: skip
+            f"total {result['seconds']['total']:.1f} s, process {wall:.1f} s"
+        )
     result["process_seconds"] = wall
     if not keep_scratch:
         for sub in ("offload", "work"):  # GBs for the large model; the spec and result stay for reference
@@ -221,11 +266,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="store_true", help="Only build the random models (skips existing ones).")
     parser.add_argument("--quick", action="store_true", help="A tiny OPT through every step; the doc untouched.")
-    parser.add_argument("--parts", nargs="+", default=["large", "compare"], choices=["large", "compare"],
-                        help="large: the 1.3b run under offload; compare: 125m in memory vs offload.")  # fmt: skip
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["large", "compare"],
+        choices=["large", "compare"],
+        help="large: the 1.3b run under offload; compare: 125m in memory vs offload.",
+    )
     parser.add_argument("--out_dir", type=Path, default=OUT, help="Models, quantized folders, scratch and JSON.")
-    parser.add_argument("--large_dir", type=Path, default=None,
-                        help="The 1.3b model folder (default OUT/opt-1.3b-random).")  # fmt: skip
+    parser.add_argument(
+        "--large_dir", type=Path, default=None, help="The 1.3b model folder (default OUT/opt-1.3b-random)."
+    )
     parser.add_argument("--compare_dir", type=Path, default=None, help="The 125m folder (default OUT/opt-125m-random).")
     parser.add_argument("--load", default="disk", choices=["disk", "cpu", "auto"], help="device_map of the large run.")
     parser.add_argument("--num_samples", type=int, default=16, help="Calibration samples.")
@@ -235,30 +286,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", default="qdrop", choices=["rtn", "adaround", "brecq", "qdrop"])
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the calibration data and QDrop.")
     parser.add_argument("--cache_budget_mib", type=float, default=64, help="cache_budget_bytes of the large run, MiB.")
-    parser.add_argument("--compare_cache_budget_mib", type=float, default=1,
-                        help="cache_budget_bytes of the offloaded 125m run, MiB: small, so that its caches "
-                        "spill.")  # fmt: skip
+    parser.add_argument(
+        "--compare_cache_budget_mib",
+        type=float,
+        default=1,
+        help="cache_budget_bytes of the offloaded 125m run, MiB: small, so that its caches spill.",
+    )
     parser.add_argument("--max_shard_size", default="200MB", help="save_pretrained shard size of the quantized models.")
-    parser.add_argument("--rss_limit_gb", type=float, default=1.5,
-                        help="Peak RSS target of the large run, in 10^9 bytes.")  # fmt: skip
+    parser.add_argument(
+        "--rss_limit_gb", type=float, default=1.5, help="Peak RSS target of the large run, in 10^9 bytes."
+    )
     parser.add_argument("--device", default=None, help="Execution device for quantize_qlimit (default: its own).")
     parser.add_argument("--num_threads", type=int, default=None, help="torch threads in the runs (default: OMP's).")
     parser.add_argument("--strict", action="store_true", help="Exit non-zero on an RSS FAIL or unequal tensors.")
     common.add_doc_arguments(parser, DOC)
     parser.add_argument("--keep_scratch", action="store_true", help="Keep offload folders and work_dirs.")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)  # one measured run (internal)
-    parser.add_argument("--from_results", type=Path, nargs="+", default=None,
-                        help="Run nothing: rewrite the doc's table from these results.json files (e.g. an RTN large "
-                        "run and a QDrop comparison made separately), one table each.")  # fmt: skip
+    parser.add_argument(
+        "--from_results",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="Run nothing: rewrite the doc's table from these results.json files (e.g. an RTN large "
+        "run and a QDrop comparison made separately), one table each.",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.out_dir = args.out_dir / "quick"
         for key in ("num_samples", "seq_len", "batch_size", "iters", "cache_budget_mib", "compare_cache_budget_mib"):
             setattr(args, key, QUICK[key])
-    args.shapes = ({"large": QUICK["large"], "compare": QUICK["compare"]} if args.quick
-                   else {"large": "opt-1.3b", "compare": "opt-125m"})  # fmt: skip
-    args.dirs = {"large": args.large_dir or args.out_dir / f"{args.shapes['large']}-random",
-                 "compare": args.compare_dir or args.out_dir / f"{args.shapes['compare']}-random"}  # fmt: skip
+    args.shapes = (
+        {"large": QUICK["large"], "compare": QUICK["compare"]}
+        if args.quick
+        else {"large": "opt-1.3b", "compare": "opt-125m"}
+    )
+    args.dirs = {
+        "large": args.large_dir or args.out_dir / f"{args.shapes['large']}-random",
+        "compare": args.compare_dir or args.out_dir / f"{args.shapes['compare']}-random",
+    }
     return args
 
 
@@ -269,24 +334,50 @@ def _mib(x: float) -> int:
 def plan_runs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The spec of each measured run of `args.parts`, by run name."""
     shapes, dirs, scratch = args.shapes, args.dirs, args.out_dir / "scratch"
-    shared = {"num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-              "iters": args.iters, "seed": args.seed, "device": args.device, "num_threads": args.num_threads,
-              "method": args.method, "max_shard_size": args.max_shard_size, "offload_folder": None}  # fmt: skip
+    shared = {
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "seed": args.seed,
+        "device": args.device,
+        "num_threads": args.num_threads,
+        "method": args.method,
+        "max_shard_size": args.max_shard_size,
+        "offload_folder": None,
+    }
     runs: dict[str, dict[str, Any]] = {}
     if "large" in args.parts:
-        runs["large"] = dict(shared, shape=shapes["large"], model_dir=str(dirs["large"]), load=args.load,
-                             work_dir=str(scratch / "large" / "work"), cache_budget_bytes=_mib(args.cache_budget_mib),
-                             save_dir=str(args.out_dir / f"{shapes['large']}-w4a8-{args.method}"))  # fmt: skip
+        runs["large"] = dict(
+            shared,
+            shape=shapes["large"],
+            model_dir=str(dirs["large"]),
+            load=args.load,
+            work_dir=str(scratch / "large" / "work"),
+            cache_budget_bytes=_mib(args.cache_budget_mib),
+            save_dir=str(args.out_dir / f"{shapes['large']}-w4a8-{args.method}"),
+        )
     if "compare" in args.parts:
         # The reference takes the path that predates offload (weights and caches in RAM); the other run takes the
         # offload path end to end, weights on disk and caches spilled, so equality covers both.
-        runs["compare-memory"] = dict(shared, shape=shapes["compare"], model_dir=str(dirs["compare"]), load="memory",
-                                      work_dir=None, cache_budget_bytes=None,
-                                      save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-memory"))  # fmt: skip
-        runs["compare-disk"] = dict(shared, shape=shapes["compare"], model_dir=str(dirs["compare"]), load="disk",
-                                    work_dir=str(scratch / "compare-disk" / "work"),
-                                    cache_budget_bytes=_mib(args.compare_cache_budget_mib),
-                                    save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-disk"))  # fmt: skip
+        runs["compare-memory"] = dict(
+            shared,
+            shape=shapes["compare"],
+            model_dir=str(dirs["compare"]),
+            load="memory",
+            work_dir=None,
+            cache_budget_bytes=None,
+            save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-memory"),
+        )
+        runs["compare-disk"] = dict(
+            shared,
+            shape=shapes["compare"],
+            model_dir=str(dirs["compare"]),
+            load="disk",
+            work_dir=str(scratch / "compare-disk" / "work"),
+            cache_budget_bytes=_mib(args.compare_cache_budget_mib),
+            save_dir=str(args.out_dir / f"{shapes['compare']}-w4a8-disk"),
+        )
     return runs
 
 
@@ -295,8 +386,16 @@ def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     pair = [runs[k] for k in ("compare-memory", "compare-disk")]
     ok = all("error" not in r for r in pair)
     cmp = compare_state_dicts(*(load_folder_state(Path(r["save_dir"])) for r in pair)) if ok else None
-    log("compare: " + ("not made (a run failed)" if cmp is None else "equal" if cmp["equal"] else
-                       f"differ: max abs diff {cmp['max_abs_diff']:.3g} in {cmp['differing']}"))  # fmt: skip
+    log(
+        "compare: "
+        + (
+            "not made (a run failed)"
+            if cmp is None
+            else "equal"
+            if cmp["equal"]
+            else f"differ: max abs diff {cmp['max_abs_diff']:.3g} in {cmp['differing']}"
+        )
+    )
     return cmp
 
 
@@ -311,13 +410,22 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         results["comparison"] = compare(results["runs"])
     limit = int(args.rss_limit_gb * GB)
     results["meta"] = {
-        "date": datetime.date.today().isoformat(), "machine": common.machine(),
+        "date": datetime.date.today().isoformat(),
+        "machine": common.machine(),
         "command": common.command("benchmarks.deploy.offload", argv),
-        "num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "iters": args.iters,
-        "method": args.method, "seed": args.seed, "cache_budget_bytes": _mib(args.cache_budget_mib),
-        "compare_cache_budget_bytes": _mib(args.compare_cache_budget_mib), "compare_model": args.shapes["compare"],
-        "rss_limit_bytes": limit, "quick": args.quick, "wall_seconds": time.perf_counter() - started,
-    }  # fmt: skip
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "method": args.method,
+        "seed": args.seed,
+        "cache_budget_bytes": _mib(args.cache_budget_mib),
+        "compare_cache_budget_bytes": _mib(args.compare_cache_budget_mib),
+        "compare_model": args.shapes["compare"],
+        "rss_limit_bytes": limit,
+        "quick": args.quick,
+        "wall_seconds": time.perf_counter() - started,
+    }
     if "large" in results["runs"]:
         results["rss_verdict"] = rss_verdict(results["runs"]["large"].get("peak_rss_bytes"), limit)
     return results
@@ -340,8 +448,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             return None
     for part in args.parts:
         if not (args.dirs[part] / "config.json").is_file():
-            raise SystemExit(f"{PREFIX} {args.dirs[part]} does not exist: run "
-                             "`python -m benchmarks.deploy.offload --build` first.")  # fmt: skip
+            raise SystemExit(
+                f"{PREFIX} {args.dirs[part]} does not exist: run `python -m benchmarks.deploy.offload --build` first."
+            )
 
     results = measure(args, argv)
     table = render_table(results, results["meta"])

@@ -59,11 +59,15 @@ def comparison_text(cmp: dict[str, Any] | None, label: str) -> str:
     if cmp is None:
         return f"Bit-identity, {label}, in memory against disk offload: not measured (a run failed)."
     if cmp["equal"]:
-        return (f"Bit-identity, {label}, in memory against disk offload: **equal** (all {cmp['tensors']} saved "
-                "tensors, `torch.equal`).")  # fmt: skip
+        return (
+            f"Bit-identity, {label}, in memory against disk offload: **equal** (all {cmp['tensors']} saved "
+            "tensors, `torch.equal`)."
+        )
     names = ", ".join(f"`{n}`" for n in cmp["differing"][:5]) + (", …" if len(cmp["differing"]) > 5 else "")
-    return (f"Bit-identity, {label}, in memory against disk offload: **differ** in {len(cmp['differing'])} of "
-            f"{cmp['tensors']} saved tensors, max abs difference {cmp['max_abs_diff']:.3g} ({names}).")  # fmt: skip
+    return (
+        f"Bit-identity, {label}, in memory against disk offload: **differ** in {len(cmp['differing'])} of "
+        f"{cmp['tensors']} saved tensors, max abs difference {cmp['max_abs_diff']:.3g} ({names})."
+    )
 
 
 def format_seconds(x: float) -> str:
@@ -83,8 +87,9 @@ def _row(run: str, result: dict[str, Any] | None, limit_bytes: int) -> str:
             rss = f"{peak / GB:.4f} GB"
         rss += f" ({rss_verdict(peak, limit_bytes)}, limit {format_bytes(limit_bytes)})"
     mse = result["block_errors"]
-    errors = (f"{sum(b['rtn_mse'] for b in mse) / len(mse):.3g} → {sum(b['mse'] for b in mse) / len(mse):.3g}"
-              if mse else "–")  # fmt: skip
+    errors = (
+        f"{sum(b['rtn_mse'] for b in mse) / len(mse):.3g} → {sum(b['mse'] for b in mse) / len(mse):.3g}" if mse else "–"
+    )
     return (
         f"| {LABELS.get(result['model'], result['model'])}, {LOAD_LABELS.get(result['load'], result['load'])} | "
         f"{format_bytes(result['model_bytes'])} | {rss} | {format_seconds(result['seconds']['load'])} | "
@@ -97,19 +102,22 @@ def render_table(results: dict[str, Any], meta: dict[str, Any]) -> str:
     """The doc section's body: the settings, one row per run, the bit-identity line, machine/date/command."""
     limit = meta["rss_limit_bytes"]
     lines = [
-        (f"Random-weight models (fp32, seeded), W4A8 {METHOD_LABELS[meta.get('method', 'qdrop')]}, "
-         f"{meta['num_samples']} random-token samples of {meta['seq_len']} tokens, batch {meta['batch_size']}"
-         + (f", {meta['iters']} iterations per block" if meta.get("method", "qdrop") != "rtn" else "") + "; activation "
-         f"cache budget {format_bytes(meta['cache_budget_bytes'])} for the large run, "
-         f"{format_bytes(meta['compare_cache_budget_bytes'])} for the offloaded comparison run (none in memory). "
-         "Peak RSS is `ru_maxrss` of the run's own process (load, quantize, save); block MSE is the mean output "
-         "error of the blocks, round-to-nearest → the method; work_dir is what the run left there (spilled caches, "
-         "resume state)."),
+        (
+            f"Random-weight models (fp32, seeded), W4A8 {METHOD_LABELS[meta.get('method', 'qdrop')]}, "
+            f"{meta['num_samples']} random-token samples of {meta['seq_len']} tokens, batch {meta['batch_size']}"
+            + (f", {meta['iters']} iterations per block" if meta.get("method", "qdrop") != "rtn" else "")
+            + "; activation "
+            f"cache budget {format_bytes(meta['cache_budget_bytes'])} for the large run, "
+            f"{format_bytes(meta['compare_cache_budget_bytes'])} for the offloaded comparison run (none in memory). "
+            "Peak RSS is `ru_maxrss` of the run's own process (load, quantize, save); block MSE is the mean output "
+            "error of the blocks, round-to-nearest → the method; work_dir is what the run left there (spilled caches, "
+            "resume state)."
+        ),
         "",
         "| model, weights | fp32 size | peak RSS | load | quantize | per block (mean / max) | block MSE | work_dir "
         "| saved |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for run in ("large", "compare-memory", "compare-disk"):
         if run in results["runs"]:
             lines.append(_row(run, results["runs"][run], limit))

@@ -88,8 +88,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     def generate(n: int, clock=time.perf_counter) -> float:
         t = clock()
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=model.config.eos_token_id or 0)  # fmt: skip
+            model.generate(
+                prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=model.config.eos_token_id or 0
+            )
         return clock() - t
 
     generate(64)  # warm-up; also the 64-token generate the memory figures are taken after
@@ -147,8 +148,12 @@ def prepare(name: str, out_dir: Path, ppl_windows: int) -> dict[str, Path]:
         if not ids_path.exists():
             torch.save(_windows(AutoTokenizer.from_pretrained(SMOLLM2_FP), 512)[: max(ppl_windows, 1)], ids_path)
     else:
-        config = OPTConfig(vocab_size=50272, max_position_embeddings=2048,
-                           word_embed_proj_dim=OPT_SHAPES[name]["hidden_size"], **OPT_SHAPES[name])  # fmt: skip
+        config = OPTConfig(
+            vocab_size=50272,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=OPT_SHAPES[name]["hidden_size"],
+            **OPT_SHAPES[name],
+        )
         if not (folders["fp"] / "config.json").exists():
             torch.manual_seed(0)
             OPTForCausalLM(config).save_pretrained(folders["fp"])
@@ -186,9 +191,16 @@ def measure(name: str, out_dir: Path, threads: list[int], reps: int, ppl_windows
     variants = [v for v in VARIANTS if name == "smollm2" or v[1] != "ct"]  # the export is checked on SmolLM2
     rows, logits = {}, {}
     for i, (label, key, dtype, mode) in enumerate(variants):
-        spec = {"folder": str(folders[key]), "dtype": dtype, "mode": mode, "ids": str(folders["ids"]),
-                "threads": threads, "reps": reps, "ppl_windows": ppl_windows if name == "smollm2" else 0,
-                "logits": str(out_dir / f"{name}-logits{i}.pt")}  # fmt: skip
+        spec = {
+            "folder": str(folders[key]),
+            "dtype": dtype,
+            "mode": mode,
+            "ids": str(folders["ids"]),
+            "threads": threads,
+            "reps": reps,
+            "ppl_windows": ppl_windows if name == "smollm2" else 0,
+            "logits": str(out_dir / f"{name}-logits{i}.pt"),
+        }
         print(f"[{name}] {label} (load {load_average():.2f})", flush=True)
         rows[label] = run_variant(label, spec)
         logits[label] = spec["logits"]
@@ -234,8 +246,18 @@ def minilm_export(out_dir: Path) -> dict[str, Any]:
         ref = model(**batch).last_hidden_state
     folder = hf_qlimit.export(model, out_dir / "minilm-w4g64-ct")
     torch.save(batch, out_dir / "minilm-batch.pt")
-    run = subprocess.run([sys.executable, "-c", MINILM_CHECK, str(folder), str(out_dir / "minilm-batch.pt"),
-                          str(out_dir / "minilm-out.pt")], capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MINILM_CHECK,
+            str(folder),
+            str(out_dir / "minilm-batch.pt"),
+            str(out_dir / "minilm-out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode != 0:
         raise RuntimeError(run.stderr[-3000:])
     if run.stdout.strip().splitlines()[-1] != "False":
@@ -257,27 +279,39 @@ def _targets(name: str, rows: dict[str, Any]) -> list[str]:
         above = [r["rss_mb"] - r["rss_imports_mb"] for r in (w4, fp)]
         speed, cpu = w4["tok_s_1t"] / fp["tok_s_1t"], w4["tok_s_cpu_1t"] / fp["tok_s_cpu_1t"]
         ct = rows["W4 compressed-tensors, no hf_qlimit"]
-        lines += [f"parameters + buffers after generate {mem:.2f}x FP32 (target <= 0.25): {verdict(mem <= 0.25)}",
-                  f"process RSS {rss:.2f}x FP32 (target <= 0.5): {verdict(rss <= 0.5)}; RSS above the imports "
-                  f"{above[0]:.0f} MB against {above[1]:.0f} MB ({above[0] / above[1]:.2f}x)",
-                  f"decode {speed:.2f}x FP32 at 1 thread by the wall clock, {cpu:.2f}x by CPU time (target >= 1.0): "
-                  f"{verdict(speed >= 1.0)} / {verdict(cpu >= 1.0)}",
-                  f"compressed-tensors logits within {ct['logits_rel_diff']:.1e} relative of hf_qlimit's "
-                  f"(target 1e-3): {verdict(ct['logits_rel_diff'] <= 1e-3)}"]  # fmt: skip
+        lines += [
+            f"parameters + buffers after generate {mem:.2f}x FP32 (target <= 0.25): {verdict(mem <= 0.25)}",
+            f"process RSS {rss:.2f}x FP32 (target <= 0.5): {verdict(rss <= 0.5)}; RSS above the imports "
+            f"{above[0]:.0f} MB against {above[1]:.0f} MB ({above[0] / above[1]:.2f}x)",
+            f"decode {speed:.2f}x FP32 at 1 thread by the wall clock, {cpu:.2f}x by CPU time (target >= 1.0): "
+            f"{verdict(speed >= 1.0)} / {verdict(cpu >= 1.0)}",
+            f"compressed-tensors logits within {ct['logits_rel_diff']:.1e} relative of hf_qlimit's "
+            f"(target 1e-3): {verdict(ct['logits_rel_diff'] <= 1e-3)}",
+        ]
         if "ppl" in ct:
             same = f"{ct['ppl']:.2f}" == f"{rows[REFERENCE]['ppl']:.2f}"
-            lines.append(f"compressed-tensors perplexity {ct['ppl']:.2f} vs {rows[REFERENCE]['ppl']:.2f} "
-                         f"(same to 2 decimals): {verdict(same)}")
+            lines.append(
+                f"compressed-tensors perplexity {ct['ppl']:.2f} vs {rows[REFERENCE]['ppl']:.2f} "
+                f"(same to 2 decimals): {verdict(same)}"
+            )
     else:
         speed, cpu = w4["tok_s_1t"] / fp["tok_s_1t"], w4["tok_s_cpu_1t"] / fp["tok_s_cpu_1t"]
-        lines.append(f"decode {speed:.2f}x FP32 at 1 thread by the wall clock, {cpu:.2f}x by CPU time (target >= 2.0): "
-                     f"{verdict(speed >= 2.0)} / {verdict(cpu >= 2.0)}")
+        lines.append(
+            f"decode {speed:.2f}x FP32 at 1 thread by the wall clock, {cpu:.2f}x by CPU time (target >= 2.0): "
+            f"{verdict(speed >= 2.0)} / {verdict(cpu >= 2.0)}"
+        )
     return lines
 
 
 def _row_cells(label: str, r: dict[str, Any], threads: list[int], ppl: bool) -> list[str]:
-    cells = [label, f"{r['load_s']:.1f}", f"{r['mb_after_load']:.0f}", f"{r['mb_after_generate']:.0f}",
-             f"{r['rss_mb']:.0f} ({r['rss_imports_mb']:.0f})", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
+    cells = [
+        label,
+        f"{r['load_s']:.1f}",
+        f"{r['mb_after_load']:.0f}",
+        f"{r['mb_after_generate']:.0f}",
+        f"{r['rss_mb']:.0f} ({r['rss_imports_mb']:.0f})",
+        f"{r['peak_rss_mb']:.0f}",
+    ]
     cells += [f"{r[f'tok_s_{t}t']:.1f}" for t in threads]
     cells.append(f"{r['tok_s_cpu_1t']:.1f}" if "tok_s_cpu_1t" in r else "–")
     ref = r["logits_ref"]
@@ -293,19 +327,28 @@ def _model_table(name: str, res: dict[str, Any], results: dict[str, Any]) -> lis
     head = ["variant", "load s", "MB after load", "MB after generate", "RSS MB (imports)", "peak RSS MB"]
     head += [f"tok/s {t}T" for t in threads] + ["tok/CPU-s 1T", "logits rel. diff (vs)"]
     head += ["ppl"] if res["ppl_windows"] else []
-    parts = [f"**{title}**, W4 g64 weight-only RTN (embeddings and head 8-bit g64).\n",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
-    parts += ["| " + " | ".join(_row_cells(label, r, threads, bool(res["ppl_windows"]))) + " |"
-              for label, r in rows.items()]  # fmt: skip
+    parts = [
+        f"**{title}**, W4 g64 weight-only RTN (embeddings and head 8-bit g64).\n",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    parts += [
+        "| " + " | ".join(_row_cells(label, r, threads, bool(res["ppl_windows"]))) + " |" for label, r in rows.items()
+    ]
     loads = [x for r in rows.values() for x in r["load_avg"]]
-    parts.append(f"\nLoad average (1 min) during these runs: {min(loads):.2f} to {max(loads):.2f} on "
-                 f"{os.cpu_count()} CPUs. Targets: " + "; ".join(_targets(name, rows)) + ".\n")  # fmt: skip
+    parts.append(
+        f"\nLoad average (1 min) during these runs: {min(loads):.2f} to {max(loads):.2f} on "
+        f"{os.cpu_count()} CPUs. Targets: " + "; ".join(_targets(name, rows)) + ".\n"
+    )
     reps = f", best of {res['reps']} repetitions" if res.get("reps") else ""
-    parts.append(f"Measured {res.get('date') or results['date']} at hf_qlimit commit "
-                 f"{res.get('commit') or results['commit']}{reps}.\n")  # fmt: skip
+    parts.append(
+        f"Measured {res.get('date') or results['date']} at hf_qlimit commit "
+        f"{res.get('commit') or results['commit']}{reps}.\n"
+    )
     if res["ppl_windows"]:
-        parts.append(f"Perplexity: WikiText-2 test (tokenized v1 release), first {res['ppl_windows']} windows of "
-                     "512.\n")  # fmt: skip
+        parts.append(
+            f"Perplexity: WikiText-2 test (tokenized v1 release), first {res['ppl_windows']} windows of 512.\n"
+        )
     return parts
 
 
@@ -315,20 +358,25 @@ def table(results: dict[str, Any]) -> str:
     if "minilm" in results:
         m = results["minilm"]
         ok = "met" if m["rel_diff"] <= 1e-3 else "NOT met"
-        parts.append(f"all-MiniLM-L6-v2 W4 g64: the compressed-tensors export, loaded without hf_qlimit, gives the "
-                     f"last hidden state within {m['rel_diff']:.1e} relative of hf_qlimit's on {m['sentences']} "
-                     f"sentences (target 1e-3: {ok}).\n")  # fmt: skip
-    parts.append(f"Machine: {results['machine']}. "
-                 "RSS (imports): the process RSS after the 64-token generate, and in parentheses after the imports "
-                 "alone (torch, transformers with its modeling code, and hf_qlimit in its rows). Generated by "
-                 "`python -m benchmarks.deploy.packed`.")  # fmt: skip
+        parts.append(
+            f"all-MiniLM-L6-v2 W4 g64: the compressed-tensors export, loaded without hf_qlimit, gives the "
+            f"last hidden state within {m['rel_diff']:.1e} relative of hf_qlimit's on {m['sentences']} "
+            f"sentences (target 1e-3: {ok}).\n"
+        )
+    parts.append(
+        f"Machine: {results['machine']}. "
+        "RSS (imports): the process RSS after the 64-token generate, and in parentheses after the imports "
+        "alone (torch, transformers with its modeling code, and hf_qlimit in its rows). Generated by "
+        "`python -m benchmarks.deploy.packed`."
+    )
     return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2", "opt1.3b"],
-                        choices=["minilm", "smollm2", *OPT_SHAPES])
+    parser.add_argument(
+        "--models", nargs="+", default=["minilm", "smollm2", "opt1.3b"], choices=["minilm", "smollm2", *OPT_SHAPES]
+    )
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--ppl_windows", type=int, default=16)
@@ -355,10 +403,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in [m for m in args.models if m != "minilm"]:
             reps = args.reps if name == "smollm2" else 1  # a large model's decode takes minutes per repetition
             results["models"][name] = measure(name, out_dir, args.threads, reps, args.ppl_windows)
-            results["models"][name].update(date=datetime.date.today().isoformat(), commit=commit, reps=reps,
-                                           threads=args.threads)  # fmt: skip
-            results.update(threads=args.threads, date=datetime.date.today().isoformat(), commit=commit,
-                           machine=common.machine(threads=1).replace(" (1 threads)", ""))  # fmt: skip
+            results["models"][name].update(
+                date=datetime.date.today().isoformat(), commit=commit, reps=reps, threads=args.threads
+            )
+            results.update(
+                threads=args.threads,
+                date=datetime.date.today().isoformat(),
+                commit=commit,
+                machine=common.machine(threads=1).replace(" (1 threads)", ""),
+            )
             results_path.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
     (out_dir / "table.md").write_text(text + "\n")

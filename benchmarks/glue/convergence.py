@@ -44,13 +44,22 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 # Each model: where it is, its quantization setting, and how its calibration and held-out data are made.
 MODELS: dict[str, dict[str, Any]] = {
     # QDrop's dropping stated: the table was measured with it, and `fast` now leaves it off by default
-    "minilm": {"path": SHARED / "models" / "minilm-l6-stsb",
-               "setting": {"weight_bits": 2, "act_bits": 8, "drop_prob": 0.5},
-               "label": "MiniLM-L6 STS-B block 0, W2A8", "num_samples": 256, "batch_size": 32},
-    "smollm2": {"path": REPO / "models" / "smollm2-135m-instruct-q4_1", "label": "SmolLM2-135M block 0, W3 g64",
-                "setting": {"weight_bits": 3, "act_bits": None, "group_size": 64, "first_last_bits": None},
-                "num_samples": 32, "batch_size": 4, "seq_len": 256},
-}  # fmt: skip
+    "minilm": {
+        "path": SHARED / "models" / "minilm-l6-stsb",
+        "setting": {"weight_bits": 2, "act_bits": 8, "drop_prob": 0.5},
+        "label": "MiniLM-L6 STS-B block 0, W2A8",
+        "num_samples": 256,
+        "batch_size": 32,
+    },
+    "smollm2": {
+        "path": REPO / "models" / "smollm2-135m-instruct-q4_1",
+        "label": "SmolLM2-135M block 0, W3 g64",
+        "setting": {"weight_bits": 3, "act_bits": None, "group_size": 64, "first_last_bits": None},
+        "num_samples": 32,
+        "batch_size": 4,
+        "seq_len": 256,
+    },
+}
 
 
 def _cut_to_first_block(model: nn.Module) -> nn.Module:
@@ -81,16 +90,18 @@ def _smollm2_data(spec: dict) -> tuple[nn.Module, list[dict], list[dict]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not spec["path"].exists():
-        raise SystemExit(f"{spec['path']} is missing: run "
-                         f"`python -m hf_qlimit.cli.gguf_to_hf --output_dir {spec['path']}`.")  # fmt: skip
+        raise SystemExit(
+            f"{spec['path']} is missing: run `python -m hf_qlimit.cli.gguf_to_hf --output_dir {spec['path']}`."
+        )
     run_ppl = common.load_example("examples/language-modeling/run_ppl.py")
     calibration_windows, eval_windows = run_ppl.calibration_windows, run_ppl.eval_windows
     read_text_file, tokenize_corpus = run_ppl.read_text_file, run_ppl.tokenize_corpus
     tokenizer = AutoTokenizer.from_pretrained(spec["path"])
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
     wiki = SHARED / "data" / "wikitext-2"
-    calib = calibration_windows(tokenize_corpus(tokenizer, read_text_file(wiki / "valid.txt")), spec["seq_len"],
-                                spec["num_samples"], seed=0)  # fmt: skip
+    calib = calibration_windows(
+        tokenize_corpus(tokenizer, read_text_file(wiki / "valid.txt")), spec["seq_len"], spec["num_samples"], seed=0
+    )
     held = eval_windows(tokenize_corpus(tokenizer, read_text_file(wiki / "test.txt")), spec["seq_len"], 8)
     return model, calib, [{"input_ids": w} for w in held]
 
@@ -126,8 +137,13 @@ def run_one(name: str, schedule: str, overrides: dict, iters: int, cache: dict) 
         model = _cut_to_first_block(model)
         cache[name] = (model, calib, held, _block_outputs(model, held))
     model, calib, held, fp_out = cache[name]
-    config = QLimitConfig(num_samples=spec["num_samples"], batch_size=spec["batch_size"],  # method: the preset's
-                          iters=iters, **spec["setting"], **overrides)  # fmt: skip
+    config = QLimitConfig(
+        num_samples=spec["num_samples"],
+        batch_size=spec["batch_size"],  # method: the preset's
+        iters=iters,
+        **spec["setting"],
+        **overrides,
+    )
     quantized = copy.deepcopy(model)
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -135,14 +151,22 @@ def run_one(name: str, schedule: str, overrides: dict, iters: int, cache: dict) 
     seconds = time.perf_counter() - start
     stats = quantized.qlimit_block_errors[0]
     return {
-        "model": name, "schedule": schedule, "overrides": overrides, "iters": iters,
+        "model": name,
+        "schedule": schedule,
+        "overrides": overrides,
+        "iters": iters,
         "held_out_error": held_out_error(fp_out, _block_outputs(quantized, held)),
-        "calib_error": stats["mse"], "calib_rtn_error": stats["rtn_mse"], "undecided": stats.get("undecided"),
+        "calib_error": stats["mse"],
+        "calib_rtn_error": stats["rtn_mse"],
+        "undecided": stats.get("undecided"),
         "seconds": seconds,
-        "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                        "torch_threads": torch.get_num_threads(), "commit": common.commit(),
-                        "load": common.load_average()},
-    }  # fmt: skip
+        "environment": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "torch_threads": torch.get_num_threads(),
+            "commit": common.commit(),
+            "load": common.load_average(),
+        },
+    }
 
 
 def render(rows: list[dict]) -> str:
@@ -157,24 +181,30 @@ def render(rows: list[dict]) -> str:
         for m in models:
             for s in SCHEDULES:
                 r = cell.get((m, s, n))
-                out.append("–" if r is None else f"{r['held_out_error']:.4g} ({r['undecided']:.0%} undecided, "
-                           f"{r['seconds']:.0f} s)")
+                out.append(
+                    "–"
+                    if r is None
+                    else f"{r['held_out_error']:.4g} ({r['undecided']:.0%} undecided, {r['seconds']:.0f} s)"
+                )
         lines.append("| " + " | ".join(out) + " |")
     days, threads = common.measured(rows)
     loads = sorted(r["environment"]["load"] for r in rows)
     commits = sorted({r["environment"]["commit"] for r in rows})
-    lines += ["", (
-        "Held-out output error of the hard-rounded block (mean squared error per token, summed over features); in "
-        "brackets the share of AdaRound's h still strictly between 0.01 and 0.99 before hard rounding, and the time "
-        f"of the whole quantization of the one-block model. `paper`: {json.dumps(SCHEDULES['paper'])} at the given "
-        "iterations; `default`: QLimitConfig's defaults at that many iterations (`fast` for MiniLM, `fast-lm` for "
-        "SmolLM2; at 0 iterations GPTQ's codes). MiniLM: 256 STS-B train pairs, batch 32, 128 "
-        "dev pairs held out. SmolLM2 (FP32 dequantized from its Q4_1 GGUF): 32 WikiText-2 valid windows of 256 "
-        "tokens, batch 4, embedding and head left in FP, 8 test windows held out. "
-        f"Measured {days} on {common.machine(threads)}, commit {', '.join(commits)}, load average "
-        f"{loads[0]:.1f}-{loads[-1]:.1f} (2 cores shared with other jobs). Generated by "
-        "`python -m benchmarks.glue.convergence`."
-    )]  # fmt: skip
+    lines += [
+        "",
+        (
+            "Held-out output error of the hard-rounded block (mean squared error per token, summed over features); in "
+            "brackets the share of AdaRound's h still strictly between 0.01 and 0.99 before hard rounding, and the time "
+            f"of the whole quantization of the one-block model. `paper`: {json.dumps(SCHEDULES['paper'])} at the given "
+            "iterations; `default`: QLimitConfig's defaults at that many iterations (`fast` for MiniLM, `fast-lm` for "
+            "SmolLM2; at 0 iterations GPTQ's codes). MiniLM: 256 STS-B train pairs, batch 32, 128 "
+            "dev pairs held out. SmolLM2 (FP32 dequantized from its Q4_1 GGUF): 32 WikiText-2 valid windows of 256 "
+            "tokens, batch 4, embedding and head left in FP, 8 test windows held out. "
+            f"Measured {days} on {common.machine(threads)}, commit {', '.join(commits)}, load average "
+            f"{loads[0]:.1f}-{loads[-1]:.1f} (2 cores shared with other jobs). Generated by "
+            "`python -m benchmarks.glue.convergence`."
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -183,8 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--schedules", nargs="*", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--iters", nargs="+", type=int, default=[0, 20, 100, 500, 2000])
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
-                        help="An extra schedule: QLimitConfig overrides as JSON (not in the doc's table).")  # fmt: skip
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="An extra schedule: QLimitConfig overrides as JSON (not in the doc's table).",
+    )
     parser.add_argument("--results", type=Path, default=common.OUT / "convergence" / "results.jsonl")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table_only", action="store_true")

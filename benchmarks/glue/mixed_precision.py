@@ -88,8 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(common.SHARED / "models" / "minilm-l6-sst2"))
     parser.add_argument("--data", default=str(common.SHARED / "data" / "glue" / "SST-2"))
     parser.add_argument("--methods", nargs="+", default=["rtn", "qdrop"])
-    parser.add_argument("--settings", nargs="+", default=[label for label, _, _ in SETTINGS],
-                        choices=[label for label, _, _ in SETTINGS])  # fmt: skip
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=[label for label, _, _ in SETTINGS],
+        choices=[label for label, _, _ in SETTINGS],
+    )
     parser.add_argument("--candidates", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "hf_qlimit_mixed_sensitivity.json"))
     parser.add_argument("--results", default=None, help="JSON lines of measured rows (default benchmarks/out/mixed/)")
@@ -128,13 +132,20 @@ def measure(args: argparse.Namespace, log: ResultsLog) -> None:
     dev = read_tsv(Path(args.data) / "dev.tsv")[: 128 if args.quick else None]
     num_samples = base_config("rtn", args).num_samples
     calib = [dict(tokenizer(r["sentence"], truncation=True, max_length=128)) for r in train[:num_samples]]
-    shared = {"dev_size": len(dev), "num_samples": num_samples, "candidates": args.candidates,
-              "pairs": not args.no_pairs, "machine": common.machine(), "date": str(datetime.date.today())}  # fmt: skip
+    shared = {
+        "dev_size": len(dev),
+        "num_samples": num_samples,
+        "candidates": args.candidates,
+        "pairs": not args.no_pairs,
+        "machine": common.machine(),
+        "date": str(datetime.date.today()),
+    }
 
     if not any(r["method"] == "FP32" for r in read_rows(log)):
         fp_model = AutoModelForSequenceClassification.from_pretrained(args.model)
-        log.append({"method": "FP32", "setting": "-", "bits": None, "accuracy": accuracy(fp_model, tokenizer, dev),
-                    **shared})  # fmt: skip
+        log.append(
+            {"method": "FP32", "setting": "-", "bits": None, "accuracy": accuracy(fp_model, tokenizer, dev), **shared}
+        )
     wanted = [s for s in SETTINGS if s[0] in args.settings]
     allocations = {}
     for budget in sorted({b for _, b, _ in wanted if b is not None}):
@@ -153,8 +164,16 @@ def measure(args: argparse.Namespace, log: ResultsLog) -> None:
             tick = time.perf_counter()
             quantize(model, calib, config)
             seconds = time.perf_counter() - tick
-            row = {"method": method, "setting": label, "bits": bits, "avg_bits": avg, "mib": megabytes,
-                   "seconds": seconds, "accuracy": accuracy(model, tokenizer, dev), **shared}  # fmt: skip
+            row = {
+                "method": method,
+                "setting": label,
+                "bits": bits,
+                "avg_bits": avg,
+                "mib": megabytes,
+                "seconds": seconds,
+                "accuracy": accuracy(model, tokenizer, dev),
+                **shared,
+            }
             log.append(row)
             print(f"{method} {label}: acc {row['accuracy']:.4f}, {row['seconds']:.0f} s", flush=True)
 
@@ -163,8 +182,10 @@ def build_table(results: list[dict], args: argparse.Namespace) -> str:
     """Rows ordered FP first, then by method and by the SETTINGS order; missing cells are simply absent."""
     order = {label: i for i, (label, _, _) in enumerate(SETTINGS)}
     methods = ["FP32", *args.methods]
-    rows = sorted((r for r in results if r["method"] in methods),
-                  key=lambda r: (methods.index(r["method"]), order.get(r["setting"], -1)))  # fmt: skip
+    rows = sorted(
+        (r for r in results if r["method"] in methods),
+        key=lambda r: (methods.index(r["method"]), order.get(r["setting"], -1)),
+    )
     header = ["method", "block Linear weights (A8)", "avg bits", "dev acc", "block Linears MiB", "quantize s"]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     for r in rows:
@@ -173,8 +194,14 @@ def build_table(results: list[dict], args: argparse.Namespace) -> str:
         else:
             mixed = r["setting"].startswith("mixed")
             weights = f"{r['setting']} ({histogram(r['bits'])})" if mixed else r["setting"]
-            cells = [r["method"], weights, f"{r['avg_bits']:.2f}", f"{100 * r['accuracy']:.2f}", f"{r['mib']:.2f}",
-                     f"{r['seconds']:.0f}"]  # fmt: skip
+            cells = [
+                r["method"],
+                weights,
+                f"{r['avg_bits']:.2f}",
+                f"{100 * r['accuracy']:.2f}",
+                f"{r['mib']:.2f}",
+                f"{r['seconds']:.0f}",
+            ]
         lines.append(f"| {' | '.join(cells)} |")
     if not rows:
         return "No results yet: run `python -m benchmarks.glue.mixed_precision`."

@@ -32,11 +32,20 @@ TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B"}
 METHODS = {"RTN": "rtn", "AdaRound": "adaround", "BRECQ": "brecq", "QDrop": "qdrop", "Default": "default"}
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W2A8": (2, 8), "W4A4": (4, 4)}
 DEFAULT_METHODS, DEFAULT_SETTINGS = ["RTN", "QDrop"], ["W8A8", "W4A8", "W2A8"]
-METRIC_NAMES = {"accuracy": "acc", "f1": "F1", "pearson": "Pearson", "spearmanr": "Spearman",
-                "matthews_correlation": "MCC"}  # fmt: skip
+METRIC_NAMES = {
+    "accuracy": "acc",
+    "f1": "F1",
+    "pearson": "Pearson",
+    "spearmanr": "Spearman",
+    "matthews_correlation": "MCC",
+}
 # A smoke test of the whole chain, not a measurement: a few sentences, one setting.
-QUICK = {"tasks": ["sst2"], "methods": ["RTN"], "settings": ["W8A8"],
-         "extra": ["--max_eval_samples", "64", "--num_samples", "16"]}  # fmt: skip
+QUICK = {
+    "tasks": ["sst2"],
+    "methods": ["RTN"],
+    "settings": ["W8A8"],
+    "extra": ["--max_eval_samples", "64", "--num_samples", "16"],
+}
 
 Key = tuple[str, str, str]  # (task, method, setting)
 Results = dict[Key, dict[str, Any] | None]  # None: a failed run; {}: one not measured (--table_only)
@@ -45,10 +54,22 @@ Results = dict[Key, dict[str, Any] | None]  # None: a failed run; {}: one not me
 def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, extra: list[str], log: ResultsLog):
     """results.json of one run (reused as `log` says), {} for one not run, None when the run failed."""
     weight_bits, act_bits = SETTINGS[setting]
-    args = ["--model_name_or_path", str(shared / "models" / MODELS[task]), "--task_name", task,
-            "--data_dir", str(shared / "data" / "glue"), *common.method_flags(METHODS[method]),
-            "--weight_bits", str(weight_bits), "--act_bits", str(act_bits), "--per_device_eval_batch_size", "64",
-            *extra]  # fmt: skip
+    args = [
+        "--model_name_or_path",
+        str(shared / "models" / MODELS[task]),
+        "--task_name",
+        task,
+        "--data_dir",
+        str(shared / "data" / "glue"),
+        *common.method_flags(METHODS[method]),
+        "--weight_bits",
+        str(weight_bits),
+        "--act_bits",
+        str(act_bits),
+        "--per_device_eval_batch_size",
+        "64",
+        *extra,
+    ]
     out = out_dir / task / f"{METHODS[method]}-{setting.lower()}"
     return log.run_example(RUN_GLUE, args, out, f"{task} {method} {setting}")
 
@@ -93,8 +114,9 @@ def build_tables(results: Results, tasks: list[str], methods: list[str], setting
         times = [_seconds(r) if r else "–" for r in runs]
         time_rows.append(f"| {TASK_NAMES.get(task, task)} | " + " | ".join(times) + " |")
     times_table = ["Quantization time:", "", "| Task " + head, "|---|" + "---:|" * len(columns), *time_rows]
-    return "\n".join(["| Task (metric) | FP " + head, "|---|---|" + "---:|" * len(columns), *metric_rows, "",
-                      *times_table])
+    return "\n".join(
+        ["| Task (metric) | FP " + head, "|---|---|" + "---:|" * len(columns), *metric_rows, "", *times_table]
+    )
 
 
 def build_method_tables(results: Results, tasks: list[str], methods: list[str], settings: list[str]) -> str:
@@ -102,8 +124,10 @@ def build_method_tables(results: Results, tasks: list[str], methods: list[str], 
 
     Each cell is "metric (quantization seconds)"; tasks without any measured run are left out.
     """
-    lines = ["| Task (metric) | FP | Method | " + " | ".join(settings) + " |",
-             "|---|---:|---|" + "---:|" * len(settings)]
+    lines = [
+        "| Task (metric) | FP | Method | " + " | ".join(settings) + " |",
+        "|---|---:|---|" + "---:|" * len(settings),
+    ]
     for task in tasks:
         done = [r for (t, _, _), r in results.items() if t == task and r]
         if not done:
@@ -131,9 +155,11 @@ def render(tables: str, results: Results, date: str, host: str, command: str) ->
         )
         gpus = sorted({gpu(r) for r in results.values() if r and gpu(r)})
         if gpus:
-            lines.append(f"Times marked † were measured on a GPU ({', '.join(gpus)}), several runs sharing it; the "
-                         "GPU draws its random numbers (activation samples, QDrop masks) from its own generator, so a "
-                         "GPU cell is another sample of the method, not the CPU run's number.")  # fmt: skip
+            lines.append(
+                f"Times marked † were measured on a GPU ({', '.join(gpus)}), several runs sharing it; the "
+                "GPU draws its random numbers (activation samples, QDrop masks) from its own generator, so a "
+                "GPU cell is another sample of the method, not the CPU run's number."
+            )
     return "\n".join(lines)
 
 
@@ -143,8 +169,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
-    parser.add_argument("--extra", action="extend", nargs="*", default=[],
-                        help="More run_glue.py arguments: --extra=--iters=300 --extra=--seed=1")  # fmt: skip
+    parser.add_argument(
+        "--extra",
+        action="extend",
+        nargs="*",
+        default=[],
+        help="More run_glue.py arguments: --extra=--iters=300 --extra=--seed=1",
+    )
     parser.add_argument("--shared", type=Path, default=common.SHARED, help="Folder with models/ and data/.")
     parser.add_argument("--out_dir", type=Path, default=common.OUT / "glue")
     common.add_doc_arguments(parser, DOC, MARKER)
@@ -172,8 +203,13 @@ def main(argv: list[str] | None = None) -> str:
     }
     build = build_method_tables if args.by_method else build_tables
     days, threads = common.measured(results.values())
-    body = render(build(results, args.tasks, args.methods, args.settings), results, days, common.machine(threads),
-                  common.command("benchmarks.glue.table", argv))  # fmt: skip
+    body = render(
+        build(results, args.tasks, args.methods, args.settings),
+        results,
+        days,
+        common.machine(threads),
+        common.command("benchmarks.glue.table", argv),
+    )
     doc = None if args.quick and not args.write else common.doc_target(args)
     section = common.publish(body, args.marker, doc, "glue.table")
     log.check()

@@ -30,41 +30,77 @@ MARKER = "lm-ablation-table"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("RTN, Lp grid (0 it)", {"method": "rtn", "weight_range": "lp"}),
     "rtn-minmax": ("RTN, min-max grid (0 it)", {"method": "rtn", "weight_range": "minmax"}),
-    "gptq": ("GPTQ init only (0 it), Lp grid", {"method": "rtn", "weight_init": "gptq", "weight_range": "lp",
-                                                "gptq_act_order": False}),
-    "gptq-fp-head": ("GPTQ init only (0 it), min-max grid, act-order, embeddings and head FP",
-                     {"method": "rtn", "weight_init": "gptq", "weight_range": "minmax", "gptq_act_order": True,
-                      "first_last_bits": None}),
-    "gptq-minmax": ("GPTQ init only (0 it), min-max grid", {"method": "rtn", "weight_init": "gptq",
-                                                           "weight_range": "minmax", "gptq_act_order": False}),
-    "gptq-actorder": ("GPTQ init only (0 it), Lp grid, act-order", {"method": "rtn", "weight_init": "gptq",
-                                                                   "weight_range": "lp", "gptq_act_order": True}),
-    "gptq-minmax-actorder": ("GPTQ init only (0 it), min-max grid, act-order",
-                             {"method": "rtn", "weight_init": "gptq", "weight_range": "minmax",
-                              "gptq_act_order": True}),
+    "gptq": (
+        "GPTQ init only (0 it), Lp grid",
+        {"method": "rtn", "weight_init": "gptq", "weight_range": "lp", "gptq_act_order": False},
+    ),
+    "gptq-fp-head": (
+        "GPTQ init only (0 it), min-max grid, act-order, embeddings and head FP",
+        {
+            "method": "rtn",
+            "weight_init": "gptq",
+            "weight_range": "minmax",
+            "gptq_act_order": True,
+            "first_last_bits": None,
+        },
+    ),
+    "gptq-minmax": (
+        "GPTQ init only (0 it), min-max grid",
+        {"method": "rtn", "weight_init": "gptq", "weight_range": "minmax", "gptq_act_order": False},
+    ),
+    "gptq-actorder": (
+        "GPTQ init only (0 it), Lp grid, act-order",
+        {"method": "rtn", "weight_init": "gptq", "weight_range": "lp", "gptq_act_order": True},
+    ),
+    "gptq-minmax-actorder": (
+        "GPTQ init only (0 it), min-max grid, act-order",
+        {"method": "rtn", "weight_init": "gptq", "weight_range": "minmax", "gptq_act_order": True},
+    ),
     "fixed-range": ("RTN init + 50 it signed steps, min/max fixed", {"learn_weight_scale": False}),
-    "brecq": ("RTN init + 50 it signed steps + learned min/max, `method=\"brecq\"` (the default's computation)",
-              {"method": "brecq"}),
+    "brecq": (
+        'RTN init + 50 it signed steps + learned min/max, `method="brecq"` (the default\'s computation)',
+        {"method": "brecq"},
+    ),
     "qdrop": ("RTN init + 50 it signed steps + learned min/max, QDrop's input mixing at 0.5", {"drop_prob": 0.5}),
     "it20": ("RTN init + 20 it signed steps + learned min/max", {"iters": 20}),
-    "default-lp": ("GPTQ init (Lp grid) + 50 it progressive AdaRound + learned steps (the default before "
-                   "2026-11-29)", {"weight_range": "lp", "gptq_act_order": False, "rounding": "progressive",
-                                   "weight_init": "gptq", "weight_lr": 3e-3}),
-    "default-progressive": ("GPTQ init (min-max grid, act-order) + 50 it progressive AdaRound + learned steps (the "
-                            "default from 2026-11-29 until signed steps)",
-                            {"rounding": "progressive", "weight_init": "gptq", "weight_lr": 3e-3}),
-    "sign-gptq": ("GPTQ init (min-max grid, act-order) + 50 it signed steps + learned min/max",
-                  {"rounding": "sign", "weight_init": "gptq", "weight_lr": 5e-3}),
-    "batch4": ("RTN init + 50 it signed steps + learned min/max, batch 4 at every width (the default until "
-               "2026-11-30)", {"batch_size": 4}),
-    "batch8": ("RTN init + 50 it signed steps + learned min/max, batch 8 at every width (AutoRound's)",
-               {"batch_size": 8}),
-    "default": ("**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max, batch 4 (8 at W2), "
-                "no input mixing", {}),
+    "default-lp": (
+        "GPTQ init (Lp grid) + 50 it progressive AdaRound + learned steps (the default before 2026-11-29)",
+        {
+            "weight_range": "lp",
+            "gptq_act_order": False,
+            "rounding": "progressive",
+            "weight_init": "gptq",
+            "weight_lr": 3e-3,
+        },
+    ),
+    "default-progressive": (
+        "GPTQ init (min-max grid, act-order) + 50 it progressive AdaRound + learned steps (the "
+        "default from 2026-11-29 until signed steps)",
+        {"rounding": "progressive", "weight_init": "gptq", "weight_lr": 3e-3},
+    ),
+    "sign-gptq": (
+        "GPTQ init (min-max grid, act-order) + 50 it signed steps + learned min/max",
+        {"rounding": "sign", "weight_init": "gptq", "weight_lr": 5e-3},
+    ),
+    "batch4": (
+        "RTN init + 50 it signed steps + learned min/max, batch 4 at every width (the default until 2026-11-30)",
+        {"batch_size": 4},
+    ),
+    "batch8": (
+        "RTN init + 50 it signed steps + learned min/max, batch 8 at every width (AutoRound's)",
+        {"batch_size": 8},
+    ),
+    "default": (
+        "**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max, batch 4 (8 at W2), "
+        "no input mixing",
+        {},
+    ),
     "it200": ("RTN init + 200 it signed steps + learned min/max", {"iters": 200}),
     # W4A8 rows: the default with activations is QDrop (input mixing 0.5) and learned activation steps
-    "a8-first-log2": ("W4A8: the default + first token (attention sink) in FP + log2 8-bit probabilities",
-                      {"act_fp_first_token": True, "prob_grid": "log2"}),
+    "a8-first-log2": (
+        "W4A8: the default + first token (attention sink) in FP + log2 8-bit probabilities",
+        {"act_fp_first_token": True, "prob_grid": "log2"},
+    ),
     "a8-dynamic": ("W4A8: the default with **dynamic per-token** Linear inputs (not static)", {"act_dynamic": True}),
 }
 # the peers' weight-only settings, and W4A8 (issue 19: static per-tensor 8-bit activations, attention matmuls too)
@@ -99,7 +135,9 @@ def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
     net, tokenizer = peer_eval.load_fp("smollm2", peer_eval.model_path("smollm2"))
     calib = peer_eval.calibration("smollm2", tokenizer)
     config = QLimitConfig(
-        weight_bits=setting.weight_bits, group_size=setting.group_size, act_bits=setting.act_bits,
+        weight_bits=setting.weight_bits,
+        group_size=setting.group_size,
+        act_bits=setting.act_bits,
         **VARIANTS[variant][1],
     )
     resolved = config.for_model(net)
@@ -108,18 +146,29 @@ def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
     seconds = time.perf_counter() - tick
     metric = peer_eval.evaluate("smollm2", net, tokenizer)
     return {
-        "variant": variant, "setting": label, "ppl": metric["ppl"], "quantize_s": seconds, "threads": threads,
-        "iters": resolved.iters if resolved.method != "rtn" else 0, "weight_init": resolved.weight_init,
-        "learn_weight_scale": resolved.learn_weight_scale, "num_samples": min(resolved.num_samples, len(calib)),
-        "batch_size": resolved.batch_size, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "date": datetime.date.today().isoformat(), "commit": common.commit(), "load": common.load_average(),
-    }  # fmt: skip
+        "variant": variant,
+        "setting": label,
+        "ppl": metric["ppl"],
+        "quantize_s": seconds,
+        "threads": threads,
+        "iters": resolved.iters if resolved.method != "rtn" else 0,
+        "weight_init": resolved.weight_init,
+        "learn_weight_scale": resolved.learn_weight_scale,
+        "num_samples": min(resolved.num_samples, len(calib)),
+        "batch_size": resolved.batch_size,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "date": datetime.date.today().isoformat(),
+        "commit": common.commit(),
+        "load": common.load_average(),
+    }
 
 
 PEERS_RESULTS = OUT.parent / "peers" / "results.jsonl"
 FP_TOOL = "FP32 (reference)"  # the peers sitting's unquantized row: the FP perplexity in the note
-PEER_ROWS = {"llm-compressor GPTQ": "*peer:* llm-compressor GPTQ (min-max grid, FP head)",
-             "AutoRound": "*peer:* AutoRound, its light recipe (50 it, FP head)"}  # fmt: skip
+PEER_ROWS = {
+    "llm-compressor GPTQ": "*peer:* llm-compressor GPTQ (min-max grid, FP head)",
+    "AutoRound": "*peer:* AutoRound, its light recipe (50 it, FP head)",
+}
 
 
 def _peer_records(peers: Path) -> dict[tuple[str, str], dict[str, Any]]:
@@ -131,20 +180,36 @@ def _peer_records(peers: Path) -> dict[tuple[str, str], dict[str, Any]]:
             continue
         if r.get("tool") in PEER_ROWS or r.get("tool") == FP_TOOL:
             out[r["tool"], r["setting"]] = {
-                "variant": r["tool"], "setting": r["setting"], "ppl": r["metric"]["ppl"],
-                "quantize_s": r["calib_s"], "peer": True, "date": r["date"],
-            }  # fmt: skip
+                "variant": r["tool"],
+                "setting": r["setting"],
+                "ppl": r["metric"]["ppl"],
+                "quantize_s": r["calib_s"],
+                "peer": True,
+                "date": r["date"],
+            }
         if r.get("tool") == "hf_qlimit default":
             # the decoder default changed twice on 2026-11-29: the Lp grid, then min-max, then signed steps
             details = r.get("details", "")
-            variant = ("default" if "drop_prob 0.0" in details and "rounding sign" in details
-                       else "qdrop" if "rounding sign" in details
-                       else "default-progressive" if "range minmax" in details else "default-lp")  # fmt: skip
+            variant = (
+                "default"
+                if "drop_prob 0.0" in details and "rounding sign" in details
+                else "qdrop"
+                if "rounding sign" in details
+                else "default-progressive"
+                if "range minmax" in details
+                else "default-lp"
+            )
             record = {
-                "variant": variant, "setting": r["setting"], "ppl": r["metric"]["ppl"], "quantize_s": r["calib_s"],
-                "threads": 1, "date": r["date"], "commit": "peers run", "load": None,
+                "variant": variant,
+                "setting": r["setting"],
+                "ppl": r["metric"]["ppl"],
+                "quantize_s": r["calib_s"],
+                "threads": 1,
+                "date": r["date"],
+                "commit": "peers run",
+                "load": None,
                 "batch_size": peer_eval.details_batch(details),
-            }  # fmt: skip
+            }
             if variant == "default":
                 _file_under_batch_rows(out, record)
             else:
@@ -210,8 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=OUT / "results.jsonl")
     parser.add_argument("--rerun", action="store_true")
-    parser.add_argument("--peers_results", type=Path, default=PEERS_RESULTS,
-                        help="Where the default and peer rows may come from.")  # fmt: skip
+    parser.add_argument(
+        "--peers_results", type=Path, default=PEERS_RESULTS, help="Where the default and peer rows may come from."
+    )
     parser.add_argument("--table_only", action="store_true")
     common.add_doc_arguments(parser, DOC)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SETTING"), help=argparse.SUPPRESS)

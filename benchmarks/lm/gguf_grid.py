@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     for path in sorted(args.model_dir.glob("*.safetensors")):
         weights.update({k: v.float() for k, v in load_file(path).items() if k.endswith("proj.weight")})
     if not weights:
-        raise SystemExit(f"No *proj.weight tensors in {args.model_dir}: convert the GGUF first "
-                         "(python -m hf_qlimit.cli.gguf_to_hf).")
+        raise SystemExit(
+            f"No *proj.weight tensors in {args.model_dir}: convert the GGUF first (python -m hf_qlimit.cli.gguf_to_hf)."
+        )
     grids = {
         "Q4_1's grid (float min, min-max, g32)": lambda w: _float_min_max(w, 32, args.bits),
         "hf_qlimit grid, min-max, g32": lambda w: _grid(w, 32, args.bits, None),

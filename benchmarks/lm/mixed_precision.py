@@ -64,10 +64,26 @@ def main(argv: list[str] | None = None) -> str:
     run_ppl = lm_table.load_run_ppl()
     model_dir = lm_table.ensure_model(args.model_dir)
     cache = args.out_dir / "sensitivity.json"
-    shared = ["--model_name_or_path", str(model_dir), "--eval_file", str(args.data_dir / "test.txt"),
-              "--calib_file", str(args.data_dir / "valid.txt"), "--seq_len", str(args.seq_len),
-              "--max_eval_windows", str(args.windows), "--num_calib_samples", str(args.calib), "--method", "rtn",
-              "--act_bits", "none", "--sensitivity_cache", str(cache)]  # fmt: skip
+    shared = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--eval_file",
+        str(args.data_dir / "test.txt"),
+        "--calib_file",
+        str(args.data_dir / "valid.txt"),
+        "--seq_len",
+        str(args.seq_len),
+        "--max_eval_windows",
+        str(args.windows),
+        "--num_calib_samples",
+        str(args.calib),
+        "--method",
+        "rtn",
+        "--act_bits",
+        "none",
+        "--sensitivity_cache",
+        str(cache),
+    ]
     rows, fp = [], None
     for label, setting in SETTINGS:
         out = args.out_dir / label.replace(" ", "-")
@@ -76,12 +92,15 @@ def main(argv: list[str] | None = None) -> str:
         fp = result["fp"]["ppl"] if fp is None else fp
         bits = result["qlimit_config"]["module_bits"]
         hist = ", ".join(f"{n}×W{b}" for b, n in sorted(Counter(bits.values()).items()))
-        rows.append({
-            "setting": f"{label} ({hist})" if bits else label,
-            "avg_bits": average_bits(bits, model_dir) if bits else result["qlimit_config"]["weight_bits"],
-            "ppl": result["quantized"]["ppl"], "mib": (out / "model.safetensors").stat().st_size / 2**20,
-            "seconds": result["timings_s"]["quantize_s"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "setting": f"{label} ({hist})" if bits else label,
+                "avg_bits": average_bits(bits, model_dir) if bits else result["qlimit_config"]["weight_bits"],
+                "ppl": result["quantized"]["ppl"],
+                "mib": (out / "model.safetensors").stat().st_size / 2**20,
+                "seconds": result["timings_s"]["quantize_s"],
+            }
+        )
         print(rows[-1], flush=True)
     table = render(rows, fp, result, args)
     common.publish(table, MARKER, common.doc_target(args), "lm.mixed_precision")
@@ -89,8 +108,11 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def render(rows: list[dict], fp: float, last: dict, args: argparse.Namespace) -> str:
-    lines = ["| block Linear weights (A16) | avg bits | perplexity | checkpoint MiB | quantize s |",
-             "|---|---|---|---|---|", f"| FP32 | 32 | {fp:.2f} | - | - |"]
+    lines = [
+        "| block Linear weights (A16) | avg bits | perplexity | checkpoint MiB | quantize s |",
+        "|---|---|---|---|---|",
+        f"| FP32 | 32 | {fp:.2f} | - | - |",
+    ]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['avg_bits']:.2f} | {r['ppl']:.2f} | {r['mib']:.1f} | {r['seconds']:.0f} |")
     note = (

@@ -99,8 +99,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out_dir", type=Path, default=common.OUT / "causal_lm")
     parser.add_argument("--seq_len", type=int, default=None, help="Window length; default 512 (128 with --quick).")
     parser.add_argument("--quick", action="store_true", help="4 windows of 128, 8 calibration windows, 10 iterations.")
-    parser.add_argument("--write_doc", "--write_readme", dest="write_doc", action="store_true",
-                        help="Also write a --quick table into the doc page.")  # fmt: skip
+    parser.add_argument(
+        "--write_doc",
+        "--write_readme",
+        dest="write_doc",
+        action="store_true",
+        help="Also write a --quick table into the doc page.",
+    )
     common.add_doc_arguments(parser, DOC)
     parser.add_argument("--max_eval_windows", type=int, default=None, help="Evaluate the first N windows only.")
     parser.add_argument("--num_calib_samples", type=int, default=None, help="Calibration windows (preset's default).")
@@ -115,8 +120,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_ppl_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
     """The run_ppl.py arguments every cell shares."""
-    flags = ["--model_name_or_path", str(model_dir), "--eval_file", str(args.data_dir / "test.txt"),
-             "--calib_file", str(args.data_dir / "valid.txt"), "--seq_len", str(args.seq_len)]  # fmt: skip
+    flags = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--eval_file",
+        str(args.data_dir / "test.txt"),
+        "--calib_file",
+        str(args.data_dir / "valid.txt"),
+        "--seq_len",
+        str(args.seq_len),
+    ]
     if args.quick:
         flags += ["--max_eval_windows", "4", "--num_calib_samples", "8", "--iters", "10", "--batch_size", "4"]
     for flag in ("max_eval_windows", "num_calib_samples", "iters", "batch_size"):
@@ -151,21 +164,27 @@ def main(argv: list[str] | None = None) -> str:
     cells = run_cells(args, run_ppl_args(args, ensure_model(args.model_dir)))
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for label, method, result in cells:
-        rows.setdefault(label, {})[method] = {"ppl": result["quantized"]["ppl"],
-                                              "quantize_s": result["timings_s"]["quantize_s"]}  # fmt: skip
+        rows.setdefault(label, {})[method] = {
+            "ppl": result["quantized"]["ppl"],
+            "quantize_s": result["timings_s"]["quantize_s"],
+        }
     fp = next(r["fp"]["ppl"] for _, _, r in cells if r.get("fp"))
     last = cells[-1][2]
     q = last["qlimit_config"]
     days, threads = common.measured(r for _, _, r in cells)  # with --reuse, not necessarily today's runs
     meta = {
         "data": "WikiText-2 test (tokenized v1 release with `<unk>`, not wikitext-2-raw)",
-        "windows": last["quantized"]["windows"], "seq_len": args.seq_len, "tokens": last["quantized"]["tokens"],
-        "calib": last["data"]["calib_windows"], "quick": args.quick,
+        "windows": last["quantized"]["windows"],
+        "seq_len": args.seq_len,
+        "tokens": last["quantized"]["tokens"],
+        "calib": last["data"]["calib_windows"],
+        "quick": args.quick,
         "recon": f"QDrop {q['iters']} iterations per block, batch {q['batch_size']}",
-        "machine": common.machine(threads), "date": days,
+        "machine": common.machine(threads),
+        "date": days,
         "transformers": last["environment"]["versions"]["transformers"],
         "wall_min": sum(r["timings_s"]["total_s"] for _, _, r in cells) / 60,
-    }  # fmt: skip
+    }
     table = render(rows, fp, meta)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "table.md").write_text(table + "\n", encoding="utf-8")

@@ -36,6 +36,8 @@ OUT = common.OUT / "peers"
 DOC = common.RESULTS_DOCS / "peers.md"
 MARKER = "peers-table"
 DEFAULT_ITERS = {"minilm-sst2": 500, "smollm2": 20}
+
+
 def interpreter(module: str, overrides: dict[str, str], venv_root: Path) -> tuple[str, str | None]:
     """(python to run the tool with, why it is missing or None)."""
     if module in overrides:
@@ -71,8 +73,23 @@ def run_job(
     for folder in (result_file.parent, log_file.parent):
         folder.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
-    cmd = [python, "-m", "benchmarks.peers.worker", "--tool", tool.module, "--algo", tool.algo, "--model", model,
-           "--setting", setting, "--out_dir", str(out / "ckpt" / slug), "--result", str(result_file)]  # fmt: skip
+    cmd = [
+        python,
+        "-m",
+        "benchmarks.peers.worker",
+        "--tool",
+        tool.module,
+        "--algo",
+        tool.algo,
+        "--model",
+        model,
+        "--setting",
+        setting,
+        "--out_dir",
+        str(out / "ckpt" / slug),
+        "--result",
+        str(result_file),
+    ]
     if iters is not None:
         cmd += ["--iters", str(iters)]
     python_path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -96,9 +113,16 @@ def run_job(
         tail = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
         record["error"] = f"worker exited {proc.returncode}: " + (tail[-1][:280] if tail else "no output")
     record.update(
-        tool=tool.name, model=model, setting=setting, iters=iters, python=python, wall_s=wall,
-        peak_rss_mb_wait4=usage.ru_maxrss / 1024, date=datetime.date.today().isoformat(), log=str(log_file),
-    )  # fmt: skip
+        tool=tool.name,
+        model=model,
+        setting=setting,
+        iters=iters,
+        python=python,
+        wall_s=wall,
+        peak_rss_mb_wait4=usage.ru_maxrss / 1024,
+        date=datetime.date.today().isoformat(),
+        log=str(log_file),
+    )
     print(f"[peers]   -> {record['status']} {record.get('metric', '')} {record.get('error', '')}", flush=True)
     return record
 
@@ -106,13 +130,24 @@ def run_job(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(peer_eval.SETTINGS), choices=list(peer_eval.SETTINGS))
-    parser.add_argument("--tools", nargs="+", default=[t.name for t in TOOLS], choices=[t.name for t in TOOLS],
-                        metavar="TOOL", help=f"Rows to run, of: {[t.name for t in TOOLS]}.")  # fmt: skip
+    parser.add_argument(
+        "--tools",
+        nargs="+",
+        default=[t.name for t in TOOLS],
+        choices=[t.name for t in TOOLS],
+        metavar="TOOL",
+        help=f"Rows to run, of: {[t.name for t in TOOLS]}.",
+    )
     parser.add_argument("--settings", nargs="+", default=None, help="Only these setting labels (e.g. 'W4A16 g128').")
     parser.add_argument("--python", nargs="*", default=[], metavar="TOOL=PATH", help="Interpreter of a tool module.")
     parser.add_argument("--venv_root", type=Path, default=Path(os.environ.get("PEERS_VENVS", OUT / "venvs")))
-    parser.add_argument("--iters", nargs="*", default=[], metavar="MODEL=N",
-                        help=f"hf_qlimit BRECQ/QDrop iterations per block; default {DEFAULT_ITERS}.")  # fmt: skip
+    parser.add_argument(
+        "--iters",
+        nargs="*",
+        default=[],
+        metavar="MODEL=N",
+        help=f"hf_qlimit BRECQ/QDrop iterations per block; default {DEFAULT_ITERS}.",
+    )
     parser.add_argument("--results", type=Path, default=OUT / "results.jsonl")
     parser.add_argument("--rerun", action="store_true", help="Run again what has a record already.")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="Seconds before a run is killed.")
@@ -134,8 +169,12 @@ def run_all(args: argparse.Namespace, tools: list[Tool]) -> dict[tuple[str, str,
     records = load_records(args.results)
     for model in args.models:
         jobs = [(FP_TOOL, peer_eval.FP.label)] + [
-            (tool, setting) for setting in peer_eval.SETTINGS[model] for tool in tools if model in tool.models
-            if args.settings is None or setting in args.settings]  # fmt: skip
+            (tool, setting)
+            for setting in peer_eval.SETTINGS[model]
+            for tool in tools
+            if model in tool.models
+            if args.settings is None or setting in args.settings
+        ]
         for tool, setting in jobs:
             n = args.iters[model] if tool.reconstructs else None
             old = records.get((tool.name, model, setting))
@@ -144,8 +183,15 @@ def run_all(args: argparse.Namespace, tools: list[Tool]) -> dict[tuple[str, str,
             python, missing = interpreter(tool.module, args.overrides, args.venv_root)
             problem = missing or install_error(tool.module, args.venv_root)
             if problem:  # a row all the same, with the reason
-                record = {"status": "error", "error": problem, "tool": tool.name, "model": model,
-                          "setting": setting, "iters": n, "date": datetime.date.today().isoformat()}  # fmt: skip
+                record = {
+                    "status": "error",
+                    "error": problem,
+                    "tool": tool.name,
+                    "model": model,
+                    "setting": setting,
+                    "iters": n,
+                    "date": datetime.date.today().isoformat(),
+                }
             else:
                 args.results.parent.mkdir(parents=True, exist_ok=True)
                 record = run_job(tool, model, setting, python, n, args.timeout, args.results.parent)

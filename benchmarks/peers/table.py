@@ -56,7 +56,6 @@ WHY = {
 }
 
 
-
 def key(record: dict[str, Any]) -> tuple[str, str, str]:
     return record["tool"], record["model"], record["setting"]
 
@@ -127,9 +126,14 @@ def _verdicts(model: str, records: dict, settings: list[str], tools: list[Tool])
         gap = ours[best_ours] - peers[best_peer]
         loses = gap > 0 if lower_is_better else gap < 0
         figures = f"best peer {best_peer} {peers[best_peer]:.2f}, best hf_qlimit ({best_ours}) {ours[best_ours]:.2f}."
-        noise = "" if lower_is_better or abs(gap) >= 1.0 else (
-            " The gap is under one point, inside the 1 to 2 points one seed's calibration set moves an SST-2 cell "
-            "(seed study in docs/results/glue.md).")  # fmt: skip
+        noise = (
+            ""
+            if lower_is_better or abs(gap) >= 1.0
+            else (
+                " The gap is under one point, inside the 1 to 2 points one seed's calibration set moves an SST-2 cell "
+                "(seed study in docs/results/glue.md)."
+            )
+        )
         if loses:
             word = (
                 "W8A8" if peer_eval.setting(model, setting).act_bits else next((w for w in WHY if w in best_peer), "")
@@ -150,9 +154,12 @@ def _model_section(records: dict, model: str, tools: list[Tool], only_run: bool)
     if only_run:
         model_tools = [t for t in model_tools if any(k[0] == t.name and k[1] == model for k in records)]
     metric = "ppl ↓" if peer_eval.is_causal_lm(model) else "acc % ↑"
-    lines = [f"**{peer_eval.MODEL_LABELS[model]}**", "",
-             f"| Setting | Tool | {metric} | Calib. time (s) | Peak RSS (MB) | Checkpoint (MB) | Notes |",
-             "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = [
+        f"**{peer_eval.MODEL_LABELS[model]}**",
+        "",
+        f"| Setting | Tool | {metric} | Calib. time (s) | Peak RSS (MB) | Checkpoint (MB) | Notes |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     fp = records.get((FP_TOOL.name, model, peer_eval.FP.label))
     lines.append(f"| FP32 | {FP_TOOL.name} | " + " | ".join(_cells(model, fp)) + " |")
     for setting in settings:
@@ -170,19 +177,33 @@ def _versions(done: list[dict[str, Any]]) -> str:
         for name, version in (record.get("versions") or {}).items():
             if name != "transformers":
                 versions.setdefault(name, version)
-    transformers_by_tool = sorted({f"{TOOL_BY_NAME[r['tool']].module}: {r['versions']['transformers']}"
-                                   for r in done if r.get("versions", {}).get("transformers")
-                                   and r["tool"] in TOOL_BY_NAME})  # fmt: skip
-    return ("Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
-            + "; transformers per tool environment: " + ", ".join(transformers_by_tool) + ".")  # fmt: skip
+    transformers_by_tool = sorted(
+        {
+            f"{TOOL_BY_NAME[r['tool']].module}: {r['versions']['transformers']}"
+            for r in done
+            if r.get("versions", {}).get("transformers") and r["tool"] in TOOL_BY_NAME
+        }
+    )
+    return (
+        "Versions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+        + "; transformers per tool environment: "
+        + ", ".join(transformers_by_tool)
+        + "."
+    )
 
 
 def _notes(done: list[dict[str, Any]]) -> list[str]:
     """The paragraphs under the tables: protocol, settings, what the columns measure, versions, date and machine."""
     iters = sorted({(r["model"], r["iters"]) for r in done if r.get("iters") is not None and r["tool"] != "AutoRound"})
-    iters_text = ("hf_qlimit BRECQ / QDrop rows (the old `fast` preset at a given count) ran "
-                  + ", ".join(f"{m} {i}" for m, i in iters) + " iterations per block, batch 32 (MiniLM) / 8 "
-                  "(SmolLM2). " if iters else "")  # fmt: skip
+    iters_text = (
+        "hf_qlimit BRECQ / QDrop rows (the old `fast` preset at a given count) ran "
+        + ", ".join(f"{m} {i}" for m, i in iters)
+        + " iterations per block, batch 32 (MiniLM) / 8 "
+        "(SmolLM2). "
+        if iters
+        else ""
+    )
     dates = sorted({r["date"] for r in done})
     return [
         "",

@@ -54,24 +54,39 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
     lr = None if iters is not None else LIGHT["lr"]  # None: AutoRound's 1 / iters
     iters = iters if iters is not None else LIGHT["iters"]
     scheme = QuantizationScheme.from_dict(
-        {"bits": setting.weight_bits, "group_size": setting.group_size or -1, "sym": False, "data_type": "int",
-         "act_bits": 16}
-    )  # fmt: skip
+        {
+            "bits": setting.weight_bits,
+            "group_size": setting.group_size or -1,
+            "sym": False,
+            "data_type": "int",
+            "act_bits": 16,
+        }
+    )
     # 2-D [1, seq] input_ids per sample: AutoRound's calibration loop iterates a non-string dataset as is and
     # feeds each dict to the model (it builds the attention mask itself), so it tunes on exactly these windows.
     dataset = [{"input_ids": example["input_ids"].reshape(1, -1)} for example in calib]
     compressor = AutoRound(
-        net, _tokenizer(net), scheme=scheme, alg_configs=SignRoundConfig(iters=iters, lr=lr), dataset=dataset,
-        nsamples=len(calib), seqlen=peer_eval.LM_SEQ_LEN, batch_size=BATCH_SIZE, device_map="cpu", amp=False,
-        enable_torch_compile=False, seed=peer_eval.SEED,
-    )  # fmt: skip
+        net,
+        _tokenizer(net),
+        scheme=scheme,
+        alg_configs=SignRoundConfig(iters=iters, lr=lr),
+        dataset=dataset,
+        nsamples=len(calib),
+        seqlen=peer_eval.LM_SEQ_LEN,
+        batch_size=BATCH_SIZE,
+        device_map="cpu",
+        amp=False,
+        enable_torch_compile=False,
+        seed=peer_eval.SEED,
+    )
     qnet, _ = compressor.quantize()
     _COMPRESSORS[id(qnet)] = compressor
     config = compressor.quantize_config  # iters 0 makes AutoRound switch to its RTN (no iters, no lr)
     tuned = f"SignRound {config.iters} iters/block, lr {config.lr:g}, minmax tuning" if iters > 0 else "RTN (iters 0)"
     options["details"] = (
         f"{tuned}, batch {BATCH_SIZE}, {len(calib)} samples of {peer_eval.LM_SEQ_LEN}, asymmetric int, fp32 "
-        "(amp off), no torch.compile" + ("" if options.get("iters") is not None else "; 'light' recipe")
+        "(amp off), no torch.compile"
+        + ("" if options.get("iters") is not None else "; 'light' recipe")
         + f"; saved as {_format(setting.weight_bits)}"
     )
     return qnet.float()  # no-op with amp off; guards the evaluation against a bf16 model

@@ -35,8 +35,13 @@ def load(model: str, path: Path, setting: peer_eval.Setting):
 
 
 def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, options: dict[str, Any]):
-    data = [{"input_ids": ex["input_ids"].unsqueeze(0),
-             "attention_mask": ex.get("attention_mask", ex["input_ids"] * 0 + 1).unsqueeze(0)} for ex in calib]
+    data = [
+        {
+            "input_ids": ex["input_ids"].unsqueeze(0),
+            "attention_mask": ex.get("attention_mask", ex["input_ids"] * 0 + 1).unsqueeze(0),
+        }
+        for ex in calib
+    ]
     net.quantize(data, batch_size=1)
     options["details"] = "asymmetric, desc_act off"
     return net

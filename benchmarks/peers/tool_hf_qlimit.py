@@ -55,9 +55,15 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
     if peer_eval.is_causal_lm(model):
         kwargs.update(max_length=peer_eval.LM_SEQ_LEN, batch_size=8)
     config = QLimitConfig(
-        weight_bits=setting.weight_bits, act_bits=setting.act_bits, group_size=setting.group_size, method=algo,
-        preset="fast", num_samples=len(calib), seed=peer_eval.SEED, **kwargs,
-    )  # fmt: skip
+        weight_bits=setting.weight_bits,
+        act_bits=setting.act_bits,
+        group_size=setting.group_size,
+        method=algo,
+        preset="fast",
+        num_samples=len(calib),
+        seed=peer_eval.SEED,
+        **kwargs,
+    )
     net.quantize_qlimit(calib, config)
     if algo != "rtn":
         resolved = config.for_model(net)  # the preset's fields are filled once the model is known

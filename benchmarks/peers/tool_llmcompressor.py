@@ -51,8 +51,9 @@ def _recipe(algo: str, model: str, setting: peer_eval.Setting) -> list[Any]:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     ignore = IGNORE[model]
-    scheme: dict[str, Any] = {"scheme": "W8A8", "targets": ["Linear"]} if setting.act_bits else {
-        "config_groups": _config_groups(setting)}  # fmt: skip
+    scheme: dict[str, Any] = (
+        {"scheme": "W8A8", "targets": ["Linear"]} if setting.act_bits else {"config_groups": _config_groups(setting)}
+    )
     if algo == "gptq":
         return [GPTQModifier(ignore=ignore, **scheme)]
     if algo == "rtn":
@@ -91,9 +92,13 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
     dataset = Dataset.from_list([{k: v.tolist() for k, v in example.items()} for example in calib])
     max_len = peer_eval.LM_SEQ_LEN if peer_eval.is_causal_lm(model) else peer_eval.SST2_MAX_LEN
     net = oneshot(
-        model=net, dataset=dataset, recipe=_recipe(algo, model, setting), num_calibration_samples=len(calib),
-        max_seq_length=max_len, shuffle_calibration_samples=False,
-    )  # fmt: skip
+        model=net,
+        dataset=dataset,
+        recipe=_recipe(algo, model, setting),
+        num_calibration_samples=len(calib),
+        max_seq_length=max_len,
+        shuffle_calibration_samples=False,
+    )
     options["details"] = "W8A8 scheme (dynamic per-token activations)" if setting.act_bits else "asymmetric int"
     if algo in ("awq", "smoothquant") and model == "minilm-sst2":
         options["details"] += "; BERT mapping value -> attention.output.dense only"

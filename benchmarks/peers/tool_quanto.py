@@ -53,8 +53,11 @@ def quantize(net, calib, setting: peer_eval.Setting, algo: str, model: str, opti
             for example in calib:
                 net(**{k: v.unsqueeze(0) for k, v in example.items()})
     freeze(net)
-    options["details"] = "qint8 per-channel absmax" if setting.weight_bits == 8 else (
-        f"groups of {sorted(groups)}" if None not in groups else "per channel")  # fmt: skip
+    options["details"] = (
+        "qint8 per-channel absmax"
+        if setting.weight_bits == 8
+        else (f"groups of {sorted(groups)}" if None not in groups else "per channel")
+    )
     if activations is not None:
         options["details"] += ", static per-tensor qint8 activations (module outputs)"
     return net

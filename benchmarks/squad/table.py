@@ -49,12 +49,25 @@ def setting_args(setting: str, eval_fp: bool = False) -> list[str]:
 def run_setting(setting: str, args: argparse.Namespace, extra: list[str], log: ResultsLog) -> dict[str, Any]:
     """results.json of one setting's run (reused with --reuse); exits when the run failed."""
     out_dir = Path(args.output_dir) / (setting + (f"-{args.variant}" if args.variant else ""))
-    flags = ["--model_name_or_path", str(args.model), "--validation_file", str(args.data),
-             "--article_parity", "odd",  # calibration then comes from the even (training) articles
-             "--max_seq_length", "256", "--doc_stride", "64",  # the recipe of reference.json
-             "--per_device_eval_batch_size", "32", "--preset", args.preset,
-             *setting_args(setting, eval_fp=args.quick), *extra,
-             *shlex.split(args.run_qa_args)]  # quoted values (paths with spaces) stay whole  # fmt: skip
+    flags = [
+        "--model_name_or_path",
+        str(args.model),
+        "--validation_file",
+        str(args.data),
+        "--article_parity",
+        "odd",  # calibration then comes from the even (training) articles
+        "--max_seq_length",
+        "256",
+        "--doc_stride",
+        "64",  # the recipe of reference.json
+        "--per_device_eval_batch_size",
+        "32",
+        "--preset",
+        args.preset,
+        *setting_args(setting, eval_fp=args.quick),
+        *extra,
+        *shlex.split(args.run_qa_args),
+    ]  # quoted values (paths with spaces) stay whole
     if args.max_eval_samples is not None:
         flags += ["--max_eval_samples", str(args.max_eval_samples)]
     results = log.run_example("examples/squad/run_qa.py", flags, out_dir, setting)
@@ -70,9 +83,10 @@ def _machine(environments: list[dict[str, Any] | None]) -> dict[str, str]:
 
     described = {
         (env.get("gpu") or env.get("processor"), str(env.get("torch_threads", "?")), env["versions"]["torch"])
-        if env and env.get("versions") else (common.cpu_name(), str(torch.get_num_threads()), torch.__version__)
+        if env and env.get("versions")
+        else (common.cpu_name(), str(torch.get_num_threads()), torch.__version__)
         for env in environments
-    }  # fmt: skip
+    }
     return {key: ", ".join(sorted({d[i] for d in described})) for i, key in enumerate(("machine", "threads", "torch"))}
 
 
@@ -150,11 +164,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--reuse", action="store_true", help="keep settings that already have a results.json")
-    parser.add_argument("--variant", default="",
-                        help="name of the --run_qa_args below: output folder suffix, row label")  # fmt: skip
+    parser.add_argument(
+        "--variant", default="", help="name of the --run_qa_args below: output folder suffix, row label"
+    )
     parser.add_argument("--run_qa_args", default="", help="more run_qa.py flags, e.g. '--transforms hadamard_inputs'")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 200 questions, one short QDrop W4A8 run that also evaluates FP")  # fmt: skip
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 200 questions, one short QDrop W4A8 run that also evaluates FP",
+    )
     args = parser.parse_args(argv)
     args.extra = []
     if args.quick:

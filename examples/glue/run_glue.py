@@ -193,7 +193,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     )
     is_regression, label_list = resolve_labels(raw, task)
     # sequence classification: the encoder presets (preset "auto" resolves to "fast")
-    qconfig = quant_args.to_config(seed=training_args.seed, max_length=data_args.max_seq_length).resolved(causal_lm=False)
+    qconfig = quant_args.to_config(seed=training_args.seed, max_length=data_args.max_seq_length).resolved(
+        causal_lm=False
+    )
 
     num_labels = 1 if is_regression else len(label_list)
     common = {

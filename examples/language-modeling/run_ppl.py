@@ -231,8 +231,10 @@ def _summary(results: dict[str, Any]) -> str:
         else f"ppl FP {fp['ppl']:.3f} -> Q {qp['ppl']:.3f} ({qp['ppl'] - fp['ppl']:+.3f})"
     )
     data = results["data"]
-    return (f"{data['eval']} | {q['method']} {bits} | seq_len {data['seq_len']}, {qp['windows']} windows, "
-            f"{qp['tokens']} tokens | {ppl} | quantized in {results['timings_s']['quantize_s']:.1f}s")  # fmt: skip
+    return (
+        f"{data['eval']} | {q['method']} {bits} | seq_len {data['seq_len']}, {qp['windows']} windows, "
+        f"{qp['tokens']} tokens | {ppl} | quantized in {results['timings_s']['quantize_s']:.1f}s"
+    )
 
 
 def _setup_logging() -> None:

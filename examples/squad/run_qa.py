@@ -38,7 +38,7 @@ from transformers.utils import logging
 from hf_qlimit.cli.arguments import QuantizationArguments, parse_arguments, parse_bits, run_environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils_qa import (  # noqa: E402  (the example directory is not a package)
+from utils_qa import (
     PARITIES,
     load_squad_json,
     postprocess_qa_predictions,

@@ -71,8 +71,9 @@ def _block_outputs(blocks: nn.ModuleList) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
-def _output_divergence(model: nn.Module, batch: dict[str, torch.Tensor], outputs: list[torch.Tensor],
-                       regression: bool) -> torch.Tensor:  # fmt: skip
+def _output_divergence(
+    model: nn.Module, batch: dict[str, torch.Tensor], outputs: list[torch.Tensor], regression: bool
+) -> torch.Tensor:
     """KL(FP output ‖ output with round-to-nearest weights), summed over real tokens (the squared error for a
     regression); `outputs` then holds the block outputs of the quantized pass."""
     mask = batch["attention_mask"].bool()

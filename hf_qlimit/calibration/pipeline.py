@@ -105,8 +105,9 @@ def _check_supported(config: QLimitConfig, work_dir: Any, dispatched: bool) -> N
         )
 
 
-def _choose_bits(model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig, batches: Batches,
-                 run: Run) -> None:  # fmt: skip
+def _choose_bits(
+    model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig, batches: Batches, run: Run
+) -> None:
     """Fills `config.module_bits` and `config.layer_config`: the modules to quantize and their bits."""
     saved = run.work.layer_config() if run.done else None
     if saved is not None:  # the bits chosen by the interrupted run (mixed precision is not redone)
@@ -143,8 +144,9 @@ class _Flow:
         self.pending += quantizers
 
 
-def _quantize_converted(model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig, batches: Batches,
-                        run: Run) -> None:  # fmt: skip
+def _quantize_converted(
+    model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig, batches: Batches, run: Run
+) -> None:
     """The quantization proper, once the bits are chosen: the prefix, the blocks one at a time, then the rest."""
     blocks, blocks_name = adapter.blocks(model), adapter.blocks_name(model) + "."
     prefix = _convert_prefix(model, config, blocks[0], batches[0], blocks_name, run)
@@ -173,8 +175,14 @@ def _quantize_converted(model: nn.Module, adapter: ArchitectureAdapter, config: 
     _finish(model, config, flow.stats, run)
 
 
-def _convert_prefix(model: nn.Module, config: QLimitConfig, first_block: nn.Module, batch: dict[str, torch.Tensor],
-                    blocks_name: str, run: Run) -> list[str]:  # fmt: skip
+def _convert_prefix(
+    model: nn.Module,
+    config: QLimitConfig,
+    first_block: nn.Module,
+    batch: dict[str, torch.Tensor],
+    blocks_name: str,
+    run: Run,
+) -> list[str]:
     """Converts the quantized modules the forward pass calls before the first block; returns their names."""
     prefix = _prefix_modules(model, first_block, batch, run.parking)
     for name in prefix:  # the model prefix runs whole on the execution device
@@ -227,8 +235,16 @@ def _block_modules(config: QLimitConfig, name: str) -> list[str]:
     return [n for n in config.layer_config if n == name or n.startswith(name + ".")]
 
 
-def _quantize_block(model: nn.Module, config: QLimitConfig, i: int, name: str, block: nn.Module, flow: _Flow,
-                    fisher: Stream | None, run: Run) -> None:  # fmt: skip
+def _quantize_block(
+    model: nn.Module,
+    config: QLimitConfig,
+    i: int,
+    name: str,
+    block: nn.Module,
+    flow: _Flow,
+    fisher: Stream | None,
+    run: Run,
+) -> None:
     """Block i: converted, its FP outputs computed, calibrated on the quantized stream, frozen, then parked."""
     tick = time.perf_counter()
     run.offloader.materialize(name)
@@ -251,8 +267,13 @@ def _quantize_block(model: nn.Module, config: QLimitConfig, i: int, name: str, b
         f"block {i}: output MSE {rtn_error:.4g} with round-to-nearest, {error:.4g} after {config.method} (hard "
         f"rounding; {undecided:.1%} of the rounding variables were still undecided before it)"
     )
-    stats = {"block": i, "rtn_mse": rtn_error, "mse": error, "undecided": undecided,
-             "seconds": time.perf_counter() - tick}  # fmt: skip
+    stats = {
+        "block": i,
+        "rtn_mse": rtn_error,
+        "mse": error,
+        "undecided": undecided,
+        "seconds": time.perf_counter() - tick,
+    }
     flow.advance(stats, fp_out, q_out)
     del data, fp_out, q_out
     if run.work is not None:
@@ -263,8 +284,16 @@ def _quantize_block(model: nn.Module, config: QLimitConfig, i: int, name: str, b
 def _start_block(block: nn.Module, config: QLimitConfig, flow: _Flow, run: Run) -> None:
     """The initial weight grids (and RTN's final rounding), then the activation ranges on the quantized stream."""
     if config.weight_init != "rtn":
-        init_block_weights(block, flow.q_in, flow.inputs, run.token_mask, run.device, config.weight_init,
-                           config.init_margin, config.gptq_act_order)  # fmt: skip
+        init_block_weights(
+            block,
+            flow.q_in,
+            flow.inputs,
+            run.token_mask,
+            run.device,
+            config.weight_init,
+            config.init_margin,
+            config.gptq_act_order,
+        )
     if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
         for _, module in quantized_modules(block):
             module.weight_quantizer.round_start()
@@ -277,8 +306,9 @@ def _start_block(block: nn.Module, config: QLimitConfig, flow: _Flow, run: Run) 
         observe(list(act_quantizers(block)), quantized_pass, config.lp_norm)
 
 
-def _convert_head(model: nn.Module, config: QLimitConfig, head: list[str], convert: bool, flow: _Flow,
-                  run: Run) -> None:  # fmt: skip
+def _convert_head(
+    model: nn.Module, config: QLimitConfig, head: list[str], convert: bool, flow: _Flow, run: Run
+) -> None:
     """The quantized modules after the blocks (the task or LM head): RTN weights, frozen at once; their
     activation quantizers wait for the final pass. `convert`: False when Fisher weights converted them already."""
     if convert:
@@ -288,8 +318,14 @@ def _convert_head(model: nn.Module, config: QLimitConfig, head: list[str], conve
     run.release_memory()
 
 
-def _calibrate_pending(model: nn.Module, config: QLimitConfig, blocks: nn.ModuleList, batches: Batches,
-                       pending: list[ActQuantizer], run: Run) -> None:  # fmt: skip
+def _calibrate_pending(
+    model: nn.Module,
+    config: QLimitConfig,
+    blocks: nn.ModuleList,
+    batches: Batches,
+    pending: list[ActQuantizer],
+    run: Run,
+) -> None:
     """The activation quantizers outside the blocks not calibrated yet, on passes of the whole quantized model
     that stop once all of them have seen the batch."""
 

@@ -121,8 +121,9 @@ def optimize(
                 q.clamp_step()
             if report:  # after the update: the last report is the final block's
                 stats = ReconStats(rounding.undecided(), rec.item(), _hard_error(rounding, acts, step_fn, key), key)
-                bar.set_postfix(soft=f"{stats.soft_error:.4g}", hard=f"{stats.hard_error:.4g}",
-                                undecided=f"{stats.undecided:.1%}")  # fmt: skip
+                bar.set_postfix(
+                    soft=f"{stats.soft_error:.4g}", hard=f"{stats.hard_error:.4g}", undecided=f"{stats.undecided:.1%}"
+                )
         if config.iters == 0:
             stats.undecided = rounding.undecided()
     finally:

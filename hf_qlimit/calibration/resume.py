@@ -77,8 +77,10 @@ class WorkDir:
     def save_start(self, layer_config: dict, prefix: dict[str, nn.Module], inputs: Any) -> None:
         (self.folder / "layer_config.json").write_text(json.dumps(layer_config))
         torch.save(inputs, self.folder / "inputs.pt")
-        save_file({f"{n}.{k}": v for n, m in prefix.items() for k, v in cpu_state_dict(m).items()},
-                  self.folder / "prefix.safetensors")  # fmt: skip
+        save_file(
+            {f"{n}.{k}": v for n, m in prefix.items() for k, v in cpu_state_dict(m).items()},
+            self.folder / "prefix.safetensors",
+        )
 
     def block_file(self, i: int) -> Path:
         return self.folder / f"block_{i}.safetensors"

@@ -41,9 +41,17 @@ class Run:
     parked_dir: Path | None = None  # finished offloaded blocks' files when there is no work folder
 
     @classmethod
-    def open(cls, model: nn.Module, config: QLimitConfig, batches: list[dict[str, torch.Tensor]],
-             device: torch.device, dispatched: bool, work_dir: str | os.PathLike | None, resume: bool,
-             cache_budget_bytes: int | None) -> Run:  # fmt: skip
+    def open(
+        cls,
+        model: nn.Module,
+        config: QLimitConfig,
+        batches: list[dict[str, torch.Tensor]],
+        device: torch.device,
+        dispatched: bool,
+        work_dir: str | os.PathLike | None,
+        resume: bool,
+        cache_budget_bytes: int | None,
+    ) -> Run:
         """A run of `model` on `device`; with `work_dir`, it carries on from an interrupted one if `resume`."""
         offloader = Offloader(model, device)
         cache = ActivationCache(cache_budget_bytes, work_dir)

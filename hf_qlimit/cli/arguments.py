@@ -61,13 +61,16 @@ class QuantizationArguments:
     act_bits: str = field(default="8", metadata={"help": "Activation bits (2-8), or 'none' for weight-only."})
     method: str = field(
         default=AUTO,
-        metadata={"help": f"{_one_of([AUTO, *METHODS])}. auto: the preset's (brecq, or qdrop where it drops "
-                          "activations); qdrop drops at --drop_prob 0.5 unless set."},
+        metadata={
+            "help": f"{_one_of([AUTO, *METHODS])}. auto: the preset's (brecq, or qdrop where it drops "
+            "activations); qdrop drops at --drop_prob 0.5 unless set."
+        },
     )
     preset: str = field(
         default=AUTO,
-        metadata={"help": f"{_one_of([AUTO, *PRESETS])}: fills every unset field. auto: fast-lm for causal LMs, "
-                          "else fast."},
+        metadata={
+            "help": f"{_one_of([AUTO, *PRESETS])}: fills every unset field. auto: fast-lm for causal LMs, else fast."
+        },
     )
     num_samples: int | None = field(
         default=None, metadata={"help": "Calibration samples (sentences, windows or features); none: the preset's."}
@@ -80,13 +83,17 @@ class QuantizationArguments:
     loss: str | None = field(default=None, metadata={"help": f"Reconstruction loss: {_one_of(LOSSES)}."})
     drop_prob: float | None = field(
         default=None,
-        metadata={"help": "QDrop's probability of keeping FP activations; unset: 0.5 with qdrop. With --method auto, "
-                          "> 0 runs qdrop and 0 brecq."},
+        metadata={
+            "help": "QDrop's probability of keeping FP activations; unset: 0.5 with qdrop. With --method auto, "
+            "> 0 runs qdrop and 0 brecq."
+        },
     )
     rounding: str | None = field(
         default=None,
-        metadata={"help": "anneal (the papers'), progressive (hardens in rounds) or sign (AutoRound's signed steps); "
-                          "none: the preset's."},
+        metadata={
+            "help": "anneal (the papers'), progressive (hardens in rounds) or sign (AutoRound's signed steps); "
+            "none: the preset's."
+        },
     )
     learn_weight_scale: bool | None = field(
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
@@ -94,9 +101,7 @@ class QuantizationArguments:
     weight_init: str | None = field(
         default=None, metadata={"help": f"Where the rounding starts: {_one_of(WEIGHT_INITS)}."}
     )
-    weight_range: str | None = field(
-        default=None, metadata={"help": f"Initial weight grid: {_one_of(WEIGHT_RANGES)}."}
-    )
+    weight_range: str | None = field(default=None, metadata={"help": f"Initial weight grid: {_one_of(WEIGHT_RANGES)}."})
     gptq_act_order: bool | None = field(
         default=None, metadata={"help": "GPTQ start: round columns by decreasing H diagonal; none: the preset's."}
     )
@@ -137,8 +142,10 @@ class QuantizationArguments:
     )
     act_layout: str = field(
         default="per_linear",
-        metadata={"help": "per_linear, shared (one quantizer per tensor) or block_output (shared, and post-LN blocks "
-                          "quantize their output for the next block)."},
+        metadata={
+            "help": "per_linear, shared (one quantizer per tensor) or block_output (shared, and post-LN blocks "
+            "quantize their output for the next block)."
+        },
     )
     prob_bits: int | None = field(
         default=None, metadata={"help": "Bits of the attention probabilities; none: --act_bits."}

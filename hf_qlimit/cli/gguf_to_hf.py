@@ -82,8 +82,12 @@ def load_gguf_as_float(gguf_path: str | Path) -> tuple[PreTrainedModel, Any, dic
     if config.tie_word_embeddings:
         model.tie_weights()
     model.eval()
-    source = {"gguf_file": name, "gguf_path": str(gguf_path), "sha256": _sha256(gguf_path),
-              "note": "weights dequantized from the GGUF file to float32 by hf_qlimit.gguf"}  # fmt: skip
+    source = {
+        "gguf_file": name,
+        "gguf_path": str(gguf_path),
+        "sha256": _sha256(gguf_path),
+        "note": "weights dequantized from the GGUF file to float32 by hf_qlimit.gguf",
+    }
     return model, tokenizer, source
 
 

@@ -1,7 +1,7 @@
 """Export a quantized model to formats other tools load without hf_qlimit.
 
-    hf_qlimit.export(model_or_folder, out_dir, format="compressed-tensors")
-    python -m hf_qlimit.export IN_DIR OUT_DIR --format compressed-tensors
+hf_qlimit.export(model_or_folder, out_dir, format="compressed-tensors")
+python -m hf_qlimit.export IN_DIR OUT_DIR --format compressed-tensors
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ from .common import ExportError, copy_tokenizer, load_quantized
 FORMATS = ("compressed-tensors", "gguf")
 
 
-def export(model_or_folder: nn.Module | str | Path, out_dir: str | Path, format: str = "compressed-tensors",
-           allow_unservable: bool = False) -> Path:  # fmt: skip
+def export(
+    model_or_folder: nn.Module | str | Path,
+    out_dir: str | Path,
+    format: str = "compressed-tensors",
+    allow_unservable: bool = False,
+) -> Path:
     """Writes a quantized hf_qlimit model (or the folder it was saved to) to `out_dir` in `format`.
 
     - "compressed-tensors": a transformers folder that plain transformers + the `compressed-tensors` package

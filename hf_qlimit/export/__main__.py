@@ -13,8 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("in_dir", help="folder of a model saved by hf_qlimit (save_pretrained after quantize_qlimit)")
     parser.add_argument("out_dir", help="folder to write")
     parser.add_argument("--format", default="compressed-tensors", choices=FORMATS)
-    parser.add_argument("--allow_unservable", action="store_true",
-                        help="export asymmetric 2/3-bit weights to compressed-tensors anyway (vLLM will not serve them)")
+    parser.add_argument(
+        "--allow_unservable",
+        action="store_true",
+        help="export asymmetric 2/3-bit weights to compressed-tensors anyway (vLLM will not serve them)",
+    )
     args = parser.parse_args(argv)
     try:
         out = export(args.in_dir, args.out_dir, format=args.format, allow_unservable=args.allow_unservable)

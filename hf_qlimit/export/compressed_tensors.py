@@ -48,14 +48,31 @@ class _Scheme:
         return "pack-quantized" if self.act_symmetric is None else "int-quantized"
 
     def to_dict(self, targets: list[str]) -> dict[str, Any]:
-        weights = {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric, "group_size": self.group_size,
-                   "strategy": "channel" if self.group_size is None else "group", "dynamic": False}  # fmt: skip
+        weights = {
+            "num_bits": self.bits,
+            "type": "int",
+            "symmetric": self.symmetric,
+            "group_size": self.group_size,
+            "strategy": "channel" if self.group_size is None else "group",
+            "dynamic": False,
+        }
         inputs = None
         if self.act_symmetric is not None:
-            inputs = {"num_bits": 8, "type": "int", "symmetric": self.act_symmetric, "group_size": None,
-                      "strategy": "tensor", "dynamic": False}  # fmt: skip
-        return {"targets": targets, "weights": weights, "input_activations": inputs, "output_activations": None,
-                "format": self.format}  # fmt: skip
+            inputs = {
+                "num_bits": 8,
+                "type": "int",
+                "symmetric": self.act_symmetric,
+                "group_size": None,
+                "strategy": "tensor",
+                "dynamic": False,
+            }
+        return {
+            "targets": targets,
+            "weights": weights,
+            "input_activations": inputs,
+            "output_activations": None,
+            "format": self.format,
+        }
 
 
 def _scheme(name: str, module: QuantLinear, allow_unservable: bool) -> _Scheme:
@@ -63,8 +80,10 @@ def _scheme(name: str, module: QuantLinear, allow_unservable: bool) -> _Scheme:
     bits, groups = quantizer.bits, quantizer.scale.shape[1]
     symmetric = bool((quantizer.zero == 2 ** (bits - 1)).all())
     if not symmetric and bits not in (4, 8):
-        message = (f"{name}: asymmetric {bits}-bit weights. compressed-tensors can store them, but vLLM serves "
-                   "asymmetric weights only at 4 and 8 bits; quantize with `weight_sym=True` at 2 or 3 bits")  # fmt: skip
+        message = (
+            f"{name}: asymmetric {bits}-bit weights. compressed-tensors can store them, but vLLM serves "
+            "asymmetric weights only at 4 and 8 bits; quantize with `weight_sym=True` at 2 or 3 bits"
+        )
         if not allow_unservable:
             raise ExportError(message + ", or pass allow_unservable=True (--allow_unservable) to export anyway.")
         logger.warning_once(message + ". Exported anyway (allow_unservable).")
@@ -84,7 +103,7 @@ def _scheme(name: str, module: QuantLinear, allow_unservable: bool) -> _Scheme:
 
 def _pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """compressed-tensors' dense packing of unsigned codes (rows, n): rows padded to 32 codes, int32 words."""
-    rows, n = codes.shape
+    n = codes.shape[1]
     padded = -(-n // 32) * 32
     if padded > n:
         codes = torch.nn.functional.pad(codes, (0, padded - n))
@@ -161,8 +180,10 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, allow_unser
         numel = {s: sum(quantized[n].rows * quantized[n].cols for n in names) for s, names in groups.items()}
         main = max(groups, key=numel.__getitem__)
         others = [n for s, names in groups.items() if s != main for n in names]
-        logger.warning(f"{others} have another quantization scheme than the bulk of the model; transformers' loader "
-                       "reads one scheme per model when it dequantizes, so they are written as float weights (same values).")  # fmt: skip
+        logger.warning(
+            f"{others} have another quantization scheme than the bulk of the model; transformers' loader "
+            "reads one scheme per model when it dequantizes, so they are written as float weights (same values)."
+        )
         dense += others
         groups = {main: groups[main]}
     for name in dense:
@@ -178,8 +199,10 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, allow_unser
             tensors[key] = value.detach().cpu().contiguous()
     formats = {scheme.format for scheme in groups}
     if len(formats) > 1:
-        raise ExportError(f"The model mixes weight-only and activation-quantized Linears ({sorted(formats)}); "
-                          "export one kind per model.")  # fmt: skip
+        raise ExportError(
+            f"The model mixes weight-only and activation-quantized Linears ({sorted(formats)}); "
+            "export one kind per model."
+        )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,8 +234,14 @@ def _needs_dequantize(scheme: _Scheme) -> bool:
 
 def _quantization_config(groups: dict[_Scheme, list[str]], fmt: str) -> dict[str, Any]:
     config_groups = {f"group_{i}": scheme.to_dict(names) for i, (scheme, names) in enumerate(groups.items())}
-    config = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-              "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None}  # fmt: skip
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": [],
+        "kv_cache_scheme": None,
+    }
     if any(_needs_dequantize(scheme) for scheme in groups):
         # transformers cannot keep asymmetric packed weights compressed (its zero-point shapes disagree with the
         # packed ones); it dequantizes them at load. vLLM ignores the key and serves them packed.

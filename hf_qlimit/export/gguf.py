@@ -86,14 +86,18 @@ def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
 
     config = model.config
     if config.model_type != "llama":
-        raise ExportError(f"GGUF export maps Llama models only (llama.cpp's names and Q/K order); got {config.model_type!r}.")
+        raise ExportError(
+            f"GGUF export maps Llama models only (llama.cpp's names and Q/K order); got {config.model_type!r}."
+        )
     refuse_input_transforms(model, "GGUF")
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     acts = [n for n, m in quantized.items() if getattr(m, "input_quantizer", None) is not None]
     acts += [n for n, m in model.named_modules() if getattr(m, ATTENTION_ATTR, None) is not None]
     if acts:
-        raise ExportError(f"GGUF stores quantized weights only; {len(acts)} modules quantize activations (first: "
-                          f"{acts[0]!r}). Export a weight-only model (act_bits=None).")  # fmt: skip
+        raise ExportError(
+            f"GGUF stores quantized weights only; {len(acts)} modules quantize activations (first: "
+            f"{acts[0]!r}). Export a weight-only model (act_bits=None)."
+        )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,8 +133,10 @@ def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
         data = data if order is None else data[order.numpy()]
         writer.add_tensor(target, np.ascontiguousarray(data), raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
     if floats:
-        logger.warning(f"{floats} map onto neither Q4_1 nor Q8_0 (only 4-bit, or symmetric 8-bit, groups of 32k "
-                       "do); written as float32 with their exact values.")  # fmt: skip
+        logger.warning(
+            f"{floats} map onto neither Q4_1 nor Q8_0 (only 4-bit, or symmetric 8-bit, groups of 32k "
+            "do); written as float32 with their exact values."
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

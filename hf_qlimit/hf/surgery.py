@@ -22,10 +22,26 @@ OUTPUT_QUANTIZER = "output_quantizer"
 
 def _empty_module(module: nn.Module, spec: dict, config: QLimitConfig) -> nn.Module:
     if spec["kind"] == "linear":
-        return QuantLinear(module.in_features, module.out_features, module.bias is not None, spec["w"], spec.get("a"),
-                           config.group_size, config.weight_sym, config.act_sym, frozen=True)  # fmt: skip
-    return QuantEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, spec["w"],
-                          config.weight_sym, frozen=True, group_size=spec.get("group"))  # fmt: skip
+        return QuantLinear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            spec["w"],
+            spec.get("a"),
+            config.group_size,
+            config.weight_sym,
+            config.act_sym,
+            frozen=True,
+        )
+    return QuantEmbedding(
+        module.num_embeddings,
+        module.embedding_dim,
+        module.padding_idx,
+        spec["w"],
+        config.weight_sym,
+        frozen=True,
+        group_size=spec.get("group"),
+    )
 
 
 def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimitConfig, frozen: bool) -> None:
@@ -98,12 +114,14 @@ def share_input_quantizers(model: nn.Module, layer_config: dict[str, dict]) -> N
 
     adapter = get_adapter(model)
     blocks = adapter.blocks_name(model) + "."
-    touched = {name[len(blocks):].split(".", 1)[0] for name in layer_config if name.startswith(blocks)}
+    touched = {name[len(blocks) :].split(".", 1)[0] for name in layer_config if name.startswith(blocks)}
     for index in sorted(touched):
         block = model.get_submodule(blocks + index)
         for group in adapter.input_groups():
             linears = [_inner_linear(block.get_submodule(rel)) for rel in group if rel]
-            if len(linears) < 2 or not all(isinstance(m, QuantLinear) and m.input_quantizer is not None for m in linears):
+            if len(linears) < 2 or not all(
+                isinstance(m, QuantLinear) and m.input_quantizer is not None for m in linears
+            ):
                 continue
             for linear in linears[1:]:
                 linear.input_quantizer = linears[0].input_quantizer
@@ -152,14 +170,21 @@ def share_tied_codes(model: nn.Module) -> bool:
         return False
     qe, qh = emb.weight_quantizer, head.weight_quantizer
     if (
-        not (emb.is_frozen and head.is_frozen) or head.input_quantizer is not None
-        or (emb.rows, emb.cols, qe.bits, qe.group_size, qe.symmetric) != (head.rows, head.cols, 8, qh.group_size, qh.symmetric)
+        not (emb.is_frozen and head.is_frozen)
+        or head.input_quantizer is not None
+        or (emb.rows, emb.cols, qe.bits, qe.group_size, qe.symmetric)
+        != (head.rows, head.cols, 8, qh.group_size, qh.symmetric)
         or qh.bits != 8  # only byte-wide codes gather cheaply from the head's kernel layout
-        or "_hf_hook" in emb.__dict__ or "_hf_hook" in head.__dict__ or qe.scale.device != qh.scale.device
-    ):  # fmt: skip
+        or "_hf_hook" in emb.__dict__
+        or "_hf_hook" in head.__dict__
+        or qe.scale.device != qh.scale.device
+    ):
         return False
-    if not (torch.equal(qe.scale, qh.scale) and torch.equal(qe.zero, qh.zero)
-            and torch.equal(emb.packed_weight(), head.packed_weight())):  # fmt: skip
+    if not (
+        torch.equal(qe.scale, qh.scale)
+        and torch.equal(qe.zero, qh.zero)
+        and torch.equal(emb.packed_weight(), head.packed_weight())
+    ):
         return False
     emb.tie_codes(head)
     return True

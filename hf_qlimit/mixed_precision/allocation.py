@@ -41,8 +41,14 @@ class Allocation:
     predicted_loss: float
 
 
-def allocate_bits(model: nn.Module, adapter: ArchitectureAdapter, batches: list[dict[str, torch.Tensor]],
-                  config: QLimitConfig, device: torch.device, pairwise: bool = True) -> dict[str, int]:  # fmt: skip
+def allocate_bits(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    batches: list[dict[str, torch.Tensor]],
+    config: QLimitConfig,
+    device: torch.device,
+    pairwise: bool = True,
+) -> dict[str, int]:
     """Module name -> weight bits for every block Linear, minimising the estimated loss within the budget.
 
     Call on the FP model, before conversion; merge the result into `config.module_bits`. Linears that
@@ -80,8 +86,16 @@ def layer_costs(model: nn.Module, specs: dict[str, dict[str, Any]], config: QLim
         for bits in sorted(set(config.bit_candidates or []) | {spec["w"]}):
             # Count exactly what a frozen QuantLinear saves (codes, scales, zero points), built on meta: no memory.
             with torch.device("meta"):
-                q = QuantLinear(linear.in_features, linear.out_features, False, bits, None, config.group_size,
-                                config.weight_sym, frozen=True)  # fmt: skip
+                q = QuantLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    False,
+                    bits,
+                    None,
+                    config.group_size,
+                    config.weight_sym,
+                    frozen=True,
+                )
             packed[bits] = sum(t.numel() * t.element_size() for t in q.state_dict().values())
         costs[name] = LayerCost(linear.in_features * linear.out_features, spec.get("a") or _FP_ACT_BITS, packed)
     return costs
@@ -108,8 +122,9 @@ def budget_usage(costs: dict[str, LayerCost], bits: dict[str, int]) -> dict[str,
     return usage
 
 
-def solve_allocation(sens: Sensitivity, costs: dict[str, LayerCost], config: QLimitConfig,
-                     fixed: dict[str, int] | None = None) -> Allocation:  # fmt: skip
+def solve_allocation(
+    sens: Sensitivity, costs: dict[str, LayerCost], config: QLimitConfig, fixed: dict[str, int] | None = None
+) -> Allocation:
     """One candidate per free Linear minimising Σ Δ_l(b_l) + Σ positive pair excesses, within every budget."""
     fixed = fixed or {}
     free = [n for n in costs if n not in fixed]
@@ -124,13 +139,17 @@ def solve_allocation(sens: Sensitivity, costs: dict[str, LayerCost], config: QLi
     return Allocation(bits, usage, limits, problem.predicted_loss(sens, bits))
 
 
-def _lowest_usage(costs: dict[str, LayerCost], config: QLimitConfig, free: list[str], fixed: dict[str, int],
-                  limits: dict[str, float]) -> dict[str, float]:  # fmt: skip
+def _lowest_usage(
+    costs: dict[str, LayerCost], config: QLimitConfig, free: list[str], fixed: dict[str, int], limits: dict[str, float]
+) -> dict[str, float]:
     """The usage with every free Linear at the lowest candidate; an error if even that exceeds a budget."""
     low = config.bit_candidates[0]
     floor = budget_usage(costs, {**{n: low for n in free}, **fixed})
-    requested = {"bits": ("avg_bits", config.avg_bits), "bytes": ("size_budget_bytes", config.size_budget_bytes),
-                 "bops": ("bops_budget", config.bops_budget)}  # fmt: skip
+    requested = {
+        "bits": ("avg_bits", config.avg_bits),
+        "bytes": ("size_budget_bytes", config.size_budget_bytes),
+        "bops": ("bops_budget", config.bops_budget),
+    }
     for key, allowed in limits.items():
         if floor[key] > allowed:
             (name, value), minimum = requested[key], floor["avg_bits" if key == "bits" else key]
@@ -158,8 +177,15 @@ class _BitsProblem:
     budget_rows: dict[str, int]  # budget -> its row
 
     @classmethod
-    def build(cls, sens: Sensitivity, costs: dict[str, LayerCost], candidates: list[int], free: list[str],
-              fixed: dict[str, int], limits: dict[str, float]) -> _BitsProblem:  # fmt: skip
+    def build(
+        cls,
+        sens: Sensitivity,
+        costs: dict[str, LayerCost],
+        candidates: list[int],
+        free: list[str],
+        fixed: dict[str, int],
+        limits: dict[str, float],
+    ) -> _BitsProblem:
         col = {(n, b): i for i, (n, b) in enumerate(itertools.product(free, candidates))}
         pairs = [(a, b, v) for (a, b), v in sens.pairs.items() if v > 0 and a in free and b in free]
         nx, ny = len(col), len(pairs)
@@ -184,15 +210,21 @@ class _BitsProblem:
         lower, upper = [r[1] for r in rows], [r[2] for r in rows]
         return cls(candidates, free, col, pairs, cost, matrix, lower, upper, budget_rows)
 
-    def solve(self, costs: dict[str, LayerCost], fixed: dict[str, int],
-              limits: dict[str, float]) -> tuple[dict[str, int], dict[str, float]]:  # fmt: skip
+    def solve(
+        self, costs: dict[str, LayerCost], fixed: dict[str, int], limits: dict[str, float]
+    ) -> tuple[dict[str, int], dict[str, float]]:
         """The chosen bits of the free Linears and the budgets' usage with them."""
         nx, ny = len(self.col), len(self.pairs)
         integrality = np.r_[np.ones(nx), np.zeros(ny)]  # y is integral whenever x is
         # Integer coefficients: retry tighter if HiGHS's tolerances let the rounded solution overshoot.
         for _ in range(3):
-            res = milp(self.cost, constraints=LinearConstraint(self.matrix, self.lower, self.upper),
-                       integrality=integrality, bounds=Bounds(0, 1), options={"time_limit": 120.0})  # fmt: skip
+            res = milp(
+                self.cost,
+                constraints=LinearConstraint(self.matrix, self.lower, self.upper),
+                integrality=integrality,
+                bounds=Bounds(0, 1),
+                options={"time_limit": 120.0},
+            )
             if res.x is None:
                 raise RuntimeError(f"The bit allocation ILP found no solution: {res.message}")
             bits = {n: next(b for b in self.candidates if res.x[self.col[n, b]] > 0.5) for n in self.free}

@@ -23,8 +23,15 @@ logger = logging.get_logger(__name__)
 _CACHE_VERSION = 1
 
 
-def cached_sensitivity(model: nn.Module, adapter: ArchitectureAdapter, batches: list[dict], config: QLimitConfig,
-                       device: torch.device, names: list[str], pairwise: bool) -> Sensitivity:  # fmt: skip
+def cached_sensitivity(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    batches: list[dict],
+    config: QLimitConfig,
+    device: torch.device,
+    names: list[str],
+    pairwise: bool,
+) -> Sensitivity:
     """Measured, or read from `config.sensitivity_cache` when this model, data and grid were measured before."""
     path = config.sensitivity_cache
     key = _cache_key(model, batches, config, names, pairwise) if path else None
@@ -38,11 +45,13 @@ def cached_sensitivity(model: nn.Module, adapter: ArchitectureAdapter, batches: 
     logger.info(f"Measured sensitivities in {time.perf_counter() - started:.1f}s")
     if path:
         entry = {
-            "model_type": model.config.model_type, "bit_candidates": config.bit_candidates, "pairwise": pairwise,
+            "model_type": model.config.model_type,
+            "bit_candidates": config.bit_candidates,
+            "pairwise": pairwise,
             "num_samples": sum(len(b["input_ids"]) for b in batches),
             "singles": {n: {str(b): v for b, v in per.items()} for n, per in sens.singles.items()},
             "pairs": [[a, b, v] for (a, b), v in sens.pairs.items()],
-        }  # fmt: skip
+        }
         _write_entry(path, key, entry)
     return sens
 

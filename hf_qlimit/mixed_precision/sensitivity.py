@@ -48,9 +48,15 @@ class Sensitivity:
     pairs: dict[tuple[str, str], float]  # (module, module) -> excess at the lowest bits, same units
 
 
-def measure_sensitivity(model: nn.Module, adapter: ArchitectureAdapter, batches: list[dict[str, torch.Tensor]],
-                        config: QLimitConfig, device: torch.device, names: list[str],
-                        pairwise: bool = True) -> Sensitivity:  # fmt: skip
+def measure_sensitivity(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    batches: list[dict[str, torch.Tensor]],
+    config: QLimitConfig,
+    device: torch.device,
+    names: list[str],
+    pairwise: bool = True,
+) -> Sensitivity:
     """Δ_l(b) for every Linear of `names` and candidate b, and the pair excesses inside each block."""
     batches = [part for batch in batches for part in _split_batch(batch, _MAX_TOKENS)]
     probe = _Probe(model, adapter, config, names, pairwise)
@@ -93,8 +99,9 @@ def _graph_through(model: nn.Module, linears: Iterable[nn.Linear]) -> Iterator[N
 class _Probe:
     """One measurement: the forward hooks that record each batch, and the sums over the batches so far."""
 
-    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig, names: list[str],
-                 pairwise: bool) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig, names: list[str], pairwise: bool
+    ) -> None:
         self.model, self.names, self.candidates = model, names, config.bit_candidates
         self.blocks = adapter.blocks(model)
         self.linears = {n: model.get_submodule(n) for n in names}
@@ -137,12 +144,14 @@ class _Probe:
         self._add_singles(fisher[: len(self.names)])
         low = self.candidates[0]
         for i, f in zip(pair_blocks, fisher[len(self.names) :]):
-            _add_pair_excess(self.pairs, self.blocks[i], self.seen[i][0], f, self.members[i], self.linears,
-                             self.quantizers, low)  # fmt: skip
+            _add_pair_excess(
+                self.pairs, self.blocks[i], self.seen[i][0], f, self.members[i], self.linears, self.quantizers, low
+            )
         self.pair_count += len(mask) if pair_blocks else 0
 
-    def _output_fisher(self, batch: dict[str, torch.Tensor], mask: torch.Tensor, pair_blocks: list[int],
-                       gen: torch.Generator) -> list[torch.Tensor]:  # fmt: skip
+    def _output_fisher(
+        self, batch: dict[str, torch.Tensor], mask: torch.Tensor, pair_blocks: list[int], gen: torch.Generator
+    ) -> list[torch.Tensor]:
         """The diagonal Fisher at each Linear's output, then at each block output of `pair_blocks`."""
         with torch.enable_grad():
             logits = output_logits(self.model(**batch, use_cache=False))
@@ -225,8 +234,16 @@ def _quantized_weights(linears: dict[str, nn.Linear], names: Iterable[str], quan
 
 
 @torch.no_grad()
-def _add_pair_excess(totals: dict, block: nn.Module, io: tuple, fisher: torch.Tensor, members: list[str],
-                     linears: dict, quantizers: Quantizers, low: int) -> None:  # fmt: skip
+def _add_pair_excess(
+    totals: dict,
+    block: nn.Module,
+    io: tuple,
+    fisher: torch.Tensor,
+    members: list[str],
+    linears: dict,
+    quantizers: Quantizers,
+    low: int,
+) -> None:
     """Adds E(a, b) − E(a) − E(b) for each pair of `members`, E the Fisher-weighted error at the block output."""
     hidden, args, kwargs = io
     fp = block_output(block(hidden, *args, **kwargs))

@@ -66,7 +66,7 @@ class ArchitectureAdapter:
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.base_model.get_submodule(self.blocks_path)
 
-    def layer_config(self, model: nn.Module, config: "QLimitConfig") -> dict[str, dict[str, Any]]:
+    def layer_config(self, model: nn.Module, config: QLimitConfig) -> dict[str, dict[str, Any]]:
         """Module name -> {"kind", "w" (weight bits), "a" (input activation bits)} of every module to convert."""
         prefix = self.blocks_name(model) + "."
         first_last_act = config.first_last_bits if config.act_bits is not None else None
@@ -122,7 +122,7 @@ class ArchitectureAdapter:
                     plan[n] = {**plan[n], "a": None}
 
 
-def probability_spec(config: "QLimitConfig") -> dict[str, Any]:
+def probability_spec(config: QLimitConfig) -> dict[str, Any]:
     """The attention probabilities' grid where it differs from the other activations' (bits, uniform / log2)."""
     spec: dict[str, Any] = {}
     if getattr(config, "prob_bits", None) is not None:

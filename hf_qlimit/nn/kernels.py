@@ -147,16 +147,23 @@ def unpack_int8(weight: torch.Tensor) -> torch.Tensor:
     return (weight.permute(1, 0, 2).reshape(rows, groups * group).view(torch.uint8) ^ 0x80).reshape(-1)
 
 
-def prepare(chosen: KernelPlan, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-            cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def prepare(
+    chosen: KernelPlan, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(weight, scales, offset or None) of hf_qlimit's packed rows in the layout of `chosen`'s kernel."""
     if chosen.kind == "int4":
         return (*prepare_int4(packed, scale, zero, cols, chosen.group), None)
     return prepare_int8(packed, scale, zero, cols, chosen.group)
 
 
-def linear(chosen: KernelPlan, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-           offset: torch.Tensor | None, rows: int) -> torch.Tensor:  # fmt: skip
+def linear(
+    chosen: KernelPlan,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    offset: torch.Tensor | None,
+    rows: int,
+) -> torch.Tensor:
     """x · Wᵀ (no bias) through `chosen`'s kernel, in x's dtype."""
     if chosen.kind == "int4":
         return int4_linear(x, weight, scales, chosen.group, rows).to(x.dtype)

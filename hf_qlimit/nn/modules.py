@@ -80,8 +80,9 @@ class _QuantWeightMixin:
 
     def __getattr__(self, name: str):
         # `.weight` of a module whose codes sit in a kernel's layout (or in a tied head): the hf_qlimit codes
-        if name == "weight" and (self.__dict__.get("_kernel") is not None
-                                 or self.__dict__.get("_tied_head") is not None):  # fmt: skip
+        if name == "weight" and (
+            self.__dict__.get("_kernel") is not None or self.__dict__.get("_tied_head") is not None
+        ):
             return self.packed_weight()
         return super().__getattr__(name)
 
@@ -141,8 +142,10 @@ class _QuantWeightMixin:
         try:
             weight, scales, offset = kernels.prepare(chosen, packed, quantizer.scale, quantizer.zero, self.cols)
         except RuntimeError as err:  # an op this torch build lacks for the device: stay exact and slower
-            logger.warning_once(f"No {chosen.kind} kernel for a {self.rows}x{self.cols} weight here ({err}); "
-                                "such layers dequantize at every call.")  # fmt: skip
+            logger.warning_once(
+                f"No {chosen.kind} kernel for a {self.rows}x{self.cols} weight here ({err}); "
+                "such layers dequantize at every call."
+            )
             self._kernel_failed = True
             return False
         memory.drop_file_pages(packed)  # codes read from a mmap'ed checkpoint: their pages are dead weight now
@@ -245,8 +248,17 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: dict, group_size, weight_sym, act_sym) -> QuantLinear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, spec["w"], spec.get("a"),
-                     group_size, weight_sym, act_sym, frozen=False)  # fmt: skip
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            spec["w"],
+            spec.get("a"),
+            group_size,
+            weight_sym,
+            act_sym,
+            frozen=False,
+        )
         module.weight, module.bias = linear.weight, linear.bias
         return module
 
@@ -263,8 +275,10 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
                 self._kernel_checked = True
                 return y
             except RuntimeError as err:  # NotImplementedError included
-                logger.warning_once(f"The {self._kernel.kind} kernel failed on {x.device} ({err}); such layers "
-                                    "dequantize at every call.")  # fmt: skip
+                logger.warning_once(
+                    f"The {self._kernel.kind} kernel failed on {x.device} ({err}); such layers "
+                    "dequantize at every call."
+                )
                 self.release_kernel()
                 self._kernel_failed = True
         small = self.rows * self.cols <= chunks.ROW_CHUNK
@@ -289,8 +303,16 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
     """`nn.Embedding` with one quantization scale per embedding row, or per row and group (`group_size`, which
     a model whose LM head is tied to its embedding uses: the head's grid, so both get the same codes)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, weight_bits: int,
-                 weight_sym: bool = False, frozen: bool = True, group_size: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None,
+        weight_bits: int,
+        weight_sym: bool = False,
+        frozen: bool = True,
+        group_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         if not frozen:
@@ -300,8 +322,15 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, spec: dict, weight_sym: bool) -> QuantEmbedding:
-        module = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, spec["w"], weight_sym, frozen=False,
-                     group_size=spec.get("group"))  # fmt: skip
+        module = cls(
+            emb.num_embeddings,
+            emb.embedding_dim,
+            emb.padding_idx,
+            spec["w"],
+            weight_sym,
+            frozen=False,
+            group_size=spec.get("group"),
+        )
         module.weight = emb.weight
         return module
 

@@ -76,8 +76,9 @@ class SoftRoundedLinear(torch.autograd.Function):
     R's value is computed only when `report_reg` (for the progress bar): its gradient does not need it."""
 
     @staticmethod
-    def forward(ctx, x, alpha, code_floor, zero, scale, bias, qmin: int, qmax: int, beta: float | None,
-                report_reg: bool):  # fmt: skip
+    def forward(
+        ctx, x, alpha, code_floor, zero, scale, bias, qmin: int, qmax: int, beta: float | None, report_reg: bool
+    ):
         w_q, reg = _soft_rounded(alpha, code_floor, zero, scale, qmin, qmax, beta if report_reg else None)
         y = torch.nn.functional.linear(x, w_q.reshape(alpha.shape[0], -1).to(x.dtype), bias)
         ctx.save_for_backward(x, alpha, code_floor, zero, scale)
@@ -96,7 +97,17 @@ class SoftRoundedLinear(torch.autograd.Function):
         grad_scale = torch.empty_like(scale) if want_scale else None
         for r in row_slices(rows, alpha[0].numel(), True):
             grad_alpha[r], chunk_scale = _backward_chunk(
-                gy[:, r], xf, alpha[r], code_floor[r], zero[r], scale[r], qmin, qmax, ctx.beta, grad_reg, grad_x,
+                gy[:, r],
+                xf,
+                alpha[r],
+                code_floor[r],
+                zero[r],
+                scale[r],
+                qmin,
+                qmax,
+                ctx.beta,
+                grad_reg,
+                grad_x,
                 want_scale,
             )
             if want_scale:
@@ -116,8 +127,15 @@ class AdaRoundState(nn.Module):
     with its own (scale, zero) of shape (rows, groups).
     """
 
-    def __init__(self, start: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                 group_size: int | None, margin: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        start: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int,
+        group_size: int | None,
+        margin: float | None = None,
+    ) -> None:
         """V such that h(V) equals the fractional part of start / s: the soft weight starts at `start` (the FP
         weight, or GPTQ's w̃). With a `margin`, h starts this close to the decision round-to-nearest takes: a
         start whose rounding is already decided (GPTQ's w̃: its error feedback assumes the earlier columns
@@ -213,13 +231,13 @@ class AdaRoundState(nn.Module):
         q = torch.clamp(self.soft_rounding() + self.w_floor, qmin, qmax)
         return dequantize_codes(q, s, z)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-               zero: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor
+    ) -> torch.Tensor:
         """F.linear with the soft-rounded weight, the regulariser alongside (see SoftRoundedLinear)."""
         s, z = self.grid(scale, zero)
         qmin, qmax = qrange(self.bits)
-        y, reg = SoftRoundedLinear.apply(x, self.alpha, self.w_floor, z, s, bias, qmin, qmax, self._beta,
-                                         self._report)  # fmt: skip
+        y, reg = SoftRoundedLinear.apply(x, self.alpha, self.w_floor, z, s, bias, qmin, qmax, self._beta, self._report)
         self._reg = reg if self._beta is not None else None
         return y
 

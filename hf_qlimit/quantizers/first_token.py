@@ -18,6 +18,7 @@ from torch import nn
 
 from .lsq import ActQuantizer
 
+
 class _Block(NamedTuple):
     """Set while a hooked block runs: which tokens are at position 0 (None when this call has none, e.g. a
     decoding step, whose keys and values still start with the cached position 0)."""

@@ -141,8 +141,15 @@ def gptq_compensated_weight(
     return compensated
 
 
-def _compensate_columns(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                        col_group: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:  # fmt: skip
+def _compensate_columns(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    col_group: torch.Tensor,
+    bits: int,
+    block_size: int,
+) -> torch.Tensor:
     """GPTQ's loop (IST-DASLab's `fasterquant`) on `w`, which it overwrites, columns in blocks of `block_size`:
     each column's rounding error, divided by U[i,i], goes right away into the later columns of its block (a
     rank-one update), and at the block's end into all later blocks (one matmul). Returns every column as it

@@ -44,8 +44,9 @@ def search_grouped_rows(
     """(scale, zero) of shape (out, groups) for a grouped weight (out, groups, group_size), a chunk of rows at a
     time; `err_weight` (broadcast to a chunk) weights each value's error."""
     rows = max(1, SEARCH_CHUNK // (w.shape[1] * w.shape[2]))
-    parts = [_search_rows(w[i : i + rows], bits, symmetric, p, err_weight=err_weight)
-             for i in range(0, w.shape[0], rows)]  # fmt: skip
+    parts = [
+        _search_rows(w[i : i + rows], bits, symmetric, p, err_weight=err_weight) for i in range(0, w.shape[0], rows)
+    ]
     scale = torch.cat([s for s, _ in parts]).squeeze(-1)
     zero = torch.cat([z for _, z in parts]).squeeze(-1)
     return scale, zero

@@ -31,8 +31,9 @@ class SignRoundState(nn.Module):
 
     learning = True  # every forward pass with autograd on builds the graph of V and the factors
 
-    def __init__(self, base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
-                 learn_range: bool) -> None:  # fmt: skip
+    def __init__(
+        self, base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool, learn_range: bool
+    ) -> None:
         super().__init__()
         self.bits, self.symmetric = bits, symmetric
         self.register_buffer("base", base.detach().float())
@@ -67,8 +68,9 @@ class SignRoundState(nn.Module):
     def fake_quant(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return self()
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-               zero: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor
+    ) -> torch.Tensor:
         return nn.functional.linear(x, self().reshape(self.base.shape[0], -1).to(x.dtype), bias)
 
     def parameters_to_learn(self) -> list[nn.Parameter]:

@@ -30,8 +30,9 @@ class RoundingState(Protocol):
     def fake_quant(self, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """The fake-quantized weight, grouped."""
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-               zero: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor
+    ) -> torch.Tensor:
         """F.linear with the fake-quantized weight, while learning."""
 
     def codes(self, rows: slice) -> torch.Tensor:
@@ -120,8 +121,9 @@ class WeightQuantizer(nn.Module):
         `learn_range`: the grid's min and max are learned too."""
         start, _ = self._take_start(weight)
         scale, zero = self.grid()
-        self.rounding = SignRoundState(group_view(start.detach().float(), self.group_size), scale, zero, self.bits,
-                                       self.symmetric, learn_range)  # fmt: skip
+        self.rounding = SignRoundState(
+            group_view(start.detach().float(), self.group_size), scale, zero, self.bits, self.symmetric, learn_range
+        )
         return self.rounding
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
+
 def _ops(block: nn.Module, names: Sequence[str]) -> list[InputTransform]:
     ops = []
     for rel in names:
@@ -50,7 +51,7 @@ def _unwrap_empty(model: nn.Module) -> None:
 
 @torch.no_grad()
 def apply_transforms(
-    model: nn.Module, adapter: "ArchitectureAdapter", config: "QLimitConfig", batches: list, device: torch.device
+    model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig, batches: list, device: torch.device
 ) -> None:
     """Applies `config.transforms` to the FP `model` in place (its outputs stay the same up to float rounding)."""
     parsed = check_transforms(getattr(config, "transforms", None))

@@ -16,9 +16,7 @@ from .input_op import InputTransform, add_shift_smooth
 _MIN_SCALE = 1e-5
 
 
-def smoothing_factors(
-    lo: torch.Tensor, hi: torch.Tensor, weights: list[torch.Tensor], alpha: float
-) -> torch.Tensor:
+def smoothing_factors(lo: torch.Tensor, hi: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant's s from the input's per-channel range and the weights of every Linear reading it."""
     act_max = torch.maximum(lo.abs(), hi.abs()).clamp(min=_MIN_SCALE)
     weight_max = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0).clamp(min=_MIN_SCALE)
@@ -27,9 +25,7 @@ def smoothing_factors(
 
 
 @torch.no_grad()
-def migrate(
-    ops: list[InputTransform], lo: torch.Tensor, hi: torch.Tensor, alpha: float, shift: bool
-) -> None:
+def migrate(ops: list[InputTransform], lo: torch.Tensor, hi: torch.Tensor, alpha: float, shift: bool) -> None:
     """Applies the group's shift (OS+, only where every Linear has a bias to take W·δ) and smoothing."""
     linears: list[nn.Linear] = [op.linear for op in ops]
     delta = None

@@ -15,7 +15,7 @@ import torch
 
 
 def _is_prime(q: int) -> bool:
-    return q >= 2 and all(q % d for d in range(2, int(math.isqrt(q)) + 1))
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
 
 
 def _paley(q: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ class InputTransform(nn.Module):
         return {"kind": KIND, "shift": self.shift is not None, "smooth": self.smooth is not None, "rotate": self.rotate}
 
     @classmethod
-    def from_spec(cls, linear: nn.Module, spec: dict[str, Any]) -> "InputTransform":
+    def from_spec(cls, linear: nn.Module, spec: dict[str, Any]) -> InputTransform:
         return cls(linear, shift=spec["shift"], smooth=spec["smooth"], rotate=spec["rotate"])
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,15 @@ class InputTransform(nn.Module):
         return self.linear(self.transform_input(x))
 
     def extra_repr(self) -> str:
-        ops = [op for op, on in (("shift", self.shift is not None), ("smooth", self.smooth is not None),
-                                 ("hadamard", self.rotate)) if on]  # fmt: skip
+        ops = [
+            op
+            for op, on in (
+                ("shift", self.shift is not None),
+                ("smooth", self.smooth is not None),
+                ("hadamard", self.rotate),
+            )
+            if on
+        ]
         return "ops=" + "+".join(ops)
 
 
@@ -92,8 +99,9 @@ def add_shift_smooth(op: InputTransform, shift: torch.Tensor | None, smooth: tor
         # y = W·x + b with x = x_old_transformed·old_smooth + old_shift: a further shift δ moves W·δ into the bias
         bias_add = (weight / old_smooth.unsqueeze(0)) @ delta  # the original W
         if linear.bias is None:
-            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device),
-                                       requires_grad=False)  # fmt: skip
+            linear.bias = nn.Parameter(
+                torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device), requires_grad=False
+            )
         linear.bias.add_(bias_add)
         op.shift = shift.to(weight).clone()
     if smooth is not None:

@@ -14,7 +14,7 @@ DEFAULT_ALPHA = 0.5
 
 
 def parse_transform(name: str) -> tuple[str, float | None]:
-    """"smoothquant@0.75" -> ("smoothquant", 0.75); raises ValueError on an unknown name or a bad α."""
+    """ "smoothquant@0.75" -> ("smoothquant", 0.75); raises ValueError on an unknown name or a bad α."""
     base, _, arg = str(name).partition("@")
     if base not in CHANNEL + ROTATIONS:
         raise ValueError(f"Unknown transform {name!r}; known: {list(CHANNEL + ROTATIONS)} (channel ones take '@α').")

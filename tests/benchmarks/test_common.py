@@ -55,8 +55,14 @@ def test_run_example_reuses_runs_records_the_load_and_counts_failures(tmp_path, 
 
 
 def test_run_child_appends_its_result_line_and_the_newest_record_wins(tmp_path, monkeypatch):
-    outputs = iter([_Done(0, 'progress\nRESULT {"variant": "a", "ppl": 2.0}\n'), _Done(1, "Traceback\n"),
-                    _Done(0, 'RESULT {"variant": "a", "ppl": 3.0}\n'), _Done(0, "no result line\n")])  # fmt: skip
+    outputs = iter(
+        [
+            _Done(0, 'progress\nRESULT {"variant": "a", "ppl": 2.0}\n'),
+            _Done(1, "Traceback\n"),
+            _Done(0, 'RESULT {"variant": "a", "ppl": 3.0}\n'),
+            _Done(0, "no result line\n"),
+        ]
+    )
     monkeypatch.setattr(common.subprocess, "run", lambda cmd, **kwargs: next(outputs))
     log = ResultsLog("test", results=tmp_path / "out" / "results.jsonl")
     assert log.run_child(["-m", "x"], "first") == {"variant": "a", "ppl": 2.0}
@@ -97,7 +103,8 @@ def test_doc_arguments_and_commands():
     assert common.doc_target(parser.parse_args(["--readme", "a.md"])) == Path("a.md")  # the old name still works
     assert common.doc_target(parser.parse_args(["--doc", "a.md", "--no_readme"])) is None
     assert common.command("benchmarks.lm.ablation", ["--settings", "W3A16 g64"]) == (
-        "python -m benchmarks.lm.ablation --settings 'W3A16 g64'")
+        "python -m benchmarks.lm.ablation --settings 'W3A16 g64'"
+    )
     assert common.method_flags("default") == [] and common.method_flags("qdrop")[-2:] == ["--drop_prob", "0.5"]
 
 
@@ -127,18 +134,28 @@ def test_every_command_named_in_the_scripts_exists():
 
 @pytest.mark.slow
 def test_a_script_runs_as_a_module_from_the_repository_root():
-    run = subprocess.run([sys.executable, "-m", "benchmarks.lm.ablation", "--help"], cwd=common.REPO,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lm.ablation", "--help"],
+        cwd=common.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0 and "--doc PATH, --readme PATH" in run.stdout
 
 
 # Each script's default page and the sections of it the script writes (`--marker` picks one of several).
 PAGES = {
-    "benchmarks.glue.table": ("results/glue.md", ["glue-table", "recon-table-default", "recon-timing",
-                                                  "recon-table-margin", "recon-table"]),
+    "benchmarks.glue.table": (
+        "results/glue.md",
+        ["glue-table", "recon-table-default", "recon-timing", "recon-table-margin", "recon-table"],
+    ),
     "benchmarks.glue.seed_study": ("results/glue.md", ["seed-study", "seed-study-stsb", "seed-study-stsb-200"]),
     "benchmarks.glue.recon_overhead": ("results/glue.md", ["recon-overhead"]),
-    "benchmarks.glue.outliers": ("design/outliers.md", ["outliers-table", "outliers-table-w8a8", "outliers-table-w4a8"]),
+    "benchmarks.glue.outliers": (
+        "design/outliers.md",
+        ["outliers-table", "outliers-table-w8a8", "outliers-table-w4a8"],
+    ),
     "benchmarks.glue.convergence": ("design/short-budget-schedule.md", ["convergence-table"]),
     "benchmarks.glue.mixed_precision": ("results/mixed-precision.md", ["mixed-table"]),
     "benchmarks.squad.table": ("results/squad.md", ["squad-table", "squad-brecq", "squad-default", "squad-outliers"]),
@@ -150,7 +167,7 @@ PAGES = {
     "benchmarks.peers.run": ("results/peers.md", ["peers-table", "peers-table-smollm2"]),
     "benchmarks.deploy.packed": ("results/deploy.md", ["deploy-table"]),
     "benchmarks.deploy.offload": ("results/offload.md", ["offload-table"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("module", sorted(PAGES))

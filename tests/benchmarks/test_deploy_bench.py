@@ -6,9 +6,21 @@ from benchmarks.deploy import packed as deploy
 
 
 def _row(mb: float, rss: float, tok: float, diff: float = 0.0, ref: str = deploy.REFERENCE, ppl: float = 30.0) -> dict:
-    return {"load_s": 1.0, "mb_after_load": mb, "mb_after_generate": mb, "rss_mb": rss, "rss_imports_mb": 200.0,
-            "peak_rss_mb": rss, "tok_s_1t": tok, "tok_s_2t": tok, "tok_s_cpu_1t": tok, "logits_rel_diff": diff,
-            "logits_ref": ref, "ppl": ppl, "load_avg": [1.0, 2.0]}  # fmt: skip
+    return {
+        "load_s": 1.0,
+        "mb_after_load": mb,
+        "mb_after_generate": mb,
+        "rss_mb": rss,
+        "rss_imports_mb": 200.0,
+        "peak_rss_mb": rss,
+        "tok_s_1t": tok,
+        "tok_s_2t": tok,
+        "tok_s_cpu_1t": tok,
+        "logits_rel_diff": diff,
+        "logits_ref": ref,
+        "ppl": ppl,
+        "load_avg": [1.0, 2.0],
+    }
 
 
 def _results(packed_mb: float, packed_tok: float) -> dict:
@@ -19,13 +31,20 @@ def _results(packed_mb: float, packed_tok: float) -> dict:
         deploy.REFERENCE: _row(700, 1100, 5.0),
         "W4 compressed-tensors, no hf_qlimit": _row(600, 1000, 6.0, 2e-3),
     }
-    return {"models": {"smollm2": {"rows": rows, "ppl_windows": 16, "date": "2026-01-01", "commit": "abc1234"}},
-            "threads": [1, 2], "date": "2026-01-02", "commit": "def5678", "machine": "test machine"}  # fmt: skip
+    return {
+        "models": {"smollm2": {"rows": rows, "ppl_windows": 16, "date": "2026-01-01", "commit": "abc1234"}},
+        "threads": [1, 2],
+        "date": "2026-01-02",
+        "commit": "def5678",
+        "machine": "test machine",
+    }
 
 
 def test_table_rows_and_verdicts():
     text = deploy.table(_results(packed_mb=120, packed_tok=9.0))
-    row = "| W4 packed (hf_qlimit default) | 1.0 | 120 | 120 | 800 (200) | 800 | 9.0 | 9.0 | 9.0 | 2.0e-02 (W4 cached) |"
+    row = (
+        "| W4 packed (hf_qlimit default) | 1.0 | 120 | 120 | 800 (200) | 800 | 9.0 | 9.0 | 9.0 | 2.0e-02 (W4 cached) |"
+    )
     assert row + " 30.00 |" in text
     assert "after generate 0.24x FP32 (target <= 0.25): met" in text
     assert "process RSS 0.89x FP32 (target <= 0.5): NOT met" in text

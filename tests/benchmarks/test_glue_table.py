@@ -116,4 +116,6 @@ def test_doc_flags(tmp_path):
     assert args.doc == doc and args.marker == "recon-table" and common.doc_target(args) == doc
     assert glue_table.parse_args(["--shared", str(tmp_path), "--doc", str(doc)]).doc == doc
     args = glue_table.parse_args(["--shared", str(tmp_path), "--no_readme"])
-    assert args.doc == glue_table.DOC == common.REPO / "docs" / "results" / "glue.md" and common.doc_target(args) is None
+    assert (
+        args.doc == glue_table.DOC == common.REPO / "docs" / "results" / "glue.md" and common.doc_target(args) is None
+    )

@@ -31,8 +31,13 @@ def test_format_bytes():
 def test_compare_state_dicts():
     a = {"w": torch.tensor([1.0, 2.0]), "codes": torch.tensor([3, 250], dtype=torch.uint8)}
     assert report.compare_state_dicts(a, {k: v.clone() for k, v in a.items()}) == {
-        "equal": True, "tensors": 2, "differing": [], "max_abs_diff": 0.0, "only_in_first": [], "only_in_second": [],
-    }  # fmt: skip
+        "equal": True,
+        "tensors": 2,
+        "differing": [],
+        "max_abs_diff": 0.0,
+        "only_in_first": [],
+        "only_in_second": [],
+    }
     b = {"w": torch.tensor([1.0, 2.5]), "codes": torch.tensor([3, 4], dtype=torch.uint8), "extra": torch.zeros(1)}
     cmp = report.compare_state_dicts(a, b)
     assert not cmp["equal"]
@@ -54,14 +59,31 @@ def test_calibration_data_is_seeded_and_unpadded():
 
 def _run(model: str, load: str, rss: int, blocks: int = 2) -> dict:
     errors = [{"block": i, "rtn_mse": 0.2, "mse": 0.1, "seconds": 2.0 + 4 * i} for i in range(blocks)]
-    return {"model": model, "load": load, "model_bytes": 5_262_000_000, "peak_rss_bytes": rss,
-            "seconds": {"load": 3.2, "quantize": 812.4, "save": 5.0, "total": 820.0}, "block_errors": errors,
-            "saved_bytes": 912_000_000, "work_dir_bytes": 70_000_000}  # fmt: skip
+    return {
+        "model": model,
+        "load": load,
+        "model_bytes": 5_262_000_000,
+        "peak_rss_bytes": rss,
+        "seconds": {"load": 3.2, "quantize": 812.4, "save": 5.0, "total": 820.0},
+        "block_errors": errors,
+        "saved_bytes": 912_000_000,
+        "work_dir_bytes": 70_000_000,
+    }
 
 
-META = {"rss_limit_bytes": int(1.5e9), "num_samples": 16, "seq_len": 128, "batch_size": 4, "iters": 10,
-        "cache_budget_bytes": 64 * 2**20, "compare_cache_budget_bytes": 2**20, "compare_model": "opt-125m",
-        "date": "2026-01-01", "machine": "Test CPU", "command": "python -m benchmarks.deploy.offload"}  # fmt: skip
+META = {
+    "rss_limit_bytes": int(1.5e9),
+    "num_samples": 16,
+    "seq_len": 128,
+    "batch_size": 4,
+    "iters": 10,
+    "cache_budget_bytes": 64 * 2**20,
+    "compare_cache_budget_bytes": 2**20,
+    "compare_model": "opt-125m",
+    "date": "2026-01-01",
+    "machine": "Test CPU",
+    "command": "python -m benchmarks.deploy.offload",
+}
 
 
 def test_table_rows_verdict_and_comparison():
@@ -76,8 +98,10 @@ def test_table_rows_verdict_and_comparison():
     lines = report.render_table(results, META).splitlines()
     rows = [line for line in lines if line.startswith("| ")]
     assert rows[0].startswith("| model, weights | fp32 size | peak RSS |")
-    assert rows[1] == ("| OPT-1.3b-shaped, disk offload | 5.26 GB | 1.23 GB (PASS, limit 1.50 GB) | 3.2 s | 812 s | "
-                       "4.0 s / 6.0 s | 0.2 → 0.1 | 70.0 MB | 912 MB |")  # fmt: skip
+    assert rows[1] == (
+        "| OPT-1.3b-shaped, disk offload | 5.26 GB | 1.23 GB (PASS, limit 1.50 GB) | 3.2 s | 812 s | "
+        "4.0 s / 6.0 s | 0.2 → 0.1 | 70.0 MB | 912 MB |"
+    )
     assert "PASS" not in rows[2] and "FAIL" not in rows[2]  # the limit is the large run's only
     assert rows[3] == "| compare-disk | failed | – | – | – | – | – | – | – |"
     assert len({row.count("|") for row in rows}) == 1  # every row has the header's columns

@@ -20,9 +20,20 @@ def _doc(tmp_path: Path) -> Path:
 
 
 def _ok(tool: str, model: str, setting: str, metric: dict, **extra) -> dict:
-    record = {"status": "ok", "tool": tool, "model": model, "setting": setting, "iters": None, "metric": metric,
-              "calib_s": 12.5, "peak_rss_mb_wait4": 800.0, "ckpt_bytes": 20_000_000, "date": "2026-11-22",
-              "versions": {"transformers": "5.23.0", "torch": "2.13.0"}, "details": ""}  # fmt: skip
+    record = {
+        "status": "ok",
+        "tool": tool,
+        "model": model,
+        "setting": setting,
+        "iters": None,
+        "metric": metric,
+        "calib_s": 12.5,
+        "peak_rss_mb_wait4": 800.0,
+        "ckpt_bytes": 20_000_000,
+        "date": "2026-11-22",
+        "versions": {"transformers": "5.23.0", "torch": "2.13.0"},
+        "details": "",
+    }
     record.update(extra)
     return record
 
@@ -30,10 +41,23 @@ def _ok(tool: str, model: str, setting: str, metric: dict, **extra) -> dict:
 def test_missing_interpreter_is_a_row_with_its_error(tmp_path):
     results, doc = tmp_path / "results.jsonl", _doc(tmp_path)
     missing = str(tmp_path / "nowhere" / "python")
-    section = peers.main([
-        "--models", "minilm-sst2", "--tools", "optimum-quanto RTN", "--settings", "W4A16 g128",
-        "--python", f"quanto={missing}", f"hf_qlimit={missing}", "--results", str(results), "--doc", str(doc),
-    ])  # fmt: skip
+    section = peers.main(
+        [
+            "--models",
+            "minilm-sst2",
+            "--tools",
+            "optimum-quanto RTN",
+            "--settings",
+            "W4A16 g128",
+            "--python",
+            f"quanto={missing}",
+            f"hf_qlimit={missing}",
+            "--results",
+            str(results),
+            "--doc",
+            str(doc),
+        ]
+    )
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["tool"], r["status"]) for r in records] == [
         ("FP32 (reference)", "error"),
@@ -86,12 +110,27 @@ def test_table_from_json_lines(tmp_path):
         _ok("hf_qlimit RTN", lm, "W4A16 g64", {"ppl": 30.0}),
         _ok("hf_qlimit RTN", lm, "W4A16 g64", {"ppl": 25.0}),  # newer record of the same run wins
         _ok("llm-compressor GPTQ", lm, "W4A16 g64", {"ppl": 22.0}, save_error="OSError: disk full"),
-        {"status": "unsupported", "error": "quanto has no 3-bit weights", "tool": "optimum-quanto RTN", "model": lm,
-         "setting": "W3A16 g64", "iters": None, "date": "2026-11-22"},
-        {"status": "error", "error": "ValueError: boom", "tool": "GPTQModel GPTQ", "model": bert,
-         "setting": "W4A16", "iters": None, "date": "2026-11-22", "peak_rss_mb_wait4": 300.0},
+        {
+            "status": "unsupported",
+            "error": "quanto has no 3-bit weights",
+            "tool": "optimum-quanto RTN",
+            "model": lm,
+            "setting": "W3A16 g64",
+            "iters": None,
+            "date": "2026-11-22",
+        },
+        {
+            "status": "error",
+            "error": "ValueError: boom",
+            "tool": "GPTQModel GPTQ",
+            "model": bert,
+            "setting": "W4A16",
+            "iters": None,
+            "date": "2026-11-22",
+            "peak_rss_mb_wait4": 300.0,
+        },
         _ok("hf_qlimit QDrop", bert, "W4A16", {"accuracy": 88.0}, iters=200),
-    ]  # fmt: skip
+    ]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     records = peers_table.load_records(path)
@@ -115,9 +154,11 @@ def test_default_rows_at_a_stale_batch_give_way_to_current_ones(tmp_path):
     newer exists, and never over a record at the current batch, whatever the order."""
     w2, w3 = (peers_table.peer_eval.default_batch("smollm2", bits) for bits in (2, 3))
     assert w2 != w3  # the default's batch depends on the width (else this test has nothing to tell apart)
-    rows = [_ok("hf_qlimit default", "smollm2", "W2A16 g64", {"ppl": 86.0}, details=f"x, batch {w2}, y"),
-            _ok("hf_qlimit default", "smollm2", "W2A16 g64", {"ppl": 99.0}, details=f"x, batch {w3}, y"),
-            _ok("hf_qlimit default", "smollm2", "W3A16 g64", {"ppl": 40.0}, details=f"x, batch {w2}, y")]  # fmt: skip
+    rows = [
+        _ok("hf_qlimit default", "smollm2", "W2A16 g64", {"ppl": 86.0}, details=f"x, batch {w2}, y"),
+        _ok("hf_qlimit default", "smollm2", "W2A16 g64", {"ppl": 99.0}, details=f"x, batch {w3}, y"),
+        _ok("hf_qlimit default", "smollm2", "W3A16 g64", {"ppl": 40.0}, details=f"x, batch {w2}, y"),
+    ]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
     records = peers_table.load_records(path)

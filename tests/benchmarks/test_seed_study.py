@@ -6,8 +6,11 @@ from benchmarks.glue import seed_study
 
 
 def _run(acc: float, gpu: str | None = None) -> dict:
-    return {"fp": {"validation": {"accuracy": 0.9}}, "quantized": {"validation": {"accuracy": acc}},
-            "environment": {"gpu": gpu}}  # fmt: skip
+    return {
+        "fp": {"validation": {"accuracy": 0.9}},
+        "quantized": {"validation": {"accuracy": acc}},
+        "environment": {"gpu": gpu},
+    }
 
 
 def test_mean_and_sd_over_seeds():

@@ -62,15 +62,25 @@ def test_doc_table_replaced_between_markers_only():
 def test_quick_writes_a_copy_of_the_page_not_the_page(tmp_path):
     args = squad_table.parse_args(["--quick", "--output_dir", str(tmp_path / "squad")])
     assert args.doc == tmp_path / "squad_quick" / "README.quick.md" and args.settings == ["qdrop-w4a8"]
-    assert squad_table.parse_args([]).doc == squad_table.DOC and squad_table.parse_args([]).settings == squad_table.ALL_SETTINGS
+    assert (
+        squad_table.parse_args([]).doc == squad_table.DOC
+        and squad_table.parse_args([]).settings == squad_table.ALL_SETTINGS
+    )
 
 
 def test_machine_comes_from_the_runs_environment():
-    gpu = {"gpu": "NVIDIA H100 80GB HBM3", "processor": "x86_64", "torch_threads": 2,
-           "versions": {"torch": "2.11.0+cu130"}}  # fmt: skip
+    gpu = {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "processor": "x86_64",
+        "torch_threads": 2,
+        "versions": {"torch": "2.11.0+cu130"},
+    }
     cpu = {"gpu": None, "processor": "x86_64", "torch_threads": 1, "versions": {"torch": "2.13.0+cpu"}}
-    assert squad_table._machine([gpu, gpu]) == {"machine": "NVIDIA H100 80GB HBM3", "threads": "2",
-                                                "torch": "2.11.0+cu130"}  # fmt: skip
+    assert squad_table._machine([gpu, gpu]) == {
+        "machine": "NVIDIA H100 80GB HBM3",
+        "threads": "2",
+        "torch": "2.11.0+cu130",
+    }
     mixed = squad_table._machine([gpu, cpu])
     assert mixed["machine"] == "NVIDIA H100 80GB HBM3, x86_64" and mixed["torch"] == "2.11.0+cu130, 2.13.0+cpu"
     # results.json of older runs recorded no environment (read_results adds only the date): this machine stands in

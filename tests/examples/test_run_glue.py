@@ -248,9 +248,24 @@ def test_custom_csv_files_with_named_labels(run_glue, tmp_path):
     texts = [(s,) for s, _ in rows[6:]]
     model = save_tiny_bert(tmp_path / "model", num_labels=2, balance_on=texts)
     out = tmp_path / "out"
-    args = ["--model_name_or_path", str(model), "--train_file", str(tmp_path / "train.csv"), "--output_dir", str(out),
-            "--validation_file", str(tmp_path / "dev.csv"), "--method", "rtn", "--weight_bits", "8",
-            "--act_bits", "none", "--num_samples", "4"]  # fmt: skip
+    args = [
+        "--model_name_or_path",
+        str(model),
+        "--train_file",
+        str(tmp_path / "train.csv"),
+        "--output_dir",
+        str(out),
+        "--validation_file",
+        str(tmp_path / "dev.csv"),
+        "--method",
+        "rtn",
+        "--weight_bits",
+        "8",
+        "--act_bits",
+        "none",
+        "--num_samples",
+        "4",
+    ]
     results = run_glue.main(args)
 
     preds = _predict(out, texts).argmax(-1)

@@ -17,8 +17,30 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT_DIR = REPO / "examples" / "language-modeling"
-WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "river", "city", "history", "album", "song", ",", ".",
-         "@-@", "of", "in", "was", "is", "<unk>", "="]  # fmt: skip
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "mat",
+    "river",
+    "city",
+    "history",
+    "album",
+    "song",
+    ",",
+    ".",
+    "@-@",
+    "of",
+    "in",
+    "was",
+    "is",
+    "<unk>",
+    "=",
+]
 SEQ_LEN = 16  # also the tiny model's context, so the script's default seq_len
 
 
@@ -50,9 +72,18 @@ def tiny_lm(tmp_path_factory) -> Path:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ_LEN,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # sharper than a fresh init, so the perplexity is far from the vocabulary size
         model.model.embed_tokens.weight.mul_(4)
@@ -84,11 +115,28 @@ def hand_perplexity(model_dir: Path, text_file: Path, seq_len: int, max_windows:
 
 def test_perplexities_match_a_hand_computation(run_ppl, tiny_lm, capsys):
     out = tiny_lm / "out"
-    results = run_ppl.main([
-        "--model_name_or_path", str(tiny_lm / "model"), "--eval_file", str(tiny_lm / "test.txt"),
-        "--calib_file", str(tiny_lm / "valid.txt"), "--num_calib_samples", "6", "--method", "rtn",
-        "--weight_bits", "4", "--act_bits", "8", "--eval_batch_size", "3", "--output_dir", str(out),
-    ])  # fmt: skip
+    results = run_ppl.main(
+        [
+            "--model_name_or_path",
+            str(tiny_lm / "model"),
+            "--eval_file",
+            str(tiny_lm / "test.txt"),
+            "--calib_file",
+            str(tiny_lm / "valid.txt"),
+            "--num_calib_samples",
+            "6",
+            "--method",
+            "rtn",
+            "--weight_bits",
+            "4",
+            "--act_bits",
+            "8",
+            "--eval_batch_size",
+            "3",
+            "--output_dir",
+            str(out),
+        ]
+    )
     windows = results["quantized"]["windows"]
     assert results["data"]["seq_len"] == SEQ_LEN and windows >= 8
     assert results["quantized"]["tokens"] == windows * (SEQ_LEN - 1)
@@ -106,12 +154,35 @@ def test_perplexities_match_a_hand_computation(run_ppl, tiny_lm, capsys):
 
 def test_weight_only_groups_and_quick_window_limit(run_ppl, tiny_lm):
     out = tiny_lm / "out-g16"
-    results = run_ppl.main([
-        "--model_name_or_path", str(tiny_lm / "model"), "--eval_file", str(tiny_lm / "test.txt"),
-        "--calib_file", str(tiny_lm / "valid.txt"), "--num_samples", "4", "--method", "qdrop", "--iters", "3",
-        "--batch_size", "2", "--act_bits", "none", "--group_size", "16", "--seq_len", "8", "--max_eval_windows", "5",
-        "--skip_fp_eval", "--output_dir", str(out),
-    ])  # fmt: skip
+    results = run_ppl.main(
+        [
+            "--model_name_or_path",
+            str(tiny_lm / "model"),
+            "--eval_file",
+            str(tiny_lm / "test.txt"),
+            "--calib_file",
+            str(tiny_lm / "valid.txt"),
+            "--num_samples",
+            "4",
+            "--method",
+            "qdrop",
+            "--iters",
+            "3",
+            "--batch_size",
+            "2",
+            "--act_bits",
+            "none",
+            "--group_size",
+            "16",
+            "--seq_len",
+            "8",
+            "--max_eval_windows",
+            "5",
+            "--skip_fp_eval",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert results["fp"] is None and results["quantized"]["windows"] == 5
     assert results["quantized"]["ppl"] == pytest.approx(hand_perplexity(out, tiny_lm / "test.txt", 8, 5), rel=1e-5)
     assert results["qlimit_config"]["group_size"] == 16 and results["qlimit_config"]["act_bits"] is None
@@ -119,12 +190,30 @@ def test_weight_only_groups_and_quick_window_limit(run_ppl, tiny_lm):
 
 def test_mixed_precision_flags(run_ppl, tiny_lm):
     out = tiny_lm / "out-mixed"
-    results = run_ppl.main([
-        "--model_name_or_path", str(tiny_lm / "model"), "--eval_file", str(tiny_lm / "test.txt"),
-        "--calib_file", str(tiny_lm / "valid.txt"), "--num_calib_samples", "4", "--method", "rtn",
-        "--act_bits", "none", "--bit_candidates", "2", "4", "--avg_bits", "3", "--skip_fp_eval",
-        "--output_dir", str(out),
-    ])  # fmt: skip
+    results = run_ppl.main(
+        [
+            "--model_name_or_path",
+            str(tiny_lm / "model"),
+            "--eval_file",
+            str(tiny_lm / "test.txt"),
+            "--calib_file",
+            str(tiny_lm / "valid.txt"),
+            "--num_calib_samples",
+            "4",
+            "--method",
+            "rtn",
+            "--act_bits",
+            "none",
+            "--bit_candidates",
+            "2",
+            "4",
+            "--avg_bits",
+            "3",
+            "--skip_fp_eval",
+            "--output_dir",
+            str(out),
+        ]
+    )
     bits = results["qlimit_config"]["module_bits"]
     assert len(bits) == 14 and set(bits.values()) == {2, 4}  # 2 blocks x 7 Linears, both widths used
     reloaded = json.loads((out / "config.json").read_text())["quantization_config"]["module_bits"]
@@ -189,16 +278,42 @@ def test_opt_runs_through_the_script(run_ppl, tiny_lm, tmp_path):
 
     torch.manual_seed(0)
     vocab = AutoTokenizer.from_pretrained(tiny_lm / "model").vocab_size
-    config = OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                       word_embed_proj_dim=32, max_position_embeddings=SEQ_LEN, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=0)  # fmt: skip
+    config = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=SEQ_LEN,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
     AutoTokenizer.from_pretrained(tiny_lm / "model").save_pretrained(tmp_path / "opt")
-    results = run_ppl.main([
-        "--model_name_or_path", str(tmp_path / "opt"), "--eval_file", str(tiny_lm / "test.txt"),
-        "--calib_file", str(tiny_lm / "valid.txt"), "--num_calib_samples", "4", "--method", "qdrop", "--iters", "3",
-        "--batch_size", "2", "--act_bits", "8", "--output_dir", str(tmp_path / "out"),
-    ])  # fmt: skip
+    results = run_ppl.main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "opt"),
+            "--eval_file",
+            str(tiny_lm / "test.txt"),
+            "--calib_file",
+            str(tiny_lm / "valid.txt"),
+            "--num_calib_samples",
+            "4",
+            "--method",
+            "qdrop",
+            "--iters",
+            "3",
+            "--batch_size",
+            "2",
+            "--act_bits",
+            "8",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert results["fp"]["ppl"] == pytest.approx(
         hand_perplexity(tmp_path / "opt", tiny_lm / "test.txt", SEQ_LEN), rel=1e-5
     )
@@ -208,8 +323,14 @@ def test_opt_runs_through_the_script(run_ppl, tiny_lm, tmp_path):
 
 
 def test_argument_errors_fail_before_any_work(run_ppl, tiny_lm):
-    common = ["--model_name_or_path", str(tiny_lm / "model"), "--eval_file", str(tiny_lm / "test.txt"),
-              "--output_dir", str(tiny_lm / "never")]  # fmt: skip
+    common = [
+        "--model_name_or_path",
+        str(tiny_lm / "model"),
+        "--eval_file",
+        str(tiny_lm / "test.txt"),
+        "--output_dir",
+        str(tiny_lm / "never"),
+    ]
     with pytest.raises(ValueError, match="does not divide"):
         run_ppl.main(common + ["--group_size", "12", "--act_bits", "none"])
     with pytest.raises(ValueError, match="disagree"):
@@ -260,9 +381,15 @@ def write_tiny_gguf(path: Path) -> None:
     tensor("output_norm.weight", hidden)
     kv = kv_heads * hidden // heads
     for i in range(2):
-        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
-                            ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)),
-                            ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):  # fmt: skip
+        for name, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv, hidden)),
+            ("attn_v", (kv, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ffn, hidden)),
+            ("ffn_up", (ffn, hidden)),
+            ("ffn_down", (hidden, ffn)),
+        ):
             tensor(f"blk.{i}.{name}.weight", *shape, q8=True)
         tensor(f"blk.{i}.attn_norm.weight", hidden)
         tensor(f"blk.{i}.ffn_norm.weight", hidden)
@@ -311,11 +438,28 @@ def test_run_ppl_reads_a_gguf_file_directly(run_ppl, tiny_gguf, tiny_lm):
     out = tiny_gguf.parent / "out"
     text = tiny_gguf.parent / "text.txt"
     text.write_text(" = the cab = \n \n" + " the bead , the face . \n \n" * 20, encoding="utf-8")
-    results = run_ppl.main([
-        "--model_name_or_path", str(tiny_gguf.parent), "--gguf_file", tiny_gguf.name, "--eval_file", str(text),
-        "--calib_file", str(text), "--seq_len", "16", "--num_calib_samples", "4", "--method", "rtn",
-        "--act_bits", "none", "--output_dir", str(out),
-    ])  # fmt: skip
+    results = run_ppl.main(
+        [
+            "--model_name_or_path",
+            str(tiny_gguf.parent),
+            "--gguf_file",
+            tiny_gguf.name,
+            "--eval_file",
+            str(text),
+            "--calib_file",
+            str(text),
+            "--seq_len",
+            "16",
+            "--num_calib_samples",
+            "4",
+            "--method",
+            "rtn",
+            "--act_bits",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert results["gguf_source"]["gguf_file"] == tiny_gguf.name
     assert results["quantized"]["ppl"] == pytest.approx(hand_perplexity(out, text, 16), rel=1e-5)
 
@@ -336,20 +480,52 @@ def test_disk_offload_through_the_script_gives_the_in_memory_result(run_ppl, tin
 
     torch.manual_seed(0)
     vocab = AutoTokenizer.from_pretrained(tiny_lm / "model").vocab_size
-    config = OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                       word_embed_proj_dim=32, max_position_embeddings=SEQ_LEN, pad_token_id=0)  # fmt: skip
+    config = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=SEQ_LEN,
+        pad_token_id=0,
+    )
     OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
     AutoTokenizer.from_pretrained(tiny_lm / "model").save_pretrained(tmp_path / "opt")
     common = [
-        "--model_name_or_path", str(tmp_path / "opt"), "--eval_file", str(tiny_lm / "test.txt"),
-        "--calib_file", str(tiny_lm / "valid.txt"), "--num_calib_samples", "4", "--method", "qdrop", "--iters", "3",
-        "--batch_size", "2", "--device", "cpu",
-    ]  # fmt: skip
+        "--model_name_or_path",
+        str(tmp_path / "opt"),
+        "--eval_file",
+        str(tiny_lm / "test.txt"),
+        "--calib_file",
+        str(tiny_lm / "valid.txt"),
+        "--num_calib_samples",
+        "4",
+        "--method",
+        "qdrop",
+        "--iters",
+        "3",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     memory = run_ppl.main(common + ["--output_dir", str(tmp_path / "memory")])
-    offloaded = run_ppl.main(common + [
-        "--output_dir", str(tmp_path / "disk"), "--device_map", "disk", "--offload_folder", str(tmp_path / "off"),
-        "--work_dir", str(tmp_path / "work"), "--cache_budget_mb", "0.01",
-    ])  # fmt: skip
+    offloaded = run_ppl.main(
+        common
+        + [
+            "--output_dir",
+            str(tmp_path / "disk"),
+            "--device_map",
+            "disk",
+            "--offload_folder",
+            str(tmp_path / "off"),
+            "--work_dir",
+            str(tmp_path / "work"),
+            "--cache_budget_mb",
+            "0.01",
+        ]
+    )
     assert offloaded["fp"]["ppl"] == pytest.approx(memory["fp"]["ppl"], rel=1e-6)
     assert offloaded["quantized"]["ppl"] == memory["quantized"]["ppl"]
     assert list((tmp_path / "work" / "cache").iterdir()) == []  # spilled caches are removed once used
