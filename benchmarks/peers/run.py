@@ -61,18 +61,10 @@ def install_error(module: str, venv_root: Path) -> str | None:
     return "install failed: " + (errors[0] if errors else (lines[-1] if lines else "empty log"))[:300]
 
 
-def run_job(
-    tool: Tool, model: str, setting: str, python: str, iters: int | None, timeout: float, out: Path
-) -> dict[str, Any]:
-    """Runs the worker under `python` and returns its record; a crash, a kill or a timeout becomes an error record.
-
-    The worker runs as a module from the repository root, which is also put on PYTHONPATH: the tool's interpreter
-    does not have this checkout installed, and finds `benchmarks` and `hf_qlimit` there."""
-    slug = f"{tool.module}-{tool.algo}-{model}-{setting}".replace(" ", "_").lower()
-    result_file, log_file = out / "results" / f"{slug}.json", out / "logs" / f"{slug}.log"
-    for folder in (result_file.parent, log_file.parent):
-        folder.mkdir(parents=True, exist_ok=True)
-    result_file.unlink(missing_ok=True)
+def worker_command(
+    tool: Tool, model: str, setting: str, python: str, iters: int | None, ckpt_dir: Path, result_file: Path
+) -> list[str]:
+    """The worker's command line: `python -m benchmarks.peers.worker` with the run's tool, model and setting."""
     cmd = [
         python,
         "-m",
@@ -86,12 +78,28 @@ def run_job(
         "--setting",
         setting,
         "--out_dir",
-        str(out / "ckpt" / slug),
+        str(ckpt_dir),
         "--result",
         str(result_file),
     ]
     if iters is not None:
         cmd += ["--iters", str(iters)]
+    return cmd
+
+
+def run_job(
+    tool: Tool, model: str, setting: str, python: str, iters: int | None, timeout: float, out: Path
+) -> dict[str, Any]:
+    """Runs the worker under `python` and returns its record; a crash, a kill or a timeout becomes an error record.
+
+    The worker runs as a module from the repository root, which is also put on PYTHONPATH: the tool's interpreter
+    does not have this checkout installed, and finds `benchmarks` and `hf_qlimit` there."""
+    slug = f"{tool.module}-{tool.algo}-{model}-{setting}".replace(" ", "_").lower()
+    result_file, log_file = out / "results" / f"{slug}.json", out / "logs" / f"{slug}.log"
+    for folder in (result_file.parent, log_file.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+    result_file.unlink(missing_ok=True)
+    cmd = worker_command(tool, model, setting, python, iters, out / "ckpt" / slug, result_file)
     python_path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, **common.offline_env(1), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": python_path}
     print(f"[peers] {tool.name} | {model} | {setting}: {shlex.join(cmd)}", flush=True)

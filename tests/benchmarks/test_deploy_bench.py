@@ -1,11 +1,12 @@
-"""benchmarks.deploy.packed: the table and the target verdicts come from the measured rows."""
+"""benchmarks.deploy.packed: the table (packed_report) and the target verdicts come from the measured rows."""
 
 from __future__ import annotations
 
-from benchmarks.deploy import packed as deploy
+from benchmarks.deploy import packed
+from benchmarks.deploy import packed_report as report
 
 
-def _row(mb: float, rss: float, tok: float, diff: float = 0.0, ref: str = deploy.REFERENCE, ppl: float = 30.0) -> dict:
+def _row(mb: float, rss: float, tok: float, diff: float = 0.0, ref: str = report.REFERENCE, ppl: float = 30.0) -> dict:
     return {
         "load_s": 1.0,
         "mb_after_load": mb,
@@ -28,7 +29,7 @@ def _results(packed_mb: float, packed_tok: float) -> dict:
         "FP32": _row(500, 900, 6.0, ref="FP32"),
         "bf16": _row(250, 650, 8.0, 0.03, ref="FP32"),
         "W4 packed (hf_qlimit default)": _row(packed_mb, 800, packed_tok, 0.02),
-        deploy.REFERENCE: _row(700, 1100, 5.0),
+        report.REFERENCE: _row(700, 1100, 5.0),
         "W4 compressed-tensors, no hf_qlimit": _row(600, 1000, 6.0, 2e-3),
     }
     return {
@@ -41,7 +42,7 @@ def _results(packed_mb: float, packed_tok: float) -> dict:
 
 
 def test_table_rows_and_verdicts():
-    text = deploy.table(_results(packed_mb=120, packed_tok=9.0))
+    text = report.table(_results(packed_mb=120, packed_tok=9.0))
     row = (
         "| W4 packed (hf_qlimit default) | 1.0 | 120 | 120 | 800 (200) | 800 | 9.0 | 9.0 | 9.0 | 2.0e-02 (W4 cached) |"
     )
@@ -56,6 +57,11 @@ def test_table_rows_and_verdicts():
 
 
 def test_targets_fail_when_the_packed_model_is_big_or_slow():
-    text = deploy.table(_results(packed_mb=300, packed_tok=3.0))
+    text = report.table(_results(packed_mb=300, packed_tok=3.0))
     assert "0.60x FP32 (target <= 0.25): NOT met" in text
     assert "(target >= 1.0): NOT met / NOT met" in text
+
+
+def test_packed_draws_its_table_with_the_report_module():
+    assert packed.table is report.table and packed.REFERENCE == report.REFERENCE
+    assert report.REFERENCE in [label for label, *_ in packed.VARIANTS]

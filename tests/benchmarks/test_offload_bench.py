@@ -1,22 +1,23 @@
-"""benchmarks.deploy.offload without running a model: RSS units, verdict, tensor comparison, table, arguments."""
+"""benchmarks.deploy.offload (and its offload_child and offload_report modules) without running a model: RSS units,
+verdict, tensor comparison, table, arguments."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.deploy import offload
+from benchmarks.deploy import offload, offload_child
 from benchmarks.deploy import offload_report as report
 
 
 def test_peak_rss_units_and_verdict():
-    assert offload.peak_rss_bytes(1_000_000, "linux") == 1_024_000_000  # Linux: KiB
-    assert offload.peak_rss_bytes(1_000_000, "darwin") == 1_000_000  # macOS: bytes
+    assert offload_child.peak_rss_bytes(1_000_000, "linux") == 1_024_000_000  # Linux: KiB
+    assert offload_child.peak_rss_bytes(1_000_000, "darwin") == 1_000_000  # macOS: bytes
     limit = int(1.5 * report.GB)
     assert report.rss_verdict(limit, limit) == "PASS"
     assert report.rss_verdict(limit + 1, limit) == "FAIL"
     assert report.rss_verdict(None, limit).startswith("FAIL")
     # 1.5 GB is decimal: 1 464 844 KiB is 1 500 000 256 bytes, just over
-    assert report.rss_verdict(offload.peak_rss_bytes(1_464_844, "linux"), limit) == "FAIL"
+    assert report.rss_verdict(offload_child.peak_rss_bytes(1_464_844, "linux"), limit) == "FAIL"
 
 
 def test_format_bytes():
@@ -50,9 +51,9 @@ def test_compare_state_dicts():
 
 
 def test_calibration_data_is_seeded_and_unpadded():
-    data = offload.calibration_data(3, 5, 1000, seed=0)
-    assert data == offload.calibration_data(3, 5, 1000, seed=0)
-    assert data != offload.calibration_data(3, 5, 1000, seed=1)
+    data = offload_child.calibration_data(3, 5, 1000, seed=0)
+    assert data == offload_child.calibration_data(3, 5, 1000, seed=0)
+    assert data != offload_child.calibration_data(3, 5, 1000, seed=1)
     assert [len(d["input_ids"]) for d in data] == [5, 5, 5]
     assert all(3 <= t < 1000 for d in data for t in d["input_ids"])
 

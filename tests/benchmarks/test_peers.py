@@ -93,6 +93,29 @@ def test_worker_imports_a_tool_module_and_reports_an_unsupported_setting(tmp_pat
     assert "hf_qlimit has no algorithm 'bogus'" in record["error"] and "hf_qlimit" in record["versions"]
 
 
+def test_worker_command_line(tmp_path):
+    tool = peers.Tool("hf_qlimit RTN", "hf_qlimit", "rtn")
+    cmd = peers.worker_command(tool, "smollm2", "W4A16 g64", "py", None, tmp_path / "ckpt", tmp_path / "r.json")
+    assert cmd == [
+        "py",
+        "-m",
+        "benchmarks.peers.worker",
+        "--tool",
+        "hf_qlimit",
+        "--algo",
+        "rtn",
+        "--model",
+        "smollm2",
+        "--setting",
+        "W4A16 g64",
+        "--out_dir",
+        str(tmp_path / "ckpt"),
+        "--result",
+        str(tmp_path / "r.json"),
+    ]
+    assert peers.worker_command(tool, "smollm2", "W4A16 g64", "py", 5, tmp_path, tmp_path)[-2:] == ["--iters", "5"]
+
+
 def test_install_failure_is_read_from_the_log(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "gptqmodel.log").write_text(
