@@ -196,9 +196,10 @@ def test_gguf_q4_1_and_q8_0_hold_hf_qlimits_codes_and_load_in_transformers(tmp_p
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "Q4_1")!r}, gguf_file="model.gguf", dtype=torch.float32)
+        folder, ids, out = {str(tmp_path / "Q4_1")!r}, {str(tmp_path / "ids.pt")!r}, {str(tmp_path / "g.pt")!r}
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32)
         with torch.no_grad():
-            torch.save(model.eval()(input_ids=torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "g.pt")!r})
+            torch.save(model.eval()(input_ids=torch.load(ids)).logits, out)
         assert "hf_qlimit" not in sys.modules
     """)
     torch.save(_ids(), tmp_path / "ids.pt")

@@ -168,7 +168,8 @@ def test_the_rules_see_relative_and_function_level_imports(tmp_path, monkeypatch
     (package / "nn").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "nn" / "__init__.py").write_text(
-        "from typing import TYPE_CHECKING\nfrom .. import calibration\nif TYPE_CHECKING:\n    from ..export import gguf\n"
+        "from typing import TYPE_CHECKING\nfrom .. import calibration\n"
+        "if TYPE_CHECKING:\n    from ..export import gguf\n"
     )
     (package / "nn" / "a.py").write_text(
         "import importlib\n\ndef f():\n    from ..transforms.apply import x\n"

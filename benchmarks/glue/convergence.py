@@ -194,7 +194,8 @@ def render(rows: list[dict]) -> str:
         "",
         (
             "Held-out output error of the hard-rounded block (mean squared error per token, summed over features); in "
-            "brackets the share of AdaRound's h still strictly between 0.01 and 0.99 before hard rounding, and the time "
+            "brackets the share of AdaRound's h still strictly between 0.01 and 0.99 before hard rounding, and the "
+            "time "
             f"of the whole quantization of the one-block model. `paper`: {json.dumps(SCHEDULES['paper'])} at the given "
             "iterations; `default`: QLimitConfig's defaults at that many iterations (`fast` for MiniLM, `fast-lm` for "
             "SmolLM2; at 0 iterations GPTQ's codes). MiniLM: 256 STS-B train pairs, batch 32, 128 "

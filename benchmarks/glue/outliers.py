@@ -154,7 +154,8 @@ def render(rows: list[int], tasks: list[str], methods: list[str], setting: tuple
     setting_flag = "" if setting == (4, 4) else f" --setting {setting[0]} {setting[1]}"
     return "\n".join(
         [
-            f"MiniLM-L6 W{setting[0]}A{setting[1]} (first and last layers 8-bit), dev sets; FP: {fp_text}. Preset `fast` "
+            f"MiniLM-L6 W{setting[0]}A{setting[1]} (first and last layers 8-bit), dev sets; FP: {fp_text}. "
+            "Preset `fast` "
             f"(256 calibration sentences{iters_text}). One seed per cell. The wall time is the whole quantization, "
             "transforms included, on a shared CPU.",
             "",

@@ -266,7 +266,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     calib_ids = tokenize_corpus(tokenizer, load_texts(data_args, "calib", model_args.cache_dir))
     calib = calibration_windows(calib_ids, seq_len, qconfig.num_samples, qconfig.seed)
     logger.info(
-        f"{eval_ids.numel()} evaluation tokens -> {windows.shape[0]} windows of {seq_len}; {len(calib)} calibration windows"
+        f"{eval_ids.numel()} evaluation tokens -> {windows.shape[0]} windows of {seq_len}; "
+        f"{len(calib)} calibration windows"
     )
     if model_args.device_map is None:  # a dispatched model stays where accelerate put it
         model.to(device)

@@ -113,3 +113,31 @@ def run_block(
 ) -> Stream:
     """The block's outputs for every batch, on CPU."""
     return (cache or ActivationCache()).stream(call_block(block, h, inputs, j, device) for j, h in enumerate(hidden))
+
+
+@torch.no_grad()
+def prefix_modules(
+    model: nn.Module, first_block: nn.Module, batch: dict[str, torch.Tensor], input_device: torch.device
+) -> list[str]:
+    """Names of the modules the forward pass calls before the first block (embeddings, rotary, project_in)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    inside = {id(m) for m in first_block.modules()}
+    seen: dict[str, None] = {}
+
+    def record(module, args):
+        if id(module) not in inside:
+            seen[names[id(module)]] = None
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if id(m) not in inside]
+    try:
+        # the model as it is now: accelerate's hooks move a dispatched model's inputs themselves
+        capture_block_inputs(model, first_block, [batch], input_device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(seen)
+
+
+def modules_outside_blocks(model: nn.Module, blocks_name: str) -> list[str]:
+    """Modules outside the blocks (final norm, head...): materialized for the last whole-model pass."""
+    return [n for n, _ in model.named_modules() if not n.startswith(blocks_name) and n + "." != blocks_name]

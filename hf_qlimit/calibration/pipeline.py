@@ -29,7 +29,14 @@ from ..models.base import ArchitectureAdapter
 from ..nn.modules import set_inference_mode
 from ..quantizers import ActQuantizer
 from ..transforms import apply_transforms
-from .block_inputs import BlockInputs, capture_block_inputs, run_block, to_device
+from .block_inputs import (
+    BlockInputs,
+    capture_block_inputs,
+    modules_outside_blocks,
+    prefix_modules,
+    run_block,
+    to_device,
+)
 from .cache import Stream
 from .data import length_sorted_batches, prepare_calibration
 from .fisher import fisher_weights
@@ -167,7 +174,7 @@ def _quantize_converted(
         _quantize_block(model, config, i, name, block, flow, None if fisher is None else fisher[i], run)
     head = [n for n in config.layer_config if not n.startswith(blocks_name) and n not in prefix]
     _convert_head(model, config, head, fisher is None, flow, run)
-    for name in _rest_of_model(model, blocks_name):
+    for name in modules_outside_blocks(model, blocks_name):
         run.offloader.materialize(name, recurse=False)
     model.config.quantization_config = config
     _calibrate_pending(model, config, blocks, batches, flow.pending, run)
@@ -184,7 +191,7 @@ def _convert_prefix(
     run: Run,
 ) -> list[str]:
     """Converts the quantized modules the forward pass calls before the first block; returns their names."""
-    prefix = _prefix_modules(model, first_block, batch, run.parking)
+    prefix = prefix_modules(model, first_block, batch, run.parking)
     for name in prefix:  # the model prefix runs whole on the execution device
         run.offloader.materialize(name, recurse=False)
     quantized = [n for n in config.layer_config if not n.startswith(blocks_name) and n in prefix]
@@ -356,34 +363,6 @@ def _finish(model: nn.Module, config: QLimitConfig, stats: list[dict], run: Run)
             model.to(run.home)
     _attach_quantizer(model, config)
     model.qlimit_block_errors = stats  # per block: output MSE against FP, round-to-nearest vs final, seconds
-
-
-@torch.no_grad()
-def _prefix_modules(
-    model: nn.Module, first_block: nn.Module, batch: dict[str, torch.Tensor], input_device: torch.device
-) -> list[str]:
-    """Names of the modules the forward pass calls before the first block (embeddings, rotary, project_in)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    inside = {id(m) for m in first_block.modules()}
-    seen: dict[str, None] = {}
-
-    def record(module, args):
-        if id(module) not in inside:
-            seen[names[id(module)]] = None
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if id(m) not in inside]
-    try:
-        # the model as it is now: accelerate's hooks move a dispatched model's inputs themselves
-        capture_block_inputs(model, first_block, [batch], input_device)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(seen)
-
-
-def _rest_of_model(model: nn.Module, blocks_name: str) -> list[str]:
-    """Modules outside the blocks (final norm, head...): materialized for the last whole-model pass."""
-    return [n for n, _ in model.named_modules() if not n.startswith(blocks_name) and n + "." != blocks_name]
 
 
 def freeze_quantized(module: nn.Module) -> None:

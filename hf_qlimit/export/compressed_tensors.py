@@ -155,18 +155,8 @@ def _refuse_unexpressible(model: nn.Module) -> None:
         )
 
 
-def export_compressed_tensors(model: nn.Module, out_dir: str | Path, allow_unservable: bool = False) -> Path:
-    """Writes `config.json` and `model.safetensors` of `model` (a frozen hf_qlimit model) to `out_dir`."""
-    if sys.byteorder != "little":
-        raise ExportError("compressed-tensors' int32 packing is written little-endian; export on a little-endian host.")
-    _refuse_unexpressible(model)
-    refuse_input_transforms(model, "compressed-tensors")
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
-    if not quantized:
-        raise ExportError("The model has no hf_qlimit quantized modules: quantize it (or load a qlimit folder) first.")
-    if any(not m.is_frozen for m in quantized.values()):
-        raise ExportError("The model's quantization has not finished (some modules are not frozen).")
-    tensors: dict[str, torch.Tensor] = {}
+def _schemes(quantized: dict[str, nn.Module], allow_unservable: bool) -> tuple[dict[_Scheme, list[str]], list[str]]:
+    """(scheme -> the Linears written packed on it, the modules written as float weights)."""
     groups: dict[_Scheme, list[str]] = {}
     for name, module in quantized.items():
         if isinstance(module, QuantLinear):
@@ -186,6 +176,22 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, allow_unser
         )
         dense += others
         groups = {main: groups[main]}
+    return groups, dense
+
+
+def export_compressed_tensors(model: nn.Module, out_dir: str | Path, allow_unservable: bool = False) -> Path:
+    """Writes `config.json` and `model.safetensors` of `model` (a frozen hf_qlimit model) to `out_dir`."""
+    if sys.byteorder != "little":
+        raise ExportError("compressed-tensors' int32 packing is written little-endian; export on a little-endian host.")
+    _refuse_unexpressible(model)
+    refuse_input_transforms(model, "compressed-tensors")
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    if not quantized:
+        raise ExportError("The model has no hf_qlimit quantized modules: quantize it (or load a qlimit folder) first.")
+    if any(not m.is_frozen for m in quantized.values()):
+        raise ExportError("The model's quantization has not finished (some modules are not frozen).")
+    groups, dense = _schemes(quantized, allow_unservable)
+    tensors: dict[str, torch.Tensor] = {}
     for name in dense:
         tensors[f"{name}.weight"] = quantized[name].dequantize_rows().cpu().contiguous()
         if getattr(quantized[name], "bias", None) is not None:

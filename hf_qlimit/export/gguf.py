@@ -84,10 +84,25 @@ def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
     """Writes `model` (a weight-only hf_qlimit Llama) to `out_dir/model.gguf` and returns the file's path."""
     import gguf
 
-    config = model.config
-    if config.model_type != "llama":
+    quantized = _check_exportable(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    _add_hyperparameters(writer, model.config)
+    _add_tensors(writer, model, quantized)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _check_exportable(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized modules of `model`, or ExportError where GGUF cannot hold it."""
+    if model.config.model_type != "llama":
         raise ExportError(
-            f"GGUF export maps Llama models only (llama.cpp's names and Q/K order); got {config.model_type!r}."
+            f"GGUF export maps Llama models only (llama.cpp's names and Q/K order); got {model.config.model_type!r}."
         )
     refuse_input_transforms(model, "GGUF")
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
@@ -98,11 +113,11 @@ def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
             f"GGUF stores quantized weights only; {len(acts)} modules quantize activations (first: "
             f"{acts[0]!r}). Export a weight-only model (act_bits=None)."
         )
+    return quantized
+
+
+def _add_hyperparameters(writer, config) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -114,6 +129,12 @@ def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
 
+
+def _add_tensors(writer, model: nn.Module, quantized: dict[str, nn.Module]) -> None:
+    """The float tensors as they are, the quantized ones as Q4_1 / Q8_0 blocks where their grid maps exactly."""
+    import gguf
+
+    config = model.config
     floats = []
     prefixes = tuple(f"{n}." for n in quantized)
     for name, tensor in model.state_dict().items():
@@ -137,8 +158,3 @@ def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
             f"{floats} map onto neither Q4_1 nor Q8_0 (only 4-bit, or symmetric 8-bit, groups of 32k "
             "do); written as float32 with their exact values."
         )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
