@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures.make_legacy_checkpoints import CASES, llama
 from helpers import tiny_bert, tiny_decoder, tiny_opt
 from transformers.quantizers.auto import AutoQuantizationConfig
 
@@ -15,39 +16,8 @@ from hf_qlimit.presets import preset_values
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
-# What tests/fixtures/make_legacy_checkpoints.py built each legacy checkpoint from (before method "auto").
-LEGACY_KWARGS = {
-    "bert-default-w4a8": (False, dict(weight_bits=4, act_bits=8, iters=20, num_samples=16, batch_size=8)),
-    "bert-rtn-w2a4-hadamard-block-output": (
-        False,
-        dict(
-            weight_bits=2,
-            act_bits=4,
-            method="rtn",
-            transforms=["hadamard_inputs"],
-            act_layout="block_output",
-            num_samples=16,
-            batch_size=8,
-        ),
-    ),
-    "llama-default-w4g16": (True, dict(weight_bits=4, act_bits=None, group_size=16, iters=10, num_samples=8)),
-    "llama-qdrop-w8a8-log2-first-token": (
-        True,
-        dict(
-            weight_bits=8,
-            act_bits=8,
-            method="qdrop",
-            drop_prob=0.5,
-            prob_grid="log2",
-            act_fp_first_token=True,
-            act_layout="shared",
-            iters=10,
-            num_samples=8,
-            batch_size=4,
-            module_bits={"model.layers.1.mlp.down_proj": 2},
-        ),
-    ),
-}
+# What each legacy checkpoint was built from (before method "auto"): causal LM?, the QLimitConfig arguments.
+LEGACY_KWARGS = {name: (build is llama, kwargs) for name, (build, kwargs) in CASES.items()}
 
 
 def _saved_config(name: str) -> dict:
