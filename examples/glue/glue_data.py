@@ -1,4 +1,5 @@
-"""GLUE data for `run_glue.py`: the task table and loading from the Hub, GLUE tsv files or csv/json files.
+"""GLUE data for `run_glue.py`: the task table, loading from the Hub, GLUE tsv files or csv/json files, and
+the labels (regression or classes, dataset label -> model output).
 
 Whatever the source, every split comes out with the column names and label ids of the Hub's `nyu-mll/glue`,
 so a model fine-tuned on one source evaluates on another.
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 logger = hf_logging.get_logger(__name__)
@@ -235,3 +237,32 @@ def text_keys(task: str | None, column_names: list[str]) -> tuple[str, str | Non
     if not names:
         raise ValueError(f"No text column besides `label` in {column_names}.")
     return (names[0], names[1]) if len(names) >= 2 else (names[0], None)
+
+
+def resolve_labels(raw: datasets.DatasetDict, task: str | None) -> tuple[bool, list | None]:
+    """(is_regression, label_list) as in transformers' run_glue.py."""
+    if task is not None:
+        return task == "stsb", TASK_LABELS[task]
+    reference = raw["train"] if "train" in raw else raw["validation"]
+    if reference.features["label"].dtype in ("float32", "float64"):
+        return True, None
+    return False, sorted(set(reference.unique("label")) | set(raw["validation"].unique("label")))
+
+
+def label_mapping(model: PreTrainedModel, task: str | None, label_list: list | None) -> dict | None:
+    """Dataset label -> model output index (None: the same); names the model's labels when it has none."""
+    if label_list is None:
+        return None
+    if task is not None and model.config.label2id != PretrainedConfig(num_labels=len(label_list)).label2id:
+        # A model fine-tuned with named labels may order them differently from the Hub.
+        model_labels = {str(k).lower(): int(v) for k, v in model.config.label2id.items()}
+        if sorted(model_labels) == sorted(label_list):
+            return {i: model_labels[name] for i, name in enumerate(label_list)}
+        logger.warning(
+            f"The model's labels {sorted(model_labels)} are not the task's {label_list}; ids used as they are."
+        )
+        return None
+    model.config.label2id = {str(name): i for i, name in enumerate(label_list)}
+    model.config.id2label = {i: str(name) for i, name in enumerate(label_list)}
+    # GLUE data holds ids already; custom files hold raw values (names or numbers), mapped to their index.
+    return None if task is not None else {name: i for i, name in enumerate(label_list)}

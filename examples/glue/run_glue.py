@@ -17,7 +17,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,8 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     HfArgumentParser,
-    PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -47,7 +50,7 @@ from hf_qlimit.cli.arguments import (  # importing hf_qlimit adds PreTrainedMode
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # glue_data.py sits beside this script
-from glue_data import TASK_LABELS, TASKS, check_task, eval_splits, load_raw_datasets, text_keys
+from glue_data import TASKS, check_task, eval_splits, label_mapping, load_raw_datasets, resolve_labels, text_keys
 
 logger = hf_logging.get_logger(__name__)
 
@@ -114,33 +117,20 @@ def evaluate_model(
     return metric.compute(predictions=np.concatenate(predictions), references=np.concatenate(references))
 
 
-def resolve_labels(raw: datasets.DatasetDict, task: str | None) -> tuple[bool, list | None]:
-    """(is_regression, label_list) as in transformers' run_glue.py."""
-    if task is not None:
-        return task == "stsb", TASK_LABELS[task]
-    reference = raw["train"] if "train" in raw else raw["validation"]
-    if reference.features["label"].dtype in ("float32", "float64"):
-        return True, None
-    return False, sorted(set(reference.unique("label")) | set(raw["validation"].unique("label")))
-
-
-def label_mapping(model: PreTrainedModel, task: str | None, label_list: list | None) -> dict | None:
-    """Dataset label -> model output index (None: the same); names the model's labels when it has none."""
-    if label_list is None:
-        return None
-    if task is not None and model.config.label2id != PretrainedConfig(num_labels=len(label_list)).label2id:
-        # A model fine-tuned with named labels may order them differently from the Hub.
-        model_labels = {str(k).lower(): int(v) for k, v in model.config.label2id.items()}
-        if sorted(model_labels) == sorted(label_list):
-            return {i: model_labels[name] for i, name in enumerate(label_list)}
-        logger.warning(
-            f"The model's labels {sorted(model_labels)} are not the task's {label_list}; ids used as they are."
-        )
-        return None
-    model.config.label2id = {str(name): i for i, name in enumerate(label_list)}
-    model.config.id2label = {i: str(name) for i, name in enumerate(label_list)}
-    # GLUE data holds ids already; custom files hold raw values (names or numbers), mapped to their index.
-    return None if task is not None else {name: i for i, name in enumerate(label_list)}
+def evaluate_splits(
+    eval_sets: dict[str, datasets.Dataset],
+    collator: DataCollatorWithPadding,
+    metric: evaluate.EvaluationModule,
+    batch_size: int,
+    device: torch.device,
+    is_regression: bool,
+    model: PreTrainedModel,
+) -> dict[str, dict[str, float]]:
+    """`evaluate_model` on every evaluation split."""
+    return {
+        split: evaluate_model(model, ds, collator, metric, batch_size, device, is_regression)
+        for split, ds in eval_sets.items()
+    }
 
 
 def _setup_logging(training_args: TrainingArguments) -> None:
@@ -170,14 +160,191 @@ def _summary(task: str | None, quant: dict[str, Any], fp: dict, quantized: dict,
     return " | ".join(parts)
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
+@dataclass
+class GlueData:
+    """The tokenized (unpadded) data of a run: evaluation sets, the calibration draw, the fine-tuning set."""
+
+    eval_sets: dict[str, datasets.Dataset]
+    calib: datasets.Dataset  # model inputs only
+    calib_split: str
+    train: datasets.Dataset | None
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Adds the seconds the block took to `timings[key]` (only if it finished)."""
+    tick = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - tick
+
+
+def load_model(
+    model_args: ModelArguments, task: str | None, num_labels: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The FP classifier (with `num_labels` outputs) and its tokenizer."""
+    common = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    config = AutoConfig.from_pretrained(
+        model_args.config_name or model_args.model_name_or_path, num_labels=num_labels, finetuning_task=task, **common
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **common)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **common,
+    )
+    return model, tokenizer
+
+
+def _needed_splits(
+    raw: datasets.DatasetDict, data_args: DataTrainingArguments, num_samples: int, seed: int, do_train: bool
+) -> tuple[dict[str, datasets.Dataset], str]:
+    """Only what is used gets tokenized: the evaluation sets, the calibration draw and, to fine-tune, train."""
+    task = data_args.task_name
+    needed = {split: raw[split] for split in eval_splits(task)}
+    if data_args.max_eval_samples is not None:
+        needed = {s: ds.select(range(min(data_args.max_eval_samples, len(ds)))) for s, ds in needed.items()}
+    calib_split = "train" if "train" in raw else eval_splits(task)[0]
+    if calib_split != "train":
+        logger.warning(
+            f"No train split: calibrating on {num_samples} samples of the '{calib_split}' split, the one "
+            "being evaluated, so the quantized metrics are optimistic."
+        )
+    # Calibration: a seeded random draw of num_samples sentences (hf_qlimit then takes all of them).
+    needed["calibration"] = raw[calib_split].shuffle(seed=seed).select(range(min(num_samples, len(raw[calib_split]))))
+    if do_train:
+        if "train" not in raw:
+            raise ValueError("--do_train needs a train split, and the data has none.")
+        needed["train"] = raw["train"]
+        if data_args.max_train_samples is not None:
+            needed["train"] = raw["train"].select(range(min(data_args.max_train_samples, len(raw["train"]))))
+    return needed, calib_split
+
+
+def prepare_data(
+    raw: datasets.DatasetDict,
+    data_args: DataTrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    label_to_id: dict | None,
+    qconfig: Any,
+    do_train: bool,
+) -> GlueData:
+    """Tokenizes what the run needs, without padding: calibration takes unpadded sequences, evaluation pads each
+    batch."""
+    task = data_args.task_name
+    key1, key2 = text_keys(task, raw[eval_splits(task)[0]].column_names)
+
+    def preprocess(examples: dict[str, list]) -> dict[str, list]:
+        texts = (examples[key1],) if key2 is None else (examples[key1], examples[key2])
+        out = tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
+        labels = examples["label"]
+        out["labels"] = labels if label_to_id is None else [label_to_id[label] for label in labels]
+        return out
+
+    needed, calib_split = _needed_splits(raw, data_args, qconfig.num_samples, qconfig.seed, do_train)
+    tokenized = {
+        split: ds.map(
+            preprocess,
+            batched=True,
+            remove_columns=ds.column_names,
+            desc=f"Tokenizing {split}",
+            load_from_cache_file=not data_args.overwrite_cache,
+        )
+        for split, ds in needed.items()
+    }
+    calib = tokenized["calibration"]
+    calib = calib.select_columns([c for c in tokenizer.model_input_names if c in calib.column_names])
+    eval_sets = {split: tokenized[split] for split in eval_splits(task)}
+    return GlueData(eval_sets, calib, calib_split, tokenized.get("train"))
+
+
+def fine_tune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: datasets.Dataset,
+    collator: DataCollatorWithPadding,
+    training_args: TrainingArguments,
+    output_dir: Path,
+) -> None:
+    """`--do_train`: the Trainer fine-tunes `model` in place; the FP result is saved to `output_dir/fp_model`."""
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=collator,
+    )
+    trainer.train()
+    trainer.save_model(str(output_dir / "fp_model"))  # the fine-tuned FP model, to quantize again later
+
+
+def quantize_and_save(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    calib: datasets.Dataset,
+    qconfig: Any,
+    quant_args: QuantizationArguments,
+    output_dir: Path,
+    timings: dict[str, float],
+) -> None:
+    """Quantizes `model` in place and saves it with its tokenizer to `output_dir`."""
+    with timed(timings, "quantize_s"):
+        quantized = model.quantize_qlimit(calib, qconfig, **quant_args.quantize_kwargs())
+        model = quantized if isinstance(quantized, PreTrainedModel) else model
+    with timed(timings, "save_s"):
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+
+
+def write_results(
+    output_dir: Path,
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    data: GlueData,
+    qconfig: Any,
+    fp_metrics: dict,
+    q_metrics: dict,
+    timings: dict[str, float],
+    quant_settings: dict[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Writes results.json and prints the one-line summary; returns the results."""
+    task = data_args.task_name
+    results = {
+        "task": task,
+        "model_name_or_path": model_args.model_name_or_path,
+        "data": data_args.data_dir or data_args.validation_file or f"hub:nyu-mll/glue/{task}",
+        "eval_samples": {split: len(ds) for split, ds in data.eval_sets.items()},
+        "calibration": {"split": data.calib_split, "num_samples": len(data.calib), "seed": qconfig.seed},
+        "fp": fp_metrics,
+        "quantized": q_metrics,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "qlimit_config": quant_settings,
+        "environment": run_environment(device),
+    }
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(_summary(task, quant_settings, fp_metrics, q_metrics, timings["quantize_s"]))
+    return results
+
+
+def parse(args: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, Any, TrainingArguments]:
+    """The four argument dataclasses, from `args`, the command line or a .json file; sets up logging."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, QuantizationArguments, TrainingArguments))
     model_args, data_args, quant_args, training_args = parse_arguments(parser, args)
     _setup_logging(training_args)
     if not training_args.output_dir:
         raise ValueError("--output_dir is required: the quantized model and results.json are written there.")
-    output_dir = Path(training_args.output_dir)
-    task = data_args.task_name
+    return model_args, data_args, quant_args, training_args
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, quant_args, training_args = parse(args)
+    output_dir, task = Path(training_args.output_dir), data_args.task_name
     start = time.perf_counter()
     timings: dict[str, float] = {}
     set_seed(training_args.seed)
@@ -196,138 +363,35 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     qconfig = quant_args.to_config(seed=training_args.seed, max_length=data_args.max_seq_length).resolved(
         causal_lm=False
     )
-
-    num_labels = 1 if is_regression else len(label_list)
-    common = {
-        "cache_dir": model_args.cache_dir,
-        "revision": model_args.model_revision,
-        "token": model_args.token,
-        "trust_remote_code": model_args.trust_remote_code,
-    }
-    config = AutoConfig.from_pretrained(
-        model_args.config_name or model_args.model_name_or_path, num_labels=num_labels, finetuning_task=task, **common
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **common)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path,
-        config=config,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        **common,
-    )
+    model, tokenizer = load_model(model_args, task, 1 if is_regression else len(label_list))
     label_to_id = label_mapping(model, task, label_list)
-
-    key1, key2 = text_keys(task, raw[eval_splits(task)[0]].column_names)
-
-    def preprocess(examples: dict[str, list]) -> dict[str, list]:
-        texts = (examples[key1],) if key2 is None else (examples[key1], examples[key2])
-        # No padding: calibration takes unpadded sequences, evaluation pads each batch.
-        out = tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
-        labels = examples["label"]
-        out["labels"] = labels if label_to_id is None else [label_to_id[label] for label in labels]
-        return out
-
-    # Only what is used gets tokenized: the evaluation sets, the calibration draw and, to fine-tune, train.
-    needed = {split: raw[split] for split in eval_splits(task)}
-    if data_args.max_eval_samples is not None:
-        needed = {s: ds.select(range(min(data_args.max_eval_samples, len(ds)))) for s, ds in needed.items()}
-    calib_split = "train" if "train" in raw else eval_splits(task)[0]
-    if calib_split != "train":
-        logger.warning(
-            f"No train split: calibrating on {qconfig.num_samples} samples of the '{calib_split}' split, the one "
-            "being evaluated, so the quantized metrics are optimistic."
-        )
-    # Calibration: a seeded random draw of num_samples sentences (hf_qlimit then takes all of them).
-    needed["calibration"] = (
-        raw[calib_split].shuffle(seed=qconfig.seed).select(range(min(qconfig.num_samples, len(raw[calib_split]))))
-    )
-    if training_args.do_train:
-        if "train" not in raw:
-            raise ValueError("--do_train needs a train split, and the data has none.")
-        needed["train"] = raw["train"]
-        if data_args.max_train_samples is not None:
-            needed["train"] = raw["train"].select(range(min(data_args.max_train_samples, len(raw["train"]))))
-    tokenized = {
-        split: ds.map(
-            preprocess,
-            batched=True,
-            remove_columns=ds.column_names,
-            desc=f"Tokenizing {split}",
-            load_from_cache_file=not data_args.overwrite_cache,
-        )
-        for split, ds in needed.items()
-    }
+    data = prepare_data(raw, data_args, tokenizer, label_to_id, qconfig, training_args.do_train)
     collator = DataCollatorWithPadding(tokenizer)
-    eval_sets = {split: tokenized[split] for split in eval_splits(task)}
-    calib = tokenized["calibration"]
-    calib = calib.select_columns([c for c in tokenizer.model_input_names if c in calib.column_names])
-
     if training_args.do_train:
-        tick = time.perf_counter()
-        trainer = Trainer(
-            model=model,
-            args=training_args,
-            train_dataset=tokenized["train"],
-            processing_class=tokenizer,
-            data_collator=collator,
-        )
-        trainer.train()
-        trainer.save_model(str(output_dir / "fp_model"))  # the fine-tuned FP model, to quantize again later
-        timings["train_s"] = time.perf_counter() - tick
+        with timed(timings, "train_s"):
+            fine_tune(model, tokenizer, data.train, collator, training_args, output_dir)
 
     device = training_args.device
     model.to(device)
-    metric = load_metric(task, is_regression)
-    eval_batch = training_args.per_device_eval_batch_size
-
-    def run_eval(m: PreTrainedModel) -> dict[str, dict[str, float]]:
-        return {
-            split: evaluate_model(m, ds, collator, metric, eval_batch, device, is_regression)
-            for split, ds in eval_sets.items()
-        }
-
-    tick = time.perf_counter()
-    fp_metrics = run_eval(model)
-    timings["fp_eval_s"] = time.perf_counter() - tick
+    metric, batch_size = load_metric(task, is_regression), training_args.per_device_eval_batch_size
+    run_eval = partial(evaluate_splits, data.eval_sets, collator, metric, batch_size, device, is_regression)
+    with timed(timings, "fp_eval_s"):
+        fp_metrics = run_eval(model)
     logger.info(f"FP metrics: {fp_metrics}")
-
     quant_settings = qconfig.to_dict()
     quant_settings.pop("layer_config", None)  # filled by quantization: per-module detail, not a setting
-
-    tick = time.perf_counter()
-    quantized = model.quantize_qlimit(calib, qconfig)
-    model = quantized if isinstance(quantized, PreTrainedModel) else model
-    timings["quantize_s"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    timings["save_s"] = time.perf_counter() - tick
+    quantize_and_save(model, tokenizer, data.calib, qconfig, quant_args, output_dir, timings)
     del model  # what is evaluated next is only what was written to disk
-
-    tick = time.perf_counter()
-    reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir).to(device)
-    timings["load_s"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    q_metrics = run_eval(reloaded)
-    timings["quantized_eval_s"] = time.perf_counter() - tick
+    with timed(timings, "load_s"):
+        reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir).to(device)
+    with timed(timings, "quantized_eval_s"):
+        q_metrics = run_eval(reloaded)
     timings["total_s"] = time.perf_counter() - start
     logger.info(f"Quantized metrics: {q_metrics}")
 
-    results = {
-        "task": task,
-        "model_name_or_path": model_args.model_name_or_path,
-        "data": data_args.data_dir or data_args.validation_file or f"hub:nyu-mll/glue/{task}",
-        "eval_samples": {split: len(ds) for split, ds in eval_sets.items()},
-        "calibration": {"split": calib_split, "num_samples": len(calib), "seed": qconfig.seed},
-        "fp": fp_metrics,
-        "quantized": q_metrics,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "qlimit_config": quant_settings,
-        "environment": run_environment(device),
-    }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(_summary(task, quant_settings, fp_metrics, q_metrics, timings["quantize_s"]))
-    return results
+    return write_results(
+        output_dir, model_args, data_args, data, qconfig, fp_metrics, q_metrics, timings, quant_settings, device
+    )
 
 
 if __name__ == "__main__":

@@ -265,9 +265,12 @@ def test_custom_csv_files_with_named_labels(run_glue, tmp_path):
         "none",
         "--num_samples",
         "4",
+        "--work_dir",
+        str(tmp_path / "work"),
     ]
     results = run_glue.main(args)
 
+    assert (tmp_path / "work" / "progress.json").is_file()  # quantize_qlimit got --work_dir
     preds = _predict(out, texts).argmax(-1)
     labels = np.array([y for _, y in rows[6:]])  # sorted label names: neg -> 0, pos -> 1
     assert results["quantized"] == {"validation": {"accuracy": pytest.approx(float((preds == labels).mean()))}}
