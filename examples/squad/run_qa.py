@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -234,29 +235,28 @@ def _em_f1(scores: dict[str, Any]) -> str:
     return f"EM {em:.2f} F1 {scores['f1']:.2f}"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, QAQuantizationArguments, TrainingArguments))
-    model_args, data_args, quant_args, training_args = parse_arguments(parser, argv)
-    logging.enable_default_handler()
-    logging.enable_explicit_format()
-    # INFO for this example (run_qa + utils_qa), while transformers itself stays at its own verbosity.
-    logging.get_logger("transformers.examples.squad").setLevel(logging.INFO)
-    set_seed(training_args.seed)
-    os.makedirs(training_args.output_dir, exist_ok=True)
-
+def load_model(
+    model_args: ModelArguments, data_args: DataTrainingArguments, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The FP model on `device` and its tokenizer; `--max_seq_length` is cut to what the tokenizer takes."""
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir
     )
     model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
-    model.to(training_args.device)
+    model.to(device)
     if data_args.max_seq_length > tokenizer.model_max_length:
         logger.warning(f"max_seq_length {data_args.max_seq_length} > model maximum {tokenizer.model_max_length}.")
         data_args.max_seq_length = tokenizer.model_max_length
     if data_args.doc_stride >= data_args.max_seq_length:
         raise ValueError("doc_stride must be smaller than max_seq_length.")
+    return model, tokenizer
 
-    eval_examples, calib_examples = load_examples(data_args, model_args)
-    eval_features = eval_examples.map(
+
+def evaluation_features(
+    eval_examples: Dataset, tokenizer: PreTrainedTokenizerBase, data_args: DataTrainingArguments
+) -> Dataset:
+    """The evaluation windows, with the offsets and example ids that decoding needs."""
+    return eval_examples.map(
         prepare_features,
         batched=True,
         remove_columns=eval_examples.column_names,
@@ -265,71 +265,118 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         desc="Evaluation features",
     )
-    logger.info(f"Evaluating on {len(eval_examples)} questions ({len(eval_features)} windows).")
-    metric = load_metric(data_args.version_2_with_negative)
-    batch_size = training_args.per_device_eval_batch_size
-    eval_kwargs = dict(
-        examples=eval_examples,
-        features=eval_features,
-        tokenizer=tokenizer,
-        metric=metric,
-        data_args=data_args,
-        batch_size=batch_size,
-        output_dir=training_args.output_dir,
-    )
 
-    results: dict[str, Any] = {
+
+def quantize(
+    model: PreTrainedModel,
+    calib_examples: Dataset | None,
+    tokenizer: PreTrainedTokenizerBase,
+    data_args: DataTrainingArguments,
+    quant_args: QAQuantizationArguments,
+    seed: int,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """The quantized model and the `quantization` entry of results.json (label, config, windows, seconds)."""
+    if calib_examples is None:
+        raise ValueError(
+            "No calibration data: give --train_file (or a --dataset_name with a train split), or an "
+            "--article_parity so that calibration uses the other articles of --validation_file."
+        )
+    qconfig = quant_args.to_config(seed=seed).for_model(model)  # seed: --quant_seed, else --seed
+    calib = calibration_features(calib_examples, tokenizer, data_args, qconfig.num_samples, qconfig.seed)
+    label = quant_args.label(qconfig.method)
+    logger.info(f"Quantizing ({label}, preset {qconfig.preset}) on {len(calib)} calibration windows.")
+    t0 = time.perf_counter()
+    quantized = model.quantize_qlimit(calib, qconfig, **quant_args.quantize_kwargs())
+    # quantize_qlimit works in place; accept a returned model too.
+    model = quantized if isinstance(quantized, PreTrainedModel) else model
+    return model, {
+        "label": label,
+        "config": {k: v for k, v in qconfig.to_dict().items() if k != "layer_config"},
+        "calibration_features": len(calib),
+        "quantize_seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def parse(argv: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, Any, TrainingArguments]:
+    """The four argument dataclasses, from `argv`, the command line or a .json file; sets up logging."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, QAQuantizationArguments, TrainingArguments))
+    model_args, data_args, quant_args, training_args = parse_arguments(parser, argv)
+    logging.enable_default_handler()
+    logging.enable_explicit_format()
+    # INFO for this example (run_qa + utils_qa), while transformers itself stays at its own verbosity.
+    logging.get_logger("transformers.examples.squad").setLevel(logging.INFO)
+    return model_args, data_args, quant_args, training_args
+
+
+def new_results(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    eval_examples: Dataset,
+    eval_features: Dataset,
+    device: torch.device,
+) -> dict[str, Any]:
+    """results.json before any evaluation: what ran on what, where; "results" fills in stage by stage."""
+    return {
         "model": model_args.model_name_or_path,
         "task": "squad_v2" if data_args.version_2_with_negative else "squad",
         "eval_examples": len(eval_examples),
         "eval_features": len(eval_features),
         "data": {k: v for k, v in asdict(data_args).items() if k not in ("eval_fp", "eval_reloaded")},
-        "environment": run_environment(training_args.device),
+        "environment": run_environment(device),
         "results": {},
     }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, quant_args, training_args = parse(argv)
+    set_seed(training_args.seed)
+    output_dir = training_args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+
+    model, tokenizer = load_model(model_args, data_args, training_args.device)
+    eval_examples, calib_examples = load_examples(data_args, model_args)
+    eval_features = evaluation_features(eval_examples, tokenizer, data_args)
+    logger.info(f"Evaluating on {len(eval_examples)} questions ({len(eval_features)} windows).")
+    evaluate = partial(
+        run_evaluation,
+        examples=eval_examples,
+        features=eval_features,
+        tokenizer=tokenizer,
+        metric=load_metric(data_args.version_2_with_negative),
+        data_args=data_args,
+        batch_size=training_args.per_device_eval_batch_size,
+        output_dir=output_dir,
+    )
+
+    results = new_results(model_args, data_args, eval_examples, eval_features, training_args.device)
+    scores = results["results"]
     summary = [f"[squad] {Path(model_args.model_name_or_path).name} | {len(eval_examples)} questions"]
     fp_starts = None
     if data_args.eval_fp:
-        results["results"]["fp"], fp_starts = run_evaluation("fp", model, **eval_kwargs)
-        summary.append(f"FP {_em_f1(results['results']['fp'])}")
+        scores["fp"], fp_starts = evaluate("fp", model)
+        summary.append(f"FP {_em_f1(scores['fp'])}")
 
     if quant_args.quantize:
-        if calib_examples is None:
-            raise ValueError(
-                "No calibration data: give --train_file (or a --dataset_name with a train split), or an "
-                "--article_parity so that calibration uses the other articles of --validation_file."
-            )
-        qconfig = quant_args.to_config(seed=training_args.seed).for_model(model)  # seed: --quant_seed, else --seed
-        calib = calibration_features(calib_examples, tokenizer, data_args, qconfig.num_samples, qconfig.seed)
-        label = quant_args.label(qconfig.method)
-        logger.info(f"Quantizing ({label}, preset {qconfig.preset}) on {len(calib)} calibration windows.")
-        t0 = time.perf_counter()
-        quantized = model.quantize_qlimit(calib, qconfig)
-        # quantize_qlimit works in place; accept a returned model too.
-        model = quantized if isinstance(quantized, PreTrainedModel) else model
-        quantize_seconds = round(time.perf_counter() - t0, 2)
-        results["quantization"] = {
-            "label": label,
-            "config": {k: v for k, v in qconfig.to_dict().items() if k != "layer_config"},
-            "calibration_features": len(calib),
-            "quantize_seconds": quantize_seconds,
-        }
-        results["results"]["quantized"], q_starts = run_evaluation("quantized", model, **eval_kwargs)
+        model, quantization = quantize(model, calib_examples, tokenizer, data_args, quant_args, training_args.seed)
+        results["quantization"] = quantization
+        scores["quantized"], q_starts = evaluate("quantized", model)
         if fp_starts is not None:  # how far quantization moved the logits, beyond what EM/F1 show
-            results["quantization"]["max_abs_start_logit_diff_vs_fp"] = _max_diff(fp_starts, q_starts)
-        summary.append(f"{label} {_em_f1(results['results']['quantized'])} ({quantize_seconds:.0f}s)")
-        model.save_pretrained(training_args.output_dir)
-        tokenizer.save_pretrained(training_args.output_dir)
+            quantization["max_abs_start_logit_diff_vs_fp"] = _max_diff(fp_starts, q_starts)
+        summary.append(
+            f"{quantization['label']} {_em_f1(scores['quantized'])} ({quantization['quantize_seconds']:.0f}s)"
+        )
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
         if data_args.eval_reloaded:
             del model  # the reloaded model must stand on what was written to disk alone
-            reloaded = AutoModelForQuestionAnswering.from_pretrained(training_args.output_dir)
+            reloaded = AutoModelForQuestionAnswering.from_pretrained(output_dir)
             reloaded.to(training_args.device)
-            results["results"]["reloaded"], r_starts = run_evaluation("reloaded", reloaded, **eval_kwargs)
-            results["quantization"]["max_abs_start_logit_diff_reloaded"] = _max_diff(q_starts, r_starts)
-            summary.append(f"reloaded {_em_f1(results['results']['reloaded'])}")
+            scores["reloaded"], r_starts = evaluate("reloaded", reloaded)
+            quantization["max_abs_start_logit_diff_reloaded"] = _max_diff(q_starts, r_starts)
+            summary.append(f"reloaded {_em_f1(scores['reloaded'])}")
 
     results["summary"] = " | ".join(summary)
-    with open(os.path.join(training_args.output_dir, "results.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     logger.info(results["summary"])
     print(results["summary"])

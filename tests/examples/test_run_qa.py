@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
+from helpers import tiny_bert
+from transformers import BertForQuestionAnswering, BertTokenizerFast
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples" / "squad"))
@@ -88,15 +89,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     # transformers 5 reads the vocabulary from `vocab=`; `vocab_file=` is silently ignored.
     tokenizer = BertTokenizerFast(vocab=str(root / "vocab.txt"))
+    # tests/helpers.py's tiny BERT (2 layers of 32, 64 positions: the tests' windows are 32 tokens) with a QA head;
+    # its vocabulary covers the tokenizer's, and its num_labels = 2 is the head's start and end logits.
+    config = tiny_bert().config
+    assert config.vocab_size >= len(vocab) and config.num_labels == 2
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
     model_dir = root / "model"
     BertForQuestionAnswering(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -339,8 +336,11 @@ def test_quantize_save_reload_end_to_end(tiny, tmp_path):
         "2",
         "--max_eval_samples",
         "10",
+        "--work_dir",
+        str(tmp_path / "work"),
     )
     out = tmp_path / "out"
+    assert (tmp_path / "work" / "progress.json").is_file()  # quantize_qlimit got --work_dir
     assert set(results["results"]) == {"fp", "quantized", "reloaded"}
     assert results["eval_examples"] == 10
     assert results["quantization"]["calibration_features"] == 6
