@@ -15,8 +15,8 @@ from helpers import calib_samples, decoder_calib, tiny_bert, tiny_decoder
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
+from hf_qlimit.calibration.quant_state import quant_state
 from hf_qlimit.export import ExportError
-from hf_qlimit.hf.surgery import quant_state
 
 needs_ct = pytest.mark.skipif(
     __import__("importlib").util.find_spec("compressed_tensors") is None,

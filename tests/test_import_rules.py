@@ -2,9 +2,12 @@
 
 What a loaded checkpoint runs (nn/, quantizers/, models/, hf/) and the config never import the calibration
 engine, mixed precision, the transforms' application or the exporters; the exporters never import the calibration
-engine. Checked twice: every import statement of those files (module level and inside functions, relative ones
-resolved, `importlib.import_module("...")` with a literal name too), and what they load when imported (the
-module-level imports, followed through the package, parent packages' `__init__` included)."""
+engine; mixed precision and the transforms (their application included) never import the calibration engine or
+the exporters, and mixed precision not the transforms' application either: what they share with the engine is in
+`hf_qlimit.forward`, which imports nothing from hf_qlimit. Within the package only `hf_qlimit.quantize` (api.py)
+imports the calibration engine. Checked twice: every import statement of those files (module level and inside
+functions, relative ones resolved, `importlib.import_module("...")` with a literal name too), and what they load
+when imported (the module-level imports, followed through the package, parent packages' `__init__` included)."""
 
 from __future__ import annotations
 
@@ -25,7 +28,12 @@ RULES = {  # files (a folder: every module in it) -> the modules (and their subm
     "models": ENGINE,
     "hf": ENGINE,
     "config.py": ENGINE,
+    "config_checks.py": ENGINE,
+    "presets.py": ENGINE,
     "export": ("hf_qlimit.calibration",),
+    "transforms": ("hf_qlimit.calibration", "hf_qlimit.mixed_precision", "hf_qlimit.export"),
+    "mixed_precision": ("hf_qlimit.calibration", "hf_qlimit.transforms.apply", "hf_qlimit.export"),
+    "forward.py": ("hf_qlimit",),  # the leaf that calibration, mixed precision and the transforms share
 }
 
 
@@ -156,7 +164,7 @@ def test_importing_a_module_loads_nothing_it_may_not_import(rule):
     errors = []
     for path in _checked_files(rule):
         for loaded, chain in _loaded_by(_module_name(path), modules, forbidden).items():
-            if _is_under(loaded, forbidden):
+            if chain and _is_under(loaded, forbidden):  # chain (): the module itself
                 errors.append(f"importing {_module_name(path)} loads {loaded}:\n    " + "\n    ".join(chain))
     if errors:
         pytest.fail(f"hf_qlimit/{rule} must not load {', '.join(forbidden)}:\n" + "\n".join(errors), pytrace=False)
@@ -183,6 +191,62 @@ def test_the_rules_see_relative_and_function_level_imports(tmp_path, monkeypatch
     assert ("a.py", "hf_qlimit.export.gguf", False) in found
     with pytest.raises(pytest.fail.Exception, match=r"hf_qlimit/nn/a\.py:4: from \.\.transforms\.apply import x"):
         test_no_import_statement_breaks_the_layering("nn")
+
+
+ENGINE_USER = "hf_qlimit.api"  # `hf_qlimit.quantize`: the one way into the calibration engine
+
+
+def test_only_the_quantize_entry_point_imports_the_calibration_engine():
+    """Outside calibration/, only api.py imports the engine (function level included): mixed precision and the
+    transforms take what they share with it from hf_qlimit.forward."""
+    engine = ("hf_qlimit.calibration",)
+    errors = {}
+    for name, path in _modules().items():
+        if _is_under(name, engine) or name == ENGINE_USER:
+            continue
+        for line, module, _, text in _imports(path):
+            if _is_under(module, engine):
+                errors.setdefault((name, line), f"{_where(path, line, text)}  (imports {module})")
+    if errors:
+        pytest.fail(
+            f"only {ENGINE_USER} may import hf_qlimit.calibration:\n" + "\n".join(errors.values()), pytrace=False
+        )
+
+
+def test_the_shared_helpers_rules_fail_on_a_tree_that_breaks_them(tmp_path, monkeypatch):
+    """The rules on forward.py, mixed_precision, transforms and the engine's one entry point, on a tree where
+    mixed precision and the transforms reach into the engine and forward.py imports the package."""
+    package = tmp_path / "hf_qlimit"
+    files = {
+        "__init__.py": "",
+        "api.py": "def quantize():\n    from .calibration.pipeline import quantize_model\n",
+        "forward.py": "from .nn import modules\n",
+        "nn/__init__.py": "",
+        "calibration/__init__.py": "",
+        "calibration/pipeline.py": "from ..forward import to_device\n",
+        "calibration/fisher.py": "",
+        "mixed_precision/__init__.py": "",
+        "mixed_precision/sensitivity.py": "from ..calibration.fisher import output_logits\n",
+        "transforms/__init__.py": "",
+        "transforms/stats.py": "import torch\nfrom ..calibration.block_inputs import to_device\n",
+    }
+    for name, text in files.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
+    for rule, where in [
+        ("forward.py", r"hf_qlimit/forward\.py:1: from \.nn import modules"),
+        ("mixed_precision", r"hf_qlimit/mixed_precision/sensitivity\.py:1: from \.\.calibration\.fisher"),
+        ("transforms", r"hf_qlimit/transforms/stats\.py:2: from \.\.calibration\.block_inputs"),
+    ]:
+        with pytest.raises(pytest.fail.Exception, match=where):
+            test_no_import_statement_breaks_the_layering(rule)
+    with pytest.raises(pytest.fail.Exception, match=r"loads hf_qlimit\.calibration"):
+        test_importing_a_module_loads_nothing_it_may_not_import("mixed_precision")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        test_only_the_quantize_entry_point_imports_the_calibration_engine()
+    assert "sensitivity.py:1" in str(failed.value) and "stats.py:2" in str(failed.value)
+    assert "api.py" not in str(failed.value) and "pipeline.py" not in str(failed.value)
 
 
 # -- deprecated aliases, kept for one release --------------------------------------------------------------------

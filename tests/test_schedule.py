@@ -12,8 +12,9 @@ from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.calibration.fisher import damped_fisher
 from hf_qlimit.calibration.pipeline import freeze_quantized
+from hf_qlimit.calibration.quant_state import act_quantizers, quant_state
 from hf_qlimit.calibration.reconstruction import BlockData, masked_error, reconstruct_block
-from hf_qlimit.hf.surgery import act_quantizers, convert_model, quant_state, quantized_modules
+from hf_qlimit.hf.surgery import convert_model, quantized_modules
 from hf_qlimit.models import get_adapter
 from hf_qlimit.quantizers import hardened_fraction
 

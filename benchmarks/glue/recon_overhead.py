@@ -31,8 +31,9 @@ from transformers import AutoModelForSequenceClassification
 from benchmarks import common
 from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
+from hf_qlimit.calibration.quant_state import act_quantizers, quant_state
 from hf_qlimit.calibration.reconstruction import BlockData, reconstruct_block
-from hf_qlimit.hf.surgery import act_quantizers, convert_model, quant_state, quantized_modules
+from hf_qlimit.hf.surgery import convert_model, quantized_modules
 from hf_qlimit.models import get_adapter
 
 DOC = common.RESULTS_DOCS / "glue.md"

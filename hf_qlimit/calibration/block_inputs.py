@@ -12,18 +12,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
+from ..forward import block_output, map_tensors, to_device
 from .cache import ActivationCache, Stream  # a Stream holds one (batch, length, hidden) CPU tensor per batch
 
 
 class _Stop(Exception):
     pass
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Every tensor in a (nested) batch or argument structure, moved to `device`."""
-    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, obj)
 
 
 def select_rows(obj: Any, rows: torch.Tensor, batch_size: int) -> Any:
@@ -33,9 +28,9 @@ def select_rows(obj: Any, rows: torch.Tensor, batch_size: int) -> Any:
         return obj
 
     def pick(x: Any) -> Any:
-        return x[rows] if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == batch_size else x
+        return x[rows] if x.dim() >= 2 and x.shape[0] == batch_size else x
 
-    return tree_map(pick, obj)
+    return map_tensors(pick, obj)
 
 
 class BlockInputs:
@@ -87,11 +82,6 @@ def capture_block_inputs(
             "The first block was not called by the model's forward; the adapter points at the wrong module."
         )
     return hidden, BlockInputs(extra, sizes)
-
-
-def block_output(out: Any) -> torch.Tensor:
-    """The hidden states a block returns, whether alone or first in a tuple."""
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def call_block(

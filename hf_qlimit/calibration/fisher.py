@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hf.surgery import quant_state
-from .block_inputs import Stream, block_output, to_device
-
-
-def output_logits(output) -> list[torch.Tensor]:
-    return [v for k, v in output.items() if k.endswith("logits") and isinstance(v, torch.Tensor)]
+from ..forward import block_output, output_logits, to_device
+from .cache import Stream
+from .quant_state import quant_state
 
 
 def fisher_weights(

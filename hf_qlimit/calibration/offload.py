@@ -23,6 +23,7 @@ from accelerate.utils import OffloadedWeightsLoader, send_to_device, set_module_
 from safetensors.torch import save_file
 from torch import nn
 
+from ..forward import is_dispatched
 from ..nn.modules import set_inference_mode
 from .resume import cpu_state_dict
 
@@ -31,11 +32,6 @@ def _align_hook(module: nn.Module) -> AlignDevicesHook | None:
     hook = getattr(module, "_hf_hook", None)
     hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
     return next((h for h in hooks if isinstance(h, AlignDevicesHook)), None)
-
-
-def is_dispatched(model: nn.Module) -> bool:
-    """Whether accelerate hooks manage some of the model's modules (offloaded or spread over devices)."""
-    return any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
 
 
 def default_device(model: nn.Module) -> torch.device:

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..config import QLimitConfig
+from ..forward import is_dispatched, to_device
 from ..hf.quantizer import QLimitHfQuantizer
-from ..hf.surgery import act_quantizers, quant_state, quantized_modules, share_tied_codes
+from ..hf.surgery import quantized_modules, share_tied_codes
 from ..models import get_adapter
 from ..models.base import ArchitectureAdapter
 from ..nn.modules import set_inference_mode
@@ -35,13 +36,13 @@ from .block_inputs import (
     modules_outside_blocks,
     prefix_modules,
     run_block,
-    to_device,
 )
 from .cache import Stream
 from .data import length_sorted_batches, prepare_calibration
 from .fisher import fisher_weights
 from .observe import AllSeen, calibrate_outside_blocks, observe, stop_once_seen
-from .offload import bound_heap, default_device, is_dispatched
+from .offload import bound_heap, default_device
+from .quant_state import act_quantizers, quant_state
 from .reconstruction import BlockData, block_output_error, reconstruct_block
 from .run import Run
 from .weight_init import init_block_weights

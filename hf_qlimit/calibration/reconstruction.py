@@ -15,10 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import QLimitConfig
-from ..hf.surgery import act_quantizers, quant_state, quantized_modules
+from ..hf.surgery import quantized_modules
 from ..nn.modules import QuantLinear
 from ..quantizers.lsq import ActQuantizer, mix
 from .block_inputs import BlockInputs, Stream, call_block, run_block
+from .quant_state import act_quantizers, quant_state
 from .rounding import Rounding, rounding_for
 
 

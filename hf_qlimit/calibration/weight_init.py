@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from ..config import WEIGHT_INITS
-from ..hf.surgery import quant_state, quantized_modules
+from ..hf.surgery import quantized_modules
 from ..nn.modules import QuantLinear
 from ..quantizers.gptq import HessianAccumulator, gptq_compensated_weight
 from .block_inputs import BlockInputs, Stream, call_block
+from .quant_state import quant_state
 
 
 @torch.no_grad()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from ..config import QLimitConfig
 from ..models.base import input_output_embeddings
 from ..nn.attention import ATTENTION_ATTR, AttentionQuantizers, register_attention
 from ..nn.modules import QuantEmbedding, QuantLinear
-from ..quantizers import ActQuantizer, WeightQuantizer, first_token
+from ..quantizers import ActQuantizer, first_token
 from ..quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
 from ..transforms.input_op import KIND as INPUT_TRANSFORM
 from ..transforms.input_op import InputTransform
@@ -194,21 +193,3 @@ def quantized_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, child in module.named_modules():
         if isinstance(child, (QuantLinear, QuantEmbedding)):
             yield name, child
-
-
-def act_quantizers(module: nn.Module) -> Iterator[ActQuantizer]:
-    return (m for m in module.modules() if isinstance(m, ActQuantizer))
-
-
-@contextmanager
-def quant_state(module: nn.Module, weights: bool, acts: bool) -> Iterator[None]:
-    """Temporarily switch weight and activation quantization inside `module` on or off."""
-    quantizers = [m for m in module.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))]
-    saved = [q.enabled for q in quantizers]
-    for q in quantizers:
-        q.set_enabled(weights if isinstance(q, WeightQuantizer) else acts)
-    try:
-        yield
-    finally:
-        for q, enabled in zip(quantizers, saved):
-            q.set_enabled(enabled)

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.block_inputs import block_output, to_device
-from ..calibration.fisher import output_logits
 from ..config import QLimitConfig
+from ..forward import block_output, output_logits, to_device
 from ..models.base import ArchitectureAdapter
 from ..quantizers import WeightQuantizer
 

@@ -96,7 +96,7 @@ class ActQuantizer(nn.Module):
 
     @property
     def enabled(self) -> bool:
-        """False: `forward` returns its input as it is (see `hf.surgery.quant_state`)."""
+        """False: `forward` returns its input as it is (see `calibration.quant_state`)."""
         return self._enabled
 
     def set_enabled(self, enabled: bool) -> None:

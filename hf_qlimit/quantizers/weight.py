@@ -79,7 +79,7 @@ class WeightQuantizer(nn.Module):
 
     @property
     def enabled(self) -> bool:
-        """False: `forward` returns the weight as it is (see `hf.surgery.quant_state`)."""
+        """False: `forward` returns the weight as it is (see `calibration.quant_state`)."""
         return self._enabled
 
     def set_enabled(self, enabled: bool) -> None:

@@ -4,7 +4,9 @@ from .input_op import InputTransform
 
 
 def apply_transforms(*args, **kwargs):
-    from .apply import apply_transforms as apply  # late: apply imports the pipeline's helpers
+    # Late: loading a checkpoint imports this package (hf/ and models/ need `InputTransform`) and must not load
+    # the transform stage (tests/test_import_rules.py).
+    from .apply import apply_transforms as apply
 
     return apply(*args, **kwargs)
 

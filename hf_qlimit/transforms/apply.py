@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..forward import is_dispatched
 from .channel import migrate
 from .fold import fold_into_norm
 from .input_op import InputTransform, wrap
@@ -57,8 +58,6 @@ def apply_transforms(
     parsed = check_transforms(getattr(config, "transforms", None))
     if not parsed:
         return
-    from ..calibration.offload import is_dispatched
-
     if is_dispatched(model):
         raise ValueError("`transforms` need the whole FP model in memory (one calibration pass); not with offload.")
     if not adapter.norm_inputs or not adapter.ffn_down:

@@ -1,7 +1,7 @@
 """The names `QLimitConfig.transforms` accepts, and their parser.
 
-Kept apart from `apply.py` (which imports the calibration helpers) so that the config can check the names
-when it is built, without importing the transform stage.
+Kept apart from `apply.py` so that the config can check the names when it is built without importing the
+transform stage, which loading a checkpoint must not load (tests/test_import_rules.py).
 """
 
 from __future__ import annotations

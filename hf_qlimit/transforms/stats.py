@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..calibration.block_inputs import to_device
+from ..forward import to_device
 
 
 @torch.no_grad()
