@@ -246,18 +246,34 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
-def main(args: list[str] | None = None) -> dict[str, Any]:
+@dataclass
+class LMData:
+    """The token windows of a run: evaluation windows (from `eval_tokens` tokens) and calibration samples."""
+
+    seq_len: int
+    eval_tokens: int
+    windows: torch.Tensor
+    calib: list[dict[str, torch.Tensor]]
+
+
+def parse(args: list[str] | None) -> tuple[ModelArguments, DataArguments, LMQuantizationArguments, RunArguments]:
+    """The four argument dataclasses, from `args`, the command line or a .json file; sets up logging and threads."""
     parser = HfArgumentParser((ModelArguments, DataArguments, LMQuantizationArguments, RunArguments))
     model_args, data_args, quant_args, run_args = parse_arguments(parser, args)
     _setup_logging()
     if run_args.num_threads:
         torch.set_num_threads(run_args.num_threads)
-    output_dir = Path(run_args.output_dir)
-    device = torch.device(run_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
+    return model_args, data_args, quant_args, run_args
 
-    model, tokenizer, gguf_source = load_model_and_tokenizer(model_args)
+
+def prepare(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    quant_args: LMQuantizationArguments,
+) -> tuple[Any, LMData]:
+    """The resolved `QLimitConfig` (checked against the model) and the evaluation and calibration windows."""
     seq_len = data_args.seq_len or model.config.max_position_embeddings
     qconfig = build_qlimit_config(quant_args, data_args.num_calib_samples, seq_len).for_model(model)
     check_group_size(model, qconfig)
@@ -269,31 +285,72 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         f"{eval_ids.numel()} evaluation tokens -> {windows.shape[0]} windows of {seq_len}; "
         f"{len(calib)} calibration windows"
     )
+    return qconfig, LMData(seq_len, eval_ids.numel(), windows, calib)
+
+
+def quantize_and_save(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    data: LMData,
+    qconfig: Any,
+    quant_args: LMQuantizationArguments,
+    device: torch.device,
+    output_dir: Path,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Quantizes `model` in place (`timings["quantize_s"]`) and saves it with its tokenizer; returns the settings
+    for results.json (the config as resolved before quantization, with the bits mixed precision chose)."""
+    quant_settings = qconfig.to_dict()
+    quant_settings.pop("layer_config", None)  # filled by quantization: per-module detail, not a setting
+    tick = time.perf_counter()
+    model.quantize_qlimit(data.calib, qconfig, device=device, **quant_args.quantize_kwargs())
+    timings["quantize_s"] = time.perf_counter() - tick
+    quant_settings["module_bits"] = model.config.quantization_config.module_bits  # mixed precision's choice
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return quant_settings
+
+
+def data_description(data_args: DataArguments, data: LMData) -> dict[str, Any]:
+    """The "data" entry of results.json: the sources, the window length and how many windows."""
+    hub = f"hub:{data_args.dataset_name}/{data_args.dataset_config_name}"
+    return {
+        "eval": data_args.eval_file or f"{hub}:{data_args.eval_split}",
+        "calib": data_args.calib_file or data_args.eval_file or f"{hub}:{data_args.calib_split}",
+        "seq_len": data.seq_len,
+        "eval_tokens_total": data.eval_tokens,
+        "max_eval_windows": data_args.max_eval_windows,
+        "calib_windows": len(data.calib),
+    }
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, quant_args, run_args = parse(args)
+    output_dir = Path(run_args.output_dir)
+    device = torch.device(run_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    model, tokenizer, gguf_source = load_model_and_tokenizer(model_args)
+    qconfig, data = prepare(model, tokenizer, model_args, data_args, quant_args)
     if model_args.device_map is None:  # a dispatched model stays where accelerate put it
         model.to(device)
 
     fp = None
     if not run_args.skip_fp_eval:
         tick = time.perf_counter()
-        fp = perplexity(model, windows, run_args.eval_batch_size, device)
+        fp = perplexity(model, data.windows, run_args.eval_batch_size, device)
         timings["fp_eval_s"] = time.perf_counter() - tick
         logger.info(f"FP perplexity {fp['ppl']:.4f}")
 
-    quant_settings = qconfig.to_dict()
-    quant_settings.pop("layer_config", None)  # filled by quantization: per-module detail, not a setting
-    tick = time.perf_counter()
-    model.quantize_qlimit(calib, qconfig, device=device, **quant_args.quantize_kwargs())
-    timings["quantize_s"] = time.perf_counter() - tick
-    quant_settings["module_bits"] = model.config.quantization_config.module_bits  # mixed precision's choice
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    quant_settings = quantize_and_save(model, tokenizer, data, qconfig, quant_args, device, output_dir, timings)
     del model  # what is evaluated next is only what was written to disk
 
     tick = time.perf_counter()
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir).to(device)
     timings["load_s"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    quantized = perplexity(reloaded, windows, run_args.eval_batch_size, device)
+    quantized = perplexity(reloaded, data.windows, run_args.eval_batch_size, device)
     timings["quantized_eval_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - start
     logger.info(f"Quantized perplexity {quantized['ppl']:.4f}")
@@ -301,17 +358,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     results = {
         "model_name_or_path": model_args.model_name_or_path,
         "gguf_source": gguf_source,
-        "data": {
-            "eval": data_args.eval_file
-            or f"hub:{data_args.dataset_name}/{data_args.dataset_config_name}:{data_args.eval_split}",
-            "calib": data_args.calib_file
-            or data_args.eval_file
-            or f"hub:{data_args.dataset_name}/{data_args.dataset_config_name}:{data_args.calib_split}",
-            "seq_len": seq_len,
-            "eval_tokens_total": eval_ids.numel(),
-            "max_eval_windows": data_args.max_eval_windows,
-            "calib_windows": len(calib),
-        },
+        "data": data_description(data_args, data),
         "fp": fp,
         "quantized": quantized,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_decoder
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -42,6 +43,30 @@ WORDS = [
     "=",
 ]
 SEQ_LEN = 16  # also the tiny model's context, so the script's default seq_len
+QUICK_QDROP = "--num_calib_samples 4 --method qdrop --iters 3 --batch_size 2"  # a few seconds of reconstruction
+
+
+def argv(*parts: str | Path) -> list[str]:
+    """A command line: each str is split at spaces, each Path is one argument."""
+    return [arg for part in parts for arg in ([str(part)] if isinstance(part, Path) else part.split())]
+
+
+def lm_args(model: Path, data: Path, *parts: str | Path) -> list[str]:
+    """run_ppl.py on the fixture texts in `data` (test.txt evaluated, valid.txt calibrates), then `parts`."""
+    return argv(
+        "--model_name_or_path", model, "--eval_file", data / "test.txt", "--calib_file", data / "valid.txt", *parts
+    )
+
+
+def save_tiny_opt(path: Path, tokenizer_from: Path) -> Path:
+    """tests/helpers.py's tiny OPT decoder (context 64: pass --seq_len) with the fixture's word-level tokenizer,
+    whose ids all fall inside the model's vocabulary."""
+    model = tiny_decoder("opt")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    assert len(tokenizer) <= model.config.vocab_size
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -115,28 +140,8 @@ def hand_perplexity(model_dir: Path, text_file: Path, seq_len: int, max_windows:
 
 def test_perplexities_match_a_hand_computation(run_ppl, tiny_lm, capsys):
     out = tiny_lm / "out"
-    results = run_ppl.main(
-        [
-            "--model_name_or_path",
-            str(tiny_lm / "model"),
-            "--eval_file",
-            str(tiny_lm / "test.txt"),
-            "--calib_file",
-            str(tiny_lm / "valid.txt"),
-            "--num_calib_samples",
-            "6",
-            "--method",
-            "rtn",
-            "--weight_bits",
-            "4",
-            "--act_bits",
-            "8",
-            "--eval_batch_size",
-            "3",
-            "--output_dir",
-            str(out),
-        ]
-    )
+    flags = "--num_calib_samples 6 --method rtn --weight_bits 4 --act_bits 8 --eval_batch_size 3 --output_dir"
+    results = run_ppl.main(lm_args(tiny_lm / "model", tiny_lm, flags, out))
     windows = results["quantized"]["windows"]
     assert results["data"]["seq_len"] == SEQ_LEN and windows >= 8
     assert results["quantized"]["tokens"] == windows * (SEQ_LEN - 1)
@@ -154,34 +159,9 @@ def test_perplexities_match_a_hand_computation(run_ppl, tiny_lm, capsys):
 
 def test_weight_only_groups_and_quick_window_limit(run_ppl, tiny_lm):
     out = tiny_lm / "out-g16"
+    flags = "--num_samples 4 --method qdrop --iters 3 --batch_size 2 --act_bits none --group_size 16 --seq_len 8"
     results = run_ppl.main(
-        [
-            "--model_name_or_path",
-            str(tiny_lm / "model"),
-            "--eval_file",
-            str(tiny_lm / "test.txt"),
-            "--calib_file",
-            str(tiny_lm / "valid.txt"),
-            "--num_samples",
-            "4",
-            "--method",
-            "qdrop",
-            "--iters",
-            "3",
-            "--batch_size",
-            "2",
-            "--act_bits",
-            "none",
-            "--group_size",
-            "16",
-            "--seq_len",
-            "8",
-            "--max_eval_windows",
-            "5",
-            "--skip_fp_eval",
-            "--output_dir",
-            str(out),
-        ]
+        lm_args(tiny_lm / "model", tiny_lm, flags, "--max_eval_windows 5 --skip_fp_eval --output_dir", out)
     )
     assert results["fp"] is None and results["quantized"]["windows"] == 5
     assert results["quantized"]["ppl"] == pytest.approx(hand_perplexity(out, tiny_lm / "test.txt", 8, 5), rel=1e-5)
@@ -190,30 +170,8 @@ def test_weight_only_groups_and_quick_window_limit(run_ppl, tiny_lm):
 
 def test_mixed_precision_flags(run_ppl, tiny_lm):
     out = tiny_lm / "out-mixed"
-    results = run_ppl.main(
-        [
-            "--model_name_or_path",
-            str(tiny_lm / "model"),
-            "--eval_file",
-            str(tiny_lm / "test.txt"),
-            "--calib_file",
-            str(tiny_lm / "valid.txt"),
-            "--num_calib_samples",
-            "4",
-            "--method",
-            "rtn",
-            "--act_bits",
-            "none",
-            "--bit_candidates",
-            "2",
-            "4",
-            "--avg_bits",
-            "3",
-            "--skip_fp_eval",
-            "--output_dir",
-            str(out),
-        ]
-    )
+    flags = "--num_calib_samples 4 --method rtn --act_bits none --bit_candidates 2 4 --avg_bits 3 --skip_fp_eval"
+    results = run_ppl.main(lm_args(tiny_lm / "model", tiny_lm, flags, "--output_dir", out))
     bits = results["qlimit_config"]["module_bits"]
     assert len(bits) == 14 and set(bits.values()) == {2, 4}  # 2 blocks x 7 Linears, both widths used
     reloaded = json.loads((out / "config.json").read_text())["quantization_config"]["module_bits"]
@@ -274,63 +232,19 @@ def test_hub_defaults_are_wikitext2_raw_test_and_train(run_ppl, monkeypatch):
 
 
 def test_opt_runs_through_the_script(run_ppl, tiny_lm, tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    vocab = AutoTokenizer.from_pretrained(tiny_lm / "model").vocab_size
-    config = OPTConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=SEQ_LEN,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
-    AutoTokenizer.from_pretrained(tiny_lm / "model").save_pretrained(tmp_path / "opt")
+    opt = save_tiny_opt(tmp_path / "opt", tiny_lm / "model")
     results = run_ppl.main(
-        [
-            "--model_name_or_path",
-            str(tmp_path / "opt"),
-            "--eval_file",
-            str(tiny_lm / "test.txt"),
-            "--calib_file",
-            str(tiny_lm / "valid.txt"),
-            "--num_calib_samples",
-            "4",
-            "--method",
-            "qdrop",
-            "--iters",
-            "3",
-            "--batch_size",
-            "2",
-            "--act_bits",
-            "8",
-            "--output_dir",
-            str(tmp_path / "out"),
-        ]
+        lm_args(opt, tiny_lm, QUICK_QDROP, f"--seq_len {SEQ_LEN} --act_bits 8 --output_dir", tmp_path / "out")
     )
-    assert results["fp"]["ppl"] == pytest.approx(
-        hand_perplexity(tmp_path / "opt", tiny_lm / "test.txt", SEQ_LEN), rel=1e-5
-    )
+    assert results["fp"]["ppl"] == pytest.approx(hand_perplexity(opt, tiny_lm / "test.txt", SEQ_LEN), rel=1e-5)
     assert results["quantized"]["ppl"] == pytest.approx(
         hand_perplexity(tmp_path / "out", tiny_lm / "test.txt", SEQ_LEN), rel=1e-5
     )
 
 
 def test_argument_errors_fail_before_any_work(run_ppl, tiny_lm):
-    common = [
-        "--model_name_or_path",
-        str(tiny_lm / "model"),
-        "--eval_file",
-        str(tiny_lm / "test.txt"),
-        "--output_dir",
-        str(tiny_lm / "never"),
-    ]
+    common = argv("--model_name_or_path", tiny_lm / "model", "--eval_file", tiny_lm / "test.txt")
+    common += argv("--output_dir", tiny_lm / "never")
     with pytest.raises(ValueError, match="does not divide"):
         run_ppl.main(common + ["--group_size", "12", "--act_bits", "none"])
     with pytest.raises(ValueError, match="disagree"):
@@ -439,26 +353,10 @@ def test_run_ppl_reads_a_gguf_file_directly(run_ppl, tiny_gguf, tiny_lm):
     text = tiny_gguf.parent / "text.txt"
     text.write_text(" = the cab = \n \n" + " the bead , the face . \n \n" * 20, encoding="utf-8")
     results = run_ppl.main(
-        [
-            "--model_name_or_path",
-            str(tiny_gguf.parent),
-            "--gguf_file",
-            tiny_gguf.name,
-            "--eval_file",
-            str(text),
-            "--calib_file",
-            str(text),
-            "--seq_len",
-            "16",
-            "--num_calib_samples",
-            "4",
-            "--method",
-            "rtn",
-            "--act_bits",
-            "none",
-            "--output_dir",
-            str(out),
-        ]
+        argv("--model_name_or_path", tiny_gguf.parent, "--gguf_file", tiny_gguf.name, "--eval_file", text)
+        + argv(
+            "--calib_file", text, "--seq_len 16 --num_calib_samples 4 --method rtn --act_bits none --output_dir", out
+        )
     )
     assert results["gguf_source"]["gguf_file"] == tiny_gguf.name
     assert results["quantized"]["ppl"] == pytest.approx(hand_perplexity(out, text, 16), rel=1e-5)
@@ -476,55 +374,13 @@ def test_smollm2_path_is_found_without_importing_the_package(monkeypatch):
 
 
 def test_disk_offload_through_the_script_gives_the_in_memory_result(run_ppl, tiny_lm, tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    vocab = AutoTokenizer.from_pretrained(tiny_lm / "model").vocab_size
-    config = OPTConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=SEQ_LEN,
-        pad_token_id=0,
-    )
-    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
-    AutoTokenizer.from_pretrained(tiny_lm / "model").save_pretrained(tmp_path / "opt")
-    common = [
-        "--model_name_or_path",
-        str(tmp_path / "opt"),
-        "--eval_file",
-        str(tiny_lm / "test.txt"),
-        "--calib_file",
-        str(tiny_lm / "valid.txt"),
-        "--num_calib_samples",
-        "4",
-        "--method",
-        "qdrop",
-        "--iters",
-        "3",
-        "--batch_size",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    opt = save_tiny_opt(tmp_path / "opt", tiny_lm / "model")
+    common = lm_args(opt, tiny_lm, QUICK_QDROP, f"--seq_len {SEQ_LEN} --device cpu")
     memory = run_ppl.main(common + ["--output_dir", str(tmp_path / "memory")])
     offloaded = run_ppl.main(
         common
-        + [
-            "--output_dir",
-            str(tmp_path / "disk"),
-            "--device_map",
-            "disk",
-            "--offload_folder",
-            str(tmp_path / "off"),
-            "--work_dir",
-            str(tmp_path / "work"),
-            "--cache_budget_mb",
-            "0.01",
-        ]
+        + argv("--output_dir", tmp_path / "disk", "--device_map disk --offload_folder", tmp_path / "off")
+        + argv("--work_dir", tmp_path / "work", "--cache_budget_mb 0.01")
     )
     assert offloaded["fp"]["ppl"] == pytest.approx(memory["fp"]["ppl"], rel=1e-6)
     assert offloaded["quantized"]["ppl"] == memory["quantized"]["ppl"]
