@@ -1,8 +1,9 @@
 """The first token of each sequence kept out of activation quantization (`act_fp_first_token`).
 
-Decoder LMs park massive activations on the token at position 0, the attention sink: on SmolLM2 a down_proj
-input reaches ~3000 there and ~13 elsewhere, so a static per-tensor grid either wipes out every other token or
-clips the sink. PrefixQuant (Chen et al., 2024) prefills such tokens in full precision and keeps their K/V in
+Decoder LMs park massive activations on the token at position 0, the attention sink: some Linear inputs are
+hundreds of times larger there than on any other token (figures in docs/results/language-modeling.md, "W4A8: the
+attention sink and the probabilities"), so a static per-tensor grid either wipes out every other token or clips
+the sink. PrefixQuant (Chen et al., 2024) prefills such tokens in full precision and keeps their K/V in
 the cache, after which static per-tensor grids work. Here: while a decoder block runs, its position ids say
 which tokens are at position 0; Linear inputs and queries of those tokens pass unquantized and key/value index 0
 (the cache's first entry) does too. Calibration does not see them, so the grids fit the other tokens.
@@ -61,7 +62,7 @@ def hook_blocks(blocks: nn.ModuleList) -> None:
 def _quantize(quantizer: ActQuantizer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     if keep is None:
         return quantizer(x)
-    if quantizer._observing:  # the grid is fitted to the other tokens
+    if quantizer.observing:  # the grid is fitted to the other tokens
         quantizer(x.masked_select(~keep))
         return x
     return torch.where(keep, x, quantizer(x))

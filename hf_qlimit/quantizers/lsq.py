@@ -120,6 +120,12 @@ class ActQuantizer(nn.Module):
         self.scale.requires_grad_(False)
         self.scale.grad = None
 
+    @property
+    def observing(self) -> bool:
+        """Between `observe()` and `finish_observing()` / `stop_observing()`: forwards record their input and
+        return it unquantized."""
+        return self._observing
+
     def observe(self) -> None:
         self._observing = True
         self._stats = {"min": math.inf, "max": -math.inf, "samples": [], "count": 0}
