@@ -99,7 +99,7 @@ def test_no_float_copy_after_a_forward(reload, tmp_path):
 def test_a_tied_embedding_reads_its_codes_from_the_head(reload, tmp_path):
     model = _quantized_llama(reload, tmp_path)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    assert emb._tied_head is head and "weight" not in emb._buffers
+    assert emb.reads_head_codes and "weight" not in emb._buffers
     assert emb.weight_quantizer.group_size == head.weight_quantizer.group_size == 32  # the head's grid
     state = model.state_dict()
     assert torch.equal(state["model.embed_tokens.weight"], state["lm_head.weight"])
@@ -116,7 +116,7 @@ def test_a_tied_embedding_reads_its_codes_from_the_head(reload, tmp_path):
 def test_an_untied_embedding_keeps_its_own_grid_and_codes():
     model = _quantized("llama-untied")
     emb = model.get_input_embeddings()
-    assert emb._tied_head is None and emb.weight_quantizer.group_size is None  # one scale per row, as before
+    assert not emb.reads_head_codes and emb.weight_quantizer.group_size is None  # one scale per row, as before
     assert "group" not in model.config.quantization_config.layer_config["model.embed_tokens"]
 
 

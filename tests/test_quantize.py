@@ -216,8 +216,7 @@ def test_embedding_lookup_quantizes_only_the_rows_it_needs(frozen):
         emb.freeze()
     ids = torch.tensor([[3, 7, 7], [0, 49, 12]])
     full = torch.nn.functional.embedding(ids, emb.quantized_weight())  # the whole table, then the lookup
-    emb.invalidate_cache()
-    emb.keep_dequantized = False  # the row path
+    emb.set_inference_mode("dequantize")  # the row path
     assert torch.equal(emb(ids), full)
 
 
@@ -231,9 +230,8 @@ def test_large_frozen_linear_without_cache_runs_in_slabs(monkeypatch):
     layer.weight_quantizer.init_range(layer.weight, 2.4)
     layer.freeze()
     x = torch.randn(3, 5, 16)
-    full = layer(x)  # one dequantized matrix (and cached)
-    layer.invalidate_cache()
-    layer.keep_dequantized = False
+    full = layer(x)  # one dequantized matrix
+    layer.set_inference_mode("dequantize")
     monkeypatch.setattr(chunks, "ROW_CHUNK", 16 * 7)  # slabs of 7 output rows: 6 slabs, the last one short
     slabs = []
     dequantize_rows = layer.dequantize_rows

@@ -1,14 +1,15 @@
 """Quantized modules that replace `nn.Linear` and `nn.Embedding` (the attention matmuls: attention.py).
 
-Each module has two states. While calibrating it holds the FP weight and fake-quantizes it (RTN or AdaRound).
-`freeze()` turns the weight into packed integer codes; from then on, and after `from_pretrained`, the forward
+Each module has two states. While calibrating it holds the FP weight and fake-quantizes it: to nearest, or as the
+rounding state reconstruction attaches to its `WeightQuantizer` decides (AdaRound or sign rounding, possibly from
+GPTQ's compensated weight; see quantizers/weight.py). `freeze()` turns the weight into packed integer codes; from then on, and after `from_pretrained`, the forward
 pass works from those codes, so the in-memory and the reloaded model compute exactly the same thing.
 
-A frozen module's inference mode (`keep_dequantized`, see `set_inference_mode`):
-- None, "packed" (the default): the weight stays packed. A weight-only Linear whose layout a torch int4 / int8
+A frozen module's inference mode (`inference_mode`, set through `set_inference_mode`; never saved):
+- "packed" (the default): the weight stays packed. A weight-only Linear whose layout a torch int4 / int8
   kernel takes runs through it (bfloat16 activations, see kernels.py); other layers dequantize on the fly.
-- False, "dequantize": dequantize on the fly in float, always; exact fake quantization (quantization uses it).
-- True, "cached": the old fast path for small models: one fp32 copy of the weight kept after the first forward.
+- "dequantize": dequantize on the fly in float, always; exact fake quantization (quantization uses it).
+- "cached": the fast path for small models: one fp32 copy of the weight kept after the first forward.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .packing import pack_codes, packed_row_bytes, unpack_codes
 
 logger = logging.get_logger(__name__)
 
-INFERENCE_MODES = {"packed": None, "dequantize": False, "cached": True}
+INFERENCE_MODES = ("packed", "dequantize", "cached")
 _KERNEL_BUFFERS = ("_kernel_weight", "_kernel_scales", "_kernel_offset")
 
 
@@ -38,7 +39,7 @@ class _QuantWeightMixin:
     """
 
     weight_quantizer: WeightQuantizer
-    keep_dequantized: bool | None = None  # the inference mode (see the module's docstring), set_inference_mode's
+    inference_mode: str = "packed"  # one of INFERENCE_MODES (see the module's docstring), set_inference_mode's
 
     def _init_weight(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool, frozen: bool):
         self.rows, self.cols = rows, cols
@@ -87,13 +88,13 @@ class _QuantWeightMixin:
         return super().__getattr__(name)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The float weight; frozen, it is cached only in the "cached" mode (`keep_dequantized=True`)."""
+        """The float weight; frozen, it is cached only in the "cached" inference mode."""
         if not self.is_frozen:
             return self.weight_quantizer(self.weight)
         if self._has_cache():
             return self._dequantized
         weight = self.dequantize_rows()
-        self._dequantized = weight if self.keep_dequantized else None
+        self._dequantized = weight if self.inference_mode == "cached" else None
         return weight
 
     def _has_cache(self) -> bool:
@@ -116,13 +117,21 @@ class _QuantWeightMixin:
         self._dequantized = None
         self.release_kernel()
 
+    def set_inference_mode(self, mode: str) -> None:
+        """How this module computes once frozen (one of INFERENCE_MODES, see the module's docstring). Drops any
+        cached weight or kernel layout, and lets a kernel that failed before be tried again."""
+        _check_mode(mode)
+        self.invalidate_cache()
+        self._kernel_failed = False
+        self.inference_mode = mode
+
     # -- kernel layout ---------------------------------------------------------------------------------------
 
     def _kernel_allowed(self) -> bool:
         """Packed mode, frozen, on a real device, and no accelerate hook that swaps `weight` in and out."""
         return (
             self.is_frozen
-            and self.keep_dequantized is None
+            and self.inference_mode == "packed"
             and not self._kernel_failed
             and getattr(self, "input_quantizer", None) is None
             and "_hf_hook" not in self.__dict__  # accelerate sets it as a plain attribute
@@ -213,14 +222,16 @@ def set_inference_mode(model: nn.Module, mode: str = "packed") -> nn.Module:
     kernels where the layout allows, no float copy), "dequantize" (dequantize in float at every call: exact fake
     quantization, slower) or "cached" (one fp32 copy per weight after the first forward: fastest on small models,
     8x the memory of a W4 weight)."""
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"`mode` must be one of {sorted(INFERENCE_MODES)}, got {mode!r}.")
+    _check_mode(mode)  # also for a model without quantized modules
     for module in model.modules():
         if isinstance(module, _QuantWeightMixin):
-            module.invalidate_cache()
-            module._kernel_failed = False
-            module.keep_dequantized = INFERENCE_MODES[mode]
+            module.set_inference_mode(mode)
     return model
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"`mode` must be one of {sorted(INFERENCE_MODES)}, got {mode!r}.")
 
 
 class QuantLinear(_QuantWeightMixin, nn.Module):
@@ -282,7 +293,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
                 self.release_kernel()
                 self._kernel_failed = True
         small = self.rows * self.cols <= chunks.ROW_CHUNK
-        if not self.is_frozen or self._has_cache() or self.keep_dequantized or small:
+        if not self.is_frozen or self._has_cache() or self.inference_mode == "cached" or small:
             return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
         # No cache wanted: a large matrix (an LM head) is dequantized a slab at a time.
         outs = []
@@ -290,6 +301,11 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
             weight = self.dequantize_rows(rows).to(x.dtype)
             outs.append(F.linear(x, weight, None if self.bias is None else self.bias[rows]))
         return torch.cat(outs, dim=-1)
+
+    def set_input_quantizer(self, quantizer: ActQuantizer) -> None:
+        """Replaces the input quantizer (same child name, so the checkpoint's keys stay): a dynamic per-token grid,
+        or the quantizer of a sibling Linear that reads the same tensor (act_layout="shared")."""
+        self.input_quantizer = quantizer
 
     def remove_input_quantizer(self) -> None:
         """Drops the input quantizer (one calibration never reached: the layer then runs on FP inputs)."""
@@ -334,6 +350,11 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         module.weight = emb.weight
         return module
 
+    @property
+    def reads_head_codes(self) -> bool:
+        """Whether this embedding reads its codes from the LM head's (`tie_codes`) instead of holding its own."""
+        return self.__dict__.get("_tied_head") is not None
+
     @torch.no_grad()
     def tie_codes(self, head: QuantLinear) -> None:
         """Reads the codes from `head` (same codes, checked by the caller) and drops this module's own copy."""
@@ -365,7 +386,7 @@ class QuantEmbedding(_QuantWeightMixin, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._has_cache() or (self.is_frozen and self.keep_dequantized):
+        if self._has_cache() or (self.is_frozen and self.inference_mode == "cached"):
             return F.embedding(ids, self.quantized_weight(), self.padding_idx)
         # The grid is per row: quantizing only the rows looked up equals quantizing the table first, without
         # materialising a vocabulary-sized fp32 copy per call (GBs for a large vocabulary).
