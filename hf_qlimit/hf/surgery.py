@@ -12,7 +12,7 @@ from ..models.base import input_output_embeddings
 from ..nn.attention import ATTENTION_ATTR, AttentionQuantizers, register_attention
 from ..nn.modules import QuantEmbedding, QuantLinear
 from ..quantizers import ActQuantizer, first_token
-from ..quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
+from ..quantizers.act_grids import DynamicTokenQuantizer
 from ..transforms.input_op import KIND as INPUT_TRANSFORM
 from ..transforms.input_op import InputTransform
 
@@ -70,10 +70,10 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
             continue
         if spec["kind"] == "attention":
             with torch.device(_device_of(module)):
-                quantizers = AttentionQuantizers(spec["a"], config.act_sym)
-                if "p" in spec or "p_grid" in spec:
-                    quantizers.probs = probability_quantizer(spec.get("p", spec["a"]), spec.get("p_grid", "uniform"))
-                setattr(module, ATTENTION_ATTR, quantizers)
+                quantizers = AttentionQuantizers(
+                    spec["a"], config.act_sym, spec.get("p"), spec.get("p_grid", "uniform")
+                )
+            module.add_module(ATTENTION_ATTR, quantizers)
             continue
         if type(module) is not expected[spec["kind"]]:
             raise ValueError(
@@ -88,7 +88,7 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
             else:
                 new = QuantEmbedding.from_embedding(module, spec, config.weight_sym)
         if spec.get("dynamic") and new.input_quantizer is not None:
-            new.input_quantizer = DynamicTokenQuantizer(spec["a"], config.act_sym).to(_device_of(new))
+            new.set_input_quantizer(DynamicTokenQuantizer(spec["a"], config.act_sym).to(_device_of(new)))
         model.set_submodule(name, new)
     if config.act_layout in ("shared", "block_output"):
         share_input_quantizers(model, layer_config)
@@ -98,11 +98,6 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
         register_attention()
         model.set_attn_implementation("qlimit")
     _untie_quantized_embeddings(model, layer_config)
-
-
-def probability_quantizer(bits: int, grid: str) -> ActQuantizer:
-    """The attention probabilities' quantizer: uniform asymmetric (LSQ) or log2."""
-    return Log2Quantizer(bits) if grid == "log2" else ActQuantizer(bits, False)
 
 
 def share_input_quantizers(model: nn.Module, layer_config: dict[str, dict]) -> None:
@@ -123,14 +118,14 @@ def share_input_quantizers(model: nn.Module, layer_config: dict[str, dict]) -> N
             ):
                 continue
             for linear in linears[1:]:
-                linear.input_quantizer = linears[0].input_quantizer
+                linear.set_input_quantizer(linears[0].input_quantizer)
 
 
 def add_output_quantizer(block: nn.Module, quantizer: ActQuantizer) -> None:
     """Quantizes what `block` returns (its hidden states), as a child module so the grid is saved and learned."""
     if getattr(block, OUTPUT_QUANTIZER, None) is None:
         block.register_forward_hook(_quantize_output)
-    setattr(block, OUTPUT_QUANTIZER, quantizer)
+    block.add_module(OUTPUT_QUANTIZER, quantizer)  # a transformers block: nn.Module's own way to add a child
 
 
 def _quantize_output(block: nn.Module, args, output):
@@ -165,7 +160,7 @@ def share_tied_codes(model: nn.Module) -> bool:
     the codes in memory (the head's; the embedding gathers its rows from it). The checkpoint keeps both, so
     it stays an ordinary one. Returns whether they were shared."""
     emb, head = input_output_embeddings(model)
-    if not (isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)) or emb.__dict__.get("_tied_head"):
+    if not (isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)) or emb.reads_head_codes:
         return False
     qe, qh = emb.weight_quantizer, head.weight_quantizer
     if (

@@ -8,18 +8,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers import ActQuantizer, first_token
+from ..quantizers.act_grids import Log2Quantizer
 
 
 class AttentionQuantizers(nn.Module):
-    """Quantizers of the attention matmul inputs: Q and K for Q·Kᵀ, the probabilities P and V for P·V."""
+    """Quantizers of the attention matmul inputs: Q and K for Q·Kᵀ, the probabilities P and V for P·V.
 
-    def __init__(self, act_bits: int, act_sym: bool = False) -> None:
+    The probabilities get `prob_bits` (default: `act_bits`) on a "uniform" or "log2" grid (`prob_grid`)."""
+
+    def __init__(
+        self, act_bits: int, act_sym: bool = False, prob_bits: int | None = None, prob_grid: str = "uniform"
+    ) -> None:
         super().__init__()
         self.query = ActQuantizer(act_bits, act_sym)
         self.key = ActQuantizer(act_bits, act_sym)
         self.value = ActQuantizer(act_bits, act_sym)
-        # Softmax outputs lie in [0, 1]: an asymmetric grid wastes no code on negatives.
-        self.probs = ActQuantizer(act_bits, False)
+        self.probs = _probability_quantizer(act_bits if prob_bits is None else prob_bits, prob_grid)
+
+
+def _probability_quantizer(bits: int, grid: str) -> ActQuantizer:
+    # Softmax outputs lie in [0, 1]: an asymmetric uniform grid wastes no code on negatives, and a log2 grid keeps
+    # the many small probabilities apart instead of rounding them to 0.
+    return Log2Quantizer(bits) if grid == "log2" else ActQuantizer(bits, False)
 
 
 ATTENTION_ATTR = "qlimit_attention"
