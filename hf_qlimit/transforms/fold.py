@@ -30,4 +30,4 @@ def fold_into_norm(norm: nn.Module, ops: list[InputTransform]) -> None:
         bias.copy_((bias - (shift if shift is not None else 0.0)) / s)
     weight.div_(s)
     for op in ops:
-        op.shift = op.smooth = None
+        op.clear_channel_ops()

@@ -48,6 +48,12 @@ class InputTransform(nn.Module):
     def from_spec(cls, linear: nn.Module, spec: dict[str, Any]) -> InputTransform:
         return cls(linear, shift=spec["shift"], smooth=spec["smooth"], rotate=spec["rotate"])
 
+    def clear_channel_ops(self) -> None:
+        """Drops the shift and smooth (folded elsewhere, e.g. into the norm in front); the buffers stay registered
+        as None, so they are neither saved nor applied, and `spec()` records their absence."""
+        self.shift = None
+        self.smooth = None
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is not None:
             x = x - self.shift.to(x.dtype)
