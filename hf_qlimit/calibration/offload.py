@@ -12,8 +12,6 @@ offloaded, runs like any accelerate-dispatched model, and `save_pretrained` stre
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import os
 
@@ -24,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..forward import is_dispatched
+from ..nn.memory import trim_heap
 from ..nn.modules import set_inference_mode
 from .resume import cpu_state_dict
 
@@ -68,7 +67,7 @@ class _ParkedHook(ModelHook):
 
     def post_forward(self, module: nn.Module, output):
         self._place(module, "meta")
-        trim_heap()  # the block's dequantized weights were just freed: without this glibc keeps them (see below)
+        trim_heap()  # the block's dequantized weights were just freed: without this glibc keeps them (see release_memory)
         return output
 
 
@@ -160,18 +159,6 @@ def _has_direct_tensors(module: nn.Module) -> bool:
     return any(True for _ in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
 
-def _libc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _libc()
-
-
 def release_memory() -> None:
     """Frees what a finished block left behind, back to the OS.
 
@@ -182,25 +169,3 @@ def release_memory() -> None:
     """
     gc.collect()
     trim_heap()
-
-
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-HEAP_MMAP_THRESHOLD = 1 << 20
-
-
-def bound_heap() -> None:
-    """Allocations of 1 MiB and more get their own mapping, returned to the OS when freed, from now on.
-
-    glibc raises its mmap threshold to the largest buffer freed so far (up to 32 MiB), after which every
-    activation- or chunk-sized tensor lands in the heap and fragments it: one OPT-1.3b-sized block's
-    reconstruction then peaked 40% higher than the tensors alive at any moment. The price is time (fresh
-    pages are zeroed; ~1.5x per reconstruction iteration on CPU), so only offloaded, memory-bounded runs pay it.
-    Process-wide and permanent, like any mallopt; a no-op without glibc."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
-
-
-def trim_heap() -> None:
-    """Returns the allocator's free memory to the OS (glibc only; elsewhere the allocator's own policy applies)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)

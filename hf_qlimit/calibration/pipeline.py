@@ -27,6 +27,7 @@ from ..hf.quantizer import QLimitHfQuantizer
 from ..hf.surgery import quantized_modules, share_tied_codes
 from ..models import get_adapter
 from ..models.base import ArchitectureAdapter
+from ..nn.memory import bound_heap
 from ..nn.modules import set_inference_mode
 from ..quantizers import ActQuantizer
 from ..transforms import apply_transforms
@@ -41,7 +42,7 @@ from .cache import Stream
 from .data import length_sorted_batches, prepare_calibration
 from .fisher import fisher_weights
 from .observe import AllSeen, calibrate_outside_blocks, observe, stop_once_seen
-from .offload import bound_heap, default_device
+from .offload import default_device
 from .quant_state import act_quantizers, quant_state
 from .reconstruction import BlockData, block_output_error, reconstruct_block
 from .run import Run

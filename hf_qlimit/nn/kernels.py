@@ -5,11 +5,13 @@ uint8 zero point per output row and group. The kernels want other layouts:
 
 - int4 (`_weight_int4pack_mm_for_cpu`, CUDA `_weight_int4pack_mm`): a device- and ISA-specific tiled layout made
   by `_convert_weight_to_int4pack*`, groups of 32/64/128/256 inputs, and w = (q − 8)·s + m per group. So
-  m = (8 − z)·s. Scales and m share the activation dtype, bfloat16 (fp32 activations work on CPU but run ~10x
-  slower than a dense fp32 matmul, which would defeat the point).
+  m = (8 − z)·s. Scales and m share the activation dtype, bfloat16: fp32 activations work on CPU but run far
+  slower than a dense fp32 matmul, which would defeat the point.
 - int8 (`_weight_int8pack_mm`, CPU and CUDA): int8 codes c, one scale per output row, y = x·(c·s)ᵀ. With
   c = q − 128, w = s·c + s·(128 − z): the second term is a per-row constant times the sum of the inputs of the
-  group. Grouped weights run one kernel call per group (a decoder's head: 9 calls, still ~2x faster than fp32).
+  group. Grouped weights run one kernel call per group; a grouped 8-bit LM head still beats its fp32 matmul.
+
+The timings behind both choices are in docs/results/deploy.md ("Why bfloat16 and per-group int8 calls").
 
 The kernel layouts are not saved: `unpack_*` turns them back into hf_qlimit's codes (exactly) for saving.
 Everything here works on one weight at a time; `QuantLinear` decides when to use it.

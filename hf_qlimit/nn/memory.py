@@ -1,15 +1,19 @@
-"""Giving memory back to the OS after a weight changes layout (Linux; a no-op elsewhere).
+"""Giving memory back to the OS (glibc on Linux; a no-op elsewhere): after a weight changes layout, and, for the
+calibration engine's offloaded runs, after each block.
 
 Building a kernel's layout (kernels.py) reads the packed codes and makes short-lived copies (int32 codes are 8x
 the packed bytes). Two things then keep resident memory that holds nothing live:
 
 - glibc keeps freed heap blocks: its mmap threshold grows to the largest block freed so far, so later
   temporaries of that size come from the heap, and the long-lived kernel tensors allocated between them pin
-  the heap so it never shrinks. Measured on SmolLM2-135M W4: ~230 MB of a 813 MB process. `malloc_trim` hands
-  free pages back.
+  the heap so it never shrinks. `malloc_trim` hands free pages back (`trim_heap`); `bound_heap` instead keeps
+  large allocations out of the heap for good.
 - a checkpoint `from_pretrained` maps (safetensors mmap): the codes' pages, read once for the conversion, stay
-  in the process's RSS (~80 MB there) after the codes are dropped, as the mapping lives on with the file's other
-  tensors (scales, norms). `madvise(MADV_DONTNEED)` unmaps those pages; the page cache keeps them.
+  in the process's RSS after the codes are dropped, as the mapping lives on with the file's other tensors
+  (scales, norms). `madvise(MADV_DONTNEED)` unmaps those pages; the page cache keeps them.
+
+Both were a large part of a packed W4 model's RSS before this module: the figures are in
+docs/results/deploy.md ("Where the memory went").
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import torch
 
 MADV_DONTNEED = 4  # Linux
 MAP_FILES = "/proc/self/map_files"
-TRIM_EVERY = 8 * 2**20  # bytes of temporaries between two trims: a trim walks the heap (~0.2 ms here)
+TRIM_EVERY = 8 * 2**20  # bytes of temporaries between two trims: a trim walks the whole heap, so not at every free
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+HEAP_MMAP_THRESHOLD = 1 << 20  # bound_heap's threshold
 _pending = 0  # bytes of temporaries freed since the last trim
 
 
@@ -45,12 +51,25 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def trim_heap() -> None:
-    """Returns glibc's free heap pages to the OS."""
+    """Returns glibc's free heap pages to the OS (elsewhere the allocator's own policy applies)."""
     global _pending
     _pending = 0
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def bound_heap() -> None:
+    """Allocations of 1 MiB and more get their own mapping, returned to the OS when freed, from now on.
+
+    glibc raises its mmap threshold to the largest buffer freed so far (up to 32 MiB), after which every
+    activation- or chunk-sized tensor lands in the heap and fragments it, and a block's reconstruction peaks well
+    above the tensors alive at any moment. The price is time (fresh pages are zeroed), so only offloaded,
+    memory-bounded runs pay it; figures in docs/results/deploy.md ("Where the memory went"). Process-wide and
+    permanent, like any mallopt; a no-op without glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
 
 
 def freed_temporaries(nbytes: int) -> None:
