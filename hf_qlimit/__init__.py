@@ -10,12 +10,17 @@ from transformers.quantizers import register_quantization_config, register_quant
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from .api import patch_pretrained_model, quantize
-from .config import PRESETS, QLimitConfig
+from .config import QLimitConfig
 from .export import export  # the function; the package stays importable as hf_qlimit.export (python -m)
 from .hf.quantizer import QLimitHfQuantizer
 from .models import register_adapter, supported_model_types
 from .nn.attention import register_attention
 from .nn.modules import set_inference_mode
+from .presets import PRESETS
+
+# The trap in the line `from .export import export`: the attribute `hf_qlimit.export` is the function, shadowing
+# the subpackage, so `import hf_qlimit.export as m` binds the function; reach the exporters with
+# `from hf_qlimit.export import gguf` (or `compressed_tensors`).
 
 __version__ = "0.1.0"
 
