@@ -10,16 +10,7 @@ from typing import Any, NamedTuple
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import config_checks
-from .config_checks import (  # noqa: F401 (re-exported: the allowed values are read from here)
-    ACT_LAYOUTS,
-    BATCH_SAMPLINGS,
-    LOSSES,
-    PROB_GRIDS,
-    ROUNDINGS,
-    WEIGHT_INITS,
-    WEIGHT_RANGES,
-)
-from .presets import AUTO, METHODS, PRESETS, QDROP_PROB, preset_for, preset_values, resolve  # noqa: F401
+from .presets import AUTO, QDROP_PROB, preset_for, resolve
 
 _METHOD_NAMES = {"rtn": "round-to-nearest", "adaround": "AdaRound", "brecq": "BRECQ", "qdrop": "QDrop"}
 # The preset's choices `summary` names: the ones that change what runs, beyond the schedule's numbers.

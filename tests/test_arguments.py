@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 from transformers import HfArgumentParser
 
 from hf_qlimit import QLimitConfig
-from hf_qlimit.cli.arguments import QuantizationArguments, parse_arguments, parse_bits
+from hf_qlimit.cli.arguments import QuantizationArguments, parse_arguments, parse_bits, parse_module_bits
+from hf_qlimit.config_checks import (
+    ACT_LAYOUTS,
+    BATCH_SAMPLINGS,
+    LOSSES,
+    PROB_GRIDS,
+    ROUNDINGS,
+    WEIGHT_INITS,
+    WEIGHT_RANGES,
+)
+from hf_qlimit.presets import METHODS, PRESETS
 
 # Flags with another name (or unit) than their QLimitConfig field, and the quantize_qlimit arguments.
 RENAMED = {"quant_seed": "seed", "size_budget_mb": "size_budget_bytes"}
 NOT_CONFIG = {"work_dir", "resume", "cache_budget_mb"}
+# QLimitConfig fields without a flag, and why.
+NOT_FLAGS = {
+    "max_length": "an argument of to_config: the example's own sequence length",
+    "layer_config": "filled by quantization",
+    "quant_method": "always 'qlimit'",
+}
 
 
 def _parse(*argv: str) -> QuantizationArguments:
@@ -25,6 +42,13 @@ def test_no_flags_give_the_default_config():
     assert QuantizationArguments().method == "auto"
     assert _parse().to_config(seed=3).to_dict() == QLimitConfig(seed=3).to_dict()
     assert _parse().to_config(seed=3, max_length=128).max_length == 128
+
+
+def test_every_config_field_has_a_flag_or_says_why_not():
+    flags = {RENAMED.get(f.name, f.name) for f in dataclasses.fields(QuantizationArguments)}
+    missing = [f.name for f in dataclasses.fields(QLimitConfig) if f.name not in flags | set(NOT_FLAGS)]
+    assert not missing, f"QLimitConfig fields with no flag in QuantizationArguments and not in NOT_FLAGS: {missing}"
+    assert not flags & set(NOT_FLAGS), "a field in NOT_FLAGS has a flag now"
 
 
 def test_every_flag_reaches_its_config_field():
@@ -99,6 +123,25 @@ def test_every_flag_reaches_its_config_field():
         "log2",
         "--act_dynamic",
         "--act_fp_first_token",
+        "--weight_sym",
+        "--act_sym",
+        "--no_quantize_attention",
+        "--lp_norm",
+        "3.0",
+        "--init_margin",
+        "0.1",
+        "--round_loss_weight",
+        "0.02",
+        "--beta_range",
+        "10",
+        "1",
+        "--warmup",
+        "0.3",
+        "--bops_budget",
+        "1e9",
+        "--module_bits",
+        "*.fc1=8",
+        "lm_head=6",
     )
     config = args.to_config(seed=0)
     expected = {
@@ -135,7 +178,20 @@ def test_every_flag_reaches_its_config_field():
         "prob_grid": "log2",
         "act_dynamic": True,
         "act_fp_first_token": True,
+        "weight_sym": True,
+        "act_sym": True,
+        "quantize_attention": False,
+        "lp_norm": 3.0,
+        "init_margin": 0.1,
+        "round_loss_weight": 0.02,
+        "beta_range": (10.0, 1.0),
+        "warmup": 0.3,
+        "bops_budget": 1e9,
+        "module_bits": {"*.fc1": 8, "lm_head": 6},
     }
+    assert set(expected) == {f.name for f in dataclasses.fields(QLimitConfig)} - set(NOT_FLAGS)
+    defaults = QLimitConfig()
+    assert all(expected[key] != getattr(defaults, key) for key in expected), "each value must differ from the default"
     assert {key: getattr(config, key) for key in expected} == expected
     assert args.quantize_kwargs() == {"work_dir": None, "resume": False, "cache_budget_bytes": None}
 
@@ -165,6 +221,27 @@ def test_impossible_flags_fail_at_parsing_naming_the_flag(argv, field):
         _parse(*argv)
 
 
+@pytest.mark.parametrize(
+    "flag, allowed",
+    [
+        ("method", METHODS),
+        ("preset", tuple(PRESETS)),
+        ("loss", LOSSES),
+        ("rounding", ROUNDINGS),
+        ("weight_init", WEIGHT_INITS),
+        ("weight_range", WEIGHT_RANGES),
+        ("batch_sampling", BATCH_SAMPLINGS),
+        ("act_layout", ACT_LAYOUTS),
+        ("prob_grid", PROB_GRIDS),
+    ],
+)
+def test_help_names_every_allowed_value(flag, allowed):
+    """The help texts are built from the config's lists; a value missing from one is a help text written by hand."""
+    (text,) = [f.metadata["help"] for f in dataclasses.fields(QuantizationArguments) if f.name == flag]
+    missing = [v for v in allowed if not re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", text)]
+    assert not missing, f"--{flag}'s help does not name {missing}: {text!r}"
+
+
 def test_help_lists_the_allowed_values():
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(QuantizationArguments)}
     assert helps["method"].startswith("auto, rtn, adaround, brecq or qdrop.")
@@ -190,10 +267,11 @@ def test_impossible_values_fail_when_the_arguments_are_built(kwargs, message):
 
 def test_a_json_file_is_checked_too(tmp_path, monkeypatch):
     path = tmp_path / "args.json"
-    path.write_text(json.dumps({"method": "qdrop", "act_bits": "none"}))
+    path.write_text(json.dumps({"method": "qdrop", "act_bits": "none", "module_bits": {"*.fc1": 8}}))
     monkeypatch.setattr("sys.argv", ["run.py", str(path)])
     (args,) = parse_arguments(HfArgumentParser(QuantizationArguments))
-    assert args.to_config(seed=0).act_bits is None and args.method == "qdrop"
+    config = args.to_config(seed=0)
+    assert config.act_bits is None and args.method == "qdrop" and config.module_bits == {"*.fc1": 8}
     path.write_text(json.dumps({"method": "qdorp"}))
     with pytest.raises(ValueError, match="`method`"):
         parse_arguments(HfArgumentParser(QuantizationArguments))
@@ -207,3 +285,39 @@ def test_parse_bits(value, bits):
 def test_parse_bits_names_the_flag():
     with pytest.raises(ValueError, match="--first_last_bits"):
         parse_bits("first_last_bits", "eight")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, {}),
+        (["*.fc1=8", "lm_head=6"], {"*.fc1": 8, "lm_head": 6}),
+        (['{"*.fc1": 8, "lm_head": 6}'], {"*.fc1": 8, "lm_head": 6}),
+        (['{"a": 4}', "b=3"], {"a": 4, "b": 3}),
+        ("a.b=5", {"a.b": 5}),
+        ({"a": 4}, {"a": 4}),  # from a .json file
+    ],
+)
+def test_parse_module_bits(value, expected):
+    assert parse_module_bits(value) == expected
+
+
+@pytest.mark.parametrize("value", [["fc1"], ["fc1=eight"], ["=8"], ["{not json"]])
+def test_parse_module_bits_names_the_flag(value):
+    with pytest.raises(ValueError, match="--module_bits"):
+        parse_module_bits(value)
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [(["--module_bits", "fc1=12"], r"module_bits\['fc1'\]"), (["--beta_range", "20"], "beta_range")],
+)
+def test_new_flags_are_checked_by_the_config(argv, field):
+    with pytest.raises(ValueError, match=field):
+        _parse(*argv)
+
+
+def test_quantize_attention_is_a_bool_flag():
+    assert _parse().to_config(seed=0).quantize_attention is True
+    assert _parse("--no_quantize_attention").to_config(seed=0).quantize_attention is False
+    assert _parse("--quantize_attention", "false").to_config(seed=0).quantize_attention is False

@@ -11,8 +11,7 @@ from helpers import tiny_bert, tiny_decoder, tiny_opt
 from transformers.quantizers.auto import AutoQuantizationConfig
 
 from hf_qlimit import QLimitConfig
-from hf_qlimit.config import PRESETS
-from hf_qlimit.presets import preset_values
+from hf_qlimit.presets import PRESETS, preset_values
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import WEIGHT_INITS
+from ..config_checks import WEIGHT_INITS
 from ..hf.surgery import quantized_modules
 from ..nn.modules import QuantLinear
 from ..quantizers.gptq import HessianAccumulator, gptq_compensated_weight

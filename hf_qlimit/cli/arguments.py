@@ -11,24 +11,31 @@ and examples/language-modeling/run_ppl.py:
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import transformers
 
-from ..config import AUTO, LOSSES, METHODS, PRESETS, PROB_GRIDS, WEIGHT_INITS, WEIGHT_RANGES, QLimitConfig
+from ..config import QLimitConfig
+from ..config_checks import ACT_LAYOUTS, BATCH_SAMPLINGS, LOSSES, PROB_GRIDS, ROUNDINGS, WEIGHT_INITS, WEIGHT_RANGES
+from ..presets import AUTO, METHODS, PRESETS
 
 _FULL_PRECISION = ("none", "fp", "")
+_DEFAULT = {f.name: f.default for f in fields(QLimitConfig)}  # a flag's default is its field's
+_CONFIG_FIELDS = set(_DEFAULT)
 
 
-def _one_of(values: tuple[str, ...] | list[str]) -> str:
-    """The allowed values in a help text ("a, b or c"), from the config's own lists so that they stay in step."""
-    return ", ".join(values[:-1]) + f" or {values[-1]}"
+def _one_of(values: tuple[str, ...] | list[str], notes: dict[str, str] | None = None) -> str:
+    """The allowed values in a help text ("a, b or c"), from the config's own lists so that they stay in step;
+    `notes` adds "(what it does)" after the values it describes."""
+    shown = [f"{v} ({notes[v]})" if notes and v in notes else v for v in values]
+    return ", ".join(shown[:-1]) + f" or {shown[-1]}"
 
 
 def parse_bits(name: str, value: Any) -> int | None:
@@ -48,13 +55,51 @@ def parse_bits(name: str, value: Any) -> int | None:
         raise ValueError(f"--{name} must be an integer from 2 to 8 or 'none', got {value!r}.") from None
 
 
+def parse_module_bits(value: Any) -> dict[str, int]:
+    """`--module_bits` as given: `name=bits` pairs, JSON objects, or (from a .json file) a dict already.
+
+    Names may be fnmatch patterns; the bits (2-8) are checked by `QLimitConfig`.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    out: dict[str, Any] = {}
+    for item in [value] if isinstance(value, str) else value:
+        text = str(item).strip()
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--module_bits: {text!r} is not a JSON object ({err.msg}).") from None
+            out.update(parsed)
+            continue
+        name, _, bits = text.rpartition("=")
+        if not name or not bits.strip().isdigit():
+            raise ValueError(
+                f"--module_bits takes name=bits pairs (e.g. '*.fc2=8') or a JSON object ('{{\"*.fc2\": 8}}'), "
+                f"got {item!r}."
+            )
+        out[name] = int(bits)
+    return out
+
+
+_ROUNDING_NOTES = {"anneal": "the papers'", "progressive": "hardens in rounds", "sign": "AutoRound's signed steps"}
+_SAMPLING_NOTES = {"fixed": "one length-sorted batch per step", "random": "samples drawn from all batches"}
+_LAYOUT_NOTES = {
+    "shared": "one quantizer per tensor",
+    "block_output": "shared, and post-LN blocks quantize their output for the next block",
+}
+
+
 @dataclass
 class QuantizationArguments:
     """Mapped onto `hf_qlimit.QLimitConfig` by `to_config`; `None` (and `auto`) leaves the preset's value.
 
     Each flag is the `QLimitConfig` field of the same name (see its docstring), except `--quant_seed` (`seed`) and
     `--size_budget_mb` (`size_budget_bytes`), and `--work_dir`, `--resume`, `--cache_budget_mb`, which are
-    arguments of `quantize_qlimit`.
+    arguments of `quantize_qlimit`. `max_length` is an argument of `to_config` (the example's own sequence
+    length); `layer_config` and `quant_method` are not set by hand.
     """
 
     weight_bits: int = field(default=4, metadata={"help": "Weight bits of the transformer blocks (2-8)."})
@@ -80,6 +125,19 @@ class QuantizationArguments:
     group_size: int | None = field(
         default=None, metadata={"help": "Input features per weight scale; none: per channel."}
     )
+    weight_sym: bool = field(
+        default=_DEFAULT["weight_sym"], metadata={"help": "Symmetric weight grids (no zero point)."}
+    )
+    act_sym: bool = field(default=_DEFAULT["act_sym"], metadata={"help": "Symmetric activation grids."})
+    quantize_attention: bool = field(
+        default=_DEFAULT["quantize_attention"],
+        metadata={
+            "help": "Quantize the inputs of the attention matmuls too (with --act_bits); --no_quantize_attention: FP."
+        },
+    )
+    lp_norm: float = field(
+        default=_DEFAULT["lp_norm"], metadata={"help": "p of the Lp error the initial range search minimises."}
+    )
     loss: str | None = field(default=None, metadata={"help": f"Reconstruction loss: {_one_of(LOSSES)}."})
     drop_prob: float | None = field(
         default=None,
@@ -89,11 +147,7 @@ class QuantizationArguments:
         },
     )
     rounding: str | None = field(
-        default=None,
-        metadata={
-            "help": "anneal (the papers'), progressive (hardens in rounds) or sign (AutoRound's signed steps); "
-            "none: the preset's."
-        },
+        default=None, metadata={"help": f"{_one_of(ROUNDINGS, _ROUNDING_NOTES)}; none: the preset's."}
     )
     learn_weight_scale: bool | None = field(
         default=None, metadata={"help": "Learn the weight steps with the rounding; none: the preset's choice."}
@@ -105,18 +159,38 @@ class QuantizationArguments:
     gptq_act_order: bool | None = field(
         default=None, metadata={"help": "GPTQ start: round columns by decreasing H diagonal; none: the preset's."}
     )
+    init_margin: float | None = field(
+        default=None,
+        metadata={"help": "GPTQ start: AdaRound's h start this far (0-0.5) from GPTQ's decision; none: the preset's."},
+    )
     weight_lr: float | None = field(default=None, metadata={"help": "Adam lr of AdaRound's V; none: the preset's."})
     act_lr: float | None = field(default=None, metadata={"help": "Adam lr of the activation steps (LSQ)."})
     scale_lr: float | None = field(default=None, metadata={"help": "Adam lr of the learned weight steps (log)."})
+    round_loss_weight: float | None = field(
+        default=None, metadata={"help": "λ of the AdaRound regulariser; none: the preset's."}
+    )
+    beta_range: list[float] | None = field(
+        default=None, metadata={"help": "Start and end of the regulariser's annealed β, e.g. 20 2; none: the preset's."}
+    )
+    warmup: float | None = field(
+        default=None, metadata={"help": "Fraction of the iterations (0-1) before the regulariser starts."}
+    )
     fisher_damping: float | None = field(default=None, metadata={"help": "d of loss=fisher's (|g| + d)² weights."})
     batch_sampling: str | None = field(
         default=None,
-        metadata={"help": "Reconstruction mini-batches: random (samples from all batches) or fixed."},
+        metadata={"help": f"Reconstruction mini-batches: {_one_of(BATCH_SAMPLINGS, _SAMPLING_NOTES)}."},
     )
     first_last_bits: str = field(
         default="8", metadata={"help": "Bits of embeddings and the task / LM head, or 'none' for FP."}
     )
     modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "fnmatch patterns kept in FP."})
+    module_bits: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Weight bits of single modules: name=bits pairs (fnmatch patterns too), e.g. '*.fc2=8' "
+            "lm_head=8, or a JSON object '{\"*.fc2\": 8}'."
+        },
+    )
     # `--seed` belongs to TrainingArguments; argparse refuses a second one, hence the prefix.
     quant_seed: int | None = field(default=None, metadata={"help": "Seed of calibration sampling; default: --seed."})
     work_dir: str | None = field(
@@ -133,6 +207,10 @@ class QuantizationArguments:
     size_budget_mb: float | None = field(
         default=None, metadata={"help": "Mixed precision: budget in MB of the block Linears' packed weights."}
     )
+    bops_budget: float | None = field(
+        default=None,
+        metadata={"help": "Mixed precision: extra budget in bit-operations (weight x activation bits x MACs/token)."},
+    )
     sensitivity_cache: str | None = field(
         default=None, metadata={"help": "Mixed precision: file keeping measured sensitivities for other budgets."}
     )
@@ -141,17 +219,13 @@ class QuantizationArguments:
         metadata={"help": "Outlier transforms first: smoothquant[@a] os_plus[@a] hadamard_down hadamard_inputs."},
     )
     act_layout: str = field(
-        default="per_linear",
-        metadata={
-            "help": "per_linear, shared (one quantizer per tensor) or block_output (shared, and post-LN blocks "
-            "quantize their output for the next block)."
-        },
+        default=_DEFAULT["act_layout"], metadata={"help": f"{_one_of(ACT_LAYOUTS, _LAYOUT_NOTES)}."}
     )
     prob_bits: int | None = field(
         default=None, metadata={"help": "Bits of the attention probabilities; none: --act_bits."}
     )
     prob_grid: str = field(
-        default="uniform",
+        default=_DEFAULT["prob_grid"],
         metadata={"help": f"Grid of the attention probabilities: {_one_of(PROB_GRIDS)}."},
     )
     act_dynamic: bool = field(default=False, metadata={"help": "Dynamic per-token grids for block Linear inputs."})
@@ -180,43 +254,17 @@ class QuantizationArguments:
 
         Raises `ValueError` naming the flag or field whose value is impossible.
         """
-        extra = {} if max_length is None else {"max_length": max_length}
-        return QLimitConfig(
-            weight_bits=self.weight_bits,
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in _CONFIG_FIELDS}
+        values.update(
             act_bits=parse_bits("act_bits", self.act_bits),
-            method=self.method,
-            preset=self.preset,
-            num_samples=self.num_samples,
-            iters=self.iters,
-            batch_size=self.batch_size,
-            group_size=self.group_size,
-            loss=self.loss,
-            drop_prob=self.drop_prob,
-            rounding=self.rounding,
-            learn_weight_scale=self.learn_weight_scale,
-            weight_init=self.weight_init,
-            weight_range=self.weight_range,
-            gptq_act_order=self.gptq_act_order,
-            weight_lr=self.weight_lr,
-            act_lr=self.act_lr,
-            scale_lr=self.scale_lr,
-            fisher_damping=self.fisher_damping,
-            batch_sampling=self.batch_sampling,
             first_last_bits=parse_bits("first_last_bits", self.first_last_bits),
-            modules_to_not_convert=self.modules_to_not_convert,
+            module_bits=parse_module_bits(self.module_bits),
             seed=self.quant_seed if self.quant_seed is not None else seed,
-            bit_candidates=self.bit_candidates,
-            avg_bits=self.avg_bits,
             size_budget_bytes=None if self.size_budget_mb is None else int(self.size_budget_mb * 1e6),
-            sensitivity_cache=self.sensitivity_cache,
-            transforms=self.transforms,
-            act_layout=self.act_layout,
-            prob_bits=self.prob_bits,
-            prob_grid=self.prob_grid,
-            act_dynamic=self.act_dynamic,
-            act_fp_first_token=self.act_fp_first_token,
-            **extra,
         )
+        if max_length is not None:
+            values["max_length"] = max_length
+        return QLimitConfig(**values)
 
 
 def parse_arguments(parser: Any, args: list[str] | None = None) -> tuple:
