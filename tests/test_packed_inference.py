@@ -200,6 +200,18 @@ def test_int8_kernel_refuses_rows_it_would_read_past():
 def test_unknown_inference_mode_is_refused():
     with pytest.raises(ValueError, match="`mode` must be one of"):
         set_inference_mode(nn.Linear(2, 2), "fast")
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        QuantLinear(2, 2, False, 4, None).set_inference_mode("fast")
+
+
+def test_the_inference_mode_is_per_module_and_never_saved():
+    model = _quantized("llama")
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in ("cached", "dequantize", "packed"):
+        _logits(model, mode)
+        assert {m.inference_mode for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))} == {mode}
+        state = model.state_dict()
+        assert state.keys() == keys.keys() and all(torch.equal(state[k], keys[k]) for k in keys)
 
 
 def test_a_kernel_failing_at_its_first_call_falls_back_to_exact_dequantization(monkeypatch):
