@@ -147,7 +147,8 @@ class QLimitConfig(QuantizationConfigMixin):
         bops_budget (`float`, *optional*):
             Extra budget in bit-operations (weight bits × activation bits × MACs per token).
         sensitivity_cache (`str`, *optional*):
-            JSON file keeping measured sensitivities, so that other budgets skip the measurement.
+            JSON file keeping measured sensitivities, so that other budgets skip the measurement (checked to be
+            no folder when quantization reads it, not when the config is built).
 
         **Outliers and activations**.
 

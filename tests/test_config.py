@@ -196,7 +196,7 @@ def test_summary_names_what_runs_and_the_presets_choices():
         ({"size_budget_bytes": 0}, "size_budget_bytes"),
         ({"bops_budget": 0}, "bops_budget"),
         ({"sensitivity_cache": 3}, "sensitivity_cache"),
-        ({"sensitivity_cache": "."}, "sensitivity_cache"),  # a folder
+        ({"sensitivity_cache": ""}, "sensitivity_cache"),
         ({"transforms": "hadamard_inputs"}, "transforms"),  # a name, not a list of them
         ({"transforms": ["rotate_everything"]}, "transforms"),
         ({"transforms": ["hadamard_down@0.5"]}, "transforms"),
@@ -230,6 +230,13 @@ def test_valid_values_pass():
         iters=0,
         seed=-1,
     )
+
+
+def test_building_a_config_does_not_look_at_the_local_files(tmp_path):
+    """A checkpoint's config is rebuilt on every load, wherever: a sensitivity_cache naming a folder there is no
+    error (quantization refuses it: tests/test_mixed_precision.py)."""
+    config = QLimitConfig(bit_candidates=[2, 4], avg_bits=3, sensitivity_cache=str(tmp_path))
+    assert QLimitConfig.from_dict(config.to_dict()).sensitivity_cache == str(tmp_path)
 
 
 def test_foreign_config_is_rejected():

@@ -212,6 +212,13 @@ def test_cache_hit_skips_measurement(tmp_path, monkeypatch):
     assert len(calls) == 3 and len(json.loads(cache.read_text())["entries"]) == 3
 
 
+def test_a_folder_as_cache_fails_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setattr(mp_cache, "measure_sensitivity", lambda *a, **k: pytest.fail("measured"))
+    config = _config(sensitivity_cache=str(tmp_path))  # built: the config does not look at the files
+    with pytest.raises(ValueError, match="`sensitivity_cache` must be the path of a JSON file"):
+        _allocate(tiny_bert(), config)
+
+
 @pytest.mark.skipif(
     "allocate_bits" not in inspect.getsource(pipeline), reason="the pipeline does not call allocate_bits"
 )

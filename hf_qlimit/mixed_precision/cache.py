@@ -34,6 +34,8 @@ def cached_sensitivity(
 ) -> Sensitivity:
     """Measured, or read from `config.sensitivity_cache` when this model, data and grid were measured before."""
     path = config.sensitivity_cache
+    if path and os.path.isdir(path):  # here, not in QLimitConfig: a loaded checkpoint's path means nothing locally
+        raise ValueError(f"`sensitivity_cache` must be the path of a JSON file (not a folder), got {path!r}.")
     key = _cache_key(model, batches, config, names, pairwise) if path else None
     entry = _read_cache(path).get(key) if path else None
     if entry is not None:
