@@ -77,6 +77,9 @@ class QLimitConfig(QuantizationConfigMixin):
             `"rtn"` (round to nearest), `"adaround"` (each Linear on its own), `"brecq"` (block reconstruction),
             `"qdrop"` (block reconstruction dropping activation quantization with probability `drop_prob`) or
             `"auto"`: the preset's choice ("brecq" under "fast" and for weight-only "fast-lm", else "qdrop").
+            The method says what is reconstructed, `rounding` how the weights round: `"adaround"` runs the preset's
+            rounding Linear by Linear, AdaRound's annealed update only under "paper" (or with
+            `rounding="anneal"`): under "fast-lm" AutoRound-style signed steps, under "fast" progressive hardening.
         preset (`str`, *optional*, defaults to `"auto"`):
             `"fast"` (encoders, minutes on a CPU), `"fast-lm"` (decoder LMs), `"paper"` (the papers' exact
             setting) or `"auto"` ("fast-lm" for causal LMs, else "fast"): fills every field left unset.
@@ -302,6 +305,8 @@ class QLimitConfig(QuantizationConfigMixin):
         runs = _METHOD_NAMES[self.method]
         if self.method == "qdrop":
             runs += f" (drop_prob {self.drop_prob}" + (", i.e. BRECQ)" if self.drop_prob == 0 else ")")
+        elif self.method == "adaround" and self.rounding not in (None, "anneal"):  # the preset's rounding runs
+            runs += f" (Linear by Linear, {self.rounding} rounding, not AdaRound's annealed update)"
         elif self.method == "rtn" and self.weight_init == "gptq":
             runs = "GPTQ (round-to-nearest from GPTQ's codes)"
         preset = resolution.preset + (" (auto)" if self.preset == AUTO else "")

@@ -146,6 +146,10 @@ def test_summary_names_what_runs_and_the_presets_choices():
     rtn = QLimitConfig(method="rtn").resolved(causal_lm=False).summary()
     assert "iterations" not in rtn and "rounding" not in rtn and "weight_init 'rtn'" in rtn
     assert QLimitConfig(method="rtn", weight_init="gptq").resolved(causal_lm=False).summary().startswith("GPTQ")
+    adaround = QLimitConfig(method="adaround").resolved(causal_lm=True).summary()  # fast-lm's rounding: sign
+    assert adaround.startswith("AdaRound (Linear by Linear, sign rounding, not AdaRound's annealed update) W4A8")
+    annealed = QLimitConfig(method="adaround", rounding="anneal").resolved(causal_lm=True).summary()
+    assert annealed.startswith("AdaRound W4A8")
 
 
 @pytest.mark.parametrize(
