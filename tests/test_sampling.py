@@ -98,7 +98,7 @@ def test_random_sampling_pools_the_real_tokens_of_its_batches(monkeypatch):
     data = BlockData(fp_in=hidden, q_in=hidden, fp_out=target, inputs=inputs, token_mask=masks)
     seen = {}
 
-    def fake_optimize(modules, acts, draw, step_fn, config, desc, release_fp=False):
+    def fake_optimize(modules, acts, draw, step_fn, config, desc, starts=None, release_fp=False):
         with torch.no_grad():
             whole = [(j, torch.arange(len(m))) for j, m in enumerate(masks)]
             seen["pooled"] = reconstruction.masked_error(*step_fn(whole, train=False)).item()

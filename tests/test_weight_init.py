@@ -73,8 +73,7 @@ def test_margin_start_puts_the_soft_weight_next_to_the_decision():
     w = torch.randn(8, 16)
     q = WeightQuantizer(3, (8, 16), None, False)
     q.init_range(w, 2.4)
-    q.start_from(w.clone(), 0.05)
-    h = q.begin_adaround(torch.zeros_like(w)).soft_rounding()  # from the start weight, not this one
+    h = q.begin_adaround(w.clone(), 0.05).soft_rounding()
     assert torch.allclose(torch.minimum(h, 1 - h), torch.full_like(h, 0.05), atol=1e-5)
 
 

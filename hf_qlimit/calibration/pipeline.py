@@ -46,7 +46,7 @@ from .offload import default_device
 from .quant_state import act_quantizers, quant_state
 from .reconstruction import BlockData, block_output_error, reconstruct_block
 from .run import Run
-from .weight_init import init_block_weights
+from .weight_init import WeightStart, init_block_weights
 
 logger = logging.get_logger(__name__)
 
@@ -262,11 +262,11 @@ def _quantize_block(
         run.release_memory()  # the replaced Linears (a cycle, see offload.py) must not keep the FP weights alive
     with quant_state(block, weights=False, acts=False):
         fp_out = run_block(block, flow.fp_in, flow.inputs, run.device, run.cache)
-    _start_block(block, config, flow, run)
+    starts = _start_block(block, config, flow, run)
     data = BlockData(flow.fp_in, flow.q_in, fp_out, flow.inputs, run.token_mask, fisher)
     if config.method != "rtn":
         rtn_error = block_output_error(block, data, run.device)
-        undecided = reconstruct_block(block, data, config, run.device, desc=f"block {i}").undecided
+        undecided = reconstruct_block(block, data, config, run.device, f"block {i}", starts).undecided
         freeze_quantized(block)
     q_out = run_block(block, flow.q_in, flow.inputs, run.device, run.cache)
     error = block_output_error(block, data, run.device, q_out=q_out)
@@ -290,10 +290,12 @@ def _quantize_block(
     run.park(name, run.work.block_file(i) if run.work is not None else None)
 
 
-def _start_block(block: nn.Module, config: QLimitConfig, flow: _Flow, run: Run) -> None:
-    """The initial weight grids (and RTN's final rounding), then the activation ranges on the quantized stream."""
+def _start_block(block: nn.Module, config: QLimitConfig, flow: _Flow, run: Run) -> dict[str, WeightStart]:
+    """Where the roundings start (RTN's are final at once), then the activation ranges on the quantized stream;
+    returns the starts left for reconstruction (see `init_block_weights`)."""
+    starts = {}
     if config.weight_init != "rtn":
-        init_block_weights(
+        starts = init_block_weights(
             block,
             flow.q_in,
             flow.inputs,
@@ -304,8 +306,9 @@ def _start_block(block: nn.Module, config: QLimitConfig, flow: _Flow, run: Run) 
             config.gptq_act_order,
         )
     if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
-        for _, module in quantized_modules(block):
-            module.weight_quantizer.round_start()
+        for name, module in quantized_modules(block):
+            if (start := starts.pop(name, None)) is not None:  # else plain round-to-nearest, at freezing
+                module.weight_quantizer.round_start(start.weight, start.margin)
         freeze_quantized(block)
 
     def quantized_pass() -> None:
@@ -313,6 +316,7 @@ def _start_block(block: nn.Module, config: QLimitConfig, flow: _Flow, run: Run) 
 
     with quant_state(block, weights=True, acts=True):
         observe(list(act_quantizers(block)), quantized_pass, config.lp_norm)
+    return starts
 
 
 def _convert_head(

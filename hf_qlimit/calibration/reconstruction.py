@@ -21,6 +21,7 @@ from ..quantizers.lsq import ActQuantizer, mix
 from .block_inputs import BlockInputs, Stream, call_block, run_block
 from .quant_state import act_quantizers, quant_state
 from .rounding import Rounding, rounding_for
+from .weight_init import WeightStart
 
 
 @dataclass
@@ -80,21 +81,23 @@ def _hard_error(rounding: Rounding, acts: list[ActQuantizer], step_fn: Callable,
 
 
 def optimize(
-    modules: list[QuantLinear],
+    modules: dict[str, QuantLinear],
     acts: list[ActQuantizer],
     draw: Callable,
     step_fn: Callable,
     config: QLimitConfig,
     desc: str,
+    starts: dict[str, WeightStart] | None = None,
     release_fp: bool = False,
 ) -> ReconStats:
     """The shared loop: `draw()` picks a mini-batch, `step_fn(key, train)` returns (output, target, mask, weight)
-    for it (train: with QDrop's dropping). The rounding of `modules` follows `config.rounding` (see rounding.py);
-    the steps of `acts` and the learned weight steps share one Adam with a cosine decay.
+    for it (train: with QDrop's dropping). The rounding of `modules` (by name) follows `config.rounding` (see
+    rounding.py), each from its entry of `starts` (taken out of it) or else its FP weight; the steps of `acts` and
+    the learned weight steps share one Adam with a cosine decay.
 
     `release_fp`: the FP weights are not needed after the rounding's initialisation (the targets are cached)."""
     rounding = rounding_for(config)
-    weight_steps = rounding.start(modules, release_fp)
+    weight_steps = rounding.start(modules, {} if starts is None else starts, release_fp)
     scales = [q.begin_reconstruction(config.drop_probability) for q in acts]
     groups = [{"params": scales, "lr": config.act_lr}, {"params": weight_steps, "lr": config.scale_lr}]
     groups = [g for g in groups if g["params"]]
@@ -157,12 +160,18 @@ def random_samples(data: BlockData, batch_size: int) -> Callable[[], list[tuple[
 
 
 def reconstruct_block(
-    block: nn.Module, data: BlockData, config: QLimitConfig, device: torch.device, desc: str
+    block: nn.Module,
+    data: BlockData,
+    config: QLimitConfig,
+    device: torch.device,
+    desc: str,
+    starts: dict[str, WeightStart] | None = None,
 ) -> ReconStats:
-    """Learns the rounding of every weight and the step of every activation quantizer of `block`."""
+    """Learns the rounding of every weight and the step of every activation quantizer of `block`. `starts`
+    (from `init_block_weights`): where the roundings start, each entry taken out as its rounding begins."""
     if config.method == "adaround":
-        return _reconstruct_layerwise(block, data, config, device, desc)
-    modules = [m for _, m in quantized_modules(block)]
+        return _reconstruct_layerwise(block, data, config, device, desc, starts)
+    modules = dict(quantized_modules(block))
     acts = list(act_quantizers(block))
     drop = config.drop_probability
 
@@ -190,7 +199,7 @@ def reconstruct_block(
         return out, target, torch.ones(len(out), dtype=torch.bool, device=device), weight
 
     with quant_state(block, weights=True, acts=True):
-        return optimize(modules, acts, draw, step, config, desc, release_fp=True)
+        return optimize(modules, acts, draw, step, config, desc, starts, release_fp=True)
 
 
 @torch.no_grad()
@@ -209,7 +218,12 @@ def _linear_inputs(
 
 
 def _reconstruct_layerwise(
-    block: nn.Module, data: BlockData, config: QLimitConfig, device: torch.device, desc: str
+    block: nn.Module,
+    data: BlockData,
+    config: QLimitConfig,
+    device: torch.device,
+    desc: str,
+    starts: dict[str, WeightStart] | None,
 ) -> ReconStats:
     """AdaRound: each Linear on its own, fed by the quantized stream, targeting the FP Linear on FP inputs."""
     tokens_per_batch = max(1, int(sum(m.sum() for m in data.token_mask)) // len(data.token_mask))
@@ -233,7 +247,7 @@ def _reconstruct_layerwise(
 
         acts = [module.input_quantizer] if module.input_quantizer is not None else []
         with quant_state(module, weights=True, acts=True):  # ends hard: the FP stream can still switch it off
-            layer_stats.append(optimize([module], acts, draw, step, config, f"{desc} {name}"))
+            layer_stats.append(optimize({name: module}, acts, draw, step, config, f"{desc} {name}", starts))
         undecided.append(layer_stats[-1].undecided * module.weight.numel())
     total = sum(m.weight.numel() for _, m in quantized_modules(block) if isinstance(m, QuantLinear))
     return ReconStats(undecided=sum(undecided) / max(1, total))

@@ -1,8 +1,9 @@
 """The rounding modes of reconstruction (`QLimitConfig.rounding`), one class each, driven by the loop in
 reconstruction.py through the same hooks, in this order:
 
-    start(modules, release_fp)  attaches a rounding state to each weight quantizer; returns the parameters the
-                                loop's Adam should learn with them (the learned weight steps)
+    start(modules, starts, release_fp)  attaches a rounding state to each weight quantizer, from its FP weight
+                                or its entry of `starts` (GPTQ's w̃, see weight_init.py); returns the parameters
+                                the loop's Adam should learn with them (the learned weight steps)
     per step:  before_step(step, report) -> True once the rounding learns no more;  loss(reconstruction error);
                backward (AdaRound's V are stepped during it, see `step_in_backward`);  after_step()
     finish()                    the rounding becomes hard: the quantizers keep the decided codes
@@ -27,6 +28,7 @@ from ..config import QLimitConfig
 from ..nn.modules import QuantLinear
 from ..quantizers.adaround import AdaRoundState, beta_schedule, hardened_fraction
 from ..quantizers.signround import SignRoundState, SignSGD
+from .weight_init import WeightStart
 
 
 def _adam(param: torch.Tensor, lr: float) -> torch.optim.Adam:
@@ -55,10 +57,13 @@ class Rounding:
         self.config = config
         self.modules: list[QuantLinear] = []
 
-    def start(self, modules: list[QuantLinear], release_fp: bool) -> list[nn.Parameter]:
-        """Attaches the rounding to each module's weight quantizer. `release_fp`: the FP weights go once the
-        states hold the rounding (the targets are cached)."""
-        self.modules = modules
+    def start(
+        self, modules: dict[str, QuantLinear], starts: dict[str, WeightStart], release_fp: bool
+    ) -> list[nn.Parameter]:
+        """Attaches the rounding to each module's weight quantizer, starting at the module's entry of `starts` or
+        else at its FP weight; the entries used are taken out of `starts`, so no w̃ outlives the state built from
+        it. `release_fp`: the FP weights go once the states hold the rounding (the targets are cached)."""
+        self.modules = list(modules.values())
         return []
 
     def before_step(self, step: int, report: bool) -> bool:
@@ -87,15 +92,24 @@ class Rounding:
             module.weight_quantizer.finish_learning()  # hard rounding, learned steps into `scale`
 
 
+def take_start(name: str, module: QuantLinear, starts: dict[str, WeightStart]) -> WeightStart:
+    """Where the rounding of `module` starts: its entry of `starts`, removed from there, else its FP weight."""
+    start = starts.pop(name, None)
+    return start if start is not None else WeightStart(module.weight)
+
+
 class AnnealRounding(Rounding):
     """AdaRound: V learned by Adam (stepped during backward), with the regulariser λ Σ (1 − |2h − 1|^β) once
     warm-up ends, β annealed from `beta_range[0]` to `beta_range[1]`; optionally the weight steps too."""
 
-    def start(self, modules: list[QuantLinear], release_fp: bool) -> list[nn.Parameter]:
-        super().start(modules, release_fp)
+    def start(
+        self, modules: dict[str, QuantLinear], starts: dict[str, WeightStart], release_fp: bool
+    ) -> list[nn.Parameter]:
+        super().start(modules, starts, release_fp)
         self.states: list[AdaRoundState] = []
-        for module in modules:
-            self.states.append(module.weight_quantizer.begin_adaround(module.weight))
+        for name, module in modules.items():
+            start = take_start(name, module, starts)
+            self.states.append(module.weight_quantizer.begin_adaround(start.weight, start.margin))
             if release_fp:
                 module.release_fp_weight()
         self.all_hard = False
@@ -160,12 +174,15 @@ class SignRounding(Rounding):
     """AutoRound's update: offsets V and (with `learn_weight_scale`) the grid's range, stepped by lr · sign(∂L)
     with the lr decaying to 0; every forward pass is hard-rounded, and the iterate of lowest loss is kept."""
 
-    def start(self, modules: list[QuantLinear], release_fp: bool) -> list[nn.Parameter]:
-        super().start(modules, release_fp)
+    def start(
+        self, modules: dict[str, QuantLinear], starts: dict[str, WeightStart], release_fp: bool
+    ) -> list[nn.Parameter]:
+        super().start(modules, starts, release_fp)
         self.states: list[SignRoundState] = []
         self.params: list[nn.Parameter] = []
-        for module in modules:
-            self.states.append(module.weight_quantizer.begin_sign(module.weight, self.config.learn_weight_scale))
+        for name, module in modules.items():
+            start = take_start(name, module, starts)  # its margin is AdaRound's: the signed steps start at w̃ itself
+            self.states.append(module.weight_quantizer.begin_sign(start.weight, self.config.learn_weight_scale))
             self.params += self.states[-1].parameters_to_learn()
             if release_fp:
                 module.release_fp_weight()

@@ -3,20 +3,31 @@
 With `weight_init="gptq"` every quantized Linear of the block gets the Hessian H = 2/N Σ xᵀx of its inputs on the
 quantized stream (the block's weights and activations in FP, as GPTQ collects it), and the compensated weight
 w̃ on its own grid. Round-to-nearest of w̃ is GPTQ's result; AdaRound starts from frac(w̃ / s), so 0 iterations
-give GPTQ's codes and reconstruction refines them.
+give GPTQ's codes and reconstruction refines them. The pipeline hands each w̃ to the rounding that starts from it
+(calibration/rounding.py), or rounds it to nearest itself with `method="rtn"`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..config_checks import WEIGHT_INITS
 from ..hf.surgery import quantized_modules
 from ..nn.modules import QuantLinear
 from ..quantizers.gptq import HessianAccumulator, gptq_compensated_weight
 from .block_inputs import BlockInputs, Stream, call_block
 from .quant_state import quant_state
+
+
+@dataclass(frozen=True)
+class WeightStart:
+    """Where one weight's rounding starts instead of its FP weight: GPTQ's compensated `weight` w̃, and the
+    `margin` AdaRound's h start from the decision round-to-nearest of w̃ takes (None: at frac(w̃ / s))."""
+
+    weight: torch.Tensor
+    margin: float | None = None
 
 
 @torch.no_grad()
@@ -58,19 +69,20 @@ def init_block_weights(
     method: str,
     margin: float | None = None,
     act_order: bool = False,
-) -> None:
-    """Sets where each quantized Linear's rounding starts (`weight_quantizer.start_from`) by `method`; "rtn"
-    leaves the FP weight. Call after the grids are set and before the FP weights are released."""
+) -> dict[str, WeightStart]:
+    """Name (in `block`) -> where the rounding of each quantized Linear starts, by `method` (validated with the
+    config); "rtn" gives none: each starts at its FP weight. Call after the grids are set and before the FP
+    weights are released."""
     if method == "rtn":
-        return
-    if method not in WEIGHT_INITS:
-        raise ValueError(f"`weight_init` must be one of {list(WEIGHT_INITS)}, got {method!r}.")
+        return {}
     hessians = block_hessians(block, hidden, inputs, token_mask, device)
+    starts = {}
     for name, module in quantized_modules(block):
         if name not in hessians:
             continue
         q = module.weight_quantizer
-        start = gptq_compensated_weight(
+        w = gptq_compensated_weight(
             module.weight, hessians.pop(name), q.scale, q.zero, q.bits, q.group_size, act_order=act_order
         )
-        q.start_from(start, margin)
+        starts[name] = WeightStart(w, margin)
+    return starts

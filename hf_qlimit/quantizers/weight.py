@@ -73,8 +73,6 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero", torch.zeros(shape[0], groups, dtype=torch.uint8))
         # a RoundingState or None, set by `begin_adaround`, `begin_sign`, `finish_learning` and `clear_rounding`
         self.register_module("rounding", None)
-        # where the rounding starts if not at the FP weight (GPTQ's w̃), and how close to its decision (see AdaRound)
-        self._start: tuple[torch.Tensor, float | None] | None = None
         self._enabled = True
 
     @property
@@ -99,27 +97,17 @@ class WeightQuantizer(nn.Module):
 
     # -- rounding state ------------------------------------------------------------------------------------------
 
-    def start_from(self, weight: torch.Tensor, margin: float | None = None) -> None:
-        """The rounding will start from `weight` (GPTQ's compensated w̃) instead of the FP weight; AdaRound's h then
-        start `margin` from the decision round-to-nearest takes, if given. Used by the next `begin_*`."""
-        self._start = weight, margin
-
-    def _take_start(self, weight: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-        start, self._start = self._start, None
-        return start if start is not None else (weight, None)
-
     @torch.no_grad()
-    def begin_adaround(self, weight: torch.Tensor) -> AdaRoundState:
-        """Attaches AdaRound's variables, starting at `weight` (or at `start_from`'s), and returns them."""
-        start, margin = self._take_start(weight)
+    def begin_adaround(self, start: torch.Tensor, margin: float | None = None) -> AdaRoundState:
+        """Attaches AdaRound's variables, the soft weight starting at `start` (the FP weight, or GPTQ's w̃), and
+        returns them; with `margin`, h starts that close to round-to-nearest's decision (see `AdaRoundState`)."""
         self.rounding = AdaRoundState(start, self.scale, self.zero, self.bits, self.group_size, margin)
         return self.rounding
 
     @torch.no_grad()
-    def begin_sign(self, weight: torch.Tensor, learn_range: bool) -> SignRoundState:
-        """Attaches signed-gradient rounding from `weight` (or `start_from`'s) on the current grid, and returns it;
-        `learn_range`: the grid's min and max are learned too."""
-        start, _ = self._take_start(weight)
+    def begin_sign(self, start: torch.Tensor, learn_range: bool) -> SignRoundState:
+        """Attaches signed-gradient rounding from `start` (the FP weight, or GPTQ's w̃) on the current grid, and
+        returns it; `learn_range`: the grid's min and max are learned too."""
         scale, zero = self.grid()
         self.rounding = SignRoundState(
             group_view(start.detach().float(), self.group_size), scale, zero, self.bits, self.symmetric, learn_range
@@ -127,11 +115,11 @@ class WeightQuantizer(nn.Module):
         return self.rounding
 
     @torch.no_grad()
-    def round_start(self) -> None:
-        """Fixes the codes nearest to `start_from`'s weight (e.g. GPTQ's), with no reconstruction."""
-        if self._start is not None:
-            self.begin_adaround(self._start[0])
-            self.finish_learning()
+    def round_start(self, start: torch.Tensor, margin: float | None = None) -> None:
+        """Fixes the codes nearest to `start` (e.g. GPTQ's w̃), with no reconstruction: AdaRound's hard rounding
+        at its start, so the very codes `begin_adaround(start, margin)` would begin with."""
+        self.begin_adaround(start, margin)
+        self.finish_learning()
 
     @torch.no_grad()
     def finish_learning(self) -> None:
@@ -146,7 +134,7 @@ class WeightQuantizer(nn.Module):
 
     def clear_rounding(self) -> None:
         """Drops the rounding state (the module holds the codes now)."""
-        self.rounding, self._start = None, None
+        self.rounding = None
 
     @property
     def learning(self) -> bool:
