@@ -33,6 +33,17 @@ def test_hard_rounding_leaves_weights_on_the_grid():
         assert q.round().min() >= 0 and q.round().max() <= 7
 
 
+def test_an_input_quantizer_no_pass_reaches_leaves_the_model_and_its_config():
+    """A quantized Linear the forward pass never calls keeps no uncalibrated input quantizer, and the config
+    saved with the model no longer asks for one; the pooler, reached by the final pass, keeps its own."""
+    model = tiny_bert()
+    model.unused = torch.nn.Linear(model.config.hidden_size, 4)
+    model.quantize_qlimit(calib_samples(8), QLimitConfig(weight_bits=4, act_bits=8, method="qdrop", iters=2))
+    layer_config = model.config.quantization_config.layer_config
+    assert model.unused.input_quantizer is None and layer_config["unused"]["a"] is None
+    assert model.bert.pooler.dense.input_quantizer is not None and layer_config["bert.pooler.dense"]["a"] == 8
+
+
 def test_adaround_starts_at_the_fp_weight():
     w = torch.randn(16, 32)
     quantizer = WeightQuantizer(4, (16, 32), None, False)

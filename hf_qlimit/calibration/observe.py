@@ -13,11 +13,11 @@ from torch import nn
 from ..hf.surgery import quantized_modules
 
 
-def observe(quantizers: list, run: Callable[[], Any], p: float) -> None:
-    """Runs `run()` with the quantizers recording, then sets their ranges by Lp search."""
+def observe(quantizers: list, forward_pass: Callable[[], Any], p: float) -> None:
+    """Runs `forward_pass()` with the quantizers recording, then sets their ranges by Lp search."""
     for q in quantizers:
         q.observe()
-    run()
+    forward_pass()
     for q in quantizers:
         q.finish_observing(p)
 
@@ -46,16 +46,16 @@ def stop_once_seen(quantizers: list) -> Iterator[set]:
 
 
 @torch.no_grad()
-def calibrate_outside_blocks(model: nn.Module, quantizers: list, run: Callable[[], Any], p: float, last: bool) -> list:
-    """Calibrates the activation quantizers outside the blocks that `run()` reaches; returns those it did not.
+def calibrate_outside_blocks(quantizers: list, forward_pass: Callable[[], Any], p: float) -> list:
+    """Calibrates the activation quantizers outside the blocks that `forward_pass()` reaches; returns those it
+    did not.
 
-    Called once on the model prefix (e.g. OPT's project_in) and once, `last`, on the whole quantized model for
-    the task or LM head. A quantizer never reached even then guards a module the forward pass does not use
-    (e.g. an unused pooler): it is removed rather than left uncalibrated.
+    Called once on the model prefix (e.g. OPT's project_in) and once on the whole quantized model for the task or
+    LM head; what even the latter does not reach goes to `remove_input_quantizers`.
     """
     for q in quantizers:
         q.observe()
-    run()
+    forward_pass()
     pending = []
     for q in quantizers:
         if q.has_observed:
@@ -63,10 +63,17 @@ def calibrate_outside_blocks(model: nn.Module, quantizers: list, run: Callable[[
         else:
             q.stop_observing()
             pending.append(q)
-    if last and pending:
-        unused = {id(q) for q in pending}
-        for name, module in quantized_modules(model):
-            if getattr(module, "input_quantizer", None) is not None and id(module.input_quantizer) in unused:
-                module.remove_input_quantizer()
-                model.config.quantization_config.layer_config[name]["a"] = None
     return pending
+
+
+def remove_input_quantizers(model: nn.Module, unused: list) -> list[str]:
+    """Removes the input quantizers among `unused` (never reached by a whole-model pass: they guard a module the
+    forward pass does not use, e.g. an unused pooler) rather than leave them uncalibrated; returns the names of
+    the modules that lost theirs, whose activations are no longer quantized."""
+    unused_ids = {id(q) for q in unused}
+    removed = []
+    for name, module in quantized_modules(model):
+        if getattr(module, "input_quantizer", None) is not None and id(module.input_quantizer) in unused_ids:
+            module.remove_input_quantizer()
+            removed.append(name)
+    return removed

@@ -41,7 +41,7 @@ from .block_inputs import (
 from .cache import Stream
 from .data import length_sorted_batches, prepare_calibration
 from .fisher import fisher_weights
-from .observe import AllSeen, calibrate_outside_blocks, observe, stop_once_seen
+from .observe import AllSeen, calibrate_outside_blocks, observe, remove_input_quantizers, stop_once_seen
 from .offload import default_device
 from .quant_state import act_quantizers, quant_state
 from .reconstruction import BlockData, block_output_error, reconstruct_block
@@ -178,7 +178,6 @@ def _quantize_converted(
     _convert_head(model, config, head, fisher is None, flow, run)
     for name in modules_outside_blocks(model, blocks_name):
         run.offloader.materialize(name, recurse=False)
-    model.config.quantization_config = config
     _calibrate_pending(model, config, blocks, batches, flow.pending, run)
     freeze_quantized(model)
     _finish(model, config, flow.stats, run)
@@ -221,7 +220,7 @@ def _capture_flow(model: nn.Module, config: QLimitConfig, blocks: nn.ModuleList,
         def capture_quantized() -> None:
             captured["q_in"] = capture_block_inputs(model, blocks[0], batches, run.device, run.cache)[0]
 
-        pending = calibrate_outside_blocks(model, outer_acts, capture_quantized, config.lp_norm, last=False)
+        pending = calibrate_outside_blocks(outer_acts, capture_quantized, config.lp_norm)
         if len(pending) < len(outer_acts):  # the prefix has quantized activations: capture again with them set
             capture_quantized()
     return _Flow(fp_in, captured["q_in"], inputs, pending=pending)
@@ -354,7 +353,9 @@ def _calibrate_pending(
                     pass
 
     with quant_state(model, weights=True, acts=True):
-        calibrate_outside_blocks(model, pending, run_model, config.lp_norm, last=True)
+        unused = calibrate_outside_blocks(pending, run_model, config.lp_norm)
+        for name in remove_input_quantizers(model, unused):
+            config.layer_config[name]["a"] = None  # the saved config must not ask for a quantizer that is gone
 
 
 def _finish(model: nn.Module, config: QLimitConfig, stats: list[dict], run: Run) -> None:
