@@ -1,8 +1,11 @@
 """Reconstruction of one block (BRECQ / QDrop) or of its Linears one by one (AdaRound).
 
-min ‖block_q(x) − block_fp(x_fp)‖² + λ Σ (1 − |2h − 1|^β) over AdaRound's rounding variables (Adam, lr 1e-3)
-and the LSQ step sizes (Adam, lr 4e-5, cosine decay). QDrop mixes the block input element-wise between the
-quantized and the FP stream and keeps each activation in FP with probability `drop_prob`.
+min ‖block_q(x) − block_fp(x_fp)‖² over the weights' rounding and the LSQ step sizes of the activations. How the
+rounding learns is `config.rounding` (rounding.py: AdaRound's V by Adam with the regulariser
+λ Σ (1 − |2h − 1|^β), or AutoRound's signed steps by SignSGD); the activation steps (and learned weight steps)
+share one Adam with a cosine decay. Every learning rate is the config's, filled in by the preset. QDrop mixes
+the block input element-wise between the quantized and the FP stream and keeps each activation in FP with
+probability `drop_prob`.
 """
 
 from __future__ import annotations

@@ -211,6 +211,10 @@ class SignRounding(Rounding):
 
 
 def rounding_for(config: QLimitConfig) -> Rounding:
-    """The strategy of `config.rounding`; "anneal", the papers', also for a config not yet resolved (None)."""
+    """The strategy of `config.rounding`; "anneal", the papers', also for a config not yet resolved (None).
+
+    `config.method` plays no part: `method="adaround"` (Linear by Linear) runs whatever rounding the preset chose,
+    so under the decoder preset "fast-lm" (rounding="sign") it takes AutoRound's signed steps, not AdaRound's
+    annealed V; `rounding="anneal"` asks for the latter."""
     strategies = {"progressive": ProgressiveRounding, "sign": SignRounding}
     return strategies.get(config.rounding, AnnealRounding)(config)
