@@ -24,12 +24,12 @@ def export(
     """Writes a quantized hf_qlimit model (or the folder it was saved to) to `out_dir` in `format`.
 
     - "compressed-tensors": a transformers folder that plain transformers + the `compressed-tensors` package
-      load, and vLLM serves: weight-only Linears as `pack-quantized`, W8A8 as `int-quantized` with static input
+      load (the format vLLM reads; not tried with vLLM here): weight-only Linears as `pack-quantized`, W8A8 as `int-quantized` with static input
       scales. Quantized embeddings are written dequantized.
     - "gguf": one `.gguf` file (Q4_1 / Q8_0 where they map exactly), see `export/gguf.py`.
 
     Settings the format cannot express raise `ExportError` naming them. `allow_unservable=True` exports
-    asymmetric 2/3-bit weights anyway (compressed-tensors stores them; vLLM does not serve them).
+    asymmetric 2/3-bit weights anyway (compressed-tensors stores them; vLLM's kernels, by its docs, take asymmetric weights only at 4 and 8 bits).
     Returns the folder (or file) written.
     """
     if format not in FORMATS:

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--allow_unservable",
         action="store_true",
-        help="export asymmetric 2/3-bit weights to compressed-tensors anyway (vLLM will not serve them)",
+        help="export asymmetric 2/3-bit weights to compressed-tensors anyway (by its docs vLLM's kernels take asymmetric weights only at 4 and 8 bits)",
     )
     args = parser.parse_args(argv)
     try:

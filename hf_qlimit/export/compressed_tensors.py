@@ -1,5 +1,5 @@
 """Export to the `compressed-tensors` format, which plain transformers (with the `compressed-tensors` package)
-loads without hf_qlimit, and which vLLM serves.
+loads without hf_qlimit; it is the format vLLM reads (not tried with vLLM here).
 
 The format's integer weights are signed codes c in [−2^(b−1), 2^(b−1) − 1], w = (c − zp)·s, stored as c + 2^(b−1):
 that is exactly hf_qlimit's unsigned code q (and zp + 2^(b−1) is hf_qlimit's zero point z), so no value is
@@ -81,8 +81,8 @@ def _scheme(name: str, module: QuantLinear, allow_unservable: bool) -> _Scheme:
     symmetric = bool((quantizer.zero == 2 ** (bits - 1)).all())
     if not symmetric and bits not in (4, 8):
         message = (
-            f"{name}: asymmetric {bits}-bit weights. compressed-tensors can store them, but vLLM serves "
-            "asymmetric weights only at 4 and 8 bits; quantize with `weight_sym=True` at 2 or 3 bits"
+            f"{name}: asymmetric {bits}-bit weights. compressed-tensors can store them, but vLLM's kernels (by its docs) "
+            "take asymmetric weights only at 4 and 8 bits; quantize with `weight_sym=True` at 2 or 3 bits"
         )
         if not allow_unservable:
             raise ExportError(message + ", or pass allow_unservable=True (--allow_unservable) to export anyway.")
@@ -250,6 +250,6 @@ def _quantization_config(groups: dict[_Scheme, list[str]], fmt: str) -> dict[str
     }
     if any(_needs_dequantize(scheme) for scheme in groups):
         # transformers cannot keep asymmetric packed weights compressed (its zero-point shapes disagree with the
-        # packed ones); it dequantizes them at load. vLLM ignores the key and serves them packed.
+        # packed ones); it dequantizes them at load. vLLM, by its docs, ignores the key (not tried here).
         config["dequantize"] = True
     return config
