@@ -19,10 +19,11 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.common import ResultsLog
+from benchmarks.glue import table as glue_table
 
 DOC = common.REPO / "docs" / "design" / "outliers.md"
 MARKER = "outliers-table"
-MODELS = {"sst2": "minilm-l6-sst2", "mrpc": "minilm-l6-mrpc", "stsb": "minilm-l6-stsb"}
+MODELS = glue_table.MODELS
 TASK_NAMES = {"sst2": "SST-2 acc", "mrpc": "MRPC F1", "stsb": "STS-B Pearson"}
 METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "pearson"}
 METHODS = {"rtn": "RTN", "qdrop": "QDrop", "brecq": "BRECQ"}
@@ -79,12 +80,7 @@ def run_one(
 ) -> dict | None:
     """results.json of one cell (reused as `log` says), {} for one not run, None when the run failed."""
     args = [
-        "--model_name_or_path",
-        str(shared / "models" / MODELS[task]),
-        "--task_name",
-        task,
-        "--data_dir",
-        str(shared / "data" / "glue"),
+        *glue_table.task_flags(task, shared),
         "--method",
         method,
         "--weight_bits",

@@ -51,16 +51,23 @@ Key = tuple[str, str, str]  # (task, method, setting)
 Results = dict[Key, dict[str, Any] | None]  # None: a failed run; {}: one not measured (--table_only)
 
 
-def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, extra: list[str], log: ResultsLog):
-    """results.json of one run (reused as `log` says), {} for one not run, None when the run failed."""
-    weight_bits, act_bits = SETTINGS[setting]
-    args = [
+def task_flags(task: str, shared: Path) -> list[str]:
+    """run_glue.py's reference model, task and data flags for `task`."""
+    return [
         "--model_name_or_path",
         str(shared / "models" / MODELS[task]),
         "--task_name",
         task,
         "--data_dir",
         str(shared / "data" / "glue"),
+    ]
+
+
+def run_one(task: str, method: str, setting: str, shared: Path, out_dir: Path, extra: list[str], log: ResultsLog):
+    """results.json of one run (reused as `log` says), {} for one not run, None when the run failed."""
+    weight_bits, act_bits = SETTINGS[setting]
+    args = [
+        *task_flags(task, shared),
         *common.method_flags(METHODS[method]),
         "--weight_bits",
         str(weight_bits),

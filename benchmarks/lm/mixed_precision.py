@@ -65,14 +65,7 @@ def main(argv: list[str] | None = None) -> str:
     model_dir = lm_table.ensure_model(args.model_dir)
     cache = args.out_dir / "sensitivity.json"
     shared = [
-        "--model_name_or_path",
-        str(model_dir),
-        "--eval_file",
-        str(args.data_dir / "test.txt"),
-        "--calib_file",
-        str(args.data_dir / "valid.txt"),
-        "--seq_len",
-        str(args.seq_len),
+        *lm_table.data_flags(model_dir, args.data_dir, args.seq_len),
         "--max_eval_windows",
         str(args.windows),
         "--num_calib_samples",

@@ -118,18 +118,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_ppl_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
-    """The run_ppl.py arguments every cell shares."""
-    flags = [
+def data_flags(model_dir: Path, data_dir: Path, seq_len: int) -> list[str]:
+    """run_ppl.py's model and WikiText-2 flags: test.txt evaluates, valid.txt calibrates."""
+    return [
         "--model_name_or_path",
         str(model_dir),
         "--eval_file",
-        str(args.data_dir / "test.txt"),
+        str(data_dir / "test.txt"),
         "--calib_file",
-        str(args.data_dir / "valid.txt"),
+        str(data_dir / "valid.txt"),
         "--seq_len",
-        str(args.seq_len),
+        str(seq_len),
     ]
+
+
+def run_ppl_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
+    """The run_ppl.py arguments every cell shares."""
+    flags = data_flags(model_dir, args.data_dir, args.seq_len)
     if args.quick:
         flags += ["--max_eval_windows", "4", "--num_calib_samples", "8", "--iters", "10", "--batch_size", "4"]
     for flag in ("max_eval_windows", "num_calib_samples", "iters", "batch_size"):
