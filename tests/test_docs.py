@@ -66,3 +66,19 @@ def test_relative_links_and_anchors_resolve(page):
         if not file.exists() or anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)}: {broken}"
+
+
+MARKDOWN = [*PAGES, *sorted((ROOT / "examples").rglob("*.md")), ROOT / "benchmarks" / "README.md"]
+
+
+@pytest.mark.parametrize("page", MARKDOWN, ids=lambda p: str(p.relative_to(ROOT)))
+def test_commands_name_modules_and_scripts_that_exist(page):
+    """`python -m benchmarks.x.y` / `python -m hf_qlimit.x` name real modules; no old `benchmarks/x.py` path."""
+    text = page.read_text()
+    missing = []
+    for module in re.findall(r"python -m ((?:benchmarks|hf_qlimit)(?:\.\w+)+)", text):
+        path = ROOT.joinpath(*module.split("."))
+        if not (path.with_suffix(".py").exists() or (path / "__main__.py").exists()):
+            missing.append(module)
+    stale = re.findall(r"python benchmarks/\S+\.py", text)
+    assert not missing and not stale, f"{page.relative_to(ROOT)}: missing {missing}, old paths {stale}"
