@@ -250,9 +250,9 @@ class QLimitConfig(QuantizationConfigMixin):
 
     def for_model(self, model: Any) -> QLimitConfig:
         """`resolved` for this model's family: what `quantize_qlimit(calib_ds, config)` will run."""
-        from .models import get_adapter
+        from .models import is_causal_lm
 
-        return self.resolved(causal_lm=get_adapter(model).causal_lm)
+        return self.resolved(causal_lm=is_causal_lm(model))
 
     def resolved(self, causal_lm: bool) -> QLimitConfig:
         """A copy with every unset field filled by the preset's table (`hf_qlimit.presets`) and a concrete

@@ -25,7 +25,7 @@ from ..config import QLimitConfig
 from ..forward import is_dispatched, to_device
 from ..hf.quantizer import QLimitHfQuantizer
 from ..hf.surgery import quantized_modules, share_tied_codes
-from ..models import get_adapter
+from ..models import get_adapter, is_causal_lm
 from ..models.base import ArchitectureAdapter
 from ..nn.memory import bound_heap
 from ..nn.modules import set_inference_mode
@@ -33,6 +33,7 @@ from ..quantizers import ActQuantizer
 from ..transforms import apply_transforms
 from .block_inputs import (
     BlockInputs,
+    StackInputs,
     capture_block_inputs,
     modules_outside_blocks,
     prefix_modules,
@@ -46,6 +47,7 @@ from .offload import default_device
 from .quant_state import act_quantizers, quant_state
 from .reconstruction import BlockData, block_output_error, reconstruct_block
 from .run import Run
+from .stacks import Layout, add_decoder_inputs, capture_first_stack, capture_later_stack, discover_layout
 from .weight_init import WeightStart, init_block_weights
 
 logger = logging.get_logger(__name__)
@@ -66,16 +68,18 @@ def quantize_model(
     """Quantizes `model` in place with Q-Limit PTQ and returns it, ready for `save_pretrained`."""
     _check_request(model, config, work_dir, resume)
     adapter = get_adapter(model)
-    config = config.resolved(causal_lm=adapter.causal_lm)
+    config = config.resolved(causal_lm=is_causal_lm(model))
     logger.info(config.summary())  # what the preset filled in, so a run says what it ran
     dispatched = is_dispatched(model)
-    _check_supported(config, work_dir, dispatched)
     if dispatched:  # offloaded to bound memory: the allocator must not hold on to what is freed either
         bound_heap()
     device = torch.device(device) if device is not None else default_device(model)
     pad_id = getattr(model.config, "pad_token_id", None)
     data = prepare_calibration(calib_ds, config.num_samples, config.max_length, pad_id, config.seed)
-    batches = length_sorted_batches(data, config.batch_size)
+    batches = add_decoder_inputs(model, length_sorted_batches(data, config.batch_size))
+    where = torch.device("cpu") if dispatched else next(model.parameters()).device
+    layout = discover_layout(model, batches[0], where)
+    _check_supported(config, work_dir, dispatched, layout)
     apply_transforms(model, adapter, config, batches, device)  # function-preserving, on the FP model (issue 19)
     run = Run.open(model, config, batches, device, dispatched, work_dir, resume, cache_budget_bytes)
     torch.manual_seed(config.seed)
@@ -84,7 +88,7 @@ def quantize_model(
     model.eval()
     model.requires_grad_(False)
     try:
-        _quantize_converted(model, adapter, config, batches, run)
+        _quantize_converted(model, layout, config, batches, run)
     except BaseException:
         # The modules were swapped in place: a half-quantized model must not be saved by mistake.
         _attach_quantizer(model, config, failed=True)
@@ -103,8 +107,21 @@ def _check_request(model: nn.Module, config: QLimitConfig, work_dir: Any, resume
         raise ValueError("resume=True needs the work_dir of the interrupted run.")
 
 
-def _check_supported(config: QLimitConfig, work_dir: Any, dispatched: bool) -> None:
-    """The combinations of the resolved config with resumable or offloaded runs that are not supported."""
+def _check_supported(config: QLimitConfig, work_dir: Any, dispatched: bool, layout: Layout) -> None:
+    """The combinations of the resolved config with resumable, offloaded or encoder-decoder runs that are not
+    supported."""
+    if len(layout.stacks) > 1:
+        asked = {
+            "work_dir (resumable runs)": work_dir is not None,
+            "offload (device_map)": dispatched,
+            "loss='fisher'": config.loss == "fisher" and config.method != "rtn",
+            "mixed precision (bit_candidates)": config.bit_candidates is not None,
+        }
+        if refused := [what for what, on in asked.items() if on]:
+            raise ValueError(
+                f"{', '.join(refused)}: not supported yet for models with several block stacks (an encoder-decoder: "
+                f"{', '.join(s.name for s in layout.stacks)}). Leave them out."
+            )
     if work_dir is not None and config.loss == "fisher" and config.method != "rtn":
         raise ValueError("work_dir (resumable runs) does not support loss='fisher' yet: use loss='mse'.")
     if dispatched and (config.loss == "fisher" or config.bit_candidates is not None):
@@ -139,7 +156,7 @@ class _Flow:
 
     fp_in: Stream  # the block's FP inputs: the FP targets' inputs
     q_in: Stream  # its inputs from the quantized blocks before it
-    inputs: BlockInputs  # the blocks' other arguments (masks, positions), the same for both streams
+    inputs: StackInputs  # each block's other arguments (masks, positions), the same for both streams
     stats: list[dict] = field(default_factory=list)  # per finished block: output errors and seconds
     pending: list[ActQuantizer] = field(default_factory=list)  # outside the blocks, left to the final pass
 
@@ -152,33 +169,41 @@ class _Flow:
         """Activation quantizers to calibrate in the final whole-model pass."""
         self.pending += quantizers
 
+    def enter_stack(self, hidden: Stream, inputs: StackInputs) -> None:
+        """A later stack (a decoder) starts from one captured stream: FP targets and quantized inputs alike."""
+        self.fp_in, self.q_in, self.inputs = hidden, hidden, inputs
 
-def _quantize_converted(
-    model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig, batches: Batches, run: Run
-) -> None:
+
+def _quantize_converted(model: nn.Module, layout: Layout, config: QLimitConfig, batches: Batches, run: Run) -> None:
     """The quantization proper, once the bits are chosen: the prefix, the blocks one at a time, then the rest."""
-    blocks, blocks_name = adapter.blocks(model), adapter.blocks_name(model) + "."
-    prefix = _convert_prefix(model, config, blocks[0], batches[0], blocks_name, run)
-    flow = _resume_flow(model, prefix, run) if run.done else _capture_flow(model, config, blocks, batches, run)
+    first = layout.stacks[0].blocks
+    prefix = _convert_prefix(model, config, first[0], batches[0], layout.prefixes, run, [])
+    flow = _resume_flow(model, prefix, run) if run.done else _capture_flow(model, config, layout, batches, run)
     fisher = None
     if config.loss == "fisher" and config.method != "rtn":  # its passes need the whole model converted first
         run.convert(model, [n for n in config.layer_config if n not in prefix], config, frozen=False)
-        fisher = fisher_weights(model, blocks, batches, run.device, config.fisher_damping)
+        fisher = fisher_weights(model, first, batches, run.device, config.fisher_damping)
     _settle_prefix(model, config, prefix, flow, run)
-    for i, block in enumerate(tqdm(blocks, desc="Quantizing blocks", unit="block")):
-        name = f"{blocks_name}{i}"
-        if i < run.done:  # finished by the interrupted run: rebuild it from the work folder
-            run.offloader.materialize(name)
-            run.convert(model, _block_modules(config, name), config, frozen=True)
-            run.work.load_block(i, block)
-            run.park(name, run.work.block_file(i))
-            continue
-        _quantize_block(model, config, i, name, block, flow, None if fisher is None else fisher[i], run)
-    head = [n for n in config.layer_config if not n.startswith(blocks_name) and n not in prefix]
+    index = 0
+    for s, stack in enumerate(layout.stacks):
+        if s > 0:
+            prefix += _enter_later_stack(model, config, layout, s, batches, flow, prefix, run)
+        for i, block in enumerate(tqdm(stack.blocks, desc=f"Quantizing {stack.name}", unit="block")):
+            name = f"{stack.name}.{i}"
+            if index < run.done:  # finished by the interrupted run: rebuild it from the work folder
+                run.offloader.materialize(name)
+                run.convert(model, _block_modules(config, name), config, frozen=True)
+                run.work.load_block(index, block)
+                run.park(name, run.work.block_file(index))
+            else:
+                block_fisher = None if fisher is None else fisher[i]
+                _quantize_block(model, config, (index, i), name, block, flow, block_fisher, run)
+            index += 1
+    head = [n for n in config.layer_config if not n.startswith(layout.prefixes) and n not in prefix]
     _convert_head(model, config, head, fisher is None, flow, run)
-    for name in modules_outside_blocks(model, blocks_name):
+    for name in modules_outside_blocks(model, layout.prefixes):
         run.offloader.materialize(name, recurse=False)
-    _calibrate_pending(model, config, blocks, batches, flow.pending, run)
+    _calibrate_pending(model, config, layout.all_blocks(), batches, flow.pending, run)
     freeze_quantized(model)
     _finish(model, config, flow.stats, run)
 
@@ -188,16 +213,39 @@ def _convert_prefix(
     config: QLimitConfig,
     first_block: nn.Module,
     batch: dict[str, torch.Tensor],
-    blocks_name: str,
+    prefixes: tuple[str, ...],
     run: Run,
+    done: list[str],
 ) -> list[str]:
-    """Converts the quantized modules the forward pass calls before the first block; returns their names."""
+    """Converts the quantized modules outside the blocks that the forward pass calls before `first_block` and
+    that are not in `done`; returns their names."""
     prefix = prefix_modules(model, first_block, batch, run.parking)
     for name in prefix:  # the model prefix runs whole on the execution device
         run.offloader.materialize(name, recurse=False)
-    quantized = [n for n in config.layer_config if not n.startswith(blocks_name) and n in prefix]
+    quantized = [n for n in config.layer_config if not n.startswith(prefixes) and n in prefix and n not in done]
     run.convert(model, quantized, config, frozen=run.done > 0)
     return quantized
+
+
+def _enter_later_stack(
+    model: nn.Module,
+    config: QLimitConfig,
+    layout: Layout,
+    s: int,
+    batches: Batches,
+    flow: _Flow,
+    done: list[str],
+    run: Run,
+) -> list[str]:
+    """Stack `s` > 0 (a decoder): the modules between it and the stack before (its embedding) are converted and
+    frozen, then its stream and its blocks' arguments are captured from the model quantized so far."""
+    blocks = layout.stacks[s].blocks
+    between = _convert_prefix(model, config, blocks[0], batches[0], layout.prefixes, run, done)
+    flow.defer([q for n in between for q in act_quantizers(model.get_submodule(n))])
+    _freeze_names(model, between)
+    with quant_state(model, weights=True, acts=True):
+        flow.enter_stack(*capture_later_stack(model, layout.stacks[s], batches, run.device, run.cache))
+    return between
 
 
 def _resume_flow(model: nn.Module, prefix: list[str], run: Run) -> _Flow:
@@ -208,12 +256,13 @@ def _resume_flow(model: nn.Module, prefix: list[str], run: Run) -> _Flow:
     return _Flow(fp_in, q_in, inputs, state["stats"])
 
 
-def _capture_flow(model: nn.Module, config: QLimitConfig, blocks: nn.ModuleList, batches: Batches, run: Run) -> _Flow:
+def _capture_flow(model: nn.Module, config: QLimitConfig, layout: Layout, batches: Batches, run: Run) -> _Flow:
     """Both streams at the first block; the prefix's activation quantizers are calibrated on the way."""
-    in_blocks = {id(q) for q in act_quantizers(blocks)}
+    blocks = layout.stacks[0].blocks
+    in_blocks = {id(q) for b in layout.all_blocks() for q in act_quantizers(b)}
     outer_acts = [q for q in act_quantizers(model) if id(q) not in in_blocks]  # the prefix's: nothing else yet
     with quant_state(model, weights=False, acts=False):
-        fp_in, inputs = capture_block_inputs(model, blocks[0], batches, run.device, run.cache)
+        fp_in, inputs = capture_first_stack(model, layout, batches, run.device, run.cache)
     with quant_state(model, weights=True, acts=True):
         captured = {}
 
@@ -246,28 +295,30 @@ def _block_modules(config: QLimitConfig, name: str) -> list[str]:
 def _quantize_block(
     model: nn.Module,
     config: QLimitConfig,
-    i: int,
+    at: tuple[int, int],
     name: str,
     block: nn.Module,
     flow: _Flow,
     fisher: Stream | None,
     run: Run,
 ) -> None:
-    """Block i: converted, its FP outputs computed, calibrated on the quantized stream, frozen, then parked."""
-    tick = time.perf_counter()
+    """Block `name`, at (index over all stacks, index in its stack): converted, its FP outputs computed,
+    calibrated on the quantized stream, frozen, then parked."""
+    (i, local), tick = at, time.perf_counter()
+    inputs = flow.inputs.for_block(local)
     run.offloader.materialize(name)
     if fisher is None:  # with Fisher weights, every module was converted before their passes
         run.convert(model, _block_modules(config, name), config, frozen=False)
         run.release_memory()  # the replaced Linears (a cycle, see offload.py) must not keep the FP weights alive
     with quant_state(block, weights=False, acts=False):
-        fp_out = run_block(block, flow.fp_in, flow.inputs, run.device, run.cache)
-    starts = _start_block(block, config, flow, run)
-    data = BlockData(flow.fp_in, flow.q_in, fp_out, flow.inputs, run.token_mask, fisher)
+        fp_out = run_block(block, flow.fp_in, inputs, run.device, run.cache)
+    starts = _start_block(block, config, flow.q_in, inputs, run)
+    data = BlockData(flow.fp_in, flow.q_in, fp_out, inputs, run.token_mask, fisher)
     if config.method != "rtn":
         rtn_error = block_output_error(block, data, run.device)
         undecided = reconstruct_block(block, data, config, run.device, f"block {i}", starts).undecided
         freeze_quantized(block)
-    q_out = run_block(block, flow.q_in, flow.inputs, run.device, run.cache)
+    q_out = run_block(block, flow.q_in, inputs, run.device, run.cache)
     error = block_output_error(block, data, run.device, q_out=q_out)
     if config.method == "rtn":
         rtn_error, undecided = error, 0.0
@@ -289,15 +340,17 @@ def _quantize_block(
     run.park(name, run.work.block_file(i) if run.work is not None else None)
 
 
-def _start_block(block: nn.Module, config: QLimitConfig, flow: _Flow, run: Run) -> dict[str, WeightStart]:
+def _start_block(
+    block: nn.Module, config: QLimitConfig, q_in: Stream, inputs: BlockInputs, run: Run
+) -> dict[str, WeightStart]:
     """Where the roundings start (RTN's are final at once), then the activation ranges on the quantized stream;
     returns the starts left for reconstruction (see `init_block_weights`)."""
     starts = {}
     if config.weight_init != "rtn":
         starts = init_block_weights(
             block,
-            flow.q_in,
-            flow.inputs,
+            q_in,
+            inputs,
             run.token_mask,
             run.device,
             config.weight_init,
@@ -311,7 +364,7 @@ def _start_block(block: nn.Module, config: QLimitConfig, flow: _Flow, run: Run) 
         freeze_quantized(block)
 
     def quantized_pass() -> None:
-        run_block(block, flow.q_in, flow.inputs, run.device)
+        run_block(block, q_in, inputs, run.device)
 
     with quant_state(block, weights=True, acts=True):
         observe(list(act_quantizers(block)), quantized_pass, config.lp_norm)

@@ -49,11 +49,11 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
     frozen=False wraps the existing FP weights for calibration; frozen=True builds empty modules whose packed
     weights `from_pretrained` then loads.
     """
-    from ..models import get_adapter
+    from ..models import get_adapter, is_causal_lm
 
     expected = {"linear": nn.Linear, "embedding": nn.Embedding}
     # The config checked its own fields when it was built; what needs the model is checked here.
-    if config.act_fp_first_token and config.act_bits is not None and not get_adapter(model).causal_lm:
+    if config.act_fp_first_token and config.act_bits is not None and not is_causal_lm(model):
         raise ValueError(
             "`act_fp_first_token` keeps the attention sink (position 0) of decoder LMs in full precision; "
             f"{type(model).__name__} is not a decoder LM. Leave it False."
@@ -107,6 +107,8 @@ def share_input_quantizers(model: nn.Module, layer_config: dict[str, dict]) -> N
     from ..models import get_adapter
 
     adapter = get_adapter(model)
+    if not any(rel for group in adapter.input_groups() for rel in group):
+        return  # no adapter: the groups are not known, each Linear keeps its own quantizer
     blocks = adapter.blocks_name(model) + "."
     touched = {name[len(blocks) :].split(".", 1)[0] for name in layer_config if name.startswith(blocks)}
     for index in sorted(touched):

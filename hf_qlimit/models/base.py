@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ..transforms.input_op import InputTransform
+from .discovery import BlockStack, find_stacks
 
 if TYPE_CHECKING:
     from ..config import QLimitConfig
@@ -19,6 +20,21 @@ def input_output_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Modu
         return model.get_input_embeddings(), model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None, None
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A decoder-only LM family (Llama, OPT, GPT-2...), from transformers' own model tables: its type has a
+    causal-LM class and no masked-LM one (BERT has both), and it is not an encoder-decoder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -35,8 +51,6 @@ class ArchitectureAdapter:
     """
 
     model_types: tuple[str, ...] = ()
-    causal_lm: bool = False  # decoder LMs get the "fast-lm" preset under preset="auto"
-    blocks_path: str = ""  # the blocks' ModuleList, relative to `model.base_model`
     attention_path: str = ""  # the module inside a block that calls transformers' attention interface
     # Where the outlier transforms apply, block-relative. Each group lists the Linears reading one tensor that
     # a norm produced (Q/K/V; the first FFN Linear(s)); `norms` names, aligned with those groups, the norms that
@@ -59,16 +73,33 @@ class ArchitectureAdapter:
         """Every quantized input tensor of a block, as the Linears that read it."""
         return (*self.norm_inputs, (self.attention_output,), (self.ffn_down,))
 
+    def stacks(self, model: nn.Module) -> tuple[BlockStack, ...]:
+        """The model's block stacks in forward order (two for an encoder-decoder), found from the model."""
+        return find_stacks(model)
+
+    def block_prefixes(self, model: nn.Module) -> tuple[str, ...]:
+        """ "name." of every stack: a module whose name starts with one of them is inside a block."""
+        return tuple(stack.prefix for stack in self.stacks(model))
+
+    def single_stack(self, model: nn.Module, needs: str) -> BlockStack:
+        """The one stack of a model that has one; `needs` names what refuses several (an encoder-decoder)."""
+        stacks = self.stacks(model)
+        if len(stacks) != 1:
+            raise ValueError(
+                f"{needs} supports models with one stack of blocks; {type(model).__name__} has "
+                f"{len(stacks)} ({', '.join(s.name for s in stacks)})."
+            )
+        return stacks[0]
+
     def blocks_name(self, model: nn.Module) -> str:
-        blocks = self.blocks(model)
-        return next(name for name, module in model.named_modules() if module is blocks)
+        return self.single_stack(model, "This feature").name
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.base_model.get_submodule(self.blocks_path)
+        return self.single_stack(model, "This feature").blocks
 
     def layer_config(self, model: nn.Module, config: QLimitConfig) -> dict[str, dict[str, Any]]:
         """Module name -> {"kind", "w" (weight bits), "a" (input activation bits)} of every module to convert."""
-        prefix = self.blocks_name(model) + "."
+        prefix = self.block_prefixes(model)
         first_last_act = config.first_last_bits if config.act_bits is not None else None
         # an embedding tied to the LM head takes the head's grid, so both round to the same codes (shared later)
         emb, head = input_output_embeddings(model)

@@ -7,7 +7,6 @@ from .registry import register_adapter
 @register_adapter
 class BertAdapter(ArchitectureAdapter):
     model_types = ("bert", "roberta", "xlm-roberta")
-    blocks_path = "encoder.layer"
     attention_path = "attention.self"
     norm_inputs = (("attention.self.query", "attention.self.key", "attention.self.value"), ("intermediate.dense",))
     attention_output = "attention.output.dense"

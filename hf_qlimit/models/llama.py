@@ -7,8 +7,6 @@ from .registry import register_adapter
 @register_adapter
 class LlamaAdapter(ArchitectureAdapter):
     model_types = ("llama", "qwen2", "mistral")
-    causal_lm = True
-    blocks_path = "layers"
     attention_path = "self_attn"
     norm_inputs = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
     norms = ("input_layernorm", "post_attention_layernorm")

@@ -7,8 +7,6 @@ from .registry import register_adapter
 @register_adapter
 class OPTAdapter(ArchitectureAdapter):
     model_types = ("opt",)
-    causal_lm = True
-    blocks_path = "decoder.layers"
     attention_path = "self_attn"
     norm_inputs = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("fc1",))
     norms = ("self_attn_layer_norm", "final_layer_norm")
