@@ -5,7 +5,8 @@
 - `ZOO`: model type -> zero-argument builder; `DECODERS`, `ENCODERS`, `ENCODER_DECODERS`: the matrix's types;
   `SHARED_LAYER = ("albert",)` (one layer called N times) is kept out of the matrix.
 - `calib(model_type, n, length, seed)`: unpadded samples (token id lists of varying lengths) the model accepts.
-- `eval_batch(model_type)`: a padded batch for logits; `logits(model, batch)`; `relative_logit_error(a, b)`.
+- `eval_batch(model_type)`: a padded batch; `logits(model, batch)`; `outputs(model, batch)` (logits, and a
+  classifier's last hidden states); `relative_logit_error(a, b)`.
 
 Every model has hidden size 32, 4 heads of 8 (2 KV heads where the family has grouped-query attention),
 intermediate 64 (MoE: 4 experts of 32, top 2), vocabulary `VOCAB` with pad/bos/eos = 0/1/2 and 64 positions, so a
@@ -201,12 +202,11 @@ def calib(model_type: str, n: int = 8, length: int = 16, seed: int = 0) -> list[
     return [{"input_ids": torch.randint(FIRST_ID, VOCAB, (int(k),), generator=g).tolist()} for k in lengths]
 
 
-def eval_batch(model_type: str, batch: int = 3, length: int = 12, seed: int = 7) -> dict[str, torch.Tensor]:
-    """A right-padded batch (the last row 4 tokens short) with its mask; t5 also gets `decoder_input_ids`."""
+def eval_batch(model_type: str, batch: int = 4, length: int = 12, seed: int = 7) -> dict[str, torch.Tensor]:
+    """A right-padded batch (row r is 3r tokens short) with its mask; t5 also gets `decoder_input_ids`."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(FIRST_ID, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[-1, length - 4 :] = 0
+    mask = (torch.arange(length) < (length - 3 * torch.arange(batch))[:, None]).long()
     ids[mask == 0] = SPECIAL["pad_token_id"]
     out = {"input_ids": ids, "attention_mask": mask}
     if model_type in ENCODER_DECODERS:
@@ -216,12 +216,22 @@ def eval_batch(model_type: str, batch: int = 3, length: int = 12, seed: int = 7)
 
 
 def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The logits at the unpadded positions (padded positions of a causal LM are arbitrary), without autograd."""
+    """The logits (of a causal LM: at the unpadded positions, the others are arbitrary), without autograd."""
     with torch.no_grad():
         out = model(**batch).logits
     if out.dim() == 3 and "decoder_input_ids" not in batch:
         out = out[batch["attention_mask"].bool()]
     return out
+
+
+def outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What to compare with FP: `logits`, plus for a classifier the last hidden states at the unpadded positions
+    (2 logits read one token: a broken mask or position could hide there)."""
+    if auto_class(model.config.model_type) is not AutoModelForSequenceClassification:
+        return logits(model, batch)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    return torch.cat([out.logits.flatten(), out.hidden_states[-1][batch["attention_mask"].bool()].flatten()])
 
 
 def relative_logit_error(a: torch.Tensor, b: torch.Tensor) -> float:
