@@ -11,16 +11,19 @@
 Every model has hidden size 32, 4 heads of 8 (2 KV heads where the family has grouped-query attention),
 intermediate 64 (MoE: 4 experts of 32, top 2), vocabulary `VOCAB` with pad/bos/eos = 0/1/2 and 64 positions, so a
 group size of 32 divides every projection's input features. gemma2, gemma3_text and modernbert have 3 layers
-alternating sliding (window 4) and global attention; the others 2.
+alternating sliding and global attention; the others 2.
 
 Random init draws weights with std 0.02 and norms at 1 (0 for Gemma's 1+w): attention is then almost uniform and
 rotary or mask arguments barely matter, so a test could not see them broken. `_spread` redraws every projection
 with std 0.15 (about 1/sqrt(fan-in)) and norms in [0.5, 1.5].
 
 Quirks (transformers 5.25):
+- gemma2's attention softcap is 1 (dropping it moves the logits by 0.22; at the default 50, by 2e-4).
 - Gemma's head_dim defaults to 256 and ModernBERT's special ids are ~50k (beyond the vocabulary): set here.
 - RoBERTa counts positions from pad_token_id + 1, hence 2 extra position embeddings.
-- gemma3_text alternates rotary tables too (rope_local_base_freq for sliding layers).
+- gemma3_text alternates rotary tables too (rope_parameters per layer type: theta 1e4 sliding, 1e6 global);
+  modernbert's layers are global, local, global (global_attn_every_n_layers=2; local_attention 4 = a window of
+  2 each side), with theta 160000 / 10000.
 - deberta-v2 is built DeBERTa-v3 style (relative attention, p2c/c2p, shared keys, 16 position buckets).
 - falcon is Falcon-7B style: multi-query attention, one fused qkv, one norm feeding attention and MLP in
   parallel, rotary (not alibi).
@@ -80,6 +83,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "layer_types": _SLIDING3,
         "sliding_window": 4,
         "query_pre_attn_scalar": 8,
+        "attn_logit_softcapping": 1.0,  # 50 leaves these scores alone: a dropped softcap would not show
     },
     "gemma3_text": {
         **_LLAMA_LIKE,
