@@ -9,7 +9,8 @@ from torch import nn
 
 from ..config import QLimitConfig
 from ..models.base import input_output_embeddings
-from ..nn.attention import ATTENTION_ATTR, AttentionQuantizers, register_attention
+from ..nn.attention import ATTENTION_ATTR, AttentionQuantizers
+from ..nn.attention_probe import use_qlimit_attention
 from ..nn.modules import QuantEmbedding, QuantLinear
 from ..quantizers import ActQuantizer, first_token
 from ..quantizers.act_grids import DynamicTokenQuantizer
@@ -95,8 +96,7 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
     if config.act_fp_first_token and config.act_bits is not None:
         first_token.hook_blocks(get_adapter(model).blocks(model))
     if any(spec["kind"] == "attention" for spec in layer_config.values()):
-        register_attention()
-        model.set_attn_implementation("qlimit")
+        use_qlimit_attention(model)  # every submodel (both stacks of T5); raises where one has its own attention
     _untie_quantized_embeddings(model, layer_config)
 
 
