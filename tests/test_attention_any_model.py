@@ -74,6 +74,26 @@ def test_dropping_the_extra_breaks_the_equality(model_type, extra, monkeypatch):
     assert (got - expected).abs().max().item() > 10 * TOLERANCE
 
 
+def test_gpt_oss_attention_sinks_equal_eager():
+    """gpt-oss (outside the zoo) passes its per-head sink logits as `s_aux`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gpt_oss", vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    for layer in model.model.layers:
+        nn.init.normal_(layer.self_attn.sinks, std=2.0)  # initialised at 0: make them matter
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    expected = logits(model, batch)
+    got, reached = _qlimit_logits(model, batch)
+    assert len(reached) == 2 and (got - expected).abs().max().item() < TOLERANCE
+
+
 class _Attention(nn.Module):
     """What the families' eager functions read from their module."""
 
