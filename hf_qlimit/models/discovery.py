@@ -36,7 +36,10 @@ class BlockStack:
 
 
 def _holds_matrices(module: nn.Module) -> bool:
-    return any(p.dim() >= 2 for p in module.parameters())
+    # quantized layers (a loaded checkpoint) hold their matrix as flat codes beside a weight quantizer
+    return any(p.dim() >= 2 for p in module.parameters()) or any(
+        hasattr(m, "weight_quantizer") for m in module.modules()
+    )
 
 
 def _is_candidate(module: nn.Module) -> bool:

@@ -29,13 +29,13 @@ INFERENCE_MODES = ("packed", "dequantize", "cached")
 _KERNEL_BUFFERS = ("_kernel_weight", "_kernel_scales", "_kernel_offset")
 
 
-class _QuantWeightMixin:
+class QuantWeightMixin:
     """Weight handling shared by `QuantLinear` and `QuantEmbedding`: rows are output channels.
 
     Frozen, `weight` is a flat uint8 buffer of packed codes. Flat on purpose: a transformers without hf_qlimit
     then fails loudly on the shape mismatch instead of reading codes as float weights. A Linear running through
     a kernel swaps that buffer for the kernel's layout (same bytes per code, device-specific, never saved):
-    `state_dict()`, `.weight` and any `.to()` / `.float()` give back the hf_qlimit codes exactly.
+    `state_dict()` and any `.to()` / `.float()` give back the hf_qlimit codes exactly; `.weight` gives them as int8.
     """
 
     weight_quantizer: WeightQuantizer
@@ -75,16 +75,17 @@ class _QuantWeightMixin:
 
     def packed_weight(self) -> torch.Tensor:
         """The flat uint8 buffer of hf_qlimit codes (rebuilt exactly if the weight is in a kernel's layout)."""
-        if self._kernel is None:
-            return self._buffers["weight"]
+        if self._kernel is None:  # uint8 again if accelerate stored the int8 `.weight` back (the same bytes)
+            return self._buffers["weight"].view(torch.uint8)
         return kernels.unpack(self._kernel, self._kernel_weight, self.rows, self.cols)
 
     def __getattr__(self, name: str):
         # `.weight` of a module whose codes sit in a kernel's layout (or in a tied head): the hf_qlimit codes
-        if name == "weight" and (
-            self.__dict__.get("_kernel") is not None or self.__dict__.get("_tied_head") is not None
-        ):
-            return self.packed_weight()
+        held = "weight" in self.__dict__["_buffers"] or self.__dict__.get("_kernel") or self.__dict__.get("_tied_head")
+        if name == "weight" and self.__dict__.get("is_frozen") and held:
+            # Read as int8, the dtype transformers' modeling code takes for "quantized: do not cast activations to
+            # it" (T5's FFN casts its input to `wo.weight.dtype` unless that is int8). state_dict() keeps uint8.
+            return self.packed_weight().view(torch.int8)
         return super().__getattr__(name)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -143,7 +144,7 @@ class _QuantWeightMixin:
         """Moves the codes into a kernel's layout if one fits; False (and dequantize per call) otherwise."""
         if self._kernel is not None:
             return True
-        quantizer, packed = self.weight_quantizer, self._buffers["weight"]
+        quantizer, packed = self.weight_quantizer, self.packed_weight()
         chosen = kernels.plan(quantizer.bits, self.rows, self.cols, quantizer.group_size, packed.device)
         if chosen is None:
             self._kernel_failed = True  # not a layout any kernel takes: decided once
@@ -197,9 +198,13 @@ class _QuantWeightMixin:
             destination[prefix + "weight"] = self.packed_weight().clone()
         elif self._kernel is not None:
             destination[prefix + "weight"] = self.packed_weight()
+        elif self.is_frozen and destination[prefix + "weight"].dtype == torch.int8:  # accelerate stored `.weight`
+            destination[prefix + "weight"] = destination[prefix + "weight"].view(torch.uint8)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.release_kernel()
+        if self.is_frozen and getattr(self._buffers.get("weight"), "dtype", None) == torch.int8:
+            self._buffers["weight"] = self.packed_weight()  # load the bytes as they are, not cast to int8
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -208,7 +213,7 @@ class _PackedMatmul(torch.autograd.Function):
     dequantized for the backward pass only. The codes get no gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: _QuantWeightMixin) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, module: QuantWeightMixin) -> torch.Tensor:
         ctx.module = module
         return module._kernel_matmul(x)
 
@@ -224,7 +229,7 @@ def set_inference_mode(model: nn.Module, mode: str = "packed") -> nn.Module:
     8x the memory of a W4 weight)."""
     _check_mode(mode)  # also for a model without quantized modules
     for module in model.modules():
-        if isinstance(module, _QuantWeightMixin):
+        if isinstance(module, QuantWeightMixin):
             module.set_inference_mode(mode)
     return model
 
@@ -234,7 +239,7 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"`mode` must be one of {sorted(INFERENCE_MODES)}, got {mode!r}.")
 
 
-class QuantLinear(_QuantWeightMixin, nn.Module):
+class QuantLinear(QuantWeightMixin, nn.Module):
     """`nn.Linear` with a quantized weight and, if `act_bits` is set, a quantized input."""
 
     def __init__(
@@ -315,7 +320,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class QuantEmbedding(_QuantWeightMixin, nn.Module):
+class QuantEmbedding(QuantWeightMixin, nn.Module):
     """`nn.Embedding` with one quantization scale per embedding row, or per row and group (`group_size`, which
     a model whose LM head is tied to its embedding uses: the head's grid, so both get the same codes)."""
 
