@@ -27,6 +27,7 @@ from ..hf.quantizer import QLimitHfQuantizer
 from ..hf.surgery import quantized_modules, share_tied_codes
 from ..models import get_adapter, is_causal_lm
 from ..models.base import ArchitectureAdapter
+from ..nn.attention_probe import attention_refusal
 from ..nn.memory import bound_heap
 from ..nn.modules import set_inference_mode
 from ..quantizers import ActQuantizer
@@ -79,7 +80,7 @@ def quantize_model(
     batches = add_decoder_inputs(model, length_sorted_batches(data, config.batch_size))
     where = torch.device("cpu") if dispatched else next(model.parameters()).device
     layout = discover_layout(model, batches[0], where)
-    _check_supported(config, work_dir, dispatched, layout)
+    _check_supported(model, config, work_dir, dispatched, layout)
     apply_transforms(model, adapter, config, batches, device)  # function-preserving, on the FP model (issue 19)
     run = Run.open(model, config, batches, device, dispatched, work_dir, resume, cache_budget_bytes)
     torch.manual_seed(config.seed)
@@ -107,9 +108,12 @@ def _check_request(model: nn.Module, config: QLimitConfig, work_dir: Any, resume
         raise ValueError("resume=True needs the work_dir of the interrupted run.")
 
 
-def _check_supported(config: QLimitConfig, work_dir: Any, dispatched: bool, layout: Layout) -> None:
-    """The combinations of the resolved config with resumable, offloaded or encoder-decoder runs that are not
-    supported."""
+def _check_supported(model: nn.Module, config: QLimitConfig, work_dir: Any, dispatched: bool, layout: Layout) -> None:
+    """The combinations of the resolved config with this model, resumable, offloaded or encoder-decoder runs that
+    are not supported."""
+    refused = attention_refusal(model, layout.attention)
+    if config.quantize_attention and config.act_bits is not None and refused is not None:
+        raise refused
     if len(layout.stacks) > 1:
         asked = {
             "work_dir (resumable runs)": work_dir is not None,

@@ -18,6 +18,8 @@ from transformers.utils import logging
 
 from ..forward import to_device
 from ..models import BlockStack, find_stacks, verify_stacks
+from ..models.discovery import remember_attention
+from ..nn.attention_probe import AttentionCalls, record_attention_calls
 from .block_inputs import (
     StackInputs,
     capture_block_inputs,
@@ -38,6 +40,7 @@ class Layout:
 
     stacks: tuple[BlockStack, ...]
     shared_arguments: tuple[bool, ...]
+    attention: AttentionCalls  # the modules that call transformers' attention interface
 
     @property
     def prefixes(self) -> tuple[str, ...]:
@@ -75,14 +78,15 @@ def discover_layout(model: nn.Module, batch: dict[str, torch.Tensor], where: tor
     """One FP forward on `batch` (inputs on `where`) verifies the block stacks and compares the blocks'
     arguments."""
     guess = find_stacks(model)
-    with ExitStack() as hooks:
+    with record_attention_calls(model) as attention, ExitStack() as hooks:  # attention is "qlimit" meanwhile
         records = {s.name: hooks.enter_context(record_block_arguments(s.blocks)) for s in guess}
         stacks = verify_stacks(model, lambda: model(**to_device(batch, where), use_cache=False))
+    remember_attention(model, attention.names)
     shared = tuple(same_arguments(records[s.name]) for s in stacks)
     for stack, same in zip(stacks, shared):
         if not same:
             logger.info(f"The blocks of {stack.name} receive different arguments: each is calibrated with its own.")
-    return Layout(stacks, shared)
+    return Layout(stacks, shared, attention)
 
 
 def capture_first_stack(

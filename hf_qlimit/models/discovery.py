@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, tuple[BlockStack, ...]] = weakref.WeakKeyDictionary()
+_ATTENTION: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+_CALLED: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,35 @@ def _count_calls(stacks: tuple[BlockStack, ...]) -> Iterator[list[tuple[int, int
             handle.remove()
 
 
+@contextmanager
+def _calls_outside(model: nn.Module, stacks: tuple[BlockStack, ...]) -> Iterator[set[str]]:
+    called: set[str] = set()
+    prefixes = tuple(s.prefix for s in stacks)
+    handles = [
+        module.register_forward_pre_hook(lambda m, a, n=name: called.add(n))
+        for name, module in model.named_modules()
+        if not name.startswith(prefixes)
+    ]
+    try:
+        yield called
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def is_called(model: nn.Module, name: str) -> bool:
+    """Whether module `name` (outside the blocks) ran in the verifying forward pass; True when none was run."""
+    called = _CALLED.get(model)
+    return called is None or name in called
+
+
 @torch.no_grad()
 def verify_stacks(model: nn.Module, run_forward: Callable[[], None]) -> tuple[BlockStack, ...]:
     """Runs `run_forward` (one FP forward of the model) with the candidate blocks hooked; returns the stacks that
     ran, in the order they ran, and remembers them for `find_stacks`. Raises when the calls do not say
     "each block once, in order, one stack after the other"."""
     stacks = find_stacks(model)
-    with _count_calls(stacks) as calls:
+    with _count_calls(stacks) as calls, _calls_outside(model, stacks) as called:
         run_forward()
     ran = sorted({s for s, _ in calls}, key=lambda s: next(i for i, c in enumerate(calls) if c[0] == s))
     for s in ran:
@@ -117,7 +141,7 @@ def verify_stacks(model: nn.Module, run_forward: Callable[[], None]) -> tuple[Bl
     if not ran:
         raise ValueError(f"None of the blocks of {type(model).__name__} ({[s.name for s in stacks]}) ran.")
     verified = tuple(stacks[s] for s in ran)
-    _VERIFIED[model] = verified
+    _VERIFIED[model], _CALLED[model] = verified, frozenset(called)
     return verified
 
 
@@ -135,3 +159,13 @@ def _check_calls(model: nn.Module, stack: BlockStack, got: list[int]) -> None:
         f"The blocks of {stack.name!r} in {type(model).__name__} ran in the order {got}, not once each in "
         f"order {expected}; hf_qlimit reconstructs blocks in their forward order and cannot calibrate this model."
     )
+
+
+def remember_attention(model: nn.Module, names: list[str]) -> None:
+    """The modules that called transformers' attention interface in the verifying forward pass."""
+    _ATTENTION[model] = frozenset(names)
+
+
+def found_attention(model: nn.Module) -> frozenset[str] | None:
+    """What `remember_attention` kept for this model; None when no forward pass was probed."""
+    return _ATTENTION.get(model)
