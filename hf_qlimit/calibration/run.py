@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import QLimitConfig
-from ..hf.surgery import convert_model
+from ..hf.surgery import convert_model, quantized_modules
 from ..nn.modules import set_inference_mode
 from .cache import ActivationCache
 from .offload import Offloader, release_memory
@@ -81,11 +81,11 @@ class Run:
             self.offloader.materialize(name)
         convert_model(model, {n: config.layer_config[n] for n in names}, config, frozen=frozen)
         modules = [model.get_submodule(n) for n in names]
-        for module in modules:
-            if hasattr(module, "weight_quantizer"):  # attention quantizers hold no weight
-                set_inference_mode(module, "dequantize")  # memory stays bounded by one block; restored at the end
+        for module in modules:  # attention quantizers hold no weight; an experts module one per 3-D weight
+            for _, quantized in quantized_modules(module):
+                set_inference_mode(quantized, "dequantize")  # memory stays bounded by one block; restored at the end
                 if not frozen:
-                    module.weight_quantizer.init_range(module.weight, config.weight_range_p)
+                    quantized.weight_quantizer.init_range(quantized.weight, config.weight_range_p)
         return modules
 
     def park(self, name: str, saved: Path | None) -> None:

@@ -11,37 +11,14 @@ from ..config import QLimitConfig
 from ..models.base import input_output_embeddings
 from ..nn.attention import ATTENTION_ATTR, AttentionQuantizers
 from ..nn.attention_probe import use_qlimit_attention
-from ..nn.modules import QuantEmbedding, QuantLinear
+from ..nn.modules import QuantEmbedding, QuantLinear, QuantWeightMixin
 from ..quantizers import ActQuantizer, first_token
 from ..quantizers.act_grids import DynamicTokenQuantizer
 from ..transforms.input_op import KIND as INPUT_TRANSFORM
 from ..transforms.input_op import InputTransform
+from .layer_kinds import quantized_module
 
 OUTPUT_QUANTIZER = "output_quantizer"
-
-
-def _empty_module(module: nn.Module, spec: dict, config: QLimitConfig) -> nn.Module:
-    if spec["kind"] == "linear":
-        return QuantLinear(
-            module.in_features,
-            module.out_features,
-            module.bias is not None,
-            spec["w"],
-            spec.get("a"),
-            config.group_size,
-            config.weight_sym,
-            config.act_sym,
-            frozen=True,
-        )
-    return QuantEmbedding(
-        module.num_embeddings,
-        module.embedding_dim,
-        module.padding_idx,
-        spec["w"],
-        config.weight_sym,
-        frozen=True,
-        group_size=spec.get("group"),
-    )
 
 
 def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimitConfig, frozen: bool) -> None:
@@ -52,7 +29,6 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
     """
     from ..models import get_adapter, is_causal_lm
 
-    expected = {"linear": nn.Linear, "embedding": nn.Embedding}
     # The config checked its own fields when it was built; what needs the model is checked here.
     if config.act_fp_first_token and config.act_bits is not None and not is_causal_lm(model):
         raise ValueError(
@@ -76,19 +52,9 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
                 )
             module.add_module(ATTENTION_ATTR, quantizers)
             continue
-        if type(module) is not expected[spec["kind"]]:
-            raise ValueError(
-                f"The checkpoint's quantization_config says {name!r} is a quantized {spec['kind']}, but the model has "
-                f"a {type(module).__name__} there: the checkpoint does not belong to this model class."
-            )
         with torch.device(_device_of(module)):  # quantizer buffers next to the weight (CUDA, not CPU)
-            if frozen:
-                new = _empty_module(module, spec, config)
-            elif spec["kind"] == "linear":
-                new = QuantLinear.from_linear(module, spec, config.group_size, config.weight_sym, config.act_sym)
-            else:
-                new = QuantEmbedding.from_embedding(module, spec, config.weight_sym)
-        if spec.get("dynamic") and new.input_quantizer is not None:
+            new = quantized_module(name, module, spec, config, frozen)
+        if spec.get("dynamic") and getattr(new, "input_quantizer", None) is not None:
             new.set_input_quantizer(DynamicTokenQuantizer(spec["a"], config.act_sym).to(_device_of(new)))
         model.set_submodule(name, new)
     if config.act_layout in ("shared", "block_output"):
@@ -187,6 +153,8 @@ def share_tied_codes(model: nn.Module) -> bool:
 
 
 def quantized_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module holding a quantized weight: QuantLinear, QuantEmbedding (and its wrapping subclass), and each
+    3-D weight of a QuantExperts (a `QuantExpertWeight`; the experts module itself holds none)."""
     for name, child in module.named_modules():
-        if isinstance(child, (QuantLinear, QuantEmbedding)):
+        if isinstance(child, QuantWeightMixin):
             yield name, child

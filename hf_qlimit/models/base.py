@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..hf.layer_kinds import MATMUL_KINDS, layer_kind
 from ..transforms.input_op import InputTransform
 from .discovery import BlockStack, find_stacks
 
@@ -113,13 +114,14 @@ class ArchitectureAdapter:
                 if in_block:  # an explicit op a transform left: from_pretrained rebuilds it from this spec
                     plan[name] = module.spec()
                 continue
-            if type(module) is nn.Linear:  # exact type: subclasses may carry their own forward
-                spec = {"kind": "linear", "w": config.weight_bits, "a": config.act_bits}
+            kind = layer_kind(model, name, module)  # linear, conv1d, embedding, experts or None (hf/layer_kinds.py)
+            if kind in MATMUL_KINDS:
+                spec = {"kind": kind, "w": config.weight_bits, "a": config.act_bits}
                 if getattr(config, "act_dynamic", False) and config.act_bits is not None:
                     spec["dynamic"] = True  # per-token grid computed at run time
                 if not in_block:
-                    spec = {"kind": "linear", "w": config.first_last_bits, "a": first_last_act}
-            elif type(module) is nn.Embedding and not in_block:
+                    spec = {"kind": kind, "w": config.first_last_bits, "a": first_last_act}
+            elif kind == "embedding" and not in_block:
                 spec = {"kind": "embedding", "w": config.first_last_bits}
                 if tied and module is emb and config.group_size is not None:
                     spec["group"] = config.group_size

@@ -85,7 +85,9 @@ class QuantWeightMixin:
         if name == "weight" and self.__dict__.get("is_frozen") and held:
             # Read as int8, the dtype transformers' modeling code takes for "quantized: do not cast activations to
             # it" (T5's FFN casts its input to `wo.weight.dtype` unless that is int8). state_dict() keeps uint8.
-            return self.packed_weight().view(torch.int8)
+            codes = self.packed_weight().view(torch.int8)
+            codes._is_hf_initialized = True  # a fresh view: GPT-2's _init_weights would normal_-fill it on loading
+            return codes
         return super().__getattr__(name)
 
     def quantized_weight(self) -> torch.Tensor:
