@@ -117,13 +117,11 @@ def projection_matrices(model: nn.Module, model_type: str) -> dict[str, int]:
     return {n: k for n, m in in_blocks(model, model_type) if (k := own_matrices(m))}
 
 
-def replaced_matrices(fp: nn.Module, name: str) -> int:
-    """The matrices a quantized module at `name` replaced: what the FP module there owned; 1 where the FP model
-    has no module of that name (one expert's matrix split out of a fused parameter)."""
-    try:
-        return own_matrices(fp.get_submodule(name)) or 1
-    except AttributeError:
-        return 1
+def quantized_matrices(module: nn.Module) -> int:
+    """The matrices a quantized module holds: one, or one per expert for a fused experts weight (each on its own
+    grids)."""
+    experts = getattr(module, "experts", None)
+    return experts if isinstance(experts, int) else 1
 
 
 @pytest.mark.parametrize("model_type", zoo.MATRIX)
@@ -133,10 +131,10 @@ def test_every_projection_in_the_blocks_is_quantized(quantize, model_type):
     assert sum(expected.values()) >= 4 * len(BLOCKS[model_type])  # the oracle sees the blocks' projections
     model = quantize("w4g32-rtn", model_type).get()
     blocks = tuple(p + "." for p in BLOCKS[model_type])
-    names = [n for n, _ in quantized_modules(model) if n.startswith(blocks)]
-    missing = [n for n in expected if not any(q == n or q.startswith(n + ".") for q in names)]
+    quantized = {n: quantized_matrices(m) for n, m in quantized_modules(model) if n.startswith(blocks)}
+    missing = [n for n in expected if not any(q == n or q.startswith(n + ".") for q in quantized)]
     assert not missing, f"left in full precision: {missing}"
-    assert sum(replaced_matrices(fp, n) for n in names) == sum(expected.values())
+    assert sum(quantized.values()) == sum(expected.values()), f"quantized matrices: {quantized}"
 
 
 RELOAD = textwrap.dedent(
