@@ -27,7 +27,8 @@ Quirks (transformers 5.25):
 - deberta-v2 is built DeBERTa-v3 style (relative attention, p2c/c2p, shared keys, 16 position buckets).
 - falcon is Falcon-7B style: multi-query attention, one fused qkv, one norm feeding attention and MLP in
   parallel, rotary (not alibi).
-- t5 is v1.1 style (gated-gelu, untied head); its decoder starts from the pad token (0).
+- t5 is v1.1 style (gated-gelu, untied head); its decoder starts from the pad token (0). Its position bias is
+  redrawn with std 1 (init: 0.18), else dropping it would move the logits by less than W8A8 does.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def config(model_type: str) -> Any:
 
 @torch.no_grad()
 def _spread(model: nn.Module, seed: int) -> None:
-    """Projections (2-D and 3-D expert weights outside embeddings) ~ N(0, 0.15); norm scales in [0.5, 1.5]."""
+    """Projections (2-D and 3-D expert weights outside embeddings) ~ N(0, 0.15); norm scales in [0.5, 1.5];
+    T5's relative position bias ~ N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for module in model.modules():
@@ -185,6 +187,9 @@ def _spread(model: nn.Module, seed: int) -> None:
             elif is_norm and name == "weight":
                 gemma = "gemma" in type(module).__name__.lower()  # (1 + w): w in [-0.5, 0.5]
                 p.copy_(torch.rand(p.shape, generator=g) - (0.5 if gemma else -0.5))
+    for name, module in model.named_modules():  # T5's position bias, in units of scores as trained T5's
+        if name.endswith("relative_attention_bias"):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=g))
 
 
 def build(model_type: str, seed: int = 0) -> nn.Module:

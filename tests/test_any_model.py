@@ -2,7 +2,7 @@
 
 For each type: every projection matrix in the blocks is quantized (experts and Conv1D included); W4 g32
 weight-only RTN and W4A8 with reconstruction reload bit-exactly in a fresh process; W8A8 RTN stays close to FP
-(`W8A8_MAX_ERROR`, which a dropped mask, softcap or position bias exceeds: see the test that drops them). Then:
+(`w8a8_max_error`, which a dropped mask, softcap or position bias exceeds: see the test that drops them). Then:
 each block is calibrated with its own arguments (sliding/global masks, per-layer rotary, T5's position bias),
 reconstruction lowers each block's error against RTN, ALBERT's shared layer and a model without blocks.
 
@@ -42,9 +42,17 @@ SETTINGS = {
     "w4a8-recon": {"weight_bits": 4, "act_bits": 8, "method": "brecq", "iters": 4},
     "w8a8-rtn": {"weight_bits": 8, "act_bits": 8, "method": "rtn"},
 }
-# W8A8 RTN moves these models' outputs by 0.02-0.06; dropping the attention mask moves them by 0.14 (an encoder)
-# to 0.9 (a decoder), gemma2's softcap by 0.2 (see test_w8a8_threshold_catches_a_broken_attention_argument).
-W8A8_MAX_ERROR = 0.1
+# DeBERTa-v2 computes attention with its own code, so hf_qlimit refuses to quantize its attention matmuls
+# (test_attention_outside_the_interface_is_refused): its settings with activations leave them in full precision.
+OWN_ATTENTION = ("deberta-v2",)
+
+
+def w8a8_max_error(model_type: str) -> float:
+    """W8A8 RTN moves the outputs of the encoders by 0.016-0.049, of the decoders and t5 by 0.025-0.087 (qwen3_moe:
+    routing flips). Dropping the attention mask moves an encoder's by 0.13-0.25 (padded rows only), a decoder's by
+    0.5-1.1; gemma2's softcap 0.23, T5's position bias 0.33 (test_w8a8_threshold_catches_a_broken_argument)."""
+    return 0.08 if model_type in zoo.ENCODERS else 0.15
+
 
 # Where each type's blocks are, written out rather than found, so the count below does not trust discovery.
 BLOCKS: dict[str, tuple[str, ...]] = {
@@ -79,8 +87,9 @@ class Quantized:
 def quantize_type(model_type: str, setting: str) -> Quantized:
     model = zoo.build(model_type)
     fp = zoo.outputs(model, zoo.eval_batch(model_type))
+    extra = {"quantize_attention": False} if model_type in OWN_ATTENTION else {}
     try:
-        model.quantize_qlimit(zoo.calib(model_type), QLimitConfig(**SETTINGS[setting], **COMMON))
+        model.quantize_qlimit(zoo.calib(model_type), QLimitConfig(**SETTINGS[setting], **COMMON, **extra))
     except Exception as error:  # noqa: BLE001  (kept for the type's tests to report; the other types still run)
         return Quantized(None, fp, error)
     return Quantized(model, fp)
@@ -222,7 +231,7 @@ def test_w8a8_agrees_with_fp(quantize, model_type):
     out = zoo.outputs(quantized.get(), zoo.eval_batch(model_type))
     assert not torch.equal(out, quantized.fp)  # something was quantized
     error = zoo.relative_logit_error(out, quantized.fp)
-    assert error < W8A8_MAX_ERROR, f"relative output error {error:.4f} against FP"
+    assert error < w8a8_max_error(model_type), f"relative output error {error:.4f} against FP"
 
 
 def _drop(argument: str) -> Callable:
@@ -238,18 +247,11 @@ def _drop(argument: str) -> Callable:
     return broken
 
 
-@pytest.mark.parametrize(
-    ("model_type", "argument"),
-    [
-        ("llama", "attention_mask"),
-        ("gemma2", "attention_mask"),
-        ("gemma2", "softcap"),
-        ("bert", "attention_mask"),
-        ("modernbert", "attention_mask"),
-        ("t5", "attention_mask"),
-        ("t5", "position_bias"),
-    ],
-)
+BROKEN = [(t, "attention_mask") for t in zoo.MATRIX if t not in OWN_ATTENTION]
+BROKEN += [("gemma2", "softcap"), ("t5", "position_bias")]
+
+
+@pytest.mark.parametrize(("model_type", "argument"), BROKEN)
 def test_w8a8_threshold_catches_a_broken_attention_argument(quantize, monkeypatch, model_type, argument):
     """The threshold of test_w8a8_agrees_with_fp is tight enough: the same model with one argument of the
     attention function dropped exceeds it."""
@@ -259,7 +261,16 @@ def test_w8a8_threshold_catches_a_broken_attention_argument(quantize, monkeypatc
     assert impl == "qlimit", f"W8A8 left the attention matmuls unquantized ({impl!r} attention): nothing to break"
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "qlimit", _drop(argument))
     error = zoo.relative_logit_error(zoo.outputs(model, zoo.eval_batch(model_type)), quantized.fp)
-    assert error > W8A8_MAX_ERROR, f"dropping {argument} moved the outputs by only {error:.4f}"
+    assert error > w8a8_max_error(model_type), f"dropping {argument} moved the outputs by only {error:.4f}"
+
+
+@pytest.mark.parametrize("model_type", OWN_ATTENTION)
+def test_attention_outside_the_interface_is_refused(model_type):
+    """Attention matmuls that do not go through transformers' attention interface are refused, never silently left
+    in full precision; the message says how to quantize the rest."""
+    config = QLimitConfig(**SETTINGS["w8a8-rtn"], **COMMON)
+    with pytest.raises(ValueError, match="quantize_attention=False"):
+        hf_qlimit.quantize(zoo.build(model_type), zoo.calib(model_type), config)
 
 
 NOT_COMPARED = ("hidden_states", "encoder_hidden_states")  # the stream itself, and the encoder's output (t5)
@@ -364,7 +375,7 @@ def test_albert_shared_layer_works_or_is_refused():
         return
     layer = model.albert.encoder.albert_layer_groups[0].albert_layers[0]
     assert sum(1 for _ in quantized_modules(layer)) == 4 + 2  # q, k, v, dense; ffn, ffn_output
-    assert zoo.relative_logit_error(zoo.outputs(model, batch), fp) < W8A8_MAX_ERROR
+    assert zoo.relative_logit_error(zoo.outputs(model, batch), fp) < w8a8_max_error("bert")
 
 
 class _MLPConfig(PretrainedConfig):
