@@ -226,3 +226,43 @@ def test_a_linear_subclass_with_another_forward_is_skipped_with_a_warning():
     warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert any("model.layers.0.mlp.down_proj (DoubledLinear)" in m for m in warned), warned
     assert not any("up_proj" in m for m in warned)
+
+
+@pytest.fixture
+def warnings_seen():
+    """The warnings hf_qlimit logs during the test (warning_once's memory cleared first)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("hf_qlimit")
+    logging.Logger.warning_once.cache_clear()
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _codes_off_rtn(fp: nn.Module, model: nn.Module) -> list[int]:
+    """Per expert weight: how many of its dequantized entries differ from round-to-nearest on its own grid."""
+    counts = []
+    for layer, fp_layer in zip(model.model.layers, fp.model.layers):
+        for param, weight in layer.mlp.experts.expert_weights().items():
+            full = getattr(fp_layer.mlp.experts, param).detach().reshape(weight.rows, weight.cols)
+            counts.append(int((weight.dequantize_rows() != weight.weight_quantizer(full)).sum()))
+    return counts
+
+
+def test_block_reconstruction_learns_the_experts_rounding():
+    fp = mz.build("mixtral")
+    model = copy.deepcopy(fp)
+    config = QLimitConfig(num_samples=4, batch_size=2, weight_bits=4, act_bits=None, method="qdrop", iters=8)
+    model.quantize_qlimit(mz.calib("mixtral", 4), config)
+    assert all(n > 0 for n in _codes_off_rtn(fp, model))
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "rtn", "weight_init": "gptq"}, {"method": "adaround", "iters": 4}])
+def test_experts_start_from_rtn_with_a_warning_where_a_method_takes_linears_only(kwargs, warnings_seen):
+    fp = mz.build("mixtral")
+    model = copy.deepcopy(fp)
+    model.quantize_qlimit(mz.calib("mixtral", 4), QLimitConfig(num_samples=4, batch_size=2, act_bits=None, **kwargs))
+    assert not any(_codes_off_rtn(fp, model))
+    assert any("QuantExpertWeights of fused MoE experts" in r.getMessage() for r in warnings_seen)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from ..config import QLimitConfig
 from ..hf.surgery import quantized_modules
@@ -25,6 +26,8 @@ from .block_inputs import BlockInputs, Stream, call_block, run_block
 from .quant_state import act_quantizers, quant_state
 from .rounding import Rounding, rounding_for
 from .weight_init import WeightStart
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -233,7 +236,11 @@ def _reconstruct_layerwise(
     layer_stats: list[ReconStats] = []
     undecided: list[float] = []
     for name, module in quantized_modules(block):
-        if not isinstance(module, QuantLinear):
+        if not isinstance(module, QuantLinear):  # fused experts: their inputs are routed inside their forward
+            logger.warning_once(
+                f"method='adaround' reconstructs Linear by Linear: the {type(module).__name__}s of fused MoE experts "
+                "are rounded to nearest (method='brecq' or 'qdrop' reconstruct them with their block)."
+            )
             continue
         with quant_state(block, weights=False, acts=False):
             x_fp = _linear_inputs(block, module, data.fp_in, data, device)

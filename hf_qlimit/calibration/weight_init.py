@@ -13,12 +13,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ..hf.surgery import quantized_modules
 from ..nn.modules import QuantLinear
 from ..quantizers.gptq import HessianAccumulator, gptq_compensated_weight
 from .block_inputs import BlockInputs, Stream, call_block
 from .quant_state import quant_state
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,11 @@ def init_block_weights(
     hessians = block_hessians(block, hidden, inputs, token_mask, device)
     starts = {}
     for name, module in quantized_modules(block):
-        if name not in hessians:
+        if name not in hessians:  # fused experts: each expert reads its own tokens, inside the experts' forward
+            logger.warning_once(
+                f"GPTQ's start covers Linears only: the {type(module).__name__}s of fused MoE experts start from "
+                "round-to-nearest."
+            )
             continue
         q = module.weight_quantizer
         w = gptq_compensated_weight(
