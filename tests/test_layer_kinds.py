@@ -266,3 +266,32 @@ def test_experts_start_from_rtn_with_a_warning_where_a_method_takes_linears_only
     model.quantize_qlimit(mz.calib("mixtral", 4), QLimitConfig(num_samples=4, batch_size=2, act_bits=None, **kwargs))
     assert not any(_codes_off_rtn(fp, model))
     assert any("QuantExpertWeights of fused MoE experts" in r.getMessage() for r in warnings_seen)
+
+
+def test_mixed_precision_measures_a_conv1d_on_its_out_in_view():
+    """GPT-2 with one Conv1D swapped for the equal nn.Linear (weight transposed) measures the same sensitivities."""
+    from hf_qlimit import mixed_precision as mp
+    from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
+
+    config = QLimitConfig(bit_candidates=[2, 4], avg_bits=3.0, num_samples=4, batch_size=2, method="rtn")
+    model = mz.build("gpt2")
+    twin = copy.deepcopy(model)
+    name = "transformer.h.0.attn.c_proj"  # square: a wrong orientation keeps every shape
+    conv = twin.get_submodule(name)
+    linear = nn.Linear(conv.nx, conv.nf)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    twin.set_submodule(name, linear)
+    data = prepare_calibration(mz.calib("gpt2", 4), config.num_samples, config.max_length, 1, config.seed)
+    batches = length_sorted_batches(data, config.batch_size)
+    names = list(mp.block_linears(model, get_adapter(model), config))
+    assert name in names and len(names) == 8
+    got, want = (
+        mp.measure_sensitivity(m, get_adapter(m), batches, config, torch.device("cpu"), names) for m in (model, twin)
+    )
+    for bits in (2, 4):
+        assert got.singles[name][bits] == pytest.approx(want.singles[name][bits], rel=1e-4)
+    assert got.pairs == pytest.approx(want.pairs, rel=1e-4)
+    allocated = mp.allocate_bits(model, get_adapter(model), batches, config, torch.device("cpu"))
+    assert set(allocated) == set(names)

@@ -70,14 +70,18 @@ def layer_kind(model: nn.Module, name: str, module: nn.Module) -> str | None:
 
 
 def matmul_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a "linear" or "conv1d" module (Conv1D's weight is [in, out])."""
-    rows, cols = module.weight.shape
-    return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
+    """(out_features, in_features) of a Linear (a QuantLinear too) or a Conv1D (whose weight is [in, out])."""
+    return (module.nf, module.nx) if isinstance(module, Conv1D) else (module.out_features, module.in_features)
 
 
 def matmul_weight(module: nn.Module) -> torch.Tensor:
     """The [out, in] weight of a "linear" or "conv1d" module (a transposed view for Conv1D)."""
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def as_stored(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """An [out, in] `weight` in the layout `module` stores its weight in (back from `matmul_weight`'s view)."""
+    return weight.t() if isinstance(module, Conv1D) else weight
 
 
 def as_linear(module: nn.Module) -> nn.Linear:

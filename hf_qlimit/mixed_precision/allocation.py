@@ -14,6 +14,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..config import QLimitConfig
+from ..hf.layer_kinds import LINEAR_KINDS, matmul_shape
 from ..models.base import ArchitectureAdapter, matches
 from ..nn.modules import QuantLinear
 from .cache import cached_sensitivity
@@ -72,23 +73,26 @@ def allocate_bits(
 
 
 def block_linears(model: nn.Module, adapter: ArchitectureAdapter, config: QLimitConfig) -> dict[str, dict[str, Any]]:
-    """Name -> layer-config spec of every Linear inside the blocks that quantization converts."""
+    """Name -> layer-config spec of every Linear (or Conv1D) inside the blocks that quantization converts."""
     prefix = adapter.blocks_name(model) + "."
     plan = adapter.layer_config(model, config)
-    return {name: spec for name, spec in plan.items() if spec["kind"] == "linear" and name.startswith(prefix)}
+    if any(spec["kind"] == "experts" for spec in plan.values()):
+        logger.warning_once("Mixed precision allocates Linears only: fused MoE experts keep `weight_bits`.")
+    return {name: spec for name, spec in plan.items() if spec["kind"] in LINEAR_KINDS and name.startswith(prefix)}
 
 
 def layer_costs(model: nn.Module, specs: dict[str, dict[str, Any]], config: QLimitConfig) -> dict[str, LayerCost]:
     costs = {}
     for name, spec in specs.items():
         linear = model.get_submodule(name)
+        out_features, in_features = matmul_shape(linear)  # a Conv1D stores [in, out]
         packed = {}
         for bits in sorted(set(config.bit_candidates or []) | {spec["w"]}):
             # Count exactly what a frozen QuantLinear saves (codes, scales, zero points), built on meta: no memory.
             with torch.device("meta"):
                 q = QuantLinear(
-                    linear.in_features,
-                    linear.out_features,
+                    in_features,
+                    out_features,
                     False,
                     bits,
                     None,
@@ -97,7 +101,7 @@ def layer_costs(model: nn.Module, specs: dict[str, dict[str, Any]], config: QLim
                     frozen=True,
                 )
             packed[bits] = sum(t.numel() * t.element_size() for t in q.state_dict().values())
-        costs[name] = LayerCost(linear.in_features * linear.out_features, spec.get("a") or _FP_ACT_BITS, packed)
+        costs[name] = LayerCost(in_features * out_features, spec.get("a") or _FP_ACT_BITS, packed)
     return costs
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import QLimitConfig
 from ..forward import block_output, output_logits, to_device
+from ..hf.layer_kinds import as_stored, matmul_weight
 from ..models.base import ArchitectureAdapter
 from ..quantizers import WeightQuantizer
 
@@ -169,7 +170,7 @@ class _Probe:
     @torch.no_grad()
     def _add_singles(self, fisher: list[torch.Tensor]) -> None:
         for n, f in zip(self.names, fisher):
-            x, weight = self.seen[n][0], self.linears[n].weight
+            x, weight = self.seen[n][0], matmul_weight(self.linears[n])  # [out, in], also of a Conv1D
             for bits in self.candidates:
                 dz = F.linear(x, self.quantizers[n, bits](weight) - weight)
                 self.singles[n][bits] += 0.5 * (f * dz.float().pow(2)).sum().item()
@@ -192,8 +193,9 @@ def _rtn_quantizers(linears: dict[str, nn.Linear], config: QLimitConfig) -> Quan
     """A round-to-nearest quantizer on the Lp-searched grid for every Linear and candidate bits."""
     quantizers = {}
     for (n, linear), bits in itertools.product(linears.items(), config.bit_candidates):
-        quantizers[n, bits] = WeightQuantizer(bits, tuple(linear.weight.shape), config.group_size, config.weight_sym)
-        quantizers[n, bits].to(linear.weight.device).init_range(linear.weight, config.weight_range_p)
+        weight = matmul_weight(linear)
+        quantizers[n, bits] = WeightQuantizer(bits, tuple(weight.shape), config.group_size, config.weight_sym)
+        quantizers[n, bits].to(weight.device).init_range(weight, config.weight_range_p)
     return quantizers
 
 
@@ -225,7 +227,8 @@ def _quantized_weights(linears: dict[str, nn.Linear], names: Iterable[str], quan
     saved = {n: linears[n].weight.data for n in names}
     try:
         for n in names:
-            linears[n].weight.data = quantizers[n, bits](saved[n])
+            linear = linears[n]
+            linear.weight.data = as_stored(linear, quantizers[n, bits](as_stored(linear, saved[n])))
         yield
     finally:
         for n, w in saved.items():
