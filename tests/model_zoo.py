@@ -4,6 +4,7 @@
   head, encoders (and `albert`) with a 2-label sequence classification head, `t5` as T5ForConditionalGeneration.
 - `ZOO`: model type -> zero-argument builder; `DECODERS`, `ENCODERS`, `ENCODER_DECODERS`: the matrix's types;
   `SHARED_LAYER = ("albert",)` (one layer called N times) is kept out of the matrix.
+- `BLOCKS`: each type's block stacks; `projection_matrices(model, model_type)`: the projections in them.
 - `calib(model_type, n, length, seed)`: unpadded samples (token id lists of varying lengths) the model accepts.
 - `eval_batch(model_type)`: a padded batch; `logits(model, batch)`; `outputs(model, batch)` (logits, and a
   classifier's last hidden states); `relative_logit_error(a, b)`.
@@ -33,7 +34,7 @@ Quirks (transformers 5.25):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -45,6 +46,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
 )
+from transformers.pytorch_utils import Conv1D
 
 VOCAB = 128
 FIRST_ID = 3  # calibration ids avoid pad/bos/eos (0/1/2)
@@ -155,6 +157,41 @@ ENCODERS = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "modernber
 ENCODER_DECODERS = ("t5",)
 SHARED_LAYER = ("albert",)
 MATRIX = DECODERS + ENCODERS + ENCODER_DECODERS
+
+
+# Where each type's blocks are, written out rather than found, so that tests do not trust hf_qlimit's discovery.
+BLOCKS: dict[str, tuple[str, ...]] = {
+    **{t: ("model.layers",) for t in DECODERS},
+    "gpt2": ("transformer.h",),
+    "falcon": ("transformer.h",),
+    "gpt_neox": ("gpt_neox.layers",),
+    "opt": ("model.decoder.layers",),
+    "bert": ("bert.encoder.layer",),
+    "roberta": ("roberta.encoder.layer",),
+    "distilbert": ("distilbert.transformer.layer",),
+    "electra": ("electra.encoder.layer",),
+    "deberta-v2": ("deberta.encoder.layer",),
+    "modernbert": ("model.layers",),
+    "t5": ("encoder.block", "decoder.block"),
+}
+
+
+def in_blocks(model: nn.Module, model_type: str) -> Iterator[tuple[str, nn.Module]]:
+    prefixes = tuple(p + "." for p in BLOCKS[model_type])
+    return ((n, m) for n, m in model.named_modules() if n.startswith(prefixes))
+
+
+def own_matrices(module: nn.Module) -> int:
+    """Projection matrices a module owns: 1 for a Linear (subclasses too) or a Conv1D, else one per expert of its
+    3-D parameters (fused MoE experts). A router's 2-D weight outside a Linear is not a projection."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return 1
+    return sum(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+
+
+def projection_matrices(model: nn.Module, model_type: str) -> dict[str, int]:
+    """Module name -> projection matrices it owns, in the blocks of an FP model."""
+    return {n: k for n, m in in_blocks(model, model_type) if (k := own_matrices(m))}
 
 
 def auto_class(model_type: str) -> type:

@@ -30,7 +30,6 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.pytorch_utils import Conv1D
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
@@ -62,23 +61,6 @@ def w8a8_max_error(model_type: str) -> float:
     routing flips). Dropping the attention mask moves an encoder's by 0.13-0.25 (padded rows only), a decoder's by
     0.5-1.1; gemma2's softcap 0.23, T5's position bias 0.33 (test_w8a8_threshold_catches_a_broken_argument)."""
     return 0.08 if model_type in zoo.ENCODERS else 0.15
-
-
-# Where each type's blocks are, written out rather than found, so the count below does not trust discovery.
-BLOCKS: dict[str, tuple[str, ...]] = {
-    **{t: ("model.layers",) for t in zoo.DECODERS},
-    "gpt2": ("transformer.h",),
-    "falcon": ("transformer.h",),
-    "gpt_neox": ("gpt_neox.layers",),
-    "opt": ("model.decoder.layers",),
-    "bert": ("bert.encoder.layer",),
-    "roberta": ("roberta.encoder.layer",),
-    "distilbert": ("distilbert.transformer.layer",),
-    "electra": ("electra.encoder.layer",),
-    "deberta-v2": ("deberta.encoder.layer",),
-    "modernbert": ("model.layers",),
-    "t5": ("encoder.block", "decoder.block"),
-}
 
 
 @dataclass
@@ -118,24 +100,6 @@ def quantize() -> Callable[[str, str], Quantized]:
     return get
 
 
-def in_blocks(model: nn.Module, model_type: str) -> Iterator[tuple[str, nn.Module]]:
-    prefixes = tuple(p + "." for p in BLOCKS[model_type])
-    return ((n, m) for n, m in model.named_modules() if n.startswith(prefixes))
-
-
-def own_matrices(module: nn.Module) -> int:
-    """Projection matrices a module owns: 1 for a Linear (subclasses too) or a Conv1D, else one per expert of its
-    3-D parameters (fused MoE experts). A router's 2-D weight outside a Linear is not a projection."""
-    if isinstance(module, (nn.Linear, Conv1D)):
-        return 1
-    return sum(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
-
-
-def projection_matrices(model: nn.Module, model_type: str) -> dict[str, int]:
-    """Module name -> projection matrices it owns, in the blocks of an FP model."""
-    return {n: k for n, m in in_blocks(model, model_type) if (k := own_matrices(m))}
-
-
 def quantized_matrices(module: nn.Module) -> int:
     """The matrices a quantized module holds: one, or one per expert for a fused experts weight (each on its own
     grids)."""
@@ -146,10 +110,10 @@ def quantized_matrices(module: nn.Module) -> int:
 @pytest.mark.parametrize("model_type", zoo.MATRIX)
 def test_every_projection_in_the_blocks_is_quantized(quantize, model_type):
     fp = zoo.build(model_type)
-    expected = projection_matrices(fp, model_type)
-    assert sum(expected.values()) >= 4 * len(BLOCKS[model_type])  # the oracle sees the blocks' projections
+    expected = zoo.projection_matrices(fp, model_type)
+    assert sum(expected.values()) >= 4 * len(zoo.BLOCKS[model_type])  # the oracle sees the blocks' projections
     model = quantize("w4g32-rtn", model_type).get()
-    blocks = tuple(p + "." for p in BLOCKS[model_type])
+    blocks = tuple(p + "." for p in zoo.BLOCKS[model_type])
     quantized = {n: quantized_matrices(m) for n, m in quantized_modules(model) if n.startswith(blocks)}
     missing = [n for n in expected if not any(q == n or q.startswith(n + ".") for q in quantized)]
     assert not missing, f"left in full precision: {missing}"
@@ -303,7 +267,7 @@ def _arguments(kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
 def recording(model: nn.Module, model_type: str) -> Iterator[tuple[list[list[dict]], list[dict]]]:
     """Records every call of every block (its tensor keyword arguments) and every call of the model itself (its
     inputs)."""
-    blocks = [b for stack in BLOCKS[model_type] for b in model.get_submodule(stack)]
+    blocks = [b for stack in zoo.BLOCKS[model_type] for b in model.get_submodule(stack)]
     calls: list[list[dict]] = [[] for _ in blocks]
     inputs: list[dict] = []
 
@@ -369,7 +333,7 @@ def test_reconstruction_lowers_every_block_error_against_rtn(quantize, model_typ
     model = quantize("w4a8-recon", model_type).get()
     errors = model.qlimit_block_errors
     fp = zoo.build(model_type)
-    assert len(errors) == sum(len(fp.get_submodule(s)) for s in BLOCKS[model_type])
+    assert len(errors) == sum(len(fp.get_submodule(s)) for s in zoo.BLOCKS[model_type])
     for i, e in enumerate(errors):
         assert e["mse"] < e["rtn_mse"], f"block {i}: {e['mse']:.4g} after reconstruction, {e['rtn_mse']:.4g} RTN"
 
