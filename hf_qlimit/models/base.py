@@ -9,7 +9,7 @@ from torch import nn
 
 from ..hf.layer_kinds import MATMUL_KINDS, layer_kind
 from ..transforms.input_op import InputTransform
-from .discovery import BlockStack, find_stacks
+from .discovery import BlockStack, find_stacks, found_attention, is_called
 
 if TYPE_CHECKING:
     from ..config import QLimitConfig
@@ -114,6 +114,8 @@ class ArchitectureAdapter:
                 if in_block:  # an explicit op a transform left: from_pretrained rebuilds it from this spec
                     plan[name] = module.spec()
                 continue
+            if not in_block and not is_called(model, name):
+                continue  # read through its weight, not called (DeBERTa's relative embeddings, T5's `shared`)
             kind = layer_kind(model, name, module)  # linear, conv1d, embedding, experts or None (hf/layer_kinds.py)
             if kind in MATMUL_KINDS:
                 spec = {"kind": kind, "w": config.weight_bits, "a": config.act_bits}
@@ -125,7 +127,7 @@ class ArchitectureAdapter:
                 spec = {"kind": "embedding", "w": config.first_last_bits}
                 if tied and module is emb and config.group_size is not None:
                     spec["group"] = config.group_size
-            elif in_block and name.endswith("." + self.attention_path) and config.quantize_attention:
+            elif in_block and self.is_attention(model, name) and config.quantize_attention:
                 if config.act_bits is None:
                     continue
                 spec = {"kind": "attention", "a": config.act_bits, **probability_spec(config)}
@@ -141,9 +143,24 @@ class ArchitectureAdapter:
             self._move_quantizers_to_block_outputs(model, plan, config.act_bits)
         return plan
 
+    def is_attention(self, model: nn.Module, name: str) -> bool:
+        """Whether block module `name` calls transformers' attention interface: as the verifying forward pass
+        found, else as the adapter's `attention_path` says."""
+        found = found_attention(model)
+        if found is not None:
+            return name in found
+        return bool(self.attention_path) and name.endswith("." + self.attention_path)
+
     def _move_quantizers_to_block_outputs(self, model: nn.Module, plan: dict[str, dict[str, Any]], bits: int) -> None:
         """Block i's output gets the quantizer of block i+1's Q/K/V inputs, which then read it as it is. Not on the
         last block (the head has its own) nor where an input transform sits in between (it quantizes its output)."""
+        if not self.norm_inputs:  # no adapter: whether the output feeds Linears (post-LN) or the residual is unknown
+            model_type = getattr(model.config, "model_type", type(model).__name__)
+            raise ValueError(
+                f"{type(self).__name__}: model type {model_type!r} has no adapter saying whether a block's output "
+                "feeds the next block's Linears (output_feeds_linears, with norm_inputs naming them); "
+                "act_layout='block_output' needs it. Use act_layout='shared' or 'per_linear'."
+            )
         if not self.output_feeds_linears:
             return
         prefix = self.blocks_name(model) + "."
