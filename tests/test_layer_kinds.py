@@ -295,3 +295,13 @@ def test_mixed_precision_measures_a_conv1d_on_its_out_in_view():
     assert got.pairs == pytest.approx(want.pairs, rel=1e-4)
     allocated = mp.allocate_bits(model, get_adapter(model), batches, config, torch.device("cpu"))
     assert set(allocated) == set(names)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "mixtral"])
+def test_compressed_tensors_export_refuses_conv1d_and_fused_experts(quantized, model_type, tmp_path):
+    """transformers would load neither into compressed-tensors' Linears: the export would silently drop them."""
+    import hf_qlimit
+    from hf_qlimit.export.common import ExportError
+
+    with pytest.raises(ExportError, match="compressed-tensors export writes Linears only"):
+        hf_qlimit.export(quantized[model_type, "rtn"][1], tmp_path / "out")

@@ -153,6 +153,15 @@ def _refuse_unexpressible(model: nn.Module) -> None:
             f"{len(outputs)} blocks quantize their outputs (act_layout='block_output', first: {outputs[0]!r}); "
             "compressed-tensors quantizes Linear inputs only. Quantize with another `act_layout` to export."
         )
+    plan = getattr(getattr(model.config, "quantization_config", None), "layer_config", None) or {}
+    kinds = {"conv1d": "GPT-2-style Conv1D layers", "experts": "fused MoE experts (3-D weights)"}
+    for kind, what in kinds.items():
+        names = [name for name, spec in plan.items() if spec.get("kind") == kind]
+        if names:  # transformers would load neither into compressed-tensors' Linears: the weights would be dropped
+            raise ExportError(
+                f"{len(names)} quantized modules are {what} (first: {names[0]!r}); compressed-tensors export writes "
+                f"Linears only. Keep them out with `modules_to_not_convert` to export."
+            )
 
 
 def _schemes(quantized: dict[str, nn.Module], allow_unservable: bool) -> tuple[dict[_Scheme, list[str]], list[str]]:
