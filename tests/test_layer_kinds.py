@@ -144,7 +144,7 @@ def test_conv1d_is_quantized_on_its_out_in_view(quantized):
 def test_gemma_embedding_keeps_its_scaled_forward(quantized):
     fp, model = quantized["gemma", "rtn"]
     emb = model.get_input_embeddings()
-    assert isinstance(emb, QuantWrappedEmbedding)
+    assert isinstance(emb, QuantWrappedEmbedding) and emb.reads_head_codes  # tied: it gathers from the head's codes
     reference = copy.deepcopy(fp.get_input_embeddings())  # GemmaTextScaledWordEmbedding, scale sqrt(32)
     ids = mz.eval_batch("gemma")["input_ids"]
     with torch.no_grad():
