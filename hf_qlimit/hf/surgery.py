@@ -120,6 +120,25 @@ def _untie_quantized_embeddings(model: nn.Module, layer_config: dict[str, dict])
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             if getattr(config, "tie_word_embeddings", False):
                 config.tie_word_embeddings = False
+    _drop_quantized_ties(model, layer_config)
+
+
+def _drop_quantized_ties(model: nn.Module, layer_config: dict[str, dict]) -> None:
+    """Ties that name a quantized module leave transformers' tie table (`all_tied_weights_keys`, per submodel):
+    some configs force ties whatever `tie_word_embeddings` says (T5 ties both stacks' embeddings to `shared`), and
+    a tie to a quantized module's codes would overwrite them on loading, or drop them on saving."""
+    for prefix, sub in model.named_modules(remove_duplicate=False):
+        ties = getattr(sub, "all_tied_weights_keys", None)
+        if not isinstance(ties, dict) or not ties:
+            continue
+        dot = f"{prefix}." if prefix else ""
+        kept = {k: v for k, v in ties.items() if not {_module_of(dot + k), _module_of(dot + v)} & layer_config.keys()}
+        if len(kept) != len(ties):
+            sub.all_tied_weights_keys = kept
+
+
+def _module_of(tensor_name: str) -> str:
+    return tensor_name.rpartition(".")[0]
 
 
 @torch.no_grad()
