@@ -14,19 +14,35 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .hadamard import hadamard, rotate
 
 KIND = "input_transform"
 
 
+def matrix(layer: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of a Linear, or a view of it for transformers' Conv1D (stored [in, out]): in-place
+    changes to it change the layer."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+def in_features(layer: nn.Module) -> int:
+    return matrix(layer).shape[1]
+
+
+def out_features(layer: nn.Module) -> int:
+    return matrix(layer).shape[0]
+
+
 class InputTransform(nn.Module):
-    """Wraps the Linear `linear` (kept as a child, so its name gains `.linear`) behind an input transform."""
+    """Wraps the Linear (or GPT-2's Conv1D) `linear`, kept as a child so its name gains `.linear`, behind an input
+    transform."""
 
     def __init__(self, linear: nn.Module, shift: bool = False, smooth: bool = False, rotate: bool = False) -> None:
         super().__init__()
         self.linear = linear
-        features = linear.in_features
+        features = in_features(linear)
         device = next(linear.parameters(), torch.empty(0)).device
         self.register_buffer("shift", torch.zeros(features, device=device) if shift else None)
         self.register_buffer("smooth", torch.ones(features, device=device) if smooth else None)
@@ -34,11 +50,17 @@ class InputTransform(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.linear.in_features
+        return in_features(self.linear)
 
     @property
     def out_features(self) -> int:
-        return self.linear.out_features
+        return out_features(self.linear)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight, for model code that reaches through a module to it (GPT-2's `_init_weights`
+        scales `c_proj.weight` when a checkpoint loads)."""
+        return self.linear.weight
 
     def spec(self) -> dict[str, Any]:
         """What `from_pretrained` needs to rebuild this op before loading its buffers."""
@@ -84,8 +106,8 @@ def wrap(parent: nn.Module, child_name: str) -> InputTransform:
     child = getattr(parent, child_name)
     if isinstance(child, InputTransform):
         return child
-    if not isinstance(child, nn.Linear):
-        raise TypeError(f"An input transform wraps an nn.Linear; {child_name!r} is a {type(child).__name__}.")
+    if not isinstance(child, (nn.Linear, Conv1D)):
+        raise TypeError(f"An input transform wraps an nn.Linear or Conv1D; {child_name!r} is a {type(child).__name__}.")
     op = InputTransform(child)
     setattr(parent, child_name, op)
     return op
@@ -98,7 +120,7 @@ def add_shift_smooth(op: InputTransform, shift: torch.Tensor | None, smooth: tor
     if op.rotate:
         raise RuntimeError("Channel shift/scale must be applied before the rotation of the same input.")
     linear = op.linear
-    weight = linear.weight
+    weight = matrix(linear)
     old_smooth = op.smooth if op.smooth is not None else torch.ones_like(weight[0])
     if shift is not None:  # in the original input's units; the old shift and smooth come first
         delta = shift.to(weight) if op.shift is None else shift.to(weight) - op.shift
@@ -106,7 +128,7 @@ def add_shift_smooth(op: InputTransform, shift: torch.Tensor | None, smooth: tor
         bias_add = (weight / old_smooth.unsqueeze(0)) @ delta  # the original W
         if linear.bias is None:
             linear.bias = nn.Parameter(
-                torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device), requires_grad=False
+                torch.zeros(op.out_features, dtype=weight.dtype, device=weight.device), requires_grad=False
             )
         linear.bias.add_(bias_add)
         op.shift = shift.to(weight).clone()
@@ -121,6 +143,6 @@ def add_rotation(op: InputTransform) -> None:
     """x -> x·R after the op's shift/smooth; the Linear's weight becomes W·R."""
     if op.rotate:
         return
-    weight = op.linear.weight
+    weight = matrix(op.linear)  # [out, in] (a view for Conv1D): W -> W·R
     weight.copy_((weight.double() @ hadamard(op.in_features, torch.float64, weight.device)).to(weight.dtype))
     op.rotate = True

@@ -12,15 +12,20 @@ from ..forward import to_device
 
 @torch.no_grad()
 def channel_ranges(
-    model: nn.Module, linears: dict[str, nn.Module], batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    outputs: frozenset[str] = frozenset(),
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name -> (per-channel min, per-channel max) of the input of each module in `linears`, over real tokens."""
+    """name -> (per-channel min, per-channel max) of the input of each module in `linears`, over real tokens; of
+    its output for the names in `outputs` (a norm, whose output an MoE block flattens before its readers see it)."""
     ranges: dict[str, list[torch.Tensor]] = {}
     mask: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
+        def record(module: nn.Module, args: tuple, output: torch.Tensor | None = None) -> None:
+            x = (args[0] if output is None else output).detach()
             token_mask = mask.get("now")
             if token_mask is not None and x.dim() == 3 and x.shape[:2] == token_mask.shape:
                 x = x[token_mask]
@@ -33,7 +38,10 @@ def channel_ranges(
 
         return record
 
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
+    handles = [
+        module.register_forward_hook(hook(name)) if name in outputs else module.register_forward_pre_hook(hook(name))
+        for name, module in linears.items()
+    ]
     try:
         for batch in batches:
             batch = to_device(batch, device)
