@@ -142,27 +142,32 @@ def _is_router(model: nn.Module, name: str) -> bool:
 def _plain_matmul(name: str, module: nn.Module, transposed: bool) -> bool:
     """Whether `module` computes x·Wᵀ + b (x·W + b for Conv1D): its class keeps the base forward, or its forward
     gives that on a small random input. Warns when not."""
-    base = Conv1D if transposed else nn.Linear
-    if type(module).forward is base.forward:
+    if type(module).forward is (Conv1D if transposed else nn.Linear).forward:
         return True
-    weight, bias = module.weight, module.bias
-    reason = "its weight is not materialised, so its forward could not be checked"
-    if weight.device.type != "meta":
-        generator = torch.Generator().manual_seed(0)  # the global RNG stays as it was
-        x = torch.randn(1, _PROBE_ROWS, matmul_shape(module)[1], generator=generator).to(weight.device, weight.dtype)
-        expected = F.linear(x, weight.t() if transposed else weight, bias)
-        try:
-            got = type(module).forward(module, x)  # the class's forward, without hooks
-        except Exception as err:  # noqa: BLE001  (any failure means: not a plain matmul)
-            got, reason = None, f"its forward fails on a plain input ({type(err).__name__})"
-        if isinstance(got, torch.Tensor) and got.shape == expected.shape:
-            tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
-            if torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol * float(expected.abs().max())):
-                return True
-        if got is not None:
-            reason = "its forward does not compute a plain matmul"
+    weight = module.weight
+    if weight.device.type == "meta" or not weight.is_floating_point():
+        reason = "its weight is not a materialised float tensor, so its forward could not be checked"
+    elif _probe_matches(module, weight, transposed):
+        return True
+    else:
+        reason = "its forward does not compute a plain matmul"
     logger.warning_once(f"{name} ({type(module).__name__}) stays in full precision: {reason}.")
     return False
+
+
+def _probe_matches(module: nn.Module, weight: torch.Tensor, transposed: bool) -> bool:
+    """The class's forward (without hooks) on a small random input equals the plain matmul's."""
+    generator = torch.Generator().manual_seed(0)  # the global RNG stays as it was
+    x = torch.randn(1, _PROBE_ROWS, matmul_shape(module)[1], generator=generator).to(weight.device, weight.dtype)
+    expected = F.linear(x, weight.t() if transposed else weight, module.bias)
+    try:
+        got = type(module).forward(module, x)
+    except Exception:  # noqa: BLE001  (any failure means: not a plain matmul)
+        return False
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return False
+    tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    return torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol * float(expected.abs().max()))
 
 
 def quantized_module(name: str, module: nn.Module, spec: dict, config: QLimitConfig, frozen: bool) -> nn.Module:
