@@ -44,10 +44,11 @@ def block_hessians(
 
     def hook(name: str):
         def add(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            mask = current["mask"]
-            # OPT's FFN sees (batch · length, features): flatten the mask alike
-            accumulators[name].add(x, mask if x.dim() == mask.dim() + 1 else mask.reshape(-1))
+            x, mask = args[0], current["mask"]
+            if x.shape[:-1] != mask.shape:  # OPT's FFN sees (batch · length, features): flatten the mask alike
+                mask = mask.reshape(-1) if x.shape[:-1].numel() == mask.numel() else None
+            # None: not the tokens (DeBERTa's query/key projections also read the relative position table)
+            accumulators[name].add(x, mask)
 
         return add
 
