@@ -146,6 +146,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "decoder_start_token_id": 0,
     },
+    "bart": {
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "max_position_embeddings": 64,
+        "decoder_start_token_id": 2,
+    },
     "albert": {**_BERT_LIKE, "embedding_size": 32},
 }
 
@@ -154,7 +165,7 @@ DECODERS = (
     "phi", "phi3", "gpt2", "gpt_neox", "falcon", "olmo2", "granite", "opt",
 )  # fmt: skip
 ENCODERS = ("bert", "roberta", "distilbert", "electra", "deberta-v2", "modernbert")
-ENCODER_DECODERS = ("t5",)
+ENCODER_DECODERS = ("t5", "bart")
 SHARED_LAYER = ("albert",)
 MATRIX = DECODERS + ENCODERS + ENCODER_DECODERS
 
@@ -173,6 +184,7 @@ BLOCKS: dict[str, tuple[str, ...]] = {
     "deberta-v2": ("deberta.encoder.layer",),
     "modernbert": ("model.layers",),
     "t5": ("encoder.block", "decoder.block"),
+    "bart": ("model.encoder.layers", "model.decoder.layers"),
 }
 
 

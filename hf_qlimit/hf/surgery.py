@@ -113,10 +113,12 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _untie_quantized_embeddings(model: nn.Module, layer_config: dict[str, dict]) -> None:
-    # A quantized input embedding and LM head each keep their own codes (and the head its input quantizer),
-    # so the saved model must not tie them back together.
-    tied = {id(m) for m in input_output_embeddings(model) if m is not None}
-    if any(id(module) in tied for name, module in model.named_modules() if name in layer_config):
+    # A quantized input embedding and LM head each keep their own codes (and the head its input quantizer), so the
+    # saved model must not tie them back together: the config says so where every tie it governs names a quantized
+    # module (a tied Llama); elsewhere (BART's stacks share an FP table) only those ties leave the tie table.
+    ties = model.get_expanded_tied_weights_keys(all_submodels=True).items()
+    touched = [pair for pair in ties if {_module_of(n) for n in pair} & layer_config.keys()]
+    if touched and len(touched) == len(ties):
         for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             if getattr(config, "tie_word_embeddings", False):
                 config.tie_word_embeddings = False
