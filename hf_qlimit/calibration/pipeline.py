@@ -76,7 +76,7 @@ def quantize_model(
         bound_heap()
     device = torch.device(device) if device is not None else default_device(model)
     pad_id = getattr(model.config, "pad_token_id", None)
-    data = prepare_calibration(calib_ds, config.num_samples, config.max_length, pad_id, config.seed)
+    data = prepare_calibration(calib_ds, config.num_samples, config.max_length, pad_id, config.seed, model=model)
     batches = add_decoder_inputs(model, length_sorted_batches(data, config.batch_size))
     where = torch.device("cpu") if dispatched else next(model.parameters()).device
     layout = discover_layout(model, batches[0], where)
