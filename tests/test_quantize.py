@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import MODELS, calib_samples, logits, tiny_bert, tiny_opt
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hf_qlimit
@@ -136,12 +137,21 @@ def test_wrong_columns_are_an_error():
         tiny_bert().quantize_qlimit([{"sentence": "hello"}], QLimitConfig(method="rtn"))
 
 
-def test_unsupported_architecture_lists_the_supported_ones():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_a_model_without_transformer_blocks_is_refused():
+    """Architectures are found from the model (any type with a stack of blocks works: tests/test_any_model.py);
+    one with no stack of identical layers is refused with a message saying what hf_qlimit looks for."""
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="Supported model types: .*bert.*opt"):
-        model.quantize_qlimit(calib_samples(), QLimitConfig(method="rtn"))
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny_bert().config
+            self.proj = nn.Linear(32, 32)
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            return self.proj(torch.zeros(*input_ids.shape, 32))
+
+    with pytest.raises(ValueError, match="found no transformer blocks"):
+        hf_qlimit.quantize(Bag(), calib_samples(), QLimitConfig(method="rtn"))
 
 
 def test_nan_activations_are_an_error():

@@ -137,7 +137,7 @@ class PositionTable:
 def position_tables(model: nn.Module) -> list[PositionTable]:
     """The model's learned absolute position tables. Rotary, ALiBi and relative positions (T5, DeBERTa) have none:
     nothing refuses long samples there."""
-    words = model.get_input_embeddings()
+    words = _input_embedding(model)
     tables = []
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2].lower()
@@ -199,7 +199,7 @@ def _out_of_range(values: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _check_vocabulary(model: nn.Module, samples: Indexed, pad_token_id: int | None) -> None:
-    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    rows = getattr(_input_embedding(model), "num_embeddings", None)
     if rows is None:
         return
     name = type(model).__name__
@@ -248,7 +248,7 @@ def _token_type_rows(model: nn.Module) -> tuple[int, str] | None:
         return types, "type_vocab_size"
     # No table: GPT-2 adds rows of its word embedding for them; DeBERTa-v3 (type_vocab_size 0) ignores the
     # token_type_ids its own tokenizer returns. Either way the word embedding bounds them.
-    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    rows = getattr(_input_embedding(model), "num_embeddings", None)
     return None if rows is None else (rows, "they index its input embedding")
 
 
@@ -281,3 +281,11 @@ def _check_token_types(model: nn.Module, samples: Indexed) -> None:
         f"{allowed}.{more} Tokenize with this model's own tokenizer, or drop the "
         "token_type_ids column."
     )
+
+
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding, None for a class that does not say (not a transformers model)."""
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
