@@ -79,7 +79,7 @@ def quantize_model(
     data = prepare_calibration(calib_ds, config.num_samples, config.max_length, pad_id, config.seed, model=model)
     batches = add_decoder_inputs(model, length_sorted_batches(data, config.batch_size))
     where = torch.device("cpu") if dispatched else next(model.parameters()).device
-    layout = discover_layout(model, batches[0], where)
+    layout = discover_layout(model, batches[-1], where)  # the shortest batch: one cheap forward
     _check_supported(model, config, work_dir, dispatched, layout)
     apply_transforms(model, adapter, config, batches, device)  # function-preserving, on the FP model (issue 19)
     run = Run.open(model, config, batches, device, dispatched, work_dir, resume, cache_budget_bytes)
