@@ -148,12 +148,12 @@ def test_cli_reports_a_refusal(tmp_path):
 def test_packing_is_compressed_tensors_own(bits, n):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    from hf_qlimit.export.compressed_tensors import _pack_int32
+    from hf_qlimit.export.ct_format import pack_int32
 
     codes = torch.randint(0, 2**bits, (5, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
     signed = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
-    assert torch.equal(_pack_int32(codes, bits), pack_to_int32(signed, bits))
-    assert torch.equal(_pack_int32(codes, bits).t(), pack_to_int32(signed.t().contiguous(), bits, 0))  # zero points
+    assert torch.equal(pack_int32(codes, bits), pack_to_int32(signed, bits))
+    assert torch.equal(pack_int32(codes, bits).t(), pack_to_int32(signed.t().contiguous(), bits, 0))  # zero points
 
 
 needs_gguf = pytest.mark.skipif(
@@ -222,6 +222,8 @@ def test_explicit_input_transforms_are_refused(tmp_path, format):
 
     model = _llama(group_size=32)
     mlp = model.model.layers[0].mlp
-    mlp.down_proj = InputTransform(mlp.down_proj, rotate=True)
+    # built around a float Linear of the same shape (a frozen QuantLinear's `.weight` is its flat code buffer)
+    op = InputTransform(torch.nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features), rotate=True)
+    op.linear, mlp.down_proj = mlp.down_proj, op
     with pytest.raises(ExportError, match="model.layers.0.mlp.down_proj.*online Hadamard rotation"):
         hf_qlimit.export(model, tmp_path / "out", format=format)
