@@ -24,8 +24,9 @@ def export(
     """Writes a quantized hf_qlimit model (or the folder it was saved to) to `out_dir` in `format`.
 
     - "compressed-tensors": a transformers folder that plain transformers + the `compressed-tensors` package
-      load (the format vLLM reads; not tried with vLLM here): weight-only Linears as `pack-quantized`, W8A8 as `int-quantized` with static input
-      scales. Quantized embeddings are written dequantized.
+      load (the format vLLM reads; not tried with vLLM here): weight-only Linears as `pack-quantized`, W8A8 as
+      `int-quantized` with static input scales, symmetric weight-only MoE experts as one Linear per expert.
+      Quantized embeddings are written dequantized; Conv1D (GPT-2) is refused.
     - "gguf": one `.gguf` file (Q4_1 / Q8_0 where they map exactly), see `export/gguf.py`.
 
     Settings the format cannot express raise `ExportError` naming them. `allow_unservable=True` exports
