@@ -209,6 +209,7 @@ def test_gguf_q4_1_and_q8_0_hold_hf_qlimits_codes_and_load_in_transformers(tmp_p
     assert (got - ref).abs().max() <= 2e-3 * ref.abs().max()
 
 
+@needs_gguf
 def test_gguf_refuses_activation_quantization_and_other_architectures(tmp_path):
     with pytest.raises(ExportError, match="weight-only"):
         hf_qlimit.export(_llama(weight_bits=8, act_bits=8, group_size=None), tmp_path / "a", format="gguf")
@@ -216,7 +217,7 @@ def test_gguf_refuses_activation_quantization_and_other_architectures(tmp_path):
         hf_qlimit.export(tiny_bert().quantize_qlimit(calib_samples(8), _config()), tmp_path / "b", format="gguf")
 
 
-@pytest.mark.parametrize("format", ["compressed-tensors", "gguf"])
+@pytest.mark.parametrize("format", ["compressed-tensors", pytest.param("gguf", marks=needs_gguf)])
 def test_explicit_input_transforms_are_refused(tmp_path, format):
     from hf_qlimit.transforms.input_op import InputTransform
 
