@@ -19,7 +19,8 @@ from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
 from hf_qlimit.models import get_adapter
 from hf_qlimit.nn.attention import qlimit_attention_forward
-from hf_qlimit.nn.modules import QuantEmbedding, QuantLinear
+from hf_qlimit.nn.embedding import QuantEmbedding
+from hf_qlimit.nn.modules import QuantLinear
 
 
 def qconfig(**kwargs) -> QLimitConfig:

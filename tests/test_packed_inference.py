@@ -10,7 +10,8 @@ from torch import nn
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.nn import kernels
-from hf_qlimit.nn.modules import QuantEmbedding, QuantLinear, set_inference_mode
+from hf_qlimit.nn.embedding import QuantEmbedding
+from hf_qlimit.nn.modules import QuantLinear, set_inference_mode
 from hf_qlimit.nn.packing import pack_codes
 
 # The kernels take bfloat16 activations and scales (8 significant bits): a tiny 2-layer model's logits then
@@ -143,12 +144,16 @@ def test_kernel_layout_is_never_saved_and_leaves_with_a_move(tmp_path):
     for key, value in saved.items():
         assert torch.equal(after[key], value), key
     layer = model.model.layers[0].mlp.up_proj
-    assert layer._kernel is not None and torch.equal(layer.weight.view(torch.uint8), saved["model.layers.0.mlp.up_proj.weight"])
+    assert layer._kernel is not None and torch.equal(
+        layer.weight.view(torch.uint8), saved["model.layers.0.mlp.up_proj.weight"]
+    )
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(_logits(reloaded, "packed"), packed)
     model.to("cpu")  # any move hands the codes back; the next forward takes the kernel again
-    assert layer._kernel is None and torch.equal(layer.weight.view(torch.uint8), saved["model.layers.0.mlp.up_proj.weight"])
+    assert layer._kernel is None and torch.equal(
+        layer.weight.view(torch.uint8), saved["model.layers.0.mlp.up_proj.weight"]
+    )
     assert torch.equal(_logits(model, "packed"), packed)
 
 

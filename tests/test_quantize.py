@@ -218,7 +218,7 @@ def test_a_failed_quantization_cannot_be_saved(tmp_path):
 def test_embedding_lookup_quantizes_only_the_rows_it_needs(frozen):
     from torch import nn
 
-    from hf_qlimit.nn.modules import QuantEmbedding
+    from hf_qlimit.nn.embedding import QuantEmbedding
 
     emb = QuantEmbedding.from_embedding(nn.Embedding(50, 16), {"w": 4}, weight_sym=False)
     emb.weight_quantizer.init_range(emb.weight, 2.4)

@@ -9,9 +9,9 @@ from helpers import calib_samples, logits, tiny_bert
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.calibration.block_inputs import capture_block_inputs, run_block
+from hf_qlimit.calibration.block_step import freeze_quantized
 from hf_qlimit.calibration.data import length_sorted_batches, prepare_calibration
 from hf_qlimit.calibration.fisher import damped_fisher
-from hf_qlimit.calibration.pipeline import freeze_quantized
 from hf_qlimit.calibration.quant_state import act_quantizers, quant_state
 from hf_qlimit.calibration.reconstruction import BlockData, masked_error, reconstruct_block
 from hf_qlimit.hf.surgery import convert_model, quantized_modules

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from transformers.utils import logging
 from ..config import QLimitConfig
 from ..forward import is_dispatched, to_device
 from ..hf.quantizer import QLimitHfQuantizer
-from ..hf.surgery import quantized_modules, share_tied_codes
+from ..hf.surgery import share_tied_codes
 from ..models import get_adapter, is_causal_lm
 from ..models.base import ArchitectureAdapter
 from ..nn.attention_probe import attention_refusal
@@ -33,23 +32,18 @@ from ..nn.modules import set_inference_mode
 from ..quantizers import ActQuantizer
 from ..transforms import apply_transforms
 from .block_inputs import (
-    BlockInputs,
-    StackInputs,
     capture_block_inputs,
     modules_outside_blocks,
     prefix_modules,
-    run_block,
 )
-from .cache import Stream
+from .block_step import Flow, block_modules, freeze_names, freeze_quantized, quantize_block
 from .data import length_sorted_batches, prepare_calibration
 from .fisher import fisher_weights
-from .observe import AllSeen, calibrate_outside_blocks, observe, remove_input_quantizers, stop_once_seen
+from .observe import AllSeen, calibrate_outside_blocks, remove_input_quantizers, stop_once_seen
 from .offload import default_device
 from .quant_state import act_quantizers, quant_state
-from .reconstruction import BlockData, block_output_error, reconstruct_block
 from .run import Run
 from .stacks import Layout, add_decoder_inputs, capture_first_stack, capture_later_stack, discover_layout
-from .weight_init import WeightStart, init_block_weights
 
 logger = logging.get_logger(__name__)
 
@@ -154,30 +148,6 @@ def _choose_bits(
         )
 
 
-@dataclass
-class _Flow:
-    """What passes from one block to the next."""
-
-    fp_in: Stream  # the block's FP inputs: the FP targets' inputs
-    q_in: Stream  # its inputs from the quantized blocks before it
-    inputs: StackInputs  # each block's other arguments (masks, positions), the same for both streams
-    stats: list[dict] = field(default_factory=list)  # per finished block: output errors and seconds
-    pending: list[ActQuantizer] = field(default_factory=list)  # outside the blocks, left to the final pass
-
-    def advance(self, stats: dict, fp_out: Stream, q_out: Stream) -> None:
-        """A block is done: its stats are kept and its outputs become the next block's inputs."""
-        self.stats.append(stats)
-        self.fp_in, self.q_in = fp_out, q_out
-
-    def defer(self, quantizers: list[ActQuantizer]) -> None:
-        """Activation quantizers to calibrate in the final whole-model pass."""
-        self.pending += quantizers
-
-    def enter_stack(self, hidden: Stream, inputs: StackInputs) -> None:
-        """A later stack (a decoder) starts from one captured stream: FP targets and quantized inputs alike."""
-        self.fp_in, self.q_in, self.inputs = hidden, hidden, inputs
-
-
 def _quantize_converted(model: nn.Module, layout: Layout, config: QLimitConfig, batches: Batches, run: Run) -> None:
     """The quantization proper, once the bits are chosen: the prefix, the blocks one at a time, then the rest."""
     first = layout.stacks[0].blocks
@@ -196,12 +166,12 @@ def _quantize_converted(model: nn.Module, layout: Layout, config: QLimitConfig, 
             name = f"{stack.name}.{i}"
             if index < run.done:  # finished by the interrupted run: rebuild it from the work folder
                 run.offloader.materialize(name)
-                run.convert(model, _block_modules(config, name), config, frozen=True)
+                run.convert(model, block_modules(config, name), config, frozen=True)
                 run.work.load_block(index, block)
                 run.park(name, run.work.block_file(index))
             else:
                 block_fisher = None if fisher is None else fisher[i]
-                _quantize_block(model, config, (index, i), name, block, flow, block_fisher, run)
+                quantize_block(model, config, (index, i), name, block, flow, block_fisher, run)
             index += 1
     head = [n for n in config.layer_config if not n.startswith(layout.prefixes) and n not in prefix]
     _convert_head(model, config, head, fisher is None, flow, run)
@@ -237,7 +207,7 @@ def _enter_later_stack(
     layout: Layout,
     s: int,
     batches: Batches,
-    flow: _Flow,
+    flow: Flow,
     done: list[str],
     run: Run,
 ) -> list[str]:
@@ -246,21 +216,21 @@ def _enter_later_stack(
     blocks = layout.stacks[s].blocks
     between = _convert_prefix(model, config, blocks[0], batches[0], layout.prefixes, run, done)
     flow.defer([q for n in between for q in act_quantizers(model.get_submodule(n))])
-    _freeze_names(model, between)
+    freeze_names(model, between)
     with quant_state(model, weights=True, acts=True):
         flow.enter_stack(*capture_later_stack(model, layout.stacks[s], batches, run.device, run.cache))
     return between
 
 
-def _resume_flow(model: nn.Module, prefix: list[str], run: Run) -> _Flow:
+def _resume_flow(model: nn.Module, prefix: list[str], run: Run) -> Flow:
     """The prefix and the streams entering the first unfinished block, as the interrupted run saved them."""
     run.work.load_prefix({n: model.get_submodule(n) for n in prefix})
     inputs, state = run.work.load_state(run.done)
     fp_in, q_in = run.cache.stream(state["streams"]["fp_in"]), run.cache.stream(state["streams"]["q_in"])
-    return _Flow(fp_in, q_in, inputs, state["stats"])
+    return Flow(fp_in, q_in, inputs, state["stats"])
 
 
-def _capture_flow(model: nn.Module, config: QLimitConfig, layout: Layout, batches: Batches, run: Run) -> _Flow:
+def _capture_flow(model: nn.Module, config: QLimitConfig, layout: Layout, batches: Batches, run: Run) -> Flow:
     """Both streams at the first block; the prefix's activation quantizers are calibrated on the way."""
     blocks = layout.stacks[0].blocks
     in_blocks = {id(q) for b in layout.all_blocks() for q in act_quantizers(b)}
@@ -276,12 +246,12 @@ def _capture_flow(model: nn.Module, config: QLimitConfig, layout: Layout, batche
         pending = calibrate_outside_blocks(outer_acts, capture_quantized, config.lp_norm)
         if len(pending) < len(outer_acts):  # the prefix has quantized activations: capture again with them set
             capture_quantized()
-    return _Flow(fp_in, captured["q_in"], inputs, pending=pending)
+    return Flow(fp_in, captured["q_in"], inputs, pending=pending)
 
 
-def _settle_prefix(model: nn.Module, config: QLimitConfig, prefix: list[str], flow: _Flow, run: Run) -> None:
+def _settle_prefix(model: nn.Module, config: QLimitConfig, prefix: list[str], flow: Flow, run: Run) -> None:
     """Freezes the prefix, writes the start of a resumable run, and parks an offloaded embedding."""
-    _freeze_names(model, prefix)  # RTN weights, final; the FP prefix is no longer needed
+    freeze_names(model, prefix)  # RTN weights, final; the FP prefix is no longer needed
     run.release_memory()
     if run.work is not None and not run.done:
         layer_config = {"module_bits": config.module_bits, "layer_config": config.layer_config}
@@ -291,99 +261,13 @@ def _settle_prefix(model: nn.Module, config: QLimitConfig, prefix: list[str], fl
             run.park(name, None)
 
 
-def _block_modules(config: QLimitConfig, name: str) -> list[str]:
-    """The modules to quantize in the block `name`, the block itself included (its output op)."""
-    return [n for n in config.layer_config if n == name or n.startswith(name + ".")]
-
-
-def _quantize_block(
-    model: nn.Module,
-    config: QLimitConfig,
-    at: tuple[int, int],
-    name: str,
-    block: nn.Module,
-    flow: _Flow,
-    fisher: Stream | None,
-    run: Run,
-) -> None:
-    """Block `name`, at (index over all stacks, index in its stack): converted, its FP outputs computed,
-    calibrated on the quantized stream, frozen, then parked."""
-    (i, local), tick = at, time.perf_counter()
-    inputs = flow.inputs.for_block(local)
-    run.offloader.materialize(name)
-    if fisher is None:  # with Fisher weights, every module was converted before their passes
-        run.convert(model, _block_modules(config, name), config, frozen=False)
-        run.release_memory()  # the replaced Linears (a cycle, see offload.py) must not keep the FP weights alive
-    with quant_state(block, weights=False, acts=False):
-        fp_out = run_block(block, flow.fp_in, inputs, run.device, run.cache)
-    starts = _start_block(block, config, flow.q_in, inputs, run)
-    data = BlockData(flow.fp_in, flow.q_in, fp_out, inputs, run.token_mask, fisher)
-    if config.method != "rtn":
-        rtn_error = block_output_error(block, data, run.device)
-        undecided = reconstruct_block(block, data, config, run.device, f"block {i}", starts).undecided
-        freeze_quantized(block)
-    q_out = run_block(block, flow.q_in, inputs, run.device, run.cache)
-    error = block_output_error(block, data, run.device, q_out=q_out)
-    if config.method == "rtn":
-        rtn_error, undecided = error, 0.0
-    logger.info(
-        f"block {i}: output MSE {rtn_error:.4g} with round-to-nearest, {error:.4g} after {config.method} (hard "
-        f"rounding; {undecided:.1%} of the rounding variables were still undecided before it)"
-    )
-    stats = {
-        "block": i,
-        "rtn_mse": rtn_error,
-        "mse": error,
-        "undecided": undecided,
-        "seconds": time.perf_counter() - tick,
-    }
-    flow.advance(stats, fp_out, q_out)
-    del data, fp_out, q_out
-    if run.work is not None:
-        run.work.save_block(i, block, {"fp_in": flow.fp_in, "q_in": flow.q_in}, flow.stats)
-    run.park(name, run.work.block_file(i) if run.work is not None else None)
-
-
-def _start_block(
-    block: nn.Module, config: QLimitConfig, q_in: Stream, inputs: BlockInputs, run: Run
-) -> dict[str, WeightStart]:
-    """Where the roundings start (RTN's are final at once), then the activation ranges on the quantized stream;
-    returns the starts left for reconstruction (see `init_block_weights`)."""
-    starts = {}
-    if config.weight_init != "rtn":
-        starts = init_block_weights(
-            block,
-            q_in,
-            inputs,
-            run.token_mask,
-            run.device,
-            config.weight_init,
-            config.init_margin,
-            config.gptq_act_order,
-        )
-    if config.method == "rtn":  # the weights are final: freeze now so the passes below reuse them
-        for name, module in quantized_modules(block):
-            if (start := starts.pop(name, None)) is not None:  # else plain round-to-nearest, at freezing
-                module.weight_quantizer.round_start(start.weight, start.margin)
-        freeze_quantized(block)
-
-    def quantized_pass() -> None:
-        run_block(block, q_in, inputs, run.device)
-
-    with quant_state(block, weights=True, acts=True):
-        observe(list(act_quantizers(block)), quantized_pass, config.lp_norm)
-    return starts
-
-
-def _convert_head(
-    model: nn.Module, config: QLimitConfig, head: list[str], convert: bool, flow: _Flow, run: Run
-) -> None:
+def _convert_head(model: nn.Module, config: QLimitConfig, head: list[str], convert: bool, flow: Flow, run: Run) -> None:
     """The quantized modules after the blocks (the task or LM head): RTN weights, frozen at once; their
     activation quantizers wait for the final pass. `convert`: False when Fisher weights converted them already."""
     if convert:
         run.convert(model, head, config, frozen=False)
     flow.defer([q for n in head for q in act_quantizers(model.get_submodule(n))])
-    _freeze_names(model, head)  # RTN weights, final: the FP head (vocab x hidden) need not outlive this line
+    freeze_names(model, head)  # RTN weights, final: the FP head (vocab x hidden) need not outlive this line
     run.release_memory()
 
 
@@ -427,18 +311,6 @@ def _finish(model: nn.Module, config: QLimitConfig, stats: list[dict], run: Run)
             model.to(run.home)
     _attach_quantizer(model, config)
     model.qlimit_block_errors = stats  # per block: output MSE against FP, round-to-nearest vs final, seconds
-
-
-def freeze_quantized(module: nn.Module) -> None:
-    """Freezes every quantized layer of `module` not frozen yet: its weight becomes packed integer codes."""
-    for _, child in quantized_modules(module):
-        if not child.is_frozen:
-            child.freeze()
-
-
-def _freeze_names(model: nn.Module, names: list[str]) -> None:
-    for name in names:
-        freeze_quantized(model.get_submodule(name))
 
 
 def _attach_quantizer(model: nn.Module, config: QLimitConfig, failed: bool = False) -> None:

@@ -22,8 +22,9 @@ from torch import nn
 from transformers.utils import logging
 
 from ..hf.surgery import OUTPUT_QUANTIZER
+from ..nn.embedding import QuantEmbedding
 from ..nn.experts import QuantExperts
-from ..nn.modules import QuantEmbedding, QuantLinear
+from ..nn.modules import QuantLinear
 from . import ct_loading
 from .common import ExportError, refuse_input_transforms
 from .ct_experts import expert_matrices, expert_targets, refuse_unloadable

@@ -22,7 +22,8 @@ from torch import nn
 from transformers.utils import logging
 
 from ..nn.attention import ATTENTION_ATTR
-from ..nn.modules import QuantEmbedding, QuantLinear
+from ..nn.embedding import QuantEmbedding
+from ..nn.modules import QuantLinear
 from ..nn.packing import unpack_codes
 from .common import ExportError, refuse_input_transforms
 

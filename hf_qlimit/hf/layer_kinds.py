@@ -26,8 +26,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
+from ..nn.embedding import QuantEmbedding
 from ..nn.experts import QuantExperts
-from ..nn.modules import QuantEmbedding, QuantLinear
+from ..nn.modules import QuantLinear
 from ..nn.wrapped_embedding import QuantWrappedEmbedding
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ from ..config import QLimitConfig
 from ..models.base import input_output_embeddings
 from ..nn.attention import ATTENTION_ATTR, AttentionQuantizers
 from ..nn.attention_probe import use_qlimit_attention
-from ..nn.modules import QuantEmbedding, QuantLinear, QuantWeightMixin
+from ..nn.embedding import QuantEmbedding
+from ..nn.modules import QuantLinear, QuantWeightMixin
 from ..quantizers import ActQuantizer, first_token
 from ..quantizers.act_grids import DynamicTokenQuantizer
 from ..transforms.input_op import KIND as INPUT_TRANSFORM
@@ -56,6 +57,8 @@ def convert_model(model: nn.Module, layer_config: dict[str, dict], config: QLimi
             new = quantized_module(name, module, spec, config, frozen)
         if spec.get("dynamic") and getattr(new, "input_quantizer", None) is not None:
             new.set_input_quantizer(DynamicTokenQuantizer(spec["a"], config.act_sym).to(_device_of(new)))
+        if _kept_in_fp32(model, name) and hasattr(new, "read_weight_as_int8"):
+            new.read_weight_as_int8()
         model.set_submodule(name, new)
     if config.act_layout in ("shared", "block_output"):
         share_input_quantizers(model, layer_config)
@@ -137,6 +140,15 @@ def _drop_quantized_ties(model: nn.Module, layer_config: dict[str, dict]) -> Non
         kept = {k: v for k, v in ties.items() if not {_module_of(dot + k), _module_of(dot + v)} & layer_config.keys()}
         if len(kept) != len(ties):
             sub.all_tied_weights_keys = kept
+
+
+def _kept_in_fp32(model: nn.Module, name: str) -> bool:
+    """Whether transformers keeps module `name` in fp32 (`_keep_in_fp32_modules`: T5's `wo`)."""
+    kept = {
+        *(getattr(model, "_keep_in_fp32_modules", None) or ()),
+        *(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
+    }
+    return any(part in kept for part in name.split("."))
 
 
 def _module_of(tensor_name: str) -> str:

@@ -1,4 +1,4 @@
-"""Quantized modules that replace `nn.Linear` and `nn.Embedding` (the attention matmuls: attention.py).
+"""Quantized modules that replace `nn.Linear` (and `nn.Embedding`: embedding.py; the attention matmuls: attention.py).
 
 Each module has two states. While calibrating it holds the FP weight and fake-quantizes it: to nearest, or as the
 rounding state reconstruction attaches to its `WeightQuantizer` decides (AdaRound or sign rounding, possibly from
@@ -35,7 +35,7 @@ class QuantWeightMixin:
     Frozen, `weight` is a flat uint8 buffer of packed codes. Flat on purpose: a transformers without hf_qlimit
     then fails loudly on the shape mismatch instead of reading codes as float weights. A Linear running through
     a kernel swaps that buffer for the kernel's layout (same bytes per code, device-specific, never saved):
-    `state_dict()` and any `.to()` / `.float()` give back the hf_qlimit codes exactly; `.weight` gives them as int8.
+    `state_dict()`, `.weight` and any `.to()` / `.float()` give back the hf_qlimit codes exactly.
     """
 
     weight_quantizer: WeightQuantizer
@@ -75,20 +75,27 @@ class QuantWeightMixin:
 
     def packed_weight(self) -> torch.Tensor:
         """The flat uint8 buffer of hf_qlimit codes (rebuilt exactly if the weight is in a kernel's layout)."""
-        if self._kernel is None:  # uint8 again if accelerate stored the int8 `.weight` back (the same bytes)
-            return self._buffers["weight"].view(torch.uint8)
+        if self._kernel is None:  # the buffer itself (transformers flags it), uint8 again if stored back as int8
+            codes = self._buffers["weight"]
+            return codes if codes.dtype == torch.uint8 else codes.view(torch.uint8)
         return kernels.unpack(self._kernel, self._kernel_weight, self.rows, self.cols)
 
     def __getattr__(self, name: str):
         # `.weight` of a module whose codes sit in a kernel's layout (or in a tied head): the hf_qlimit codes
         held = "weight" in self.__dict__["_buffers"] or self.__dict__.get("_kernel") or self.__dict__.get("_tied_head")
         if name == "weight" and self.__dict__.get("is_frozen") and held:
-            # Read as int8, the dtype transformers' modeling code takes for "quantized: do not cast activations to
-            # it" (T5's FFN casts its input to `wo.weight.dtype` unless that is int8). state_dict() keeps uint8.
-            codes = self.packed_weight().view(torch.int8)
-            codes._is_hf_initialized = True  # a fresh view: GPT-2's _init_weights would normal_-fill it on loading
+            codes = self.packed_weight()
+            if self.__dict__.get("_int8_weight"):  # see read_weight_as_int8
+                codes = codes.view(torch.int8)
+                codes._is_hf_initialized = True  # a fresh view: _init_weights would normal_-fill it on loading
             return codes
         return super().__getattr__(name)
+
+    def read_weight_as_int8(self) -> None:
+        """`.weight` of the frozen module reads as int8 codes (state_dict() keeps uint8): the dtype transformers'
+        modeling code takes for "quantized, do not cast the input to it". The modules a family keeps in fp32 (T5's
+        `wo`) get it: their callers cast the input to `.weight.dtype` otherwise, to uint8."""
+        self._int8_weight = True
 
     def quantized_weight(self) -> torch.Tensor:
         """The float weight; frozen, it is cached only in the "cached" inference mode."""
@@ -200,8 +207,11 @@ class QuantWeightMixin:
             destination[prefix + "weight"] = self.packed_weight().clone()
         elif self._kernel is not None:
             destination[prefix + "weight"] = self.packed_weight()
-        elif self.is_frozen and destination[prefix + "weight"].dtype == torch.int8:  # accelerate stored `.weight`
-            destination[prefix + "weight"] = destination[prefix + "weight"].view(torch.uint8)
+        elif self.is_frozen and (held := destination[prefix + "weight"]).dtype == torch.int8:  # accelerate set it
+            meta = held.device.type == "meta"  # offloaded: a placeholder of its own, not a view sharing one
+            destination[prefix + "weight"] = (
+                torch.empty_like(held, dtype=torch.uint8) if meta else held.view(torch.uint8)
+            )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.release_kernel()
@@ -320,86 +330,3 @@ class QuantLinear(QuantWeightMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class QuantEmbedding(QuantWeightMixin, nn.Module):
-    """`nn.Embedding` with one quantization scale per embedding row, or per row and group (`group_size`, which
-    a model whose LM head is tied to its embedding uses: the head's grid, so both get the same codes)."""
-
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        padding_idx: int | None,
-        weight_bits: int,
-        weight_sym: bool = False,
-        frozen: bool = True,
-        group_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        if not frozen:
-            self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
-        self._init_weight(num_embeddings, embedding_dim, weight_bits, group_size, weight_sym, frozen)
-        self.__dict__["_tied_head"] = None  # not a submodule: the head stays where the model has it
-
-    @classmethod
-    def from_embedding(cls, emb: nn.Embedding, spec: dict, weight_sym: bool) -> QuantEmbedding:
-        module = cls(
-            emb.num_embeddings,
-            emb.embedding_dim,
-            emb.padding_idx,
-            spec["w"],
-            weight_sym,
-            frozen=False,
-            group_size=spec.get("group"),
-        )
-        module.weight = emb.weight
-        return module
-
-    @property
-    def reads_head_codes(self) -> bool:
-        """Whether this embedding reads its codes from the LM head's (`tie_codes`) instead of holding its own."""
-        return self.__dict__.get("_tied_head") is not None
-
-    @torch.no_grad()
-    def tie_codes(self, head: QuantLinear) -> None:
-        """Reads the codes from `head` (same codes, checked by the caller) and drops this module's own copy."""
-        memory.drop_file_pages(self._buffers["weight"])
-        del self._buffers["weight"]
-        self.__dict__["_tied_head"] = head
-
-    @torch.no_grad()
-    def untie_codes(self) -> None:
-        head = self.__dict__.get("_tied_head")
-        if head is not None:
-            self.__dict__["_tied_head"] = None  # first: `weight` must stop resolving to the head's codes
-            self.register_buffer("weight", head.packed_weight().clone().to(self.weight_quantizer.scale.device))
-
-    def packed_weight(self) -> torch.Tensor:
-        head = self.__dict__.get("_tied_head")
-        return super().packed_weight() if head is None else head.packed_weight()
-
-    def code_rows(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
-        head = self.__dict__.get("_tied_head")
-        if head is None:
-            return super().code_rows(rows)
-        device = head.weight_quantizer.scale.device
-        codes = head.code_rows(rows.to(device) if isinstance(rows, torch.Tensor) else rows)
-        return codes.to(self.weight_quantizer.scale.device)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self.untie_codes()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._has_cache() or (self.is_frozen and self.inference_mode == "cached"):
-            return F.embedding(ids, self.quantized_weight(), self.padding_idx)
-        # The grid is per row: quantizing only the rows looked up equals quantizing the table first, without
-        # materialising a vocabulary-sized fp32 copy per call (GBs for a large vocabulary).
-        flat = ids.reshape(-1)
-        if self.is_frozen:
-            rows = self.dequantize_rows(flat)
-        else:
-            rows = self.weight_quantizer(self.weight.index_select(0, flat), rows=flat)
-        return rows.reshape(*ids.shape, self.cols)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modules import QuantEmbedding
+from .embedding import QuantEmbedding
 from .wrapping import call_with, placeholder_dtype, take_parameter
 
 
