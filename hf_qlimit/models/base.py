@@ -114,9 +114,9 @@ class ArchitectureAdapter:
                 if in_block:  # an explicit op a transform left: from_pretrained rebuilds it from this spec
                     plan[name] = module.spec()
                 continue
-            if not in_block and not is_called(model, name):
-                continue  # read through its weight, not called (DeBERTa's relative embeddings, T5's `shared`)
             kind = layer_kind(model, name, module)  # linear, conv1d, embedding, experts or None (hf/layer_kinds.py)
+            if kind == "embedding" and not in_block and not is_called(model, name):
+                continue  # a table read through its weight, not called (DeBERTa's relative embeddings, T5's `shared`)
             if kind in MATMUL_KINDS:
                 spec = {"kind": kind, "w": config.weight_bits, "a": config.act_bits}
                 if getattr(config, "act_dynamic", False) and config.act_bits is not None:
