@@ -170,6 +170,18 @@ SHARED_LAYER = ("albert",)
 MATRIX = DECODERS + ENCODERS + ENCODER_DECODERS
 
 
+def _own_attention() -> tuple[str, ...]:
+    """The types whose attention does not go through transformers' attention interface: DeBERTa-v2, and Falcon
+    before transformers 5.25 (5.23's modeling_falcon has no ALL_ATTENTION_FUNCTIONS)."""
+    from transformers.models.falcon import modeling_falcon
+
+    return ("deberta-v2",) + (() if hasattr(modeling_falcon, "ALL_ATTENTION_FUNCTIONS") else ("falcon",))
+
+
+# hf_qlimit refuses to quantize their attention matmuls: settings with activations leave those in full precision.
+OWN_ATTENTION = _own_attention()
+
+
 # Where each type's blocks are, written out rather than found, so that tests do not trust hf_qlimit's discovery.
 BLOCKS: dict[str, tuple[str, ...]] = {
     **{t: ("model.layers",) for t in DECODERS},

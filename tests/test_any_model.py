@@ -44,17 +44,7 @@ SETTINGS = {
 }
 
 
-def _own_attention() -> tuple[str, ...]:
-    """The types whose attention does not go through transformers' attention interface: DeBERTa-v2, and Falcon
-    before transformers 5.25 (5.23's modeling_falcon has no ALL_ATTENTION_FUNCTIONS)."""
-    from transformers.models.falcon import modeling_falcon
-
-    return ("deberta-v2",) + (() if hasattr(modeling_falcon, "ALL_ATTENTION_FUNCTIONS") else ("falcon",))
-
-
-# hf_qlimit refuses to quantize their attention matmuls (test_attention_outside_the_interface_is_refused): their
-# settings with activations leave those in full precision.
-OWN_ATTENTION = _own_attention()
+OWN_ATTENTION = zoo.OWN_ATTENTION
 
 
 def w8a8_max_error(model_type: str) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_zoo import ZOO, eval_batch, logits
+from model_zoo import OWN_ATTENTION, ZOO, eval_batch, logits
 from torch import nn
 
 from hf_qlimit.calibration.quant_state import quant_state
@@ -22,7 +22,7 @@ from hf_qlimit.nn.attention import (
 )
 from hf_qlimit.nn.attention_probe import attention_refusal, record_attention_calls, use_qlimit_attention
 
-NO_INTERFACE = ("deberta-v2",)  # its own disentangled attention
+NO_INTERFACE = OWN_ATTENTION  # DeBERTa-v2 (its own disentangled attention), Falcon before transformers 5.25
 TOLERANCE = 1e-5
 
 

@@ -34,15 +34,16 @@ SETTINGS = {
 MODES = ("packed", "dequantize", "cached")
 
 
-def qconfig(setting: str) -> QLimitConfig:
-    return QLimitConfig(num_samples=4, batch_size=2, **SETTINGS[setting])
+def qconfig(setting: str, model_type: str = "") -> QLimitConfig:
+    extra = {"quantize_attention": False} if model_type in mz.OWN_ATTENTION and setting != "rtn" else {}
+    return QLimitConfig(num_samples=4, batch_size=2, **SETTINGS[setting], **extra)
 
 
 def quantize(model_type: str, setting: str) -> tuple[nn.Module, nn.Module]:
     """(FP model, its quantized copy)."""
     fp = mz.build(model_type)
     model = copy.deepcopy(fp)
-    model.quantize_qlimit(mz.calib(model_type, 4), qconfig(setting))
+    model.quantize_qlimit(mz.calib(model_type, 4), qconfig(setting, model_type))
     return fp, model
 
 
