@@ -75,6 +75,7 @@ def reloaded(quantized, tmp_path_factory):
     script = textwrap.dedent(
         f"""
         import sys, torch
+        torch.set_num_threads(1)  # as the test process (conftest): other thread counts sum in another order
         sys.path.insert(0, "tests")
         import hf_qlimit, model_zoo as mz
         for path, t in {jobs!r}.items():
