@@ -165,7 +165,9 @@ class QLimitConfig(QuantizationConfigMixin):
         prob_bits (`int`, *optional*):
             Bits of the attention probabilities (2-8); `None`: `act_bits`.
         prob_grid (`str`, *optional*, defaults to `"uniform"`):
-            Grid of the attention probabilities: `"uniform"` or `"log2"`.
+            Grid of the attention probabilities: `"uniform"` (asymmetric, its range from the Lp search), `"unit"`
+            (fixed to [0, 1], step 1/(2^b − 1): never clips, but rounds probabilities below half a step to 0) or
+            `"log2"`.
         act_dynamic (`bool`, *optional*, defaults to `False`):
             Block Linear inputs get a grid per token computed at run time instead of a calibrated static one.
         act_fp_first_token (`bool`, *optional*, defaults to `False`):

@@ -20,7 +20,7 @@ WEIGHT_INITS = ("rtn", "gptq")
 WEIGHT_RANGES = ("lp", "minmax")
 BATCH_SAMPLINGS = ("fixed", "random")
 ACT_LAYOUTS = ("per_linear", "shared", "block_output")
-PROB_GRIDS = ("uniform", "log2")
+PROB_GRIDS = ("uniform", "unit", "log2")
 
 _PRESET_FILLS = ", or None for the preset's"
 

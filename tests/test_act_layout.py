@@ -12,7 +12,7 @@ from hf_qlimit.models import get_adapter
 from hf_qlimit.nn.attention import ATTENTION_ATTR
 from hf_qlimit.nn.modules import QuantLinear
 from hf_qlimit.quantizers import ActQuantizer
-from hf_qlimit.quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer
+from hf_qlimit.quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer, UnitQuantizer
 
 
 def _quantize(arch: str, **kwargs):
@@ -142,3 +142,35 @@ def test_block_output_layout_is_shared_for_pre_ln_blocks(arch):
     model = _quantize(arch, act_layout="block_output")
     assert all(q is None for q in _output_quantizers(model))
     assert all(len({id(q) for q in g}) == 1 and g[0] is not None for g in _input_quantizers(model, arch))
+
+
+def test_unit_grid_is_fixed_and_never_clips():
+    q = UnitQuantizer(8)  # levels k/255 over all of [0, 1]: a probability of 1 stays 1
+    x = torch.tensor([1.0, 0.999, 0.5, 3 / 255, 0.001, 0.0])
+    assert torch.equal(q(x), torch.round(x * 255) / 255) and q(x)[0] == 1.0
+    q.observe()  # calibration sets nothing
+    q(torch.full((4,), 0.01))
+    q.finish_observing(2.4)
+    assert torch.equal(q(x), torch.round(x * 255) / 255)
+    step = q.begin_reconstruction(drop_prob=0.0)  # the step LSQ would learn is not read: no gradient reaches it
+    xr = x.clone().requires_grad_(True)
+    q(xr).sum().backward()
+    assert step.grad is None and torch.equal(xr.grad, torch.ones_like(x))  # straight-through
+    q.end_reconstruction()
+
+
+def test_unit_grid_survives_reconstruction_and_reload(tmp_path, inputs):
+    ids = inputs % DECODER_VOCAB
+    model = TINY["llama"]()
+    config = QLimitConfig(
+        weight_bits=8, act_bits=8, prob_grid="unit", method="qdrop", iters=3, num_samples=8, batch_size=4
+    )
+    model.quantize_qlimit(calib_all_models(), config)
+    attentions = [getattr(layer.self_attn, ATTENTION_ATTR) for layer in model.model.layers]
+    assert all(type(a.probs) is UnitQuantizer and a.probs.bits == 8 for a in attentions)
+    assert all(a.probs.scale.item() == 1.0 for a in attentions)  # nothing learned: the step is the definition's
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AUTO["llama"].from_pretrained(tmp_path / "q")
+    assert all(type(getattr(la.self_attn, ATTENTION_ATTR).probs) is UnitQuantizer for la in reloaded.model.layers)
+    assert torch.equal(logits(reloaded, ids), expected)

@@ -246,7 +246,7 @@ def test_help_lists_the_allowed_values():
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(QuantizationArguments)}
     assert helps["method"].startswith("auto, rtn, adaround, brecq or qdrop.")
     assert helps["preset"].startswith("auto, paper, fast or fast-lm:")
-    assert "mse or fisher" in helps["loss"] and "uniform or log2" in helps["prob_grid"]
+    assert "mse or fisher" in helps["loss"] and "unit (fixed to [0, 1], never clips)" in helps["prob_grid"]
 
 
 @pytest.mark.parametrize(
@@ -321,3 +321,9 @@ def test_quantize_attention_is_a_bool_flag():
     assert _parse().to_config(seed=0).quantize_attention is True
     assert _parse("--no_quantize_attention").to_config(seed=0).quantize_attention is False
     assert _parse("--quantize_attention", "false").to_config(seed=0).quantize_attention is False
+
+
+def test_prob_grid_flag_takes_the_unit_grid():
+    config = _parse("--prob_grid", "unit", "--prob_bits", "8").to_config(seed=0)
+    assert (config.prob_grid, config.prob_bits) == ("unit", 8)
+    assert _parse().to_config(seed=0).prob_grid == "uniform"  # the default stays: "unit" measured worse

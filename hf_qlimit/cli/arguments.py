@@ -90,6 +90,7 @@ _LAYOUT_NOTES = {
     "shared": "one quantizer per tensor",
     "block_output": "shared, and post-LN blocks quantize their output for the next block",
 }
+_PROB_GRID_NOTES = {"uniform": "range searched", "unit": "fixed to [0, 1], never clips", "log2": "powers of 2"}
 
 
 @dataclass
@@ -226,7 +227,7 @@ class QuantizationArguments:
     )
     prob_grid: str = field(
         default=_DEFAULT["prob_grid"],
-        metadata={"help": f"Grid of the attention probabilities: {_one_of(PROB_GRIDS)}."},
+        metadata={"help": f"Grid of the attention probabilities: {_one_of(PROB_GRIDS, _PROB_GRID_NOTES)}."},
     )
     act_dynamic: bool = field(default=False, metadata={"help": "Dynamic per-token grids for block Linear inputs."})
     act_fp_first_token: bool = field(

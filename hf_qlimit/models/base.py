@@ -173,7 +173,7 @@ class ArchitectureAdapter:
 
 
 def probability_spec(config: QLimitConfig) -> dict[str, Any]:
-    """The attention probabilities' grid where it differs from the other activations' (bits, uniform / log2)."""
+    """The attention probabilities' grid where it differs from the other activations' (bits, uniform / unit / log2)."""
     spec: dict[str, Any] = {}
     if getattr(config, "prob_bits", None) is not None:
         spec["p"] = config.prob_bits

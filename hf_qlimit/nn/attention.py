@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers import ActQuantizer, first_token
-from ..quantizers.act_grids import Log2Quantizer
+from ..quantizers.act_grids import Log2Quantizer, UnitQuantizer
 
 
 class AttentionQuantizers(nn.Module):
     """Quantizers of the attention matmul inputs: Q and K for Q·Kᵀ, the probabilities P and V for P·V.
 
-    The probabilities get `prob_bits` (default: `act_bits`) on a "uniform" or "log2" grid (`prob_grid`)."""
+    The probabilities get `prob_bits` (default: `act_bits`) on a "uniform", "unit" or "log2" grid (`prob_grid`)."""
 
     def __init__(
         self, act_bits: int, act_sym: bool = False, prob_bits: int | None = None, prob_grid: str = "uniform"
@@ -33,9 +33,12 @@ class AttentionQuantizers(nn.Module):
 
 
 def _probability_quantizer(bits: int, grid: str) -> ActQuantizer:
-    # Softmax outputs lie in [0, 1]: an asymmetric uniform grid wastes no code on negatives, and a log2 grid keeps
-    # the many small probabilities apart instead of rounding them to 0.
-    return Log2Quantizer(bits) if grid == "log2" else ActQuantizer(bits, False)
+    # Softmax outputs lie in [0, 1]: an asymmetric uniform grid wastes no code on negatives; "unit" fixes that grid
+    # to all of [0, 1], so the large probabilities are never clipped; a log2 grid keeps the many small
+    # probabilities apart instead of rounding them to 0.
+    if grid == "log2":
+        return Log2Quantizer(bits)
+    return UnitQuantizer(bits) if grid == "unit" else ActQuantizer(bits, False)
 
 
 ATTENTION_ATTR = "qlimit_attention"

@@ -1,6 +1,6 @@
-"""Activation grids other than LSQ's static per-tensor one: a log2 grid for attention probabilities and dynamic
-per-token grids for Linear inputs. Both subclass `ActQuantizer`, so calibration and reconstruction treat them
-alike; neither has a step to learn (their `scale` stays unused and gets no gradient)."""
+"""Activation grids other than LSQ's static per-tensor one: fixed [0, 1] and log2 grids for attention
+probabilities and dynamic per-token grids for Linear inputs. All subclass `ActQuantizer`, so calibration and
+reconstruction treat them alike; none has a step to learn (their `scale` stays unused and gets no gradient)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,21 @@ class _Uncalibrated(ActQuantizer):
         xq = _straight_through(x, self.quantize(x))
         drop = self.drop_prob if self.training else 0.0
         return mix(xq, x, drop) if drop > 0 else xq
+
+
+class UnitQuantizer(_Uncalibrated):
+    """Values in [0, 1] on the uniform levels k / (2^b − 1): step 1/(2^b − 1), zero point 0, fixed by definition.
+
+    For softmax probabilities: no range search, so it cannot clip the probabilities near 1 that a causal model's
+    first positions (and attention sinks) carry, which a range fitted to the bulk of small values rounds away."""
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        qmax = 2**self.bits - 1
+        codes = torch.round(x.float().clamp(0, 1) * qmax)
+        return (codes / qmax).to(x.dtype)  # k / qmax: 1.0 and 0.0 exactly
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, grid=unit"
 
 
 class Log2Quantizer(_Uncalibrated):
