@@ -246,7 +246,7 @@ def test_help_lists_the_allowed_values():
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(QuantizationArguments)}
     assert helps["method"].startswith("auto, rtn, adaround, brecq or qdrop.")
     assert helps["preset"].startswith("auto, paper, fast or fast-lm:")
-    assert "mse or fisher" in helps["loss"] and "unit (fixed to [0, 1], never clips)" in helps["prob_grid"]
+    assert "mse or fisher" in helps["loss"] and "unit (fixed to [0, 1]: never clips" in helps["prob_grid"]
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,11 @@ _LAYOUT_NOTES = {
     "shared": "one quantizer per tensor",
     "block_output": "shared, and post-LN blocks quantize their output for the next block",
 }
-_PROB_GRID_NOTES = {"uniform": "range searched", "unit": "fixed to [0, 1], never clips", "log2": "powers of 2"}
+_PROB_GRID_NOTES = {
+    "uniform": "range searched",
+    "unit": "fixed to [0, 1]: never clips, rounds the small ones to 0",
+    "log2": "powers of 2",
+}
 
 
 @dataclass
