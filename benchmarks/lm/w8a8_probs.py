@@ -1,0 +1,148 @@
+"""SmolLM2 W8A8: which grid of the attention probabilities keeps 8-bit activations near-lossless. Each setting runs
+examples/language-modeling/run_ppl.py (FP and quantized perplexity on the same windows) in its own process; the
+table goes between `<!-- w8a8-probs:start -->` and `<!-- w8a8-probs:end -->` of docs/results/language-modeling.md.
+
+    python -m benchmarks.lm.w8a8_probs                                  # every setting
+    python -m benchmarks.lm.w8a8_probs --settings rtn-unit rtn-log2     # some (run two such jobs side by side)
+    python -m benchmarks.lm.w8a8_probs --reuse only                     # the table of what was measured
+
+Every setting names its probability options on the command line, so that its row reproduces whatever the
+defaults become; the table says which row the defaults give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+from benchmarks.common import ResultsLog
+from benchmarks.lm.table import DOC
+
+MARKER = "w8a8-probs"
+SCRIPT = "examples/language-modeling/run_ppl.py"
+MODEL = Path("/tmp/bl/smollm2")  # `python -m hf_qlimit.cli.gguf_to_hf --output_dir /tmp/bl/smollm2`
+BASE = ["--seq_len", "512", "--weight_bits", "8", "--act_bits", "8", "--num_calib_samples", "32"]
+# name -> (label, method, options)
+SETTINGS: dict[str, tuple[str, str, list[str]]] = {
+    "rtn-uniform": ("uniform probabilities, range searched (**the default**)", "rtn", ["--prob_grid", "uniform"]),
+    "rtn-unit": ("unit probabilities, fixed [0, 1]", "rtn", ["--prob_grid", "unit"]),
+    "rtn-log2": ("log2 probabilities", "rtn", ["--prob_grid", "log2"]),
+    "rtn-noattn": ("attention matmuls FP (Linear inputs only)", "rtn", ["--no_quantize_attention"]),
+    "rtn-uniform-first": (
+        "uniform probabilities, first token FP (`act_fp_first_token`)",
+        "rtn",
+        ["--prob_grid", "uniform", "--act_fp_first_token"],
+    ),
+    "rtn-noattn-first": (
+        "attention matmuls FP, first token FP",
+        "rtn",
+        ["--no_quantize_attention", "--act_fp_first_token"],
+    ),
+    "rtn-uniform-dynamic": (
+        "uniform probabilities, Linear inputs per token at run time (`act_dynamic`)",
+        "rtn",
+        ["--prob_grid", "uniform", "--act_dynamic"],
+    ),
+    "auto-uniform": ("uniform probabilities, range searched (**the default**)", "auto", ["--prob_grid", "uniform"]),
+    "auto-noattn": ("attention matmuls FP (Linear inputs only)", "auto", ["--no_quantize_attention"]),
+}
+
+
+def arguments(name: str, model: Path, windows: int) -> list[str]:
+    """run_ppl.py's arguments of setting `name` (without --output_dir)."""
+    _, method, options = SETTINGS[name]
+    data = common.SHARED / "data" / "wikitext-2"
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--eval_file",
+        str(data / "test.txt"),
+        "--calib_file",
+        str(data / "valid.txt"),
+        *BASE,
+        "--method",
+        method,
+        "--max_eval_windows",
+        str(windows),
+        *options,
+    ]
+
+
+def render(runs: dict[str, dict[str, Any]], windows: int) -> str:
+    lines = [
+        "| method | activations | FP ppl | W8A8 ppl | × FP | quantize (min) | load at start | commit |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, (label, method, options) in SETTINGS.items():
+        r = runs.get(name)
+        if not r:
+            lines.append(f"| {method} | {label} | – | – | – | – | – | – |")
+            continue
+        fp, q = r["fp"]["ppl"], r["quantized"]["ppl"]
+        load = r.get("load_average_at_start")
+        minutes = r["timings_s"]["quantize_s"] / 60
+        method_shown = "auto (fast-lm: QDrop, 50 iterations)" if method == "auto" else method
+        lines.append(
+            f"| {method_shown} | {label} | {fp:.2f} | {q:.2f} | {q / fp:.3f} | {minutes:.1f} | "
+            f"{'–' if load is None else format(load, '.2f')} | {r.get('commit', 'not recorded')} |"
+        )
+    done = [r for r in runs.values() if r]
+    days, threads = common.measured(done)
+    base = " ".join(BASE)
+    options = "; ".join(f"{name}: `{' '.join(opts)}`" for name, (_, _, opts) in SETTINGS.items())
+    lines += [
+        "",
+        f"SmolLM2-135M-Instruct (FP weights from the Q4_1 GGUF), WikiText-2 test perplexity over the first {windows} "
+        f"windows of 512 tokens, 32 calibration windows from the validation text, 8-bit weights per channel, "
+        f"embeddings and head at 8 bits. Each row: `python {SCRIPT} --model_name_or_path {MODEL} --eval_file "
+        f"../shared/data/wikitext-2/test.txt --calib_file ../shared/data/wikitext-2/valid.txt {base} --method M "
+        f"--max_eval_windows {windows} --output_dir DIR` plus the row's options "
+        f"({options}). "
+        f"Measured on {common.machine(threads=threads)}, {days}; load average (`/proc/loadavg`, 1 min) when the "
+        "run started and the commit it ran on in the last columns (`+local changes`: uncommitted edits). "
+        "Generated by `python -m benchmarks.lm.w8a8_probs`.",
+    ]
+    return "\n".join(lines)
+
+
+def _add_commit(path: Path, commit: str) -> dict[str, Any]:
+    results = json.loads(path.read_text())
+    results["commit"] = commit
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return common.read_results(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--out_dir", type=Path, default=common.OUT / "w8a8_probs")
+    parser.add_argument(
+        "--reuse", nargs="?", const="yes", default=None, choices=["yes", "only"], help="Keep runs with results."
+    )
+    common.add_doc_arguments(parser, DOC)
+    args = parser.parse_args(argv)
+    reuse = {"yes": True, "only": "only"}.get(args.reuse, False)
+    log = ResultsLog("lm.w8a8_probs", reuse=reuse, env=common.offline_env(threads=1))
+    runs = {}
+    for name in SETTINGS:
+        wanted = name in args.settings
+        run_log = log if wanted else ResultsLog("lm.w8a8_probs", reuse="only")
+        fresh = wanted and not (reuse and (args.out_dir / name / "results.json").is_file())
+        commit = common.commit()  # the code the run starts on (results.json records no commit)
+        record = run_log.run_example(SCRIPT, arguments(name, args.model, args.windows), args.out_dir / name, name)
+        if fresh and record:
+            record = _add_commit(args.out_dir / name / "results.json", commit)
+        runs[name] = record or {}
+        if wanted and record:
+            log.log(f"{name}: {record['quantized']['ppl']:.2f} (FP {record['fp']['ppl']:.2f})")
+    common.publish(render(runs, args.windows), MARKER, common.doc_target(args), "lm.w8a8_probs")
+    log.check()
+
+
+if __name__ == "__main__":
+    main()
