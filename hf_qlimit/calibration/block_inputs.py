@@ -163,11 +163,10 @@ def capture_block_inputs(
     sizes: list[int] = []
 
     def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        states = args[0] if args else kwargs.pop("hidden_states")
+        states, rest = _split_call(args, kwargs)
         hidden.append(states)
         sizes.append(states.shape[0])
-        extra.append(to_device((tuple(args[1:]), kwargs), torch.device("cpu")))
+        extra.append(to_device(rest, torch.device("cpu")))
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)

@@ -33,6 +33,7 @@ from ..quantizers import ActQuantizer
 from ..transforms import apply_transforms
 from .block_inputs import (
     capture_block_inputs,
+    capture_stack_inputs,
     modules_outside_blocks,
     prefix_modules,
 )
@@ -43,7 +44,7 @@ from .observe import AllSeen, calibrate_outside_blocks, remove_input_quantizers,
 from .offload import default_device
 from .quant_state import act_quantizers, quant_state
 from .run import Run
-from .stacks import Layout, add_decoder_inputs, capture_first_stack, capture_later_stack, discover_layout
+from .stacks import Layout, add_decoder_inputs, capture_first_stack, discover_layout
 
 logger = logging.get_logger(__name__)
 
@@ -105,9 +106,9 @@ def _check_request(model: nn.Module, config: QLimitConfig, work_dir: Any, resume
 def _check_supported(model: nn.Module, config: QLimitConfig, work_dir: Any, dispatched: bool, layout: Layout) -> None:
     """The combinations of the resolved config with this model, resumable, offloaded or encoder-decoder runs that
     are not supported."""
-    refused = attention_refusal(model, layout.attention)
-    if config.quantize_attention and config.act_bits is not None and refused is not None:
-        raise refused
+    if config.quantize_attention and config.act_bits is not None:  # noqa: SIM102 (the refusal is built only then)
+        if (refused := attention_refusal(model, layout.attention)) is not None:
+            raise refused
     if len(layout.stacks) > 1:
         asked = {
             "work_dir (resumable runs)": work_dir is not None,
@@ -218,7 +219,7 @@ def _enter_later_stack(
     flow.defer([q for n in between for q in act_quantizers(model.get_submodule(n))])
     freeze_names(model, between)
     with quant_state(model, weights=True, acts=True):
-        flow.enter_stack(*capture_later_stack(model, layout.stacks[s], batches, run.device, run.cache))
+        flow.enter_stack(*capture_stack_inputs(model, blocks, batches, run.device, run.cache))
     return between
 
 

@@ -98,11 +98,3 @@ def capture_first_stack(
         hidden, inputs = capture_block_inputs(model, blocks[0], batches, device, cache)
         return hidden, StackInputs.shared(inputs, len(blocks))
     return capture_stack_inputs(model, blocks, batches, device, cache)
-
-
-def capture_later_stack(
-    model: nn.Module, stack: BlockStack, batches: Batches, device: torch.device, cache: ActivationCache
-) -> tuple[Stream, StackInputs]:
-    """A later stack's input stream and its blocks' arguments, from whole passes of the model as quantized so
-    far (call with the quantizers on)."""
-    return capture_stack_inputs(model, stack.blocks, batches, device, cache)
