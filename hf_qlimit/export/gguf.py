@@ -24,12 +24,11 @@ from transformers.utils import logging
 from ..nn.attention import ATTENTION_ATTR
 from ..nn.embedding import QuantEmbedding
 from ..nn.modules import QuantLinear
-from ..nn.packing import unpack_codes
 from .common import ExportError, refuse_input_transforms
+from .gguf_blocks import encode_quantized
 
 logger = logging.get_logger(__name__)
 
-BLOCK = 32
 _NAMES = [  # hf_qlimit (transformers) name -> GGUF name, llama.cpp's convention
     (r"model\.embed_tokens\.weight", "token_embd.weight"),
     (r"model\.norm\.weight", "output_norm.weight"),
@@ -57,28 +56,6 @@ def _rope_rows(n_rows: int, heads: int) -> torch.Tensor:
     """Row order llama.cpp wants for Q and K (its rotary embedding pairs neighbouring rows, HF's halves)."""
     dim = n_rows // heads // 2
     return torch.arange(n_rows).reshape(heads, 2, dim).swapaxes(1, 2).reshape(-1)
-
-
-def _blocks(module: QuantLinear) -> tuple[str, np.ndarray] | None:
-    """(GGUF type name, (rows, bytes) uint8) of a Linear whose grid maps onto Q4_1 or Q8_0 exactly, else None."""
-    quantizer = module.weight_quantizer
-    bits, rows, cols = quantizer.bits, module.rows, module.cols
-    group = cols // quantizer.scale.shape[1]
-    if cols % BLOCK or group % BLOCK or bits not in (4, 8):
-        return None
-    codes = unpack_codes(module.packed_weight().reshape(rows, -1).cpu(), bits, cols).reshape(rows, -1, BLOCK)
-    per_block = group // BLOCK  # (d, m) of a group repeated over its blocks
-    scale = quantizer.scale.detach().float().cpu().repeat_interleave(per_block, dim=1)
-    zero = quantizer.zero.cpu().float().repeat_interleave(per_block, dim=1)
-    d = scale.half().numpy().view(np.uint8).reshape(rows, -1, 2)
-    if bits == 4:
-        m = (-scale * zero).half().numpy().view(np.uint8).reshape(rows, -1, 2)
-        nibbles = (codes[..., :16] | (codes[..., 16:] << 4)).numpy()  # first half in the low nibbles
-        return "Q4_1", np.concatenate([d, m, nibbles], axis=-1).reshape(rows, -1)
-    if bool((quantizer.zero != 128).any()):
-        return None  # Q8_0 has no offset
-    signed = (codes.to(torch.int16) - 128).to(torch.int8).numpy().view(np.uint8)
-    return "Q8_0", np.concatenate([d, signed], axis=-1).reshape(rows, -1)
 
 
 def export_gguf(model: nn.Module, out_dir: str | Path) -> Path:
@@ -145,7 +122,7 @@ def _add_tensors(writer, model: nn.Module, quantized: dict[str, nn.Module]) -> N
         target = gguf_name(f"{name}.weight")
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
         order = next((_rope_rows(module.rows, h) for key, h in heads.items() if f".{key}." in target), None)
-        mapped = _blocks(module) if isinstance(module, QuantLinear) else None
+        mapped = encode_quantized(module)
         if mapped is None:  # exact float values instead
             weight = module.dequantize_rows().cpu()
             floats.append(name)
