@@ -68,6 +68,13 @@ class QLimitConfig(QuantizationConfigMixin):
             its allocation here.
         quantize_attention (`bool`, *optional*, defaults to `True`):
             Also quantize the inputs of the Q·Kᵀ and P·V matmuls (when `act_bits` is set).
+        weight_format (`str`, *optional*):
+            Quantize on the grid of a file format, so that exporting to it is lossless: a GGUF type
+            (`"gguf:q4_0"`, `"gguf:q4_1"`, `"gguf:q5_0"`, `"gguf:q5_1"`, `"gguf:q8_0"`, and the k-quants
+            `"gguf:q2_k"` to `"gguf:q6_k"`). It sets `weight_bits`, `group_size` and `weight_sym` (a value set
+            otherwise that contradicts it is an error) and stores weights only (`act_bits=None`; the default 8
+            is dropped). The embedding and head take the GGUF type of `first_last_bits` (8: Q8_0), and
+            `module_bits` entries the type of their bits (3: Q3_K, 6: Q6_K, ...).
         lp_norm (`float`, *optional*, defaults to 2.4):
             The p of the Lp error that the initial weight and activation range search minimises.
 
@@ -189,6 +196,7 @@ class QLimitConfig(QuantizationConfigMixin):
     modules_to_not_convert: list[str] | None = None
     module_bits: dict[str, int] = field(default_factory=dict)
     quantize_attention: bool = True
+    weight_format: str | None = None
     lp_norm: float = 2.4
     # Calibration
     method: str = AUTO
@@ -243,6 +251,7 @@ class QLimitConfig(QuantizationConfigMixin):
             self.transforms = list(self.transforms)
         if isinstance(self.sensitivity_cache, os.PathLike):
             self.sensitivity_cache = os.fspath(self.sensitivity_cache)
+        config_checks.apply_weight_format(self)
         self.validate()
         if self.beta_range is not None:
             self.beta_range = tuple(float(b) for b in self.beta_range)
@@ -298,6 +307,7 @@ class QLimitConfig(QuantizationConfigMixin):
         quantization starts)."""
         bits = f"W{self.weight_bits}" + (f"A{self.act_bits}" if self.act_bits is not None else " weight-only")
         bits += f" g{self.group_size}" if self.group_size is not None else ""
+        bits += f" on {self.weight_format}'s grid" if self.weight_format is not None else ""
         resolution = getattr(self, "_resolution", None)
         if resolution is None:
             return (

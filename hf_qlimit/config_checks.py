@@ -11,8 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from transformers.utils import logging
+
 from .presets import AUTO, METHODS, PRESETS
+from .quantizers.formats import GGUF_FOR_BITS, GGUF_FORMATS
 from .transforms.names import check_transforms
+
+logger = logging.get_logger(__name__)
 
 LOSSES = ("mse", "fisher")
 ROUNDINGS = ("anneal", "progressive", "sign")
@@ -97,6 +102,35 @@ def scheme(config: Any) -> None:
         if not isinstance(name, str) or not name:
             _fail("module_bits", "keyed by module names or fnmatch patterns (non-empty strings)", name)
         bits(f"module_bits[{name!r}]", value)
+
+
+def apply_weight_format(config: Any) -> None:
+    """Sets the grid fields `weight_format` fixes; raises `ValueError` where one was set otherwise."""
+    name = config.weight_format
+    if name is None:
+        return
+    choice("weight_format", name, list(GGUF_FORMATS), ", or None for hf_qlimit's own grids")
+    fmt = GGUF_FORMATS[name]
+    clashes = []
+    if config.weight_bits not in (4, fmt.bits):  # 4 is the field's default: taken as unset
+        clashes.append(f"weight_bits={config.weight_bits} ({name} is {fmt.bits}-bit)")
+    if config.group_size not in (None, fmt.group):
+        clashes.append(f"group_size={config.group_size} ({name} has blocks of {fmt.group})")
+    if config.weight_sym and not fmt.symmetric:
+        clashes.append(f"weight_sym=True ({name} is asymmetric)")
+    if config.act_bits not in (None, 8):  # 8 is the default
+        clashes.append(f"act_bits={config.act_bits} (GGUF stores weights only: act_bits=None)")
+    if config.first_last_bits not in (None, *GGUF_FOR_BITS):
+        clashes.append(f"first_last_bits={config.first_last_bits} (no GGUF type: one of {sorted(GGUF_FOR_BITS)})")
+    module_bits = config.module_bits if isinstance(config.module_bits, dict) else {}
+    clashes += [f"module_bits[{k!r}]={v} (no GGUF type)" for k, v in module_bits.items() if v not in GGUF_FOR_BITS]
+    if config.bit_candidates is not None:
+        clashes.append("bit_candidates (mixed precision is not mapped onto GGUF types yet)")
+    if clashes:
+        raise ValueError(f"weight_format={name!r} contradicts " + "; ".join(clashes) + ". Drop or change them.")
+    if config.act_bits is not None:
+        logger.info(f"weight_format={name!r}: GGUF stores weights only, act_bits 8 -> None.")
+    config.weight_bits, config.group_size, config.weight_sym, config.act_bits = fmt.bits, fmt.group, fmt.symmetric, None
 
 
 def calibration(config: Any) -> None:

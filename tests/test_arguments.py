@@ -189,11 +189,28 @@ def test_every_flag_reaches_its_config_field():
         "bops_budget": 1e9,
         "module_bits": {"*.fc1": 8, "lm_head": 6},
     }
-    assert set(expected) == {f.name for f in dataclasses.fields(QLimitConfig)} - set(NOT_FLAGS)
+    # weight_format sets the grid fields above itself: its own test below
+    assert set(expected) == {f.name for f in dataclasses.fields(QLimitConfig)} - set(NOT_FLAGS) - {"weight_format"}
     defaults = QLimitConfig()
     assert all(expected[key] != getattr(defaults, key) for key in expected), "each value must differ from the default"
     assert {key: getattr(config, key) for key in expected} == expected
     assert args.quantize_kwargs() == {"work_dir": None, "resume": False, "cache_budget_bytes": None}
+
+
+def test_weight_format_flag_sets_the_grid_and_refuses_a_contradiction():
+    (args,) = HfArgumentParser(QuantizationArguments).parse_args_into_dataclasses(["--weight_format", "gguf:q4_0"])
+    config = args.to_config(seed=0)
+    assert (config.weight_format, config.weight_bits, config.group_size, config.weight_sym) == (
+        "gguf:q4_0",
+        4,
+        32,
+        True,
+    )
+    assert config.act_bits is None  # GGUF holds weights only: the default 8 is dropped
+    with pytest.raises(ValueError, match="weight_format='gguf:q4_1' contradicts weight_sym=True"):
+        HfArgumentParser(QuantizationArguments).parse_args_into_dataclasses(
+            ["--weight_format", "gguf:q4_1", "--weight_sym"]
+        )
 
 
 @pytest.mark.parametrize(

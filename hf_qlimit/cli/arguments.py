@@ -25,6 +25,7 @@ import transformers
 from ..config import QLimitConfig
 from ..config_checks import ACT_LAYOUTS, BATCH_SAMPLINGS, LOSSES, PROB_GRIDS, ROUNDINGS, WEIGHT_INITS, WEIGHT_RANGES
 from ..presets import AUTO, METHODS, PRESETS
+from ..quantizers.formats import GGUF_FORMATS
 
 _FULL_PRECISION = ("none", "fp", "")
 _DEFAULT = {f.name: f.default for f in fields(QLimitConfig)}  # a flag's default is its field's
@@ -138,6 +139,13 @@ class QuantizationArguments:
         default=_DEFAULT["quantize_attention"],
         metadata={
             "help": "Quantize the inputs of the attention matmuls too (with --act_bits); --no_quantize_attention: FP."
+        },
+    )
+    weight_format: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Quantize on a file format's grid so that exporting to it is lossless: {_one_of(list(GGUF_FORMATS))}"
+            ". Sets the weight bits, group and symmetry; weights only."
         },
     )
     lp_norm: float = field(

@@ -176,7 +176,9 @@ def quantized_module(name: str, module: nn.Module, spec: dict, config: QLimitCon
     or empty (`frozen`) for a checkpoint's packed weights. Refuses a module of another kind than the spec's."""
     kind = spec["kind"]
     _check_fits(name, module, kind)
-    w, a, group, w_sym, a_sym = spec["w"], spec.get("a"), config.group_size, config.weight_sym, config.act_sym
+    w, a, a_sym = spec["w"], spec.get("a"), config.act_sym
+    # a weight format (GGUF) gives a module its own grid; otherwise the config's
+    group, w_sym = spec.get("group", config.group_size), spec.get("sym", config.weight_sym)
     if kind in LINEAR_KINDS:
         if not frozen:
             return QuantLinear.from_linear(as_linear(module), spec, group, w_sym, a_sym)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ..hf.layer_kinds import MATMUL_KINDS, layer_kind
+from ..quantizers.formats import GGUF_FOR_BITS, format_spec, is_gguf
 from ..transforms.input_op import InputTransform
 from .discovery import BlockStack, find_stacks, found_attention, is_called
 
@@ -138,6 +139,9 @@ class ArchitectureAdapter:
                     spec["w"] = bits
             if spec.get("w", 0) is None:
                 continue  # first/last layers kept in full precision
+            if is_gguf(config.weight_format) and spec["kind"] != "attention":
+                same = in_block and spec["w"] == config.weight_bits
+                spec.update(format_spec(config.weight_format if same else GGUF_FOR_BITS[spec["w"]]))
             plan[name] = spec
         if getattr(config, "act_layout", "") == "block_output" and config.act_bits is not None:
             self._move_quantizers_to_block_outputs(model, plan, config.act_bits)

@@ -1,0 +1,49 @@
+"""Weight formats: grids fixed by the file format a model is meant for (`QLimitConfig(weight_format=...)`).
+
+A GGUF type fixes bits, symmetry and block size, so quantizing on its grid makes the export lossless:
+llama.cpp then runs the very codes reconstruction chose. The k-quants (`*_k`) add super-blocks of 256 whose
+sub-block scales are themselves quantized; their grid is `quantizers/kquant.py`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Format(NamedTuple):
+    bits: int
+    symmetric: bool
+    group: int  # weights per scale: a GGUF block, or a k-quant sub-block
+    super_block: int | None = None  # k-quants: weights per super-block (its row length must divide into it)
+
+
+GGUF_FORMATS: dict[str, Format] = {
+    "gguf:q4_0": Format(4, True, 32),
+    "gguf:q4_1": Format(4, False, 32),
+    "gguf:q5_0": Format(5, True, 32),
+    "gguf:q5_1": Format(5, False, 32),
+    "gguf:q8_0": Format(8, True, 32),
+    "gguf:q2_k": Format(2, False, 16, 256),
+    "gguf:q3_k": Format(3, True, 16, 256),
+    "gguf:q4_k": Format(4, False, 32, 256),
+    "gguf:q5_k": Format(5, False, 32, 256),
+    "gguf:q6_k": Format(6, True, 16, 256),
+}
+# The format the embedding and head take at `first_last_bits` under a GGUF weight format: llama.cpp's own
+# choice for them (Q8_0 at 8 bits), the symmetric block type at 4-5, k-quants where no block type exists.
+GGUF_FOR_BITS = {8: "gguf:q8_0", 6: "gguf:q6_k", 5: "gguf:q5_0", 4: "gguf:q4_0", 3: "gguf:q3_k", 2: "gguf:q2_k"}
+
+
+def is_gguf(weight_format: str | None) -> bool:
+    return isinstance(weight_format, str) and weight_format.startswith("gguf:")
+
+
+def format_spec(weight_format: str) -> dict[str, Any]:
+    """The layer-config entries (weight bits, group, symmetry, format) a module quantized in `weight_format` gets."""
+    fmt = GGUF_FORMATS[weight_format]
+    return {"w": fmt.bits, "group": fmt.group, "sym": fmt.symmetric, "format": weight_format}
+
+
+def first_last_format(weight_format: str | None, bits: int) -> str | None:
+    """The format of the embedding and head at `bits` when the blocks use `weight_format`, or None."""
+    return GGUF_FOR_BITS[bits] if is_gguf(weight_format) else None
