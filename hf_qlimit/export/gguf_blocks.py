@@ -1,7 +1,22 @@
-"""GGUF block encodings of hf_qlimit's weight grids: the codes and scales as llama.cpp stores them.
+"""GGUF block encodings of hf_qlimit's weight grids: the same codes and scales, laid out as llama.cpp reads them.
 
-Q4_1 is 32 weights with value = d·q + m, q in [0, 15]: hf_qlimit's w = (q − z)·s with d = s and m = −s·z, the
-same codes q. Q8_0 is value = d·c with c in [−128, 127]: a symmetric 8-bit grid (z = 128), c = q − 128.
+hf_qlimit stores unsigned codes q in [0, 2^b − 1] with w = (q − z)·s, one (s, z) per row and group. GGUF's legacy
+types hold blocks of 32 weights with one fp16 scale d (and offset m) each, so a group of 32k weights is k blocks
+sharing its (d, m), and the codes carry over unchanged:
+
+- Q4_0: d·(q − 8), q in [0, 15]: a symmetric 4-bit grid (z = 8 in every group), d = s.
+- Q4_1: d·q + m: any 4-bit grid, d = s and m = −s·z.
+- Q5_0: d·(q − 16), q in [0, 31]: a symmetric 5-bit grid (z = 16).
+- Q5_1: d·q + m: any 5-bit grid.
+- Q8_0: d·c, c = q − 128 in [−128, 127]: a symmetric 8-bit grid (z = 128). GGUF has no 8-bit type with an offset.
+
+Byte layout of a block (little-endian): d (fp16), m (fp16, the "_1" types), qh (the 5-bit types: bit i of a
+uint32 is bit 4 of code i), then 16 bytes whose low nibbles hold codes 0-15 and high nibbles codes 16-31 (Q8_0:
+the 32 signed bytes). The values equal hf_qlimit's up to the fp16 rounding of d and m. Symmetric means the grid
+as it stands (every zero at the middle code), as ct_format.py reads it. Other grids (2, 3, 6, 7 bits, 8-bit
+asymmetric, groups or rows that do not split into blocks of 32) and MoE expert weights get no encoding: the
+exporter writes them as float32 with their exact values. Which grid maps where, and why not:
+quantizers/gguf_types.py (`gguf_choice`, re-exported here), which config checks can import too.
 """
 
 from __future__ import annotations
@@ -10,31 +25,79 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nn.embedding import QuantEmbedding
 from ..nn.modules import QuantLinear
 from ..nn.packing import unpack_codes
+from ..quantizers.chunks import row_slices
+from ..quantizers.gguf_types import BLOCK, GGUFChoice, gguf_choice, gguf_type_for
 
-BLOCK = 32
+__all__ = ["GGUFChoice", "encode_blocks", "encode_quantized", "gguf_choice", "gguf_type_for", "module_gguf_choice"]
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def module_gguf_choice(module: nn.Module) -> GGUFChoice:
+    """`gguf_choice` for a frozen quantized module's grid as it stands: its zeros decide whether it is symmetric,
+    and a scale (or offset) beyond fp16's range has no exact encoding."""
+    if not isinstance(module, (QuantLinear, QuantEmbedding)):
+        return GGUFChoice(None, f"a {type(module).__name__} has no GGUF block encoding")
+    quantizer = module.weight_quantizer
+    bits, cols = quantizer.bits, module.cols
+    symmetric = bool((quantizer.zero == 2 ** (bits - 1)).all())
+    choice = gguf_choice(bits, cols // quantizer.scale.shape[1], symmetric, cols)
+    if choice.type_name is None:
+        return choice
+    scale = quantizer.scale.detach().float()
+    offset = scale * quantizer.zero.float()  # |m|, stored by the asymmetric types only
+    if scale.abs().max() > FP16_MAX or (not symmetric and offset.max() > FP16_MAX):
+        return GGUFChoice(None, "a scale or offset beyond float16's range")
+    return choice
 
 
 def encode_quantized(module: nn.Module) -> tuple[str, np.ndarray] | None:
-    """(GGUF type name, (rows, bytes) uint8) of a quantized module whose grid maps onto a GGUF type exactly, else None."""
-    if not isinstance(module, QuantLinear):
+    """(GGUF type name, (rows, bytes) uint8) of a quantized module whose grid maps onto a GGUF type exactly, else
+    None (`module_gguf_choice` says why)."""
+    kind = module_gguf_choice(module).type_name
+    if kind is None:
         return None
     quantizer = module.weight_quantizer
     bits, rows, cols = quantizer.bits, module.rows, module.cols
-    group = cols // quantizer.scale.shape[1]
-    if cols % BLOCK or group % BLOCK or bits not in (4, 8):
-        return None
-    codes = unpack_codes(module.packed_weight().reshape(rows, -1).cpu(), bits, cols).reshape(rows, -1, BLOCK)
-    per_block = group // BLOCK  # (d, m) of a group repeated over its blocks
-    scale = quantizer.scale.detach().float().cpu().repeat_interleave(per_block, dim=1)
-    zero = quantizer.zero.cpu().float().repeat_interleave(per_block, dim=1)
-    d = scale.half().numpy().view(np.uint8).reshape(rows, -1, 2)
-    if bits == 4:
-        m = (-scale * zero).half().numpy().view(np.uint8).reshape(rows, -1, 2)
-        nibbles = (codes[..., :16] | (codes[..., 16:] << 4)).numpy()  # first half in the low nibbles
-        return "Q4_1", np.concatenate([d, m, nibbles], axis=-1).reshape(rows, -1)
-    if bool((quantizer.zero != 128).any()):
-        return None  # Q8_0 has no offset
-    signed = (codes.to(torch.int16) - 128).to(torch.int8).numpy().view(np.uint8)
-    return "Q8_0", np.concatenate([d, signed], axis=-1).reshape(rows, -1)
+    per_block = cols // quantizer.scale.shape[1] // BLOCK  # a group's (d, m) repeated over its blocks
+    packed = module.packed_weight().reshape(rows, -1).cpu()  # once: rebuilt from a kernel's layout if held there
+    parts = []
+    for chunk in row_slices(rows, cols):  # a slab at a time: a vocabulary's int16 temporaries would be GBs
+        codes = unpack_codes(packed[chunk], bits, cols).reshape(-1, cols // BLOCK, BLOCK)
+        scale = quantizer.scale[chunk].detach().float().cpu().repeat_interleave(per_block, dim=1)
+        zero = quantizer.zero[chunk].cpu().float().repeat_interleave(per_block, dim=1)
+        fields = encode_blocks(kind, codes, scale, zero)
+        parts.append(np.concatenate(fields, axis=-1).reshape(codes.shape[0], -1))
+    return kind, np.concatenate(parts)
+
+
+def encode_blocks(kind: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> list[np.ndarray]:
+    """The byte fields of GGUF `kind` blocks, each (rows, blocks, bytes) uint8, in their order within a block.
+    `codes`: (rows, blocks, 32) uint8 hf_qlimit codes; `scale`, `zero`: (rows, blocks) float, one per block."""
+    fields = [_fp16_bytes(scale)]
+    if kind == "Q8_0":
+        signed = (codes.to(torch.int16) - 128).to(torch.int8)
+        return [*fields, signed.numpy().view(np.uint8)]
+    if kind in ("Q4_1", "Q5_1"):
+        fields.append(_fp16_bytes(-scale * zero))
+    if kind in ("Q5_0", "Q5_1"):
+        fields.append(_high_bits(codes))
+    low = codes & 0x0F
+    fields.append((low[..., : BLOCK // 2] | (low[..., BLOCK // 2 :] << 4)).numpy())  # first half: low nibbles
+    return fields
+
+
+def _fp16_bytes(values: torch.Tensor) -> np.ndarray:
+    """(rows, blocks) floats -> (rows, blocks, 2) bytes of their fp16, little-endian as GGUF stores it."""
+    half = values.half().numpy()
+    return half.astype("<f2").view(np.uint8).reshape(*half.shape, 2)
+
+
+def _high_bits(codes: torch.Tensor) -> np.ndarray:
+    """qh of the 5-bit types: bit 4 of code i is bit i of a little-endian uint32, i.e. bit i % 8 of byte i // 8."""
+    bits = ((codes >> 4) & 1).reshape(*codes.shape[:-1], BLOCK // 8, 8).to(torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.int32)
+    return (bits * weights).sum(-1).to(torch.uint8).numpy()
