@@ -191,7 +191,8 @@ def test_gguf_q4_1_and_q8_0_hold_hf_qlimits_codes_and_load_in_transformers(tmp_p
             )
             # the codes are hf_qlimit's; only the float16 scale (and Q4_1's offset) round
             assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
-    assert tensors["token_embd.weight"].tensor_type.name == "F32"  # a per-row asymmetric 8-bit grid: exact floats
+        # the embedding: 8 bits, one scale per row, symmetric as weight_sym says; asymmetric has no type: floats
+        assert tensors["token_embd.weight"].tensor_type.name == ("Q8_0" if kind == "Q8_0" else "F32")
     ref = _reference(w4)
     script = textwrap.dedent(f"""
         import sys, torch
