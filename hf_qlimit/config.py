@@ -74,7 +74,10 @@ class QLimitConfig(QuantizationConfigMixin):
             `"gguf:q2_k"` to `"gguf:q6_k"`). It sets `weight_bits`, `group_size` and `weight_sym` (a value set
             otherwise that contradicts it is an error) and stores weights only (`act_bits=None`; the default 8
             is dropped). The embedding and head take the GGUF type of `first_last_bits` (8: Q8_0), and
-            `module_bits` entries the type of their bits (3: Q3_K, 6: Q6_K, ...).
+            `module_bits` entries the type of their bits (3: Q3_K, 6: Q6_K, ...). A k-quant's sub-block scales
+            are snapped onto its super-blocks of 256 (fp16 steps, integer multipliers) and kept while the rounding
+            is learned (`learn_weight_scale` is off for them); a module whose rows do not split into 256 takes
+            llama.cpp's fallback type (Q2_K, Q3_K: Q4_0; Q4_K: Q5_0; Q5_K: Q5_1; Q6_K: Q8_0), logged.
         lp_norm (`float`, *optional*, defaults to 2.4):
             The p of the Lp error that the initial weight and activation range search minimises.
 

@@ -126,8 +126,6 @@ def apply_weight_format(config: Any) -> None:
     clashes += [f"module_bits[{k!r}]={v} (no GGUF type)" for k, v in module_bits.items() if v not in GGUF_FOR_BITS]
     if config.bit_candidates is not None:
         clashes.append("bit_candidates (mixed precision is not mapped onto GGUF types yet)")
-    if fmt.super_block is not None:
-        raise ValueError(f"weight_format={name!r}: the k-quant grids are not implemented yet; use a *_0 or *_1 type.")
     if clashes:
         raise ValueError(f"weight_format={name!r} contradicts " + "; ".join(clashes) + ". Drop or change them.")
     if config.act_bits is not None:

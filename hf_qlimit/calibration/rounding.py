@@ -23,12 +23,15 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ..config import QLimitConfig
 from ..nn.modules import QuantLinear
 from ..quantizers.adaround import AdaRoundState, beta_schedule, hardened_fraction
 from ..quantizers.signround import SignRoundState, SignSGD
 from .weight_init import WeightStart
+
+logger = logging.get_logger(__name__)
 
 
 def _adam(param: torch.Tensor, lr: float) -> torch.optim.Adam:
@@ -92,6 +95,20 @@ class Rounding:
             module.weight_quantizer.finish_learning()  # hard rounding, learned steps into `scale`
 
 
+def learns_scale(config: QLimitConfig, module: QuantLinear) -> bool:
+    """`learn_weight_scale`, except on a grid a file format fixes (a GGUF k-quant's: its scales are integer
+    multiples of a per-super-block fp16 step, which a learned factor would leave), which keeps its scales."""
+    if not config.learn_weight_scale:
+        return False
+    if module.weight_quantizer.fixed_grid:
+        logger.info_once(
+            "learn_weight_scale is off for the k-quant grids of weight_format: their snapped scales stay, only the "
+            "rounding is learned."
+        )
+        return False
+    return True
+
+
 def take_start(name: str, module: QuantLinear, starts: dict[str, WeightStart]) -> WeightStart:
     """Where the rounding of `module` starts: its entry of `starts`, removed from there, else its FP weight."""
     start = starts.pop(name, None)
@@ -115,7 +132,7 @@ class AnnealRounding(Rounding):
         self.all_hard = False
         self.beta: float | None = None
         self.hooks = step_in_backward([state.alpha for state in self.states], self.config.weight_lr)
-        return [state.learn_scale() for state in self.states] if self.config.learn_weight_scale else []
+        return [s.learn_scale() for m, s in zip(self.modules, self.states) if learns_scale(self.config, m)]
 
     def before_step(self, step: int, report: bool) -> bool:
         config = self.config
@@ -182,7 +199,7 @@ class SignRounding(Rounding):
         self.params: list[nn.Parameter] = []
         for name, module in modules.items():
             start = take_start(name, module, starts)  # its margin is AdaRound's: the signed steps start at w̃ itself
-            self.states.append(module.weight_quantizer.begin_sign(start.weight, self.config.learn_weight_scale))
+            self.states.append(module.weight_quantizer.begin_sign(start.weight, learns_scale(self.config, module)))
             self.params += self.states[-1].parameters_to_learn()
             if release_fp:
                 module.release_fp_weight()

@@ -17,7 +17,7 @@ from transformers.utils import logging
 
 from ..hf.surgery import quantized_modules
 from ..nn.modules import QuantLinear
-from ..quantizers.gptq import HessianAccumulator, gptq_compensated_weight
+from ..quantizers.gptq import HessianAccumulator
 from .block_inputs import BlockInputs, Stream, call_block
 from .quant_state import quant_state
 
@@ -88,9 +88,6 @@ def init_block_weights(
                 "round-to-nearest."
             )
             continue
-        q = module.weight_quantizer
-        w = gptq_compensated_weight(
-            module.weight, hessians.pop(name), q.scale, q.zero, q.bits, q.group_size, act_order=act_order
-        )
+        w = module.weight_quantizer.compensated_weight(module.weight, hessians.pop(name), act_order=act_order)
         starts[name] = WeightStart(w, margin)
     return starts

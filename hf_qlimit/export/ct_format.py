@@ -74,6 +74,11 @@ class Scheme:
 def scheme_of(name: str, weight: QuantWeightMixin, act: ActQuantizer | None, allow_unservable: bool) -> Scheme:
     """The scheme of a frozen quantized matrix `weight` whose input goes through `act` (None: weight-only)."""
     quantizer = weight.weight_quantizer
+    if not quantizer.plain_grid:
+        raise ExportError(
+            f"{name}: a GGUF k-quant grid with a float offset per sub-block ({quantizer.extra_repr()}), which "
+            "compressed-tensors cannot store; export it with format='gguf'."
+        )
     bits, groups = quantizer.bits, quantizer.scale.shape[1]
     symmetric = bool((quantizer.zero == 2 ** (bits - 1)).all())
     if not symmetric and bits not in (4, 8):

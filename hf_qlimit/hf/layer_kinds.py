@@ -30,6 +30,7 @@ from ..nn.embedding import QuantEmbedding
 from ..nn.experts import QuantExperts
 from ..nn.modules import QuantLinear
 from ..nn.wrapped_embedding import QuantWrappedEmbedding
+from ..quantizers.kquant import K_LAYOUTS
 
 if TYPE_CHECKING:
     from ..config import QLimitConfig
@@ -183,14 +184,20 @@ def quantized_module(name: str, module: nn.Module, spec: dict, config: QLimitCon
         if not frozen:
             return QuantLinear.from_linear(as_linear(module), spec, group, w_sym, a_sym)
         out_features, in_features = matmul_shape(module)
-        return QuantLinear(in_features, out_features, module.bias is not None, w, a, group, w_sym, a_sym, frozen=True)
+        bias = module.bias is not None
+        return QuantLinear(in_features, out_features, bias, w, a, group, w_sym, a_sym, True, spec.get("format"))
     if kind == "embedding":
         if type(module).forward is not nn.Embedding.forward:
             return QuantWrappedEmbedding.from_module(module, spec, w_sym, frozen)
         if not frozen:
             return QuantEmbedding.from_embedding(module, spec, w_sym)
         dims = (module.num_embeddings, module.embedding_dim, module.padding_idx)
-        return QuantEmbedding(*dims, w, w_sym, frozen=True, group_size=spec.get("group"))
+        return QuantEmbedding(*dims, w, w_sym, True, spec.get("group"), spec.get("format"))
+    if spec.get("format") in K_LAYOUTS:
+        logger.info_once(
+            f"Fused MoE experts take {spec['format']}'s sub-block grid ({w} bits, groups of {group}) without its "
+            "super-blocks, so they are no k-quant tensors in a GGUF export."
+        )
     transposed = expert_layout(name, module)
     return QuantExperts.from_experts(module, expert_weights(module), transposed, spec, group, w_sym, a_sym, frozen)
 

@@ -6,14 +6,17 @@ from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
+from transformers.utils import logging
 
-from ..hf.layer_kinds import MATMUL_KINDS, layer_kind
-from ..quantizers.formats import GGUF_FOR_BITS, format_spec, is_gguf
+from ..hf.layer_kinds import LINEAR_KINDS, MATMUL_KINDS, layer_kind, matmul_shape
+from ..quantizers.formats import GGUF_FOR_BITS, fitting_format, format_spec, is_gguf
 from ..transforms.input_op import InputTransform
 from .discovery import BlockStack, find_stacks, found_attention, is_called
 
 if TYPE_CHECKING:
     from ..config import QLimitConfig
+
+logger = logging.get_logger(__name__)
 
 
 def input_output_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -107,6 +110,7 @@ class ArchitectureAdapter:
         emb, head = input_output_embeddings(model)
         tied = head is not None and emb is not None and getattr(head, "weight", None) is getattr(emb, "weight", 0)
         plan: dict[str, dict[str, Any]] = {}
+        fallbacks: dict[tuple[str, str], list[str]] = {}  # (format, the fallback taken) -> module names
         for name, module in model.named_modules():
             in_block = name.startswith(prefix)
             if any(matches(name, pattern) for pattern in config.modules_to_not_convert or ()):
@@ -141,8 +145,12 @@ class ArchitectureAdapter:
                 continue  # first/last layers kept in full precision
             if is_gguf(config.weight_format) and spec["kind"] != "attention":
                 same = in_block and spec["w"] == config.weight_bits
-                spec.update(format_spec(config.weight_format if same else GGUF_FOR_BITS[spec["w"]]))
+                wanted = config.weight_format if same else GGUF_FOR_BITS[spec["w"]]
+                spec.update(format_spec(fitting_format(wanted, row_length(module, spec["kind"]))))
+                if spec["format"] != wanted:
+                    fallbacks.setdefault((wanted, spec["format"]), []).append(name)
             plan[name] = spec
+        log_fallbacks(fallbacks)
         if getattr(config, "act_layout", "") == "block_output" and config.act_bits is not None:
             self._move_quantizers_to_block_outputs(model, plan, config.act_bits)
         return plan
@@ -174,6 +182,23 @@ class ArchitectureAdapter:
                 plan[f"{prefix}{index}"] = {"kind": "block_output", "a": bits}
                 for n in readers:
                     plan[n] = {**plan[n], "a": None}
+
+
+def row_length(module: nn.Module, kind: str) -> int | None:
+    """The weights in one row of a module's weight (one output channel, one embedding); None for fused experts,
+    whose projections differ."""
+    if kind in LINEAR_KINDS:
+        return matmul_shape(module)[1]
+    return module.embedding_dim if kind == "embedding" else None
+
+
+def log_fallbacks(fallbacks: dict[tuple[str, str], list[str]]) -> None:
+    """One line per k-quant format some modules could not take, naming them and the type they took."""
+    for (wanted, taken), names in fallbacks.items():
+        logger.warning(
+            f"weight_format: {wanted} needs rows that split into super-blocks of 256 weights; {', '.join(names)} "
+            f"take {taken} instead (llama.cpp's own fallback)."
+        )
 
 
 def probability_spec(config: QLimitConfig) -> dict[str, Any]:

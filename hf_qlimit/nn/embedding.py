@@ -23,12 +23,13 @@ class QuantEmbedding(QuantWeightMixin, nn.Module):
         weight_sym: bool = False,
         frozen: bool = True,
         group_size: int | None = None,
+        weight_format: str | None = None,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         if not frozen:
             self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
-        self._init_weight(num_embeddings, embedding_dim, weight_bits, group_size, weight_sym, frozen)
+        self._init_weight(num_embeddings, embedding_dim, weight_bits, group_size, weight_sym, frozen, weight_format)
         self.__dict__["_tied_head"] = None  # not a submodule: the head stays where the model has it
 
     @classmethod
@@ -41,6 +42,7 @@ class QuantEmbedding(QuantWeightMixin, nn.Module):
             weight_sym,
             frozen=False,
             group_size=spec.get("group"),
+            weight_format=spec.get("format"),
         )
         module.weight = emb.weight
         return module

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..quantizers import ActQuantizer, WeightQuantizer, chunks, first_token
+from ..quantizers.kquant import weight_quantizer_for
 from . import kernels, memory
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
@@ -41,9 +42,12 @@ class QuantWeightMixin:
     weight_quantizer: WeightQuantizer
     inference_mode: str = "packed"  # one of INFERENCE_MODES (see the module's docstring), set_inference_mode's
 
-    def _init_weight(self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool, frozen: bool):
+    def _init_weight(
+        self, rows: int, cols: int, bits: int, group_size: int | None, sym: bool, frozen: bool, fmt: str | None = None
+    ) -> None:
+        """`fmt`: the layer spec's weight format; a k-quant one gets its own quantizer (quantizers/kquant.py)."""
         self.rows, self.cols = rows, cols
-        self.weight_quantizer = WeightQuantizer(bits, (rows, cols), group_size, sym)
+        self.weight_quantizer = weight_quantizer_for(bits, (rows, cols), group_size, sym, fmt)
         self.is_frozen = frozen
         if frozen:
             self.register_buffer("weight", torch.zeros(rows * packed_row_bytes(cols, bits), dtype=torch.uint8))
@@ -144,6 +148,7 @@ class QuantWeightMixin:
             and self.inference_mode == "packed"
             and not self._kernel_failed
             and getattr(self, "input_quantizer", None) is None
+            and self.weight_quantizer.plain_grid  # the kernels take (q − zero)·scale, no further offset
             and "_hf_hook" not in self.__dict__  # accelerate sets it as a plain attribute
             and self.weight_quantizer.scale.device.type != "meta"
         )
@@ -265,12 +270,13 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         weight_sym: bool = False,
         act_sym: bool = False,
         frozen: bool = True,
+        weight_format: str | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         if not frozen:
             self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self._init_weight(out_features, in_features, weight_bits, group_size, weight_sym, frozen)
+        self._init_weight(out_features, in_features, weight_bits, group_size, weight_sym, frozen, weight_format)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.input_quantizer = ActQuantizer(act_bits, act_sym) if act_bits is not None else None
 
@@ -286,6 +292,7 @@ class QuantLinear(QuantWeightMixin, nn.Module):
             weight_sym,
             act_sym,
             frozen=False,
+            weight_format=spec.get("format"),
         )
         module.weight, module.bias = linear.weight, linear.bias
         return module

@@ -26,6 +26,7 @@ class QuantWrappedEmbedding(QuantEmbedding):
         weight_sym: bool = False,
         frozen: bool = True,
         group_size: int | None = None,
+        weight_format: str | None = None,
     ) -> None:
         super().__init__(
             wrapped.num_embeddings,
@@ -35,6 +36,7 @@ class QuantWrappedEmbedding(QuantEmbedding):
             weight_sym,
             frozen=frozen,
             group_size=group_size,
+            weight_format=weight_format,
         )
         self.wrapped = wrapped  # its weight taken over by `from_module`
 
@@ -42,7 +44,7 @@ class QuantWrappedEmbedding(QuantEmbedding):
     def from_module(cls, module: nn.Embedding, spec: dict, weight_sym: bool, frozen: bool) -> QuantWrappedEmbedding:
         """Around the FP table for calibration, or empty (`frozen`) for a checkpoint to fill."""
         fp_weight = take_parameter(module, "weight")
-        new = cls(module, spec["w"], weight_sym, frozen=frozen, group_size=spec.get("group"))
+        new = cls(module, spec["w"], weight_sym, frozen, spec.get("group"), spec.get("format"))
         if not frozen:
             new.weight = fp_weight
         return new

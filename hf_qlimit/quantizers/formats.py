@@ -33,6 +33,25 @@ GGUF_FORMATS: dict[str, Format] = {
 # choice for them (Q8_0 at 8 bits), the symmetric block type at 4-5, k-quants where no block type exists.
 GGUF_FOR_BITS = {8: "gguf:q8_0", 6: "gguf:q6_k", 5: "gguf:q5_0", 4: "gguf:q4_0", 3: "gguf:q3_k", 2: "gguf:q2_k"}
 
+# Rows whose length does not split into super-blocks of 256 take the 32-block type llama.cpp's quantizer falls
+# back to (llama-quant.cpp, `tensor_type_fallback`); one that does not split into blocks of 32 either is refused.
+KQUANT_FALLBACK = {
+    "gguf:q2_k": "gguf:q4_0",
+    "gguf:q3_k": "gguf:q4_0",
+    "gguf:q4_k": "gguf:q5_0",
+    "gguf:q5_k": "gguf:q5_1",
+    "gguf:q6_k": "gguf:q8_0",
+}
+
+
+def fitting_format(weight_format: str, cols: int | None) -> str:
+    """`weight_format`, or llama.cpp's fallback type where rows of `cols` weights do not split into its
+    super-blocks (`cols` None: not known, the format stays)."""
+    super_block = GGUF_FORMATS[weight_format].super_block
+    if super_block is None or cols is None or cols % super_block == 0:
+        return weight_format
+    return KQUANT_FALLBACK[weight_format]
+
 
 def is_gguf(weight_format: str | None) -> bool:
     return isinstance(weight_format, str) and weight_format.startswith("gguf:")

@@ -17,6 +17,7 @@ from torch import nn
 from .adaround import AdaRoundState
 from .chunks import row_slices
 from .fake_quant import dequantize_codes, quantize_codes
+from .gptq import gptq_compensated_weight
 from .range_search import group_view, search_weight_range
 from .signround import SignRoundState
 
@@ -65,6 +66,8 @@ class WeightQuantizer(nn.Module):
     """The grid (`scale`, `zero` per row and group) of one weight; the weight itself stays in the owning module,
     and `forward(weight)` returns its fake-quantized copy."""
 
+    fixed_grid = False  # True: a file format fixes the grid (k-quants), reconstruction learns the rounding only
+
     def __init__(self, bits: int, shape: tuple[int, int], group_size: int | None, symmetric: bool) -> None:
         super().__init__()
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -83,6 +86,12 @@ class WeightQuantizer(nn.Module):
     def set_enabled(self, enabled: bool) -> None:
         self._enabled = enabled
 
+    @property
+    def plain_grid(self) -> bool:
+        """Whether w = (q − zero)·scale gives the weight, as kernels and block encodings read it (a k-quant grid
+        with offsets has a float one besides: quantizers/kquant.py)."""
+        return True
+
     def grid(self, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero as float) of all rows or of `rows`, shaped (rows, groups, 1) to broadcast over a group."""
         scale, zero = (self.scale, self.zero) if rows is None else (self.scale[rows], self.zero[rows])
@@ -94,6 +103,13 @@ class WeightQuantizer(nn.Module):
         scale, zero = search_weight_range(weight, self.bits, self.symmetric, self.group_size, p)
         self.scale.copy_(scale)
         self.zero.copy_(zero.to(torch.uint8))
+
+    @torch.no_grad()
+    def compensated_weight(self, weight: torch.Tensor, hessian: torch.Tensor, act_order: bool = False) -> torch.Tensor:
+        """GPTQ's compensated weight w̃ on this grid (`gptq_compensated_weight`), from the inputs' Hessian."""
+        return gptq_compensated_weight(
+            weight, hessian, self.scale, self.zero, self.bits, self.group_size, act_order=act_order
+        )
 
     # -- rounding state ------------------------------------------------------------------------------------------
 
