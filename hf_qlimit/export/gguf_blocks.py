@@ -30,6 +30,7 @@ from ..nn.modules import QuantLinear
 from ..nn.packing import unpack_codes
 from ..quantizers.chunks import row_slices
 from ..quantizers.gguf_types import BLOCK, GGUFChoice, gguf_choice, gguf_type_for
+from .gguf_kquants import encode_kquant
 
 __all__ = ["GGUFChoice", "encode_blocks", "encode_quantized", "gguf_choice", "gguf_type_for", "module_gguf_choice"]
 
@@ -57,6 +58,8 @@ def module_gguf_choice(module: nn.Module) -> GGUFChoice:
 def encode_quantized(module: nn.Module) -> tuple[str, np.ndarray] | None:
     """(GGUF type name, (rows, bytes) uint8) of a quantized module whose grid maps onto a GGUF type exactly, else
     None (`module_gguf_choice` says why)."""
+    if (kquant := encode_kquant(module)) is not None:  # a k-quant grid: its own layouts (gguf_kquants.py)
+        return kquant
     kind = module_gguf_choice(module).type_name
     if kind is None:
         return None
