@@ -161,63 +161,6 @@ needs_gguf = pytest.mark.skipif(
 )
 
 
-@pytest.mark.slow
-@needs_gguf
-def test_gguf_q4_1_and_q8_0_hold_hf_qlimits_codes_and_load_in_transformers(tmp_path):
-    import gguf
-
-    def llama_cpp_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-        # llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute): its rotary embedding pairs neighbouring rows
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    w4 = tiny_decoder("llama", tie=False).quantize_qlimit(decoder_calib(8), _config(group_size=32))
-    w8 = tiny_decoder("llama", tie=False).quantize_qlimit(
-        decoder_calib(8), _config(weight_bits=8, weight_sym=True, group_size=32)
-    )
-    for model, kind in ((w4, "Q4_1"), (w8, "Q8_0")):
-        path = hf_qlimit.export(model, tmp_path / kind, format="gguf")
-        tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-        for name, hf in (
-            ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj"),
-            ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj"),
-        ):
-            assert tensors[name].tensor_type.name == kind
-            module = model.get_submodule(hf)
-            expected = module.quantized_weight()
-            if "attn_q" in name:
-                expected = llama_cpp_rows(expected, model.config.num_attention_heads)
-            got = torch.from_numpy(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)).reshape(
-                expected.shape
-            )
-            # the codes are hf_qlimit's; only the float16 scale (and Q4_1's offset) round
-            assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
-        # the embedding: 8 bits, one scale per row, symmetric as weight_sym says; asymmetric has no type: floats
-        assert tensors["token_embd.weight"].tensor_type.name == ("Q8_0" if kind == "Q8_0" else "F32")
-    ref = _reference(w4)
-    script = textwrap.dedent(f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        folder, ids, out = {str(tmp_path / "Q4_1")!r}, {str(tmp_path / "ids.pt")!r}, {str(tmp_path / "g.pt")!r}
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32)
-        with torch.no_grad():
-            torch.save(model.eval()(input_ids=torch.load(ids)).logits, out)
-        assert "hf_qlimit" not in sys.modules
-    """)
-    torch.save(_ids(), tmp_path / "ids.pt")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = torch.load(tmp_path / "g.pt")
-    assert (got - ref).abs().max() <= 2e-3 * ref.abs().max()
-
-
-@needs_gguf
-def test_gguf_refuses_activation_quantization_and_other_architectures(tmp_path):
-    with pytest.raises(ExportError, match="weight-only"):
-        hf_qlimit.export(_llama(weight_bits=8, act_bits=8, group_size=None), tmp_path / "a", format="gguf")
-    with pytest.raises(ExportError, match="Llama models only"):
-        hf_qlimit.export(tiny_bert().quantize_qlimit(calib_samples(8), _config()), tmp_path / "b", format="gguf")
-
-
 @pytest.mark.parametrize("format", ["compressed-tensors", pytest.param("gguf", marks=needs_gguf)])
 def test_explicit_input_transforms_are_refused(tmp_path, format):
     from hf_qlimit.transforms.input_op import InputTransform

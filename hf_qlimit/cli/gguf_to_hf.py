@@ -25,6 +25,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 
+from ..export.gguf_tokenizer import SIDECAR as TOKENIZER_SIDECAR
+from ..export.gguf_tokenizer import write_sidecar
+
 # Named, not __name__: under `python -m` that is "__main__", outside hf_qlimit's loggers, which hf_qlimit/__init__.py
 # parents to transformers' logger (its handler and verbosity).
 logger = logging.get_logger("hf_qlimit.cli.gguf_to_hf")
@@ -97,13 +100,17 @@ def convert_gguf_to_hf(gguf_path: str | Path, output_dir: str | Path) -> Path:
     """Dequantizes the GGUF file `gguf_path` and saves model (float32) and tokenizer to `output_dir`.
 
     Returns `output_dir`. The folder loads with `AutoModelForCausalLM.from_pretrained(output_dir)` and carries no
-    quantization config; `gguf_source.json` there records the source file and its sha256.
+    quantization config; `gguf_source.json` there records the source file and its sha256, and `tokenizer.gguf`
+    (no tensors) keeps the source's `tokenizer.*` keys as they were, which GGUF export writes back unchanged
+    (transformers' tokenizer would rebuild them only approximately: pre-tokenizer name, scores).
     """
     model, tokenizer, source = load_gguf_as_float(gguf_path)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    if write_sidecar(gguf_path, output_dir / TOKENIZER_SIDECAR):
+        source["tokenizer_keys"] = TOKENIZER_SIDECAR
     (output_dir / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     logger.info(f"Saved {type(model).__name__} ({model.num_parameters() / 1e6:.1f}M parameters) to {output_dir}")
     return output_dir

@@ -7,6 +7,7 @@ python -m hf_qlimit.export IN_DIR OUT_DIR --format compressed-tensors
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -20,6 +21,7 @@ def export(
     out_dir: str | Path,
     format: str = "compressed-tensors",
     allow_unservable: bool = False,
+    tokenizer: Any = None,
 ) -> Path:
     """Writes a quantized hf_qlimit model (or the folder it was saved to) to `out_dir` in `format`.
 
@@ -27,9 +29,11 @@ def export(
       load (the format vLLM reads; not tried with vLLM here): weight-only Linears as `pack-quantized`, W8A8 as
       `int-quantized` with static input scales, symmetric weight-only MoE experts as one Linear per expert.
       Quantized embeddings are written dequantized; Conv1D (GPT-2) is refused.
-    - "gguf": one `.gguf` file (Q4_1 / Q8_0 where they map exactly), see `export/gguf.py`.
+    - "gguf": one `model.gguf` that llama.cpp runs as it is (weights in the GGUF block types that hold their codes
+      exactly, hyper-parameters, tokenizer), see `export/gguf.py`; the tokenizer is read from the folder.
 
-    Settings the format cannot express raise `ExportError` naming them. `allow_unservable=True` exports
+    `tokenizer` (a tokenizer or its folder; GGUF only, which needs one) defaults to `model_or_folder` when that is
+    a folder. Settings the format cannot express raise `ExportError` naming them. `allow_unservable=True` exports
     asymmetric 2/3-bit weights anyway (compressed-tensors stores them; vLLM's kernels, by its docs, take asymmetric weights only at 4 and 8 bits).
     Returns the folder (or file) written.
     """
@@ -49,7 +53,7 @@ def export(
     else:
         from .gguf import export_gguf
 
-        written = export_gguf(model, out_dir)
+        written = export_gguf(model, out_dir, tokenizer=tokenizer if tokenizer is not None else source)
     if source is not None:
         copy_tokenizer(source, out_dir if written.is_dir() else written.parent)
     return written

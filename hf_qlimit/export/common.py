@@ -21,6 +21,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
     "chat_template.jinja",
+    "tokenizer.gguf",  # the source GGUF's tokenizer keys (hf_qlimit.cli.gguf_to_hf), which GGUF export reuses
 )
 
 
