@@ -59,10 +59,10 @@ def tokenizer(texts: list[str] = CORPUS, size: int = 80) -> PreTrainedTokenizerF
     )
 
 
-def build(kind: str, tie: bool | None = None) -> torch.nn.Module:
+def build(kind: str, tie: bool | None = None, vocab: int = VOCAB) -> torch.nn.Module:
     """A tiny float `kind` (hidden 64, 4 heads of 16 over 2 KV heads), weights spread so that a wrong row order or
     norm shows."""
-    sizes = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    sizes = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # fmt: skip
     if tie is not None:
@@ -84,13 +84,13 @@ def build(kind: str, tie: bool | None = None) -> torch.nn.Module:
     return net
 
 
-def model(kind: str, tie: bool | None = None, **quant) -> torch.nn.Module:
-    """`build(kind, tie)` quantized RTN W4 group 32 (or as `quant` says)."""
+def model(kind: str, tie: bool | None = None, vocab: int = VOCAB, **quant) -> torch.nn.Module:
+    """`build(kind, tie, vocab)` quantized RTN W4 group 32 (or as `quant` says)."""
     calib = [
         {"input_ids": torch.randint(3, VOCAB, (16,), generator=torch.Generator().manual_seed(i))} for i in range(4)
     ]
     base = {"weight_bits": 4, "act_bits": None, "group_size": 32, "method": "rtn", "num_samples": 4}
-    return build(kind, tie).quantize_qlimit(calib, QLimitConfig(**{**base, **quant}))
+    return build(kind, tie, vocab).quantize_qlimit(calib, QLimitConfig(**{**base, **quant}))
 
 
 def read(path) -> tuple[dict, dict]:
@@ -181,6 +181,43 @@ def test_each_family_holds_what_llama_cpp_reads(tmp_path, kind, tie):
             assert (got - want).abs().max() <= 2e-3 * want.abs().max()
             if kind == "qwen2" and module in _ATTN:
                 assert torch.equal(values(tensors[f"blk.{i}.attn_{module[-6]}.bias"]), hf.bias.detach())
+
+
+def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE as transformers converts Llama-2's: ▁ for spaces, <0xXX> byte tokens in the
+    vocabulary, <unk> <s> </s> special, <s> first."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trained.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=330, special_tokens=specials))
+    spec = json.loads(trained.to_str())["model"]
+    merges = [tuple(m) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(spec["vocab"], merges, byte_fallback=True, unk_token="<unk>"))  # bytes: plain vocab
+    tok.normalizer = trained.normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_byte_fallback_bpe_becomes_llama_cpps_sentencepiece_tokenizer(tmp_path):
+    tok = byte_fallback_tokenizer()
+    kv, _ = read(hf_qlimit.export(model("llama", vocab=352), tmp_path, format="gguf", tokenizer=tok))
+    own = tok.convert_ids_to_tokens(list(range(len(tok))))
+    tokens, kinds, scores = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"], kv["tokenizer.ggml.scores"]
+    assert kv["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in kv
+    assert tokens[: len(own)] == own and len(tokens) == 352 and kv["tokenizer.ggml.add_space_prefix"]
+    assert kinds[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert set(kinds[3:259]) == {gguf.TokenType.BYTE} and set(kinds[len(own) :]) == {gguf.TokenType.UNUSED}
+    # llama.cpp merges the pair of highest score first, the BPE the merge of lowest rank: score = -rank
+    vocab = tok.get_vocab()
+    first = {}
+    for rank, (a, b) in enumerate(json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]):
+        first.setdefault(vocab[a + b], rank)
+    assert first and all(scores[i] == -rank for i, rank in first.items())
+    assert max(scores[i] for i in range(len(own)) if i not in first) < -max(first.values())
+    assert (kv["tokenizer.ggml.unknown_token_id"], kv["tokenizer.ggml.add_bos_token"]) == (0, True)
 
 
 def test_a_full_precision_tied_head_is_written_once(tmp_path):

@@ -191,6 +191,9 @@ def _vocabulary(tokenizer: Any, folder: Path, n_vocab: int) -> tuple[str, list[s
     types += [int(gguf.TokenType.UNUSED)] * pad
     if model == "llama":
         scores = [*scores, *[-10000.0] * pad]
+        for i, text in enumerate(tokens):  # llama.cpp decodes these as the byte (even where marked special)
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+                types[i] = int(gguf.TokenType.BYTE)
         unk = getattr(tokenizer, "unk_token_id", None)
         if isinstance(unk, int) and unk < n_vocab:
             types[unk] = int(gguf.TokenType.UNKNOWN)
@@ -232,9 +235,6 @@ def _from_bpe(spec: dict) -> tuple[str, list[str], list[float], list[int]]:
         merged = vocab.get(left + right)
         if merged is not None:
             scores[merged] = max(scores[merged], -float(rank))
-    for i, text in enumerate(tokens):
-        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
-            types[i] = int(gguf.TokenType.BYTE)
     return "llama", tokens, scores, types
 
 
