@@ -96,7 +96,8 @@ def test_the_summary_has_both_perplexities_sizes_and_times(gguf_run):
     sizes = summary["sizes"]
     assert sizes["source_basis"] == "weight files" and sizes["source_bytes"] > sizes["saved_bytes"] > 0
     assert sizes["export_bytes"] == (out / "gguf" / "model.gguf").stat().st_size
-    assert summary["timings_s"]["total_s"] >= summary["timings_s"]["quantize_s"] > 0
+    timings = summary["timings_s"]
+    assert timings["total_s"] >= timings["quantize_s"] + timings["fp_eval_s"] + timings["quantized_eval_s"]
     # what was asked (act_bits None: the command's default) and what the GGUF type fixed (group, symmetry)
     assert summary["settings"] == {
         "weight_format": "gguf:q4_0",
@@ -122,6 +123,7 @@ def test_a_bert_quantizes_and_its_summary_says_perplexity_is_skipped(tmp_path, c
     folder = tmp_path / "bert"
     tiny_bert().save_pretrained(folder)
     save_tokenizer(folder, VOCAB)
+    (folder / "tokenizer.gguf").write_bytes(b"GGUF keys")  # a tokenizer file save_pretrained does not write
     out = tmp_path / "out"
     text = write_text(tmp_path / "calib.txt")
     assert main(["quantize", str(folder), "--calib", str(text), "--output", str(out), *FAST]) == 0
@@ -129,12 +131,29 @@ def test_a_bert_quantizes_and_its_summary_says_perplexity_is_skipped(tmp_path, c
     assert summary["perplexity"] == {"skipped": "'bert' is not a causal LM"}
     assert "perplexity  skipped: 'bert' is not a causal LM" in capsys.readouterr().out
     assert "BertForSequenceClassification.from_pretrained" in (out / CARD_FILE).read_text()
+    assert (out / "tokenizer.gguf").read_bytes() == b"GGUF keys"
 
     # GGUF is for causal LMs: refused before anything is written
     refused = tmp_path / "refused"
     args = [str(folder), "--calib", str(text), "--output", str(refused), "--format", "gguf:q4_0"]
     assert main(["quantize", *args]) == 2
     assert "is not one. Drop --format" in capsys.readouterr().err and not refused.exists()
+
+
+def test_a_dataset_folder_calibrates_like_the_text_file(llama_dir, tmp_path):
+    """`--calib` a folder saved with `datasets`' save_to_disk, its column named by --text-column."""
+    import datasets
+
+    datasets.Dataset.from_dict({"body": [f"{line}\n" for line in text_lines()]}).save_to_disk(tmp_path / "ds")
+    common = [str(llama_dir), *FAST, "--eval-windows", "1"]
+    from_file = prepare(*parse([*common, "--calib", str(llama_dir / "calib.txt"), "--output", str(tmp_path / "a")]))
+    args = [*common, "--calib", str(tmp_path / "ds"), "--text-column", "body", "--output", str(tmp_path / "out")]
+    from_dataset = prepare(*parse(args))
+    assert torch.equal(from_dataset.data.eval, from_file.data.eval)
+    assert main(["quantize", *args]) == 0
+    summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
+    assert summary["data"]["calib"] == f"{tmp_path / 'ds'}:train[body]"
+    assert main(["quantize", *args[:-4], "--text-column", "text", "--output", str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging as pylogging
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,7 @@ from transformers.utils import logging
 
 from ..config import QLimitConfig
 from ..export import FORMATS, ExportError, export
+from ..export.common import TOKENIZER_FILES
 from ..models import get_adapter, is_causal_lm
 from ..quantizers.formats import is_gguf
 from .arguments import QuantizationArguments, run_environment
@@ -37,10 +39,9 @@ from .text_data import TextSource, TextWindows, UsageError, build_windows, perpl
 
 # Named, not __name__: under `python -m` that is "__main__", outside the hf_qlimit loggers transformers' handler prints.
 logger = logging.get_logger("hf_qlimit.cli.quantize")
-USAGE = (
-    "hf-qlimit quantize MODEL --calib FILE_OR_DATASET --output DIR [--bits N] [--group-size N | --format gguf:q4_0] "
-    "[--export gguf|compressed-tensors] [--eval FILE] [--eval-windows N] [--method rtn] [QLimitConfig flags...]"
-)
+USAGE = """hf-qlimit quantize MODEL --calib FILE_OR_DATASET --output DIR
+       [--bits N] [--group-size N | --format gguf:q4_0] [--export gguf|compressed-tensors]
+       [--eval FILE] [--eval-windows N] [--method rtn] [any QLimitConfig flag...]"""
 _BASE = {f.name: f for f in fields(QuantizationArguments)}
 
 
@@ -220,14 +221,29 @@ def check_group_size(model: Any, config: QLimitConfig) -> None:
             )
 
 
-def _eval(model: Any, job: Job, desc: str) -> dict[str, float] | None:
-    return perplexity(model, job.data.eval, job.device, desc) if job.data.eval.shape[0] else None
+def copy_tokenizer_files(model: str, out: Path) -> None:
+    """Tokenizer files of a local model folder that `save_pretrained` did not write, e.g. `tokenizer.gguf` (the
+    source GGUF's tokenizer keys, which GGUF export then copies as they were instead of rebuilding them)."""
+    source = Path(model).expanduser()
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file() and not (out / name).exists():
+                shutil.copyfile(source / name, out / name)
+
+
+def _eval(model: Any, job: Job, name: str, timings: dict[str, float]) -> dict[str, float] | None:
+    if not job.data.eval.shape[0]:
+        return None
+    tick = time.perf_counter()
+    result = perplexity(model, job.data.eval, job.device, f"perplexity {name}")
+    timings[f"{name}_eval_s"] = time.perf_counter() - tick
+    return result
 
 
 def run_job(job: Job, start: float) -> dict[str, Any]:
     """Load, evaluate, quantize, save, export, reload, evaluate; returns the summary (`start`: when the command
     started, for the total time)."""
-    timings = {}
+    timings: dict[str, float] = {}
     tick = time.perf_counter()
     out = Path(job.run.output)
     cls = model_class(job)
@@ -239,7 +255,7 @@ def run_job(job: Job, start: float) -> dict[str, Any]:
     source = source_size(job.model, model)
     timings["load_s"] = time.perf_counter() - tick
     model.to(job.device)
-    fp = _eval(model, job, "perplexity FP")
+    fp = _eval(model, job, "fp", timings)
 
     tick = time.perf_counter()
     model.quantize_qlimit(job.data.calib, job.config, device=job.device, **job.quant.quantize_kwargs())
@@ -247,6 +263,7 @@ def run_job(job: Job, start: float) -> dict[str, Any]:
     tick = time.perf_counter()
     model.save_pretrained(out)
     job.tokenizer.save_pretrained(out)
+    copy_tokenizer_files(job.model, out)
     timings["save_s"] = time.perf_counter() - tick
     saved_bytes = folder_bytes(out)
     del model  # what is measured next is what was written to disk
@@ -258,7 +275,7 @@ def run_job(job: Job, start: float) -> dict[str, Any]:
         timings["export_s"] = time.perf_counter() - tick
         exported = export_info(job.run.export, written)
     reloaded = cls.from_pretrained(out).to(job.device)
-    quantized = _eval(reloaded, job, "perplexity quantized")
+    quantized = _eval(reloaded, job, "quantized", timings)
     timings["total_s"] = time.perf_counter() - start
     return _summary(job, fp, quantized, source, saved_bytes, exported, timings)
 
