@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -308,6 +309,9 @@ def quantize_and_save(
     quant_settings["module_bits"] = model.config.quantization_config.module_bits  # mixed precision's choice
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    sidecar = Path(model.name_or_path) / "tokenizer.gguf"  # a GGUF source's tokenizer keys (gguf_to_hf wrote them)
+    if sidecar.is_file():  # the GGUF export reuses them: llama.cpp then tokenizes as the source file did
+        shutil.copyfile(sidecar, Path(output_dir) / sidecar.name)
     return quant_settings
 
 
