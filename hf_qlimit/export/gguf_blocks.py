@@ -30,6 +30,7 @@ from ..nn.modules import QuantLinear
 from ..nn.packing import unpack_codes
 from ..quantizers.chunks import row_slices
 from ..quantizers.gguf_types import BLOCK, GGUFChoice, gguf_choice, gguf_type_for
+from .gguf_bytes import fp16_bytes, pack_bits
 from .gguf_kquants import encode_kquant
 
 __all__ = ["GGUFChoice", "encode_blocks", "encode_quantized", "gguf_choice", "gguf_type_for", "module_gguf_choice"]
@@ -80,27 +81,15 @@ def encode_quantized(module: nn.Module) -> tuple[str, np.ndarray] | None:
 def encode_blocks(kind: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> list[np.ndarray]:
     """The byte fields of GGUF `kind` blocks, each (rows, blocks, bytes) uint8, in their order within a block.
     `codes`: (rows, blocks, 32) uint8 hf_qlimit codes; `scale`, `zero`: (rows, blocks) float, one per block."""
-    fields = [_fp16_bytes(scale)]
+    rows, blocks = scale.shape
+    flat = codes.numpy().reshape(-1, BLOCK)
+    fields = [fp16_bytes(scale.reshape(-1, 1).numpy())]
     if kind == "Q8_0":
-        signed = (codes.to(torch.int16) - 128).to(torch.int8)
-        return [*fields, signed.numpy().view(np.uint8)]
+        fields.append((flat.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
     if kind in ("Q4_1", "Q5_1"):
-        fields.append(_fp16_bytes(-scale * zero))
+        fields.append(fp16_bytes((-scale * zero).reshape(-1, 1).numpy()))
     if kind in ("Q5_0", "Q5_1"):
-        fields.append(_high_bits(codes))
-    low = codes & 0x0F
-    fields.append((low[..., : BLOCK // 2] | (low[..., BLOCK // 2 :] << 4)).numpy())  # first half: low nibbles
-    return fields
-
-
-def _fp16_bytes(values: torch.Tensor) -> np.ndarray:
-    """(rows, blocks) floats -> (rows, blocks, 2) bytes of their fp16, little-endian as GGUF stores it."""
-    half = values.half().numpy()
-    return half.astype("<f2").view(np.uint8).reshape(*half.shape, 2)
-
-
-def _high_bits(codes: torch.Tensor) -> np.ndarray:
-    """qh of the 5-bit types: bit 4 of code i is bit i of a little-endian uint32, i.e. bit i % 8 of byte i // 8."""
-    bits = ((codes >> 4) & 1).reshape(*codes.shape[:-1], BLOCK // 8, 8).to(torch.int32)
-    weights = 1 << torch.arange(8, dtype=torch.int32)
-    return (bits * weights).sum(-1).to(torch.uint8).numpy()
+        fields.append(pack_bits((flat >> 4) & 1, BLOCK // 8, 8, 1))  # qh: bit i of a uint32 is bit 4 of code i
+    if kind != "Q8_0":
+        fields.append(pack_bits(flat & 0x0F, 1, 2, 4))  # codes 0-15 in the low nibbles, 16-31 in the high ones
+    return [field.reshape(rows, blocks, -1) for field in fields]

@@ -26,6 +26,7 @@ from ..nn.embedding import QuantEmbedding
 from ..nn.modules import QuantLinear
 from ..quantizers.chunks import row_slices
 from ..quantizers.kquant import SUPER_BLOCK, KQuantizer
+from .gguf_bytes import fp16_bytes, pack_bits
 
 __all__ = ["encode_kquant"]
 
@@ -53,20 +54,6 @@ def _super_block_fields(quantizer: KQuantizer, rows: slice, blocks: int) -> list
     return [f.detach().cpu().numpy().reshape(blocks, -1) for f in fields]
 
 
-def _fp16(step: np.ndarray) -> np.ndarray:
-    """(blocks, 1) float32 values of fp16 -> (blocks, 2) bytes; exact: the grid holds fp16 values only."""
-    return step.astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _pack(values: np.ndarray, runs: int, parts: int, width: int) -> np.ndarray:
-    """(blocks, n) values < 2**width -> (blocks, n·width/8) bytes: the n values form `runs` runs of `parts` spans,
-    and byte b of a run holds span k's value b in bits k·width onwards."""
-    blocks, n = values.shape
-    spans = values.astype(np.uint8).reshape(blocks, runs, parts, n // (runs * parts))
-    shifts = (np.arange(parts, dtype=np.uint8) * width).reshape(1, 1, parts, 1)
-    return np.bitwise_or.reduce(spans << shifts, axis=2).reshape(blocks, -1)
-
-
 def _six_bit_pairs(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
     """The 12 bytes of Q4_K / Q5_K's eight 6-bit (l, m): sub-blocks 0-3 in the low 6 bits of bytes 0-3 (l) and
     4-7 (m); sub-blocks 4-7 with their low 4 bits in bytes 8-11 (l low nibble, m high) and top 2 bits in bits
@@ -78,29 +65,33 @@ def _six_bit_pairs(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
 
 def _q2_k(codes: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray, m: np.ndarray) -> np.ndarray:
     scales = sc.astype(np.uint8) | m.astype(np.uint8) << 4
-    return np.concatenate([scales, _pack(codes, 2, 4, 2), _fp16(d), _fp16(dmin)], axis=1)
+    return np.concatenate([scales, pack_bits(codes, 2, 4, 2), fp16_bytes(d), fp16_bytes(dmin)], axis=1)
 
 
 def _q3_k(codes: np.ndarray, d: np.ndarray, sc: np.ndarray) -> np.ndarray:
     stored = (sc.astype(np.int16) + 32).astype(np.uint8)  # l in [−32, 31] as 6 bits
     low = stored & 0x0F
-    scales = np.concatenate([low[:, :8] | low[:, 8:] << 4, _pack(stored >> 4, 1, 4, 2)], axis=1)
-    hmask = _pack(codes >> 2, 1, 8, 1)
-    return np.concatenate([hmask, _pack(codes & 3, 2, 4, 2), scales, _fp16(d)], axis=1)
+    scales = np.concatenate([low[:, :8] | low[:, 8:] << 4, pack_bits(stored >> 4, 1, 4, 2)], axis=1)
+    hmask = pack_bits(codes >> 2, 1, 8, 1)
+    return np.concatenate([hmask, pack_bits(codes & 3, 2, 4, 2), scales, fp16_bytes(d)], axis=1)
 
 
 def _q4_k(codes: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray, m: np.ndarray) -> np.ndarray:
-    return np.concatenate([_fp16(d), _fp16(dmin), _six_bit_pairs(sc, m), _pack(codes, 4, 2, 4)], axis=1)
+    return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), _six_bit_pairs(sc, m), pack_bits(codes, 4, 2, 4)], axis=1)
 
 
 def _q5_k(codes: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray, m: np.ndarray) -> np.ndarray:
-    high = _pack(codes >> 4, 1, 8, 1)
-    return np.concatenate([_fp16(d), _fp16(dmin), _six_bit_pairs(sc, m), high, _pack(codes & 0x0F, 4, 2, 4)], axis=1)
+    high = pack_bits(codes >> 4, 1, 8, 1)
+    return np.concatenate(
+        [fp16_bytes(d), fp16_bytes(dmin), _six_bit_pairs(sc, m), high, pack_bits(codes & 0x0F, 4, 2, 4)], axis=1
+    )
 
 
 def _q6_k(codes: np.ndarray, d: np.ndarray, sc: np.ndarray) -> np.ndarray:
     signed = sc.astype(np.int8).view(np.uint8)
-    return np.concatenate([_pack(codes & 0x0F, 2, 2, 4), _pack(codes >> 4, 2, 4, 2), signed, _fp16(d)], axis=1)
+    return np.concatenate(
+        [pack_bits(codes & 0x0F, 2, 2, 4), pack_bits(codes >> 4, 2, 4, 2), signed, fp16_bytes(d)], axis=1
+    )
 
 
 ENCODERS = {"Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}

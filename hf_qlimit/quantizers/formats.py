@@ -57,6 +57,18 @@ def is_gguf(weight_format: str | None) -> bool:
     return isinstance(weight_format, str) and weight_format.startswith("gguf:")
 
 
+def has_offsets(weight_format: str) -> bool:
+    """Whether the grid adds a float offset per sub-block (Q2_K, Q4_K, Q5_K): GGUF stores it, compressed-tensors
+    and hf_qlimit's kernels have no slot for it."""
+    fmt = GGUF_FORMATS[weight_format]
+    return fmt.super_block is not None and not fmt.symmetric
+
+
+def gguf_type_name(weight_format: str) -> str:
+    """The GGUF type a format's grid is written in, as gguf-py's GGMLQuantizationType spells it ("Q4_K")."""
+    return weight_format.removeprefix("gguf:").upper()
+
+
 def format_spec(weight_format: str) -> dict[str, Any]:
     """The layer-config entries (weight bits, group, symmetry, format) a module quantized in `weight_format` gets."""
     fmt = GGUF_FORMATS[weight_format]

@@ -10,9 +10,21 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .formats import GGUF_FORMATS, gguf_type_name
+
 BLOCK = 32  # weights per GGUF block
-SYMMETRIC_TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
-ASYMMETRIC_TYPES = {4: "Q4_1", 5: "Q5_1"}
+
+
+def block_types(symmetric: bool) -> dict[int, str]:
+    """bits -> the GGUF block type (no super-blocks) of that symmetry, read off `formats.GGUF_FORMATS`."""
+    return {
+        fmt.bits: gguf_type_name(name)
+        for name, fmt in GGUF_FORMATS.items()
+        if fmt.super_block is None and fmt.symmetric == symmetric
+    }
+
+
+SYMMETRIC_TYPES, ASYMMETRIC_TYPES = block_types(True), block_types(False)
 
 
 class GGUFChoice(NamedTuple):
