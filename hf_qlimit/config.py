@@ -254,7 +254,10 @@ class QLimitConfig(QuantizationConfigMixin):
             self.transforms = list(self.transforms)
         if isinstance(self.sensitivity_cache, os.PathLike):
             self.sensitivity_cache = os.fspath(self.sensitivity_cache)
-        config_checks.apply_weight_format(self)
+        grid = config_checks.weight_format_grid(self)
+        if grid is not None:  # a format fixes the grid, and stores weights only
+            self.weight_bits, self.group_size, self.weight_sym = grid.bits, grid.group, grid.symmetric
+            self.act_bits = None
         self.validate()
         if self.beta_range is not None:
             self.beta_range = tuple(float(b) for b in self.beta_range)

@@ -14,7 +14,7 @@ from typing import Any
 from transformers.utils import logging
 
 from .presets import AUTO, METHODS, PRESETS
-from .quantizers.formats import GGUF_FOR_BITS, GGUF_FORMATS
+from .quantizers.formats import GGUF_FOR_BITS, GGUF_FORMATS, Format
 from .transforms.names import check_transforms
 
 logger = logging.get_logger(__name__)
@@ -104,11 +104,12 @@ def scheme(config: Any) -> None:
         bits(f"module_bits[{name!r}]", value)
 
 
-def apply_weight_format(config: Any) -> None:
-    """Sets the grid fields `weight_format` fixes; raises `ValueError` where one was set otherwise."""
+def weight_format_grid(config: Any) -> Format | None:
+    """The grid `config.weight_format` fixes (None: no format), which the config then takes as its weight bits,
+    group and symmetry; raises `ValueError` where one of those (or another field) was set otherwise."""
     name = config.weight_format
     if name is None:
-        return
+        return None
     choice("weight_format", name, list(GGUF_FORMATS), ", or None for hf_qlimit's own grids")
     fmt = GGUF_FORMATS[name]
     clashes = []
@@ -130,7 +131,7 @@ def apply_weight_format(config: Any) -> None:
         raise ValueError(f"weight_format={name!r} contradicts " + "; ".join(clashes) + ". Drop or change them.")
     if config.act_bits is not None:
         logger.info(f"weight_format={name!r}: GGUF stores weights only, act_bits 8 -> None.")
-    config.weight_bits, config.group_size, config.weight_sym, config.act_bits = fmt.bits, fmt.group, fmt.symmetric, None
+    return fmt
 
 
 def calibration(config: Any) -> None:
