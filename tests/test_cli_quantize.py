@@ -163,6 +163,8 @@ def test_a_dataset_folder_calibrates_like_the_text_file(llama_dir, tmp_path):
         (["--bits", "9"], "weight_bits"),
         (["--format", "gguf:q4_0", "--bits", "8"], "contradicts weight_bits=8"),
         (["--act-bits", "8", "--export", "gguf"], "stores weights only"),
+        (["--format", "gguf:q4_k", "--export", "compressed-tensors"], "gguf:q4_k add a float offset"),
+        (["--format", "gguf:q4_1", "--first-last-bits", "2", "--export", "compressed-tensors"], "gguf:q2_k add"),
         (["--num-samples", "1000"], "fewer --num_samples"),
     ],
 )
@@ -191,6 +193,10 @@ def test_an_unknown_export_or_command_exits_2(llama_dir, tmp_path, capsys):
         main(["quantize", str(llama_dir), "--calib", "x.txt", "--output", str(tmp_path), "--export", "onnx"])
     assert exit_info.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
     assert main(["quantise"]) == 2 and "unknown command 'quantise'" in capsys.readouterr().err
+    for command in ("export", "gguf-to-hf"):  # the subcommands' usage names the command typed
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert f"usage: hf-qlimit {command} " in capsys.readouterr().out
 
 
 def test_the_console_script_is_declared():

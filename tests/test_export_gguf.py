@@ -228,6 +228,21 @@ def test_a_full_precision_tied_head_is_written_once(tmp_path):
     assert torch.equal(values(tensors["token_embd.weight"]), net.model.embed_tokens.weight.detach())
 
 
+def test_what_goes_in_as_float32_is_said_with_the_reason(tmp_path):
+    from transformers.testing_utils import CaptureLogger, LoggingLevel
+    from transformers.utils import logging
+
+    logger = logging.get_logger("hf_qlimit.export.gguf")
+    with CaptureLogger(logger) as captured:  # the embedding and head: 8-bit asymmetric per-row grids
+        hf_qlimit.export(model("llama", tie=False), tmp_path / "a", format="gguf", tokenizer=tokenizer())
+    assert "['model.embed_tokens', 'lm_head']: 8-bit asymmetric has no GGUF type" in captured.out
+    with LoggingLevel(logging.INFO), CaptureLogger(logger) as captured:
+        hf_qlimit.export(
+            model("llama", False, first_last_bits=None), tmp_path / "b", format="gguf", tokenizer=tokenizer()
+        )
+    assert "Not quantized, written as float32 (their exact values): ['model.embed_tokens', 'lm_head']" in captured.out
+
+
 def test_gemma_refuses_a_head_other_than_its_embedding(tmp_path):
     with pytest.raises(ExportError, match="reads the LM head from the token embedding"):
         hf_qlimit.export(model("gemma", tie=False), tmp_path, format="gguf", tokenizer=tokenizer())

@@ -116,8 +116,10 @@ def convert_gguf_to_hf(gguf_path: str | Path, output_dir: str | Path) -> Path:
     return output_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert a GGUF checkpoint to a float32 transformers folder.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Convert a GGUF checkpoint to a float32 transformers folder."
+    )
     parser.add_argument("--gguf", help=f"GGUF file; default: {SMOLLM2_FILE} from the {SMOLLM2_PACKAGE} package.")
     parser.add_argument("--output_dir", help="Folder to write the model and tokenizer to.")
     parser.add_argument("--print_smollm2_path", action="store_true", help="Print where the SmolLM2 GGUF is and exit.")

@@ -22,13 +22,13 @@ def _quantize(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     from ..export.__main__ import main
 
-    return main(argv)
+    return main(argv, prog="hf-qlimit export")
 
 
 def _gguf_to_hf(argv: list[str]) -> int:
     from .gguf_to_hf import main
 
-    return main(argv) or 0
+    return main(argv, prog="hf-qlimit gguf-to-hf") or 0
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {

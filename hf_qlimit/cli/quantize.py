@@ -31,7 +31,7 @@ from ..config import QLimitConfig
 from ..export import FORMATS, ExportError, export
 from ..export.common import TOKENIZER_FILES
 from ..models import get_adapter, is_causal_lm
-from ..quantizers.formats import is_gguf
+from ..quantizers.formats import GGUF_FOR_BITS, has_offsets, is_gguf
 from .arguments import QuantizationArguments, run_environment
 from .model_card import non_default_settings, summary_text, write_model_card, write_summary
 from .sizes import export_info, folder_bytes, source_size
@@ -136,8 +136,19 @@ def check_export(run: RunArguments, model_config: Any, causal: bool, config: QLi
     if gguf and not causal:
         raise UsageError(
             f"GGUF (--format {config.weight_format} / --export gguf) holds causal LMs for llama.cpp; "
-            f"{model_config.model_type!r} is not one. Drop --format / use --export compressed-tensors."
+            f"{model_config.model_type!r} is not one. Drop --format and --export gguf (--bits / --group-size "
+            "set the grid, --export compressed-tensors exports it)."
         )
+    if run.export == "compressed-tensors" and is_gguf(config.weight_format):
+        # the embedding, head and module_bits entries take the GGUF type of their bits (formats.GGUF_FOR_BITS)
+        bits = {config.weight_bits, config.first_last_bits, *config.module_bits.values()} - {None}
+        offsets = sorted({f for f in {config.weight_format, *map(GGUF_FOR_BITS.get, bits)} if has_offsets(f)})
+        if offsets:
+            raise UsageError(
+                f"{', '.join(offsets)} add a float offset per sub-block, which compressed-tensors cannot store. "
+                "Use --export gguf, or a format without offsets (gguf:q4_0, q4_1, q5_1, q3_k, q6_k ...) and no "
+                "2-bit --first_last_bits / --module_bits."
+            )
     if run.export == "gguf" and config.act_bits is not None:
         raise UsageError(
             f"--export gguf stores weights only; --act_bits {config.act_bits} quantizes activations. "
@@ -322,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-qlimit quantize: error: {err}", file=sys.stderr)
         return 2
     except ExportError as err:  # after quantization: the checkpoint is saved, the export is not
-        print(f"hf-qlimit quantize: export failed: {err}", file=sys.stderr)
+        print(
+            f"hf-qlimit quantize: export failed: {err}\nThe quantized checkpoint is saved in {job.run.output}; once "
+            f"fixed, export it with: hf-qlimit export {job.run.output} OUT_DIR --format {job.run.export}",
+            file=sys.stderr,
+        )
         return 1
     finally:
         qlimit_logger.setLevel(level)

@@ -8,8 +8,8 @@ import sys
 from . import FORMATS, ExportError, export
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_qlimit.export", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m hf_qlimit.export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("in_dir", help="folder of a model saved by hf_qlimit (save_pretrained after quantize_qlimit)")
     parser.add_argument("out_dir", help="folder to write")
     parser.add_argument("--format", default="compressed-tensors", choices=FORMATS)

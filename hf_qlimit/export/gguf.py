@@ -28,7 +28,7 @@ from ..nn.attention import ATTENTION_ATTR
 from ..nn.embedding import QuantEmbedding
 from ..nn.modules import QuantLinear
 from .common import ExportError, refuse_input_transforms
-from .gguf_blocks import encode_quantized
+from .gguf_blocks import encode_quantized, module_gguf_choice
 from .gguf_metadata import Family, add_general, add_hyperparameters, arch_name, family_of, rope_tensors
 from .gguf_tokenizer import add_tokenizer
 
@@ -43,7 +43,10 @@ def export_gguf(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) ->
     `tokenizer`: a transformers tokenizer or the folder it was saved to (a `tokenizer.gguf` there, written by
     `hf_qlimit.cli.gguf_to_hf`, gives the source GGUF's tokenizer keys as they were).
     """
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("GGUF export needs the `gguf` package: pip install gguf (or hf_qlimit[examples]).") from None
 
     family = family_of(model.config)
     quantized = _check_exportable(model)
@@ -132,6 +135,7 @@ def _add_tensors(writer: Any, model: nn.Module, quantized: dict[str, nn.Module],
     tied = _tied_head(model, family)
     skip = {head_name} if tied else set()
     written: Counter = Counter()
+    fp_matrices: list[str] = []
     prefixes = tuple(f"{n}." for n in quantized)
     for name, tensor in model.state_dict().items():
         owner = name.rpartition(".")[0]
@@ -144,20 +148,30 @@ def _add_tensors(writer: Any, model: nn.Module, quantized: dict[str, nn.Module],
         order = _rope_order(target, data.shape[0], config, family)
         writer.add_tensor(target, (data if order is None else data[order]).numpy())
         written["F32"] += data.numel()
-    floats = []
+        fp_matrices += [owner] if data.ndim == 2 else []
+    floats: dict[str, list[str]] = {}  # why no GGUF type -> the quantized modules written as float32
     for name, module in quantized.items():
         if name in skip:
             continue
         sources = [module, head] if tied and name == emb_name and head_name in quantized else [module]
         kind = _add_quantized(writer, name, sources, names, config, family)
         written[kind] += module.rows * module.cols
-        floats += [name] if kind == "F32" else []
-    if floats:
-        logger.warning(
-            f"{floats} map onto no GGUF block type (see export/gguf_blocks.py); written as float32 with their "
-            "exact values."
-        )
+        if kind == "F32":
+            floats.setdefault(module_gguf_choice(module).reason, []).append(name)
+    _log_float32(floats, fp_matrices)
     return written
+
+
+def _log_float32(floats: dict[str, list[str]], fp_matrices: list[str]) -> None:
+    """Says which matrices went into the file as float32: quantized ones whose grid has no GGUF type (a warning,
+    with the reason and the fix), and those the model holds unquantized."""
+    for reason, modules in floats.items():
+        logger.warning(
+            f"{modules}: {reason}, so no GGUF block type holds their codes; written as float32 with their exact "
+            "values (a larger file). weight_format='gguf:q4_0' (--format) quantizes on GGUF's own grids."
+        )
+    if fp_matrices:
+        logger.info(f"Not quantized, written as float32 (their exact values): {fp_matrices}")
 
 
 def _add_quantized(writer: Any, name: str, sources: list[nn.Module], names: Any, config: Any, family: Family) -> str:

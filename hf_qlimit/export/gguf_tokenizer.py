@@ -159,7 +159,10 @@ def _add_rebuilt(writer: Any, tokenizer: Any, n_vocab: int) -> None:
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         special.chat_template = tokenizer.chat_template
     if model == "gpt2" and not special.merges:
-        raise ExportError("The byte-level BPE tokenizer has no merges; llama.cpp's BPE needs them.")
+        raise ExportError(
+            "The byte-level BPE tokenizer has no merges; llama.cpp's BPE needs them. Export with the tokenizer "
+            "files the model was released with (tokenizer.json or merges.txt holding the merges)."
+        )
     special.add_to_gguf(writer, quiet=True)
 
 
@@ -183,7 +186,8 @@ def _vocabulary(tokenizer: Any, folder: Path, n_vocab: int) -> tuple[str, list[s
         kind = spec["model"]["type"] if spec is not None else type(tokenizer).__name__
         raise ExportError(
             f"The tokenizer ({kind}) is neither a byte-level BPE (llama.cpp's gpt2), a byte-fallback BPE nor a "
-            "SentencePiece model (llama.cpp's llama) with tokenizer.model; GGUF export cannot write it."
+            "SentencePiece model (llama.cpp's llama) with tokenizer.model; GGUF export cannot write it. Convert the FP "
+            "model with llama.cpp's convert_hf_to_gguf.py, or export to compressed-tensors."
         )
     _overlay_added(tokenizer, tokens, scores, types, size)
     pad = n_vocab - len(tokens)
@@ -220,7 +224,8 @@ def _from_bpe(spec: dict) -> tuple[str, list[str], list[float], list[int]]:
     byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
     if not byte_level and not bpe.get("byte_fallback"):
         raise ExportError(
-            "The BPE tokenizer is neither byte-level nor byte-fallback; llama.cpp has no tokenizer model for it."
+            "The BPE tokenizer is neither byte-level nor byte-fallback; llama.cpp has no tokenizer model for it. "
+            "Export to compressed-tensors instead."
         )
     vocab: dict[str, int] = bpe["vocab"]
     tokens = [""] * (max(vocab.values(), default=-1) + 1)
