@@ -49,3 +49,15 @@ def test_a_setting_that_contradicts_the_format_is_refused():
     config = QLimitConfig(weight_format="gguf:q8_0")
     assert (config.weight_bits, config.group_size, config.weight_sym, config.act_bits) == (8, 32, True, None)
     assert "on gguf:q8_0's grid" in config.summary()
+
+
+def test_rows_that_do_not_split_into_the_formats_blocks_are_refused_with_the_fix():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_qlimit.models import get_adapter
+
+    sizes = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, **sizes))
+    config = QLimitConfig(weight_format="gguf:q4_0", first_last_bits=None)
+    with pytest.raises(ValueError, match=r"q_proj' has rows of 48 weights, .* gguf:q4_0's blocks of 32\. Keep it"):
+        get_adapter(model).layer_config(model, config)

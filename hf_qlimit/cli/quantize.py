@@ -223,7 +223,11 @@ def check_group_size(model: Any, config: QLimitConfig) -> None:
     """`group_size` must divide the input features of every quantized Linear: said before any work."""
     if config.group_size is None:
         return
-    for name, spec in get_adapter(model).layer_config(model, config).items():
+    try:
+        plan = get_adapter(model).layer_config(model, config)
+    except ValueError as err:  # a weight_format's blocks that do not fit a module
+        raise UsageError(f"--format {config.weight_format}: {err}") from None
+    for name, spec in plan.items():
         features = getattr(model.get_submodule(name), "in_features", None)
         if spec["kind"] == "linear" and features and features > config.group_size and features % config.group_size:
             raise UsageError(

@@ -144,9 +144,10 @@ class ArchitectureAdapter:
             if spec.get("w", 0) is None:
                 continue  # first/last layers kept in full precision
             if is_gguf(config.weight_format) and spec["kind"] != "attention":
-                same = in_block and spec["w"] == config.weight_bits
-                wanted = config.weight_format if same else GGUF_FOR_BITS[spec["w"]]
-                spec.update(format_spec(fitting_format(wanted, row_length(module, spec["kind"]))))
+                wanted = (
+                    config.weight_format if in_block and spec["w"] == config.weight_bits else GGUF_FOR_BITS[spec["w"]]
+                )
+                spec.update(gguf_entries(name, module, spec["kind"], wanted))
                 if spec["format"] != wanted:
                     fallbacks.setdefault((wanted, spec["format"]), []).append(name)
             plan[name] = spec
@@ -190,6 +191,20 @@ def row_length(module: nn.Module, kind: str) -> int | None:
     if kind in LINEAR_KINDS:
         return matmul_shape(module)[1]
     return module.embedding_dim if kind == "embedding" else None
+
+
+def gguf_entries(name: str, module: nn.Module, kind: str, wanted: str) -> dict[str, Any]:
+    """The layer-config entries of a module meant for the GGUF format `wanted`: it, or llama.cpp's fallback type
+    where its rows do not split into super-blocks; refused where they do not split into that type's blocks."""
+    cols = row_length(module, kind)
+    entries = format_spec(fitting_format(wanted, cols))
+    group = entries["group"]
+    if cols is not None and cols > group and cols % group:
+        raise ValueError(
+            f"{name!r} has rows of {cols} weights, which do not split into {entries['format']}'s blocks of {group}. "
+            f"Keep it in full precision (modules_to_not_convert=[{name!r}]) or quantize without weight_format."
+        )
+    return entries
 
 
 def log_fallbacks(fallbacks: dict[tuple[str, str], list[str]]) -> None:
