@@ -96,7 +96,9 @@ def hf_row(name: str, args: argparse.Namespace, out: Path, log: ResultsLog) -> t
     if sidecar.is_file() and not (folder / sidecar.name).is_file():
         shutil.copyfile(sidecar, folder / sidecar.name)
     path = hf_qlimit.export(folder, out / f"{name}-gguf", format="gguf")
-    return path, {"seconds": record.get("quantize_seconds"), "run_ppl": record.get("quantized", {}).get("ppl")}
+    timings = record.get("timings_s", {})
+    made = {"seconds": timings.get("quantize_s"), "quantize_load": record.get("load_average_at_start")}
+    return path, {**made, "run_ppl": record.get("quantized", {}).get("ppl")}
 
 
 def measure(name: str, path: Path, args: argparse.Namespace, made: dict[str, Any], log: ResultsLog) -> dict:
@@ -142,8 +144,9 @@ def speed_note(records: dict[str, dict]) -> str:
 def render(records: dict[str, dict], args: argparse.Namespace) -> str:
     fp = records.get("lc-f32", {}).get("ppl")
     lines = [
-        "| file | tensor types | size MB | llama.cpp ppl | × F32 | hf_qlimit's own ppl, same windows | decode tok/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| file | tensor types | size MB | llama.cpp ppl | × F32 | hf_qlimit's own ppl, same windows | decode tok/s "
+        "| hf_qlimit quantization s (load) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in [*LLAMA_ROWS, *HF_ROWS]:
         r = records.get(name)
@@ -154,7 +157,8 @@ def render(records: dict[str, dict], args: argparse.Namespace) -> str:
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "–"
         own = f"{r['hf_ppl']:.2f} ({100 * (r['ppl'] / r['hf_ppl'] - 1):+.2f}%)" if r.get("hf_ppl") else "–"
         mb = r["bytes"] / 1e6
-        lines.append(f"| {label} | {types} | {mb:.1f} | {r['ppl']:.2f} | {ratio} | {own} | {r['tok_s']:.1f} |")
+        took = f"{r['seconds']:.0f} ({r['quantize_load']:.1f})" if name in HF_ROWS and r.get("seconds") else "–"
+        lines.append(f"| {label} | {types} | {mb:.1f} | {r['ppl']:.2f} | {ratio} | {own} | {r['tok_s']:.1f} | {took} |")
     loads = sorted({f"{r['load']:.1f}" for r in records.values() if r})
     commits = sorted({r["commit"] for r in records.values() if r})
     dates = sorted({r["date"] for r in records.values() if r})
@@ -196,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     log = ResultsLog("gguf.llama_cpp", reuse=args.reuse, env=common.offline_env(threads=args.threads),
                      results=args.out_dir / "results.jsonl")  # fmt: skip
     records = {k: v for k, v in log.records(lambda r: r.get("row")).items() if k}
+    for name in set(records) & set(HF_ROWS):  # rows recorded before the quantization time was kept
+        run = common.read_results(args.out_dir / "hf_qlimit" / name / "results.json")
+        records[name].setdefault("quantize_load", run.get("load_average_at_start"))
+        records[name]["seconds"] = records[name].get("seconds") or run["timings_s"]["quantize_s"]
     for name in args.rows if not args.rebench else []:
         if args.reuse and name in records:
             continue
