@@ -157,7 +157,8 @@ def render(records: dict[str, dict], args: argparse.Namespace) -> str:
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "–"
         own = f"{r['hf_ppl']:.2f} ({100 * (r['ppl'] / r['hf_ppl'] - 1):+.2f}%)" if r.get("hf_ppl") else "–"
         mb = r["bytes"] / 1e6
-        took = f"{r['seconds']:.0f} ({r['quantize_load']:.1f})" if name in HF_ROWS and r.get("seconds") else "–"
+        took = f"{r['seconds']:.0f}" if name in HF_ROWS and r.get("seconds") else "–"
+        took += f" ({r['quantize_load']:.1f})" if took != "–" and r.get("quantize_load") is not None else ""
         lines.append(f"| {label} | {types} | {mb:.1f} | {r['ppl']:.2f} | {ratio} | {own} | {r['tok_s']:.1f} | {took} |")
     loads = sorted({f"{r['load']:.1f}" for r in records.values() if r})
     commits = sorted({r["commit"] for r in records.values() if r})
