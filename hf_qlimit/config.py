@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, NamedTuple
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -26,6 +26,10 @@ _NOTABLE = (
     "batch_sampling",
     "batch_size",
 )
+
+# Fields the summary's start shows already (bits, method, preset, schedule) or that are not choices.
+_SHOWN = {"weight_bits", "act_bits", "group_size", "weight_format", "method", "preset", "num_samples", "batch_size",
+          "iters", "layer_config", "quant_method"}  # fmt: skip
 
 
 class _Resolution(NamedTuple):
@@ -337,7 +341,21 @@ class QLimitConfig(QuantizationConfigMixin):
                 why = resolution.why.get(key)
                 chosen.append(f"{key} {resolution.filled[key]!r}" + (f" ({why})" if why else ""))
         line = f"{runs} {bits}, preset {preset}: {schedule}"
-        return line + ("; chosen by the preset: " + ", ".join(chosen) if chosen else "")
+        line += "; chosen by the preset: " + ", ".join(chosen) if chosen else ""
+        given = self._given(resolution)
+        return line + ("; set otherwise than the defaults: " + ", ".join(given) if given else "")
+
+    def _given(self, resolution: _Resolution) -> list[str]:
+        """`name=value` of every field that differs from its default and that neither the preset filled nor the
+        summary's start shows: every non-default choice a run makes is named in its log line."""
+        out = []
+        for f in fields(self):
+            if f.name in _SHOWN or f.name in resolution.filled:
+                continue
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if getattr(self, f.name) != default:
+                out.append(f"{f.name}={getattr(self, f.name)!r}")
+        return out
 
     def _matters(self, key: str, resolution: _Resolution) -> bool:
         """Whether the preset's value of `key` changes what this method runs (for `summary`)."""

@@ -266,3 +266,11 @@ def test_the_default_config_resolves_per_family_as_the_docs_say(kind):
     p = PRESETS[preset]
     words = f"{p['num_samples']} samples, batch {p['batch_size']}, {p['iters']}"
     assert f'`"{preset}"` for ' in docs and words in docs, words
+
+
+def test_summary_names_every_choice_set_otherwise_than_the_defaults():
+    summary = QLimitConfig(prob_grid="log2", act_fp_first_token=True, seed=3).resolved(causal_lm=True).summary()
+    assert summary.endswith("; set otherwise than the defaults: seed=3, prob_grid='log2', act_fp_first_token=True")
+    # what the preset filled is named under the preset's choices, not again; the defaults add nothing
+    assert "set otherwise" not in QLimitConfig().resolved(causal_lm=False).summary()
+    assert QLimitConfig(drop_prob=0.25).resolved(causal_lm=False).summary().endswith("defaults: drop_prob=0.25")
