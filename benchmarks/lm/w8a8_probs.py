@@ -46,6 +46,26 @@ SETTINGS: dict[str, tuple[str, str, list[str]]] = {
         "rtn",
         ["--prob_grid", "uniform", "--act_dynamic"],
     ),
+    "rtn-dynamic-first": (
+        "uniform probabilities, Linear inputs per token at run time, first token FP",
+        "rtn",
+        ["--prob_grid", "uniform", "--act_dynamic", "--act_fp_first_token"],
+    ),
+    "rtn-dynamic-noattn": (
+        "attention matmuls FP, Linear inputs per token at run time",
+        "rtn",
+        ["--no_quantize_attention", "--act_dynamic"],
+    ),
+    "rtn-dynamic-log2": (
+        "log2 probabilities, Linear inputs per token at run time",
+        "rtn",
+        ["--prob_grid", "log2", "--act_dynamic"],
+    ),
+    "rtn-dynamic-unit": (
+        "unit probabilities, Linear inputs per token at run time",
+        "rtn",
+        ["--prob_grid", "unit", "--act_dynamic"],
+    ),
     "auto-uniform": ("uniform probabilities, range searched (**the default**)", "auto", ["--prob_grid", "uniform"]),
     "auto-noattn": ("attention matmuls FP (Linear inputs only)", "auto", ["--no_quantize_attention"]),
 }
