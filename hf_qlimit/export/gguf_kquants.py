@@ -25,6 +25,7 @@ from torch import nn
 from ..nn.embedding import QuantEmbedding
 from ..nn.modules import QuantLinear
 from ..quantizers.chunks import row_slices
+from ..quantizers.formats import gguf_type_name
 from ..quantizers.kquant import SUPER_BLOCK, KQuantizer
 from .gguf_bytes import fp16_bytes, pack_bits
 
@@ -36,7 +37,7 @@ def encode_kquant(module: nn.Module) -> tuple[str, np.ndarray] | None:
     quantizer = getattr(module, "weight_quantizer", None)
     if not isinstance(module, (QuantLinear, QuantEmbedding)) or not isinstance(quantizer, KQuantizer):
         return None
-    kind, rows, cols = quantizer.layout.gguf_type, module.rows, module.cols
+    kind, rows, cols = gguf_type_name(quantizer.weight_format), module.rows, module.cols
     parts = []
     for chunk in row_slices(rows, cols):  # a slab of rows at a time: a vocabulary's temporaries would be GBs
         codes = module.code_rows(chunk).cpu().numpy().reshape(-1, SUPER_BLOCK)

@@ -73,8 +73,3 @@ def format_spec(weight_format: str) -> dict[str, Any]:
     """The layer-config entries (weight bits, group, symmetry, format) a module quantized in `weight_format` gets."""
     fmt = GGUF_FORMATS[weight_format]
     return {"w": fmt.bits, "group": fmt.group, "sym": fmt.symmetric, "format": weight_format}
-
-
-def first_last_format(weight_format: str | None, bits: int) -> str | None:
-    """The format of the embedding and head at `bits` when the blocks use `weight_format`, or None."""
-    return GGUF_FOR_BITS[bits] if is_gguf(weight_format) else None

@@ -36,17 +36,16 @@ FP16_TINY, FP16_MAX = 2.0**-24, float(torch.finfo(torch.float16).max)  # d and d
 
 
 class KLayout(NamedTuple):
-    gguf_type: str  # the GGUF type name, as gguf-py's GGMLQuantizationType spells it
     scale_max: int  # the largest sub-block multiplier l
     min_max: int  # the largest offset multiplier m; 0: a symmetric type, no offsets
 
 
 K_LAYOUTS = {
-    "gguf:q2_k": KLayout("Q2_K", 15, 15),
-    "gguf:q3_k": KLayout("Q3_K", 31, 0),
-    "gguf:q4_k": KLayout("Q4_K", 63, 63),
-    "gguf:q5_k": KLayout("Q5_K", 63, 63),
-    "gguf:q6_k": KLayout("Q6_K", 127, 0),
+    "gguf:q2_k": KLayout(15, 15),
+    "gguf:q3_k": KLayout(31, 0),
+    "gguf:q4_k": KLayout(63, 63),
+    "gguf:q5_k": KLayout(63, 63),
+    "gguf:q6_k": KLayout(127, 0),
 }
 
 
