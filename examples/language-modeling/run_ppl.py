@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -32,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from hf_qlimit.cli.arguments import QuantizationArguments, parse_arguments, run_environment
+from hf_qlimit.cli.quantize import copy_tokenizer_files
+from hf_qlimit.cli.text_data import perplexity as text_perplexity
+from hf_qlimit.cli.text_data import read_text_file
 
 logger = hf_logging.get_logger(__name__)
 
@@ -102,12 +102,6 @@ class RunArguments:
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (torch.set_num_threads)."})
 
 
-def read_text_file(path: str | Path) -> list[str]:
-    """The lines of a text file as the Hub's wikitext builder yields them: newline kept, blank lines as ""."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
-    return [line if line.strip() else "" for line in lines]
-
-
 def load_texts(data_args: DataArguments, split: str, cache_dir: str | None) -> list[str]:
     """The texts of the evaluation ("eval") or calibration ("calib") data."""
     local = data_args.eval_file if split == "eval" else data_args.calib_file
@@ -154,20 +148,11 @@ def calibration_windows(ids: torch.Tensor, seq_len: int, num: int, seed: int) ->
     return [{"input_ids": ids[s : s + seq_len].clone()} for s in starts]
 
 
-@torch.no_grad()
 def perplexity(
     model: PreTrainedModel, windows: torch.Tensor, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    """exp(mean NLL) over every predicted token of every window (each window predicts seq_len - 1 tokens)."""
-    model.eval()
-    nll, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        labels = batch[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
-        count += labels.numel()
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": windows.shape[0]}
+    """exp(mean NLL) over every predicted token of every window: `hf-qlimit quantize`'s own measure."""
+    return text_perplexity(model, windows, device, "perplexity", batch_size)
 
 
 def build_qlimit_config(quant_args: LMQuantizationArguments, num_calib_samples: int | None, seq_len: int):
@@ -309,9 +294,7 @@ def quantize_and_save(
     quant_settings["module_bits"] = model.config.quantization_config.module_bits  # mixed precision's choice
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    sidecar = Path(model.name_or_path) / "tokenizer.gguf"  # a GGUF source's tokenizer keys (gguf_to_hf wrote them)
-    if sidecar.is_file():  # the GGUF export reuses them: llama.cpp then tokenizes as the source file did
-        shutil.copyfile(sidecar, Path(output_dir) / sidecar.name)
+    copy_tokenizer_files(model.name_or_path, Path(output_dir))  # e.g. a GGUF source's tokenizer.gguf
     return quant_settings
 
 

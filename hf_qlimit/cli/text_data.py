@@ -166,12 +166,15 @@ def build_windows(
 
 
 @torch.no_grad()
-def perplexity(model: Any, eval_windows: torch.Tensor, device: torch.device, desc: str) -> dict[str, float]:
-    """exp(mean NLL) over every predicted token of every window (each predicts seq_len - 1 tokens)."""
+def perplexity(
+    model: Any, eval_windows: torch.Tensor, device: torch.device, desc: str, batch_size: int = 1
+) -> dict[str, float]:
+    """exp(mean NLL) over every predicted token of every window (each predicts seq_len - 1 tokens), `batch_size`
+    windows per forward pass."""
     model.eval()
     nll, count = 0.0, 0
-    for window in tqdm(eval_windows, desc=desc, unit="window", leave=False):
-        batch = window[None].to(device)
+    for batch in tqdm(eval_windows.split(batch_size), desc=desc, unit="batch", leave=False):
+        batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         labels = batch[:, 1:]
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
