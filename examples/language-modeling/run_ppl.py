@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from transformers.utils import logging as hf_logging
 
 from hf_qlimit.cli.arguments import QuantizationArguments, parse_arguments, run_environment
-from hf_qlimit.cli.quantize import copy_tokenizer_files
+from hf_qlimit.cli.quantize import check_group_size, copy_tokenizer_files
 from hf_qlimit.cli.text_data import perplexity as text_perplexity
 from hf_qlimit.cli.text_data import read_text_file
 
@@ -163,21 +163,6 @@ def build_qlimit_config(quant_args: LMQuantizationArguments, num_calib_samples: 
     if num_calib_samples is not None:
         quant_args = replace(quant_args, num_samples=num_calib_samples)
     return quant_args.to_config(seed=quant_args.seed, max_length=seq_len)
-
-
-def check_group_size(model: PreTrainedModel, qconfig: Any) -> None:
-    """Fails before any evaluation when `group_size` does not divide the input features of a quantized Linear."""
-    from hf_qlimit.models import get_adapter
-
-    if qconfig.group_size is None:
-        return
-    for name, spec in get_adapter(model).layer_config(model, qconfig).items():
-        in_features = getattr(model.get_submodule(name), "in_features", None)
-        if spec["kind"] == "linear" and in_features > qconfig.group_size and in_features % qconfig.group_size:
-            raise ValueError(
-                f"--group_size {qconfig.group_size} does not divide the {in_features} input features of {name!r}; "
-                "choose a divisor (e.g. 64 for SmolLM2's 576), or no --group_size for per-channel scales."
-            )
 
 
 def load_model_and_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedModel, Any, dict | None]:
