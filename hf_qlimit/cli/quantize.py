@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging as pylogging
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -29,7 +28,7 @@ from transformers.utils import logging
 
 from ..config import QLimitConfig
 from ..export import FORMATS, ExportError, export
-from ..export.common import TOKENIZER_FILES
+from ..export.common import copy_tokenizer
 from ..models import get_adapter, is_causal_lm
 from ..quantizers.formats import GGUF_FOR_BITS, has_offsets, is_gguf
 from .arguments import QuantizationArguments, run_environment
@@ -241,9 +240,7 @@ def copy_tokenizer_files(model: str, out: Path) -> None:
     source GGUF's tokenizer keys, which GGUF export then copies as they were instead of rebuilding them)."""
     source = Path(model).expanduser()
     if source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file() and not (out / name).exists():
-                shutil.copyfile(source / name, out / name)
+        copy_tokenizer(source, out, overwrite=False)
 
 
 def _eval(model: Any, job: Job, name: str, timings: dict[str, float]) -> dict[str, float] | None:

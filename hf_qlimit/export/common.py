@@ -58,10 +58,12 @@ def load_quantized(folder: str | Path) -> nn.Module:
     return model_cls.from_pretrained(folder).eval()
 
 
-def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+def copy_tokenizer(src: Path, dst: Path, overwrite: bool = True) -> list[str]:
+    """Copies the tokenizer files of folder `src` into `dst` (with `overwrite=False`, only those `dst` lacks);
+    returns the names copied."""
     copied = []
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
+        if (src / name).is_file() and (overwrite or not (dst / name).exists()):
             (dst / name).write_bytes((src / name).read_bytes())
             copied.append(name)
     return copied
