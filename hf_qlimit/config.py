@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -342,20 +343,18 @@ class QLimitConfig(QuantizationConfigMixin):
                 chosen.append(f"{key} {resolution.filled[key]!r}" + (f" ({why})" if why else ""))
         line = f"{runs} {bits}, preset {preset}: {schedule}"
         line += "; chosen by the preset: " + ", ".join(chosen) if chosen else ""
-        given = self._given(resolution)
+        # every other choice a run makes, so that its log line names it: what the preset did not fill
+        given = [f"{k}={v!r}" for k, v in self.non_default(_SHOWN | set(resolution.filled)).items()]
         return line + ("; set otherwise than the defaults: " + ", ".join(given) if given else "")
 
-    def _given(self, resolution: _Resolution) -> list[str]:
-        """`name=value` of every field that differs from its default and that neither the preset filled nor the
-        summary's start shows: every non-default choice a run makes is named in its log line."""
-        out = []
-        for f in fields(self):
-            if f.name in _SHOWN or f.name in resolution.filled:
-                continue
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
-            if getattr(self, f.name) != default:
-                out.append(f"{f.name}={getattr(self, f.name)!r}")
-        return out
+    def non_default(self, skip: Iterable[str] = ()) -> dict[str, Any]:
+        """The fields (but `skip`) whose value differs from `QLimitConfig()`'s: the choices made for this run."""
+        defaults, skip = QLimitConfig(), set(skip)
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in skip and getattr(self, f.name) != getattr(defaults, f.name)
+        }
 
     def _matters(self, key: str, resolution: _Resolution) -> bool:
         """Whether the preset's value of `key` changes what this method runs (for `summary`)."""

@@ -4,7 +4,6 @@ card (README.md) with the settings, the measured figures and how to load or run 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,8 @@ _NOT_SETTINGS = ("layer_config", "quant_method")  # filled by quantization / fix
 
 def non_default_settings(config: QLimitConfig) -> dict[str, Any]:
     """The fields of `config` (as given, before the preset fills it) that differ from `QLimitConfig()`'s."""
-    defaults = QLimitConfig()
-    out = {}
-    for f in fields(QLimitConfig):
-        value = getattr(config, f.name)
-        if f.name not in _NOT_SETTINGS and value != getattr(defaults, f.name):
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
+    chosen = config.non_default(skip=_NOT_SETTINGS)
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()}
 
 
 def human_bytes(n: int | None) -> str:
