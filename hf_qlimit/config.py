@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -26,7 +26,12 @@ _NOTABLE = (
     "learn_weight_scale",
     "batch_sampling",
     "batch_size",
+    "transforms",
+    "act_layout",
+    "act_dynamic",
+    "prob_grid",
 )
+_ACTIVATION_CHOICES = {"transforms", "act_layout", "act_dynamic", "prob_grid"}
 
 # Fields the summary's start shows already (bits, method, preset, schedule) or that are not choices.
 _SHOWN = {"weight_bits", "act_bits", "group_size", "weight_format", "method", "preset", "num_samples", "batch_size",
@@ -39,6 +44,7 @@ class _Resolution(NamedTuple):
     preset: str
     filled: dict[str, Any]
     why: dict[str, str]
+    transforms_refused: str | None = None  # why the table's transforms were left out for this model
 
 
 @dataclass
@@ -173,18 +179,21 @@ class QLimitConfig(QuantizationConfigMixin):
         transforms (`list[str]`, *optional*):
             Function-preserving transforms of the FP model before quantization, in this order whatever the list's:
             `"smoothquant[@α]"` or `"os_plus[@α]"` (at most one; α in [0, 1], default 0.5), `"hadamard_down"`,
-            `"hadamard_inputs"` (see `hf_qlimit.transforms.apply`).
-        act_layout (`str`, *optional*, defaults to `"per_linear"`):
+            `"hadamard_inputs"` (see `hf_qlimit.transforms.apply`). Unset: `["hadamard_inputs"]` at `act_bits` <= 4
+            where the model can take it (not under `preset="paper"`), else none; `[]` for none at all.
+        act_layout (`str`, *optional*):
             `"per_linear"` (one input quantizer per Linear), `"shared"` (one per tensor: Q/K/V, gate/up) or
             `"block_output"` (shared, and post-LN blocks quantize their output for the next block's Q/K/V).
+            Unset: `"shared"` at `act_bits` <= 4, else `"per_linear"` (`"per_linear"` under `preset="paper"`).
         prob_bits (`int`, *optional*):
             Bits of the attention probabilities (2-8); `None`: `act_bits`.
-        prob_grid (`str`, *optional*, defaults to `"uniform"`):
+        prob_grid (`str`, *optional*):
             Grid of the attention probabilities: `"uniform"` (asymmetric, its range from the Lp search), `"unit"`
             (fixed to [0, 1], step 1/(2^b − 1): never clips, but rounds probabilities below half a step to 0) or
-            `"log2"`.
-        act_dynamic (`bool`, *optional*, defaults to `False`):
+            `"log2"`. Unset: `"unit"` for decoder LMs, `"uniform"` otherwise and under `preset="paper"`.
+        act_dynamic (`bool`, *optional*):
             Block Linear inputs get a grid per token computed at run time instead of a calibrated static one.
+            Unset: True for decoder LMs, False otherwise and under `preset="paper"`.
         act_fp_first_token (`bool`, *optional*, defaults to `False`):
             Decoder LMs: the token at position 0 (the attention sink) skips activation quantization.
 
@@ -239,10 +248,10 @@ class QLimitConfig(QuantizationConfigMixin):
     sensitivity_cache: str | None = None
     # Outliers and activations
     transforms: list[str] | None = None
-    act_layout: str = "per_linear"
+    act_layout: str | None = None
     prob_bits: int | None = None
-    prob_grid: str = "uniform"
-    act_dynamic: bool = False
+    prob_grid: str | None = None
+    act_dynamic: bool | None = None
     act_fp_first_token: bool = False
     # Filled by quantization
     layer_config: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -272,21 +281,35 @@ class QLimitConfig(QuantizationConfigMixin):
 
     def for_model(self, model: Any) -> QLimitConfig:
         """`resolved` for this model's family: what `quantize_qlimit(calib_ds, config)` will run."""
-        from .models import is_causal_lm
+        from .models import get_adapter, is_causal_lm
+        from .transforms.support import default_refusal
 
-        return self.resolved(causal_lm=is_causal_lm(model))
+        return self.resolved(
+            causal_lm=is_causal_lm(model),
+            transform_refusal=lambda names: default_refusal(model, get_adapter(model), names),
+        )
 
-    def resolved(self, causal_lm: bool) -> QLimitConfig:
+    def resolved(
+        self, causal_lm: bool, transform_refusal: Callable[[list[str]], str | None] | None = None
+    ) -> QLimitConfig:
         """A copy with every unset field filled by the preset's table (`hf_qlimit.presets`) and a concrete
-        `method`. `preset` stays recorded as given; the filled fields say what ran."""
+        `method`. `preset` stays recorded as given; the filled fields say what ran.
+
+        `transform_refusal(names)` says why the model cannot take the table's `transforms` (None: it can); a
+        refused table value is left out, and the summary says why."""
         out = copy.deepcopy(self)
         preset = preset_for(self.preset, causal_lm)
         method = self.method
         if method == AUTO and self.drop_prob is not None:  # a drop_prob set by hand asks for QDrop's dropping, or not
             method = "qdrop" if self.drop_prob > 0 else "brecq"
-        values, why = resolve(preset, self.weight_bits, self.act_bits, method)
+        values, why = resolve(preset, self.weight_bits, self.act_bits, method, causal_lm)
         if method != self.method:
             why["method"] = f"drop_prob {self.drop_prob} set"
+        refused = None
+        if self.transforms is None and values.get("transforms") and transform_refusal is not None:
+            refused = transform_refusal([t.partition("@")[0] for t in values["transforms"]])
+        if refused is not None:
+            values.pop("transforms")
         filled = {}
         for key, value in values.items():
             unset = out.method == AUTO if key == "method" else getattr(out, key) is None
@@ -294,7 +317,7 @@ class QLimitConfig(QuantizationConfigMixin):
                 setattr(out, key, value)
                 filled[key] = value
         out.validate()
-        out._resolution = _Resolution(preset, filled, why)
+        out._resolution = _Resolution(preset, filled, why, refused)
         return out
 
     @property
@@ -336,13 +359,16 @@ class QLimitConfig(QuantizationConfigMixin):
         schedule = f"{self.num_samples} samples"
         if self.method != "rtn":
             schedule += f", batch {self.batch_size}, {self.iters} iterations per block"
+        keys = [k for k in _NOTABLE if k in resolution.filled and self._matters(k, resolution)]
         chosen = []
-        for key in _NOTABLE:
-            if key in resolution.filled and self._matters(key, resolution):
-                why = resolution.why.get(key)
-                chosen.append(f"{key} {resolution.filled[key]!r}" + (f" ({why})" if why else ""))
+        for i, key in enumerate(keys):  # a reason once, after the last of the keys in a row that share it
+            why = resolution.why.get(key)
+            last = i + 1 == len(keys) or resolution.why.get(keys[i + 1]) != why
+            chosen.append(f"{key} {resolution.filled[key]!r}" + (f" ({why})" if why and last else ""))
         line = f"{runs} {bits}, preset {preset}: {schedule}"
         line += "; chosen by the preset: " + ", ".join(chosen) if chosen else ""
+        if resolution.transforms_refused is not None:
+            line += f"; no rotations for this model: {resolution.transforms_refused}"
         # every other choice a run makes, so that its log line names it: what the preset did not fill
         given = [f"{k}={v!r}" for k, v in self.non_default(_SHOWN | set(resolution.filled)).items()]
         return line + ("; set otherwise than the defaults: " + ", ".join(given) if given else "")
@@ -364,6 +390,8 @@ class QLimitConfig(QuantizationConfigMixin):
             return self.method == "qdrop"
         if key in ("gptq_act_order", "init_margin") and self.weight_init != "gptq":
             return False
+        if key in _ACTIVATION_CHOICES:  # shown where they differ from the papers' activations
+            return self.act_bits is not None and key in resolution.why
         return self.method != "rtn" or key in ("method", "weight_init", "weight_range", "gptq_act_order")
 
     def to_dict(self) -> dict[str, Any]:

@@ -193,10 +193,10 @@ def activations(config: Any) -> None:
             check_transforms(config.transforms)
         except ValueError as err:
             raise ValueError(f"`transforms`: {err}") from None
-    choice("act_layout", config.act_layout, ACT_LAYOUTS)
+    choice("act_layout", config.act_layout, ACT_LAYOUTS, ", or None (the preset's)")
     bits("prob_bits", config.prob_bits, none="to use act_bits")
-    choice("prob_grid", config.prob_grid, PROB_GRIDS)
-    flag("act_dynamic", config.act_dynamic)
+    choice("prob_grid", config.prob_grid, PROB_GRIDS, ", or None (the preset's)")
+    flag("act_dynamic", config.act_dynamic, ", or None (the preset's)")
     flag("act_fp_first_token", config.act_fp_first_token)
 
 

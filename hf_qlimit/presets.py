@@ -28,12 +28,16 @@ class When:
 
     max_weight_bits: int | None = None  # weight_bits <= this
     weight_only: bool | None = None  # act_bits is None
+    max_act_bits: int | None = None  # act_bits is set and <= this
+    causal_lm: bool | None = None  # the model is a decoder LM
     method: str | None = None  # the method as resolved so far (the user's, else the table's)
 
-    def matches(self, weight_bits: int, act_bits: int | None, method: str) -> bool:
+    def matches(self, weight_bits: int, act_bits: int | None, method: str, causal_lm: bool = False) -> bool:
         return (
             (self.max_weight_bits is None or weight_bits <= self.max_weight_bits)
             and (self.weight_only is None or self.weight_only == (act_bits is None))
+            and (self.max_act_bits is None or (act_bits is not None and act_bits <= self.max_act_bits))
+            and (self.causal_lm is None or self.causal_lm == causal_lm)
             and (self.method is None or self.method == method)
         )
 
@@ -74,7 +78,26 @@ _COMMON = {
     "loss": "mse",
     "fisher_damping": 1.0,
     "drop_prob": 0.0,  # no dropping unless the method is QDrop (COMMON_RULES)
+    # the activations as the papers quantize them: a calibrated grid per Linear input, probabilities included
+    "act_layout": "per_linear",
+    "prob_grid": "uniform",
+    "act_dynamic": False,
 }
+
+# Beyond the papers, measured better on the activations (docs/results/glue.md, language-modeling.md); the
+# rotations are left out where the architecture cannot take them (`QLimitConfig.resolved` says why).
+_ACTIVATION_RULES = (
+    Rule(
+        When(max_act_bits=4),
+        {"transforms": ["hadamard_inputs"], "act_layout": "shared"},
+        "4-bit activations: rotated Linear inputs, one grid per tensor",
+    ),
+    Rule(
+        When(weight_only=False, causal_lm=True),
+        {"act_dynamic": True, "prob_grid": "unit"},
+        "decoder LM: per-token Linear inputs, attention probabilities on [0, 1] (the sink's are near 1)",
+    ),
+)
 
 PRESETS: dict[str, Preset] = {
     # The papers' exact setting: 20k iterations of β-annealed rounding from the FP weight on the Lp grid, each
@@ -97,6 +120,7 @@ PRESETS: dict[str, Preset] = {
             "weight_init": "gptq", "weight_range": "lp", "gptq_act_order": False, "init_margin": None,
             "rounding": "progressive", "learn_weight_scale": True, "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3,
         },
+        rules=_ACTIVATION_RULES,
         notes={
             "method": "QDrop's dropping pays only after long schedules",
             "weight_init": "short schedule: start from GPTQ's codes",
@@ -115,6 +139,7 @@ PRESETS: dict[str, Preset] = {
         rules=(
             Rule(When(weight_only=True), {"method": "brecq"}, "weight-only: no activations to drop"),
             Rule(When(max_weight_bits=2), {"batch_size": 8}, "AutoRound's batch at 2-bit weights"),
+            *_ACTIVATION_RULES,
         ),
         notes={"rounding": "AutoRound's signed steps", "weight_range": "GPTQ's usual grid, no clipping"},
     ),
@@ -135,14 +160,14 @@ def preset_for(preset: str, causal_lm: bool) -> str:
 
 
 def resolve(
-    preset: str, weight_bits: int, act_bits: int | None = 8, method: str = AUTO
+    preset: str, weight_bits: int, act_bits: int | None = 8, method: str = AUTO, causal_lm: bool = False
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The table's value of every field it fills, with the concrete method, and the reason of each value a rule
     set. `method` is the user's (`"auto"`: the table's); `preset` must be a named one."""
     table = PRESETS[preset]
     values, why = dict(table.values), dict(table.notes)
     for rule in (*table.rules, *COMMON_RULES):
-        if rule.when.matches(weight_bits, act_bits, values["method"] if method == AUTO else method):
+        if rule.when.matches(weight_bits, act_bits, values["method"] if method == AUTO else method, causal_lm):
             values.update(rule.values)
             why.update(dict.fromkeys(rule.values, rule.why))
     if method != AUTO:
@@ -150,6 +175,8 @@ def resolve(
     return values, why
 
 
-def preset_values(preset: str, weight_bits: int, act_bits: int | None = 8, method: str = AUTO) -> dict[str, Any]:
-    """The fields `preset` fills for these widths and this method (`"auto"`: the preset's choice)."""
-    return resolve(preset, weight_bits, act_bits, method)[0]
+def preset_values(
+    preset: str, weight_bits: int, act_bits: int | None = 8, method: str = AUTO, causal_lm: bool = False
+) -> dict[str, Any]:
+    """The fields `preset` fills for these widths, this method (`"auto"`: the preset's choice) and model kind."""
+    return resolve(preset, weight_bits, act_bits, method, causal_lm)[0]

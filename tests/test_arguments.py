@@ -122,6 +122,7 @@ def test_every_flag_reaches_its_config_field():
         "--prob_grid",
         "log2",
         "--act_dynamic",
+        "true",
         "--act_fp_first_token",
         "--weight_sym",
         "--act_sym",
@@ -343,4 +344,13 @@ def test_quantize_attention_is_a_bool_flag():
 def test_prob_grid_flag_takes_the_unit_grid():
     config = _parse("--prob_grid", "unit", "--prob_bits", "8").to_config(seed=0)
     assert (config.prob_grid, config.prob_bits) == ("unit", 8)
-    assert _parse().to_config(seed=0).prob_grid == "uniform"  # the default stays: "unit" measured worse
+    # unset: the preset's, "uniform" for encoders ("unit" measured worse there) and "unit" for decoder LMs
+    assert _parse().to_config(seed=0).prob_grid is None
+    assert _parse().to_config(seed=0).resolved(causal_lm=False).prob_grid == "uniform"
+    assert _parse().to_config(seed=0).resolved(causal_lm=True).prob_grid == "unit"
+
+
+def test_transforms_none_turns_the_default_rotations_off():
+    config = _parse("--act_bits", "4", "--transforms", "none").to_config(seed=0)
+    assert config.transforms == [] and config.resolved(causal_lm=False).transforms == []
+    assert _parse("--act_bits", "4").to_config(seed=0).resolved(causal_lm=False).transforms == ["hadamard_inputs"]

@@ -259,7 +259,7 @@ def test_the_default_config_resolves_per_family_as_the_docs_say(kind):
     model = {"llama": lambda: tiny_decoder("llama"), "opt": tiny_opt, "bert": tiny_bert}[kind]()
     resolved = QLimitConfig(weight_bits=3, group_size=16, act_bits=4).for_model(model)
     preset = "fast" if kind == "bert" else "fast-lm"
-    for key, value in preset_values(preset, 3, 4).items():
+    for key, value in preset_values(preset, 3, 4, causal_lm=kind != "bert").items():
         assert getattr(resolved, key) == value, key
     assert resolved.weight_bits == 3 and resolved.group_size == 16 and resolved.preset == "auto"
     docs = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])

@@ -27,47 +27,80 @@ MODEL = Path("/tmp/bl/smollm2")  # `python -m hf_qlimit.cli.gguf_to_hf --output_
 BASE = ["--seq_len", "512", "--weight_bits", "8", "--act_bits", "8", "--num_calib_samples", "32"]
 # name -> (label, method, options)
 SETTINGS: dict[str, tuple[str, str, list[str]]] = {
-    "rtn-uniform": ("uniform probabilities, range searched (**the default**)", "rtn", ["--prob_grid", "uniform"]),
-    "rtn-unit": ("unit probabilities, fixed [0, 1]", "rtn", ["--prob_grid", "unit"]),
-    "rtn-log2": ("log2 probabilities", "rtn", ["--prob_grid", "log2"]),
-    "rtn-noattn": ("attention matmuls FP (Linear inputs only)", "rtn", ["--no_quantize_attention"]),
+    "rtn-default": ("the defaults (no option)", "rtn", []),
+    "auto-default": ("the defaults (no option)", "auto", []),
+    "rtn-uniform": (
+        "uniform probabilities, range searched (the default before issue 32)",
+        "rtn",
+        ["--prob_grid", "uniform", "--act_dynamic", "false"],
+    ),
+    "rtn-unit": ("unit probabilities, fixed [0, 1]", "rtn", ["--prob_grid", "unit", "--act_dynamic", "false"]),
+    "rtn-log2": ("log2 probabilities", "rtn", ["--prob_grid", "log2", "--act_dynamic", "false"]),
+    "rtn-noattn": (
+        "attention matmuls FP (Linear inputs only)",
+        "rtn",
+        ["--no_quantize_attention", "--act_dynamic", "false"],
+    ),
     "rtn-uniform-first": (
         "uniform probabilities, first token FP (`act_fp_first_token`)",
         "rtn",
-        ["--prob_grid", "uniform", "--act_fp_first_token"],
+        ["--prob_grid", "uniform", "--act_fp_first_token", "--act_dynamic", "false"],
     ),
     "rtn-noattn-first": (
         "attention matmuls FP, first token FP",
         "rtn",
-        ["--no_quantize_attention", "--act_fp_first_token"],
+        ["--no_quantize_attention", "--act_fp_first_token", "--act_dynamic", "false"],
     ),
     "rtn-uniform-dynamic": (
         "uniform probabilities, Linear inputs per token at run time (`act_dynamic`)",
         "rtn",
-        ["--prob_grid", "uniform", "--act_dynamic"],
+        ["--prob_grid", "uniform", "--act_dynamic", "true"],
     ),
     "rtn-dynamic-first": (
         "uniform probabilities, Linear inputs per token at run time, first token FP",
         "rtn",
-        ["--prob_grid", "uniform", "--act_dynamic", "--act_fp_first_token"],
+        ["--prob_grid", "uniform", "--act_dynamic", "true", "--act_fp_first_token"],
     ),
     "rtn-dynamic-noattn": (
         "attention matmuls FP, Linear inputs per token at run time",
         "rtn",
-        ["--no_quantize_attention", "--act_dynamic"],
+        ["--no_quantize_attention", "--act_dynamic", "true"],
     ),
     "rtn-dynamic-log2": (
         "log2 probabilities, Linear inputs per token at run time",
         "rtn",
-        ["--prob_grid", "log2", "--act_dynamic"],
+        ["--prob_grid", "log2", "--act_dynamic", "true"],
     ),
     "rtn-dynamic-unit": (
         "unit probabilities, Linear inputs per token at run time",
         "rtn",
-        ["--prob_grid", "unit", "--act_dynamic"],
+        ["--prob_grid", "unit", "--act_dynamic", "true"],
     ),
-    "auto-uniform": ("uniform probabilities, range searched (**the default**)", "auto", ["--prob_grid", "uniform"]),
-    "auto-noattn": ("attention matmuls FP (Linear inputs only)", "auto", ["--no_quantize_attention"]),
+    "rtn-dynamic-noattn-hdown": (
+        "attention matmuls FP, Linear inputs per token at run time, FFN down input rotated (`hadamard_down`)",
+        "rtn",
+        ["--no_quantize_attention", "--act_dynamic", "true", "--transforms", "hadamard_down"],
+    ),
+    "rtn-dynamic-unit-hdown": (
+        "unit probabilities, Linear inputs per token at run time, FFN down input rotated",
+        "rtn",
+        ["--prob_grid", "unit", "--act_dynamic", "true", "--transforms", "hadamard_down"],
+    ),
+    "rtn-dynamic-unit-hinputs": (
+        "unit probabilities, Linear inputs per token at run time, every Linear input rotated (`hadamard_inputs`)",
+        "rtn",
+        ["--prob_grid", "unit", "--act_dynamic", "true", "--transforms", "hadamard_inputs"],
+    ),
+    "auto-uniform": (
+        "uniform probabilities, range searched (the default before issue 32)",
+        "auto",
+        ["--prob_grid", "uniform", "--act_dynamic", "false"],
+    ),
+    "auto-noattn": (
+        "attention matmuls FP (Linear inputs only)",
+        "auto",
+        ["--no_quantize_attention", "--act_dynamic", "false"],
+    ),
 }
 
 

@@ -24,7 +24,7 @@ from ..config import QLimitConfig
 from ..forward import is_dispatched, to_device
 from ..hf.quantizer import QLimitHfQuantizer
 from ..hf.surgery import share_tied_codes
-from ..models import get_adapter, is_causal_lm
+from ..models import get_adapter
 from ..models.base import ArchitectureAdapter
 from ..nn.attention_probe import attention_refusal
 from ..nn.memory import bound_heap
@@ -64,7 +64,7 @@ def quantize_model(
     """Quantizes `model` in place with Q-Limit PTQ and returns it, ready for `save_pretrained`."""
     _check_request(model, config, work_dir, resume)
     adapter = get_adapter(model)
-    config = config.resolved(causal_lm=is_causal_lm(model))
+    config = config.for_model(model)
     logger.info(config.summary())  # what the preset filled in, so a run says what it ran
     dispatched = is_dispatched(model)
     if dispatched:  # offloaded to bound memory: the allocator must not hold on to what is freed either

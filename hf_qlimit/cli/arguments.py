@@ -229,19 +229,33 @@ class QuantizationArguments:
     )
     transforms: list[str] | None = field(
         default=None,
-        metadata={"help": "Outlier transforms first: smoothquant[@a] os_plus[@a] hadamard_down hadamard_inputs."},
+        metadata={
+            "help": "Outlier transforms first: smoothquant[@a] os_plus[@a] hadamard_down hadamard_inputs, or none. "
+            "Default: hadamard_inputs at --act_bits <= 4 (where the model allows it), else none."
+        },
     )
-    act_layout: str = field(
-        default=_DEFAULT["act_layout"], metadata={"help": f"{_one_of(ACT_LAYOUTS, _LAYOUT_NOTES)}."}
+    act_layout: str | None = field(
+        default=None,
+        metadata={
+            "help": f"{_one_of(ACT_LAYOUTS, _LAYOUT_NOTES)}. Default: shared at --act_bits <= 4, else per_linear."
+        },
     )
     prob_bits: int | None = field(
         default=None, metadata={"help": "Bits of the attention probabilities; none: --act_bits."}
     )
-    prob_grid: str = field(
-        default=_DEFAULT["prob_grid"],
-        metadata={"help": f"Grid of the attention probabilities: {_one_of(PROB_GRIDS, _PROB_GRID_NOTES)}."},
+    prob_grid: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Grid of the attention probabilities: {_one_of(PROB_GRIDS, _PROB_GRID_NOTES)}. "
+            "Default: unit for decoder LMs, else uniform."
+        },
     )
-    act_dynamic: bool = field(default=False, metadata={"help": "Dynamic per-token grids for block Linear inputs."})
+    act_dynamic: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Dynamic per-token grids for block Linear inputs (true/false). Default: true for decoder LMs."
+        },
+    )
     act_fp_first_token: bool = field(
         default=False,
         metadata={"help": "Decoders: the token at position 0 (attention sink) skips activation quantization."},
@@ -275,6 +289,8 @@ class QuantizationArguments:
             seed=self.quant_seed if self.quant_seed is not None else seed,
             size_budget_bytes=None if self.size_budget_mb is None else int(self.size_budget_mb * 1e6),
         )
+        if self.transforms is not None and [t.lower() for t in self.transforms] in (["none"], []):
+            values["transforms"] = []  # --transforms none: no transforms, not the preset's
         if max_length is not None:
             values["max_length"] = max_length
         return QLimitConfig(**values)

@@ -67,3 +67,13 @@ def refusal(model: nn.Module, adapter: ArchitectureAdapter, names: list[str]) ->
             "in front of, and rotating only the other Linears would leave the experts' input unrotated. " + instead
         )
     return None
+
+
+def default_refusal(model: nn.Module, adapter: ArchitectureAdapter, names: list[str]) -> str | None:
+    """Why the preset's transforms `names` are left out for `model` (None: they apply): `refusal`'s reasons, and
+    an offloaded model, whose FP weights are not all in memory for the one calibration pass they need."""
+    from ..forward import is_dispatched
+
+    if is_dispatched(model):
+        return "the model is offloaded (device_map), and the transforms need all its FP weights in memory"
+    return refusal(model, adapter, names)
