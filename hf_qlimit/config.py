@@ -26,12 +26,13 @@ _NOTABLE = (
     "learn_weight_scale",
     "batch_sampling",
     "batch_size",
+    "quantize_attention",
     "transforms",
     "act_layout",
     "act_dynamic",
     "prob_grid",
 )
-_ACTIVATION_CHOICES = {"transforms", "act_layout", "act_dynamic", "prob_grid"}
+_ACTIVATION_CHOICES = {"quantize_attention", "transforms", "act_layout", "act_dynamic", "prob_grid"}
 
 # Fields the summary's start shows already (bits, method, preset, schedule) or that are not choices.
 _SHOWN = {"weight_bits", "act_bits", "group_size", "weight_format", "method", "preset", "num_samples", "batch_size",
@@ -77,8 +78,10 @@ class QLimitConfig(QuantizationConfigMixin):
         module_bits (`dict[str, int]`, *optional*, defaults to `{}`):
             fnmatch pattern or module name -> weight bits, applied after the rules above. Mixed precision writes
             its allocation here.
-        quantize_attention (`bool`, *optional*, defaults to `True`):
-            Also quantize the inputs of the Q·Kᵀ and P·V matmuls (when `act_bits` is set).
+        quantize_attention (`bool`, *optional*):
+            Also quantize the inputs of the Q·Kᵀ and P·V matmuls (when `act_bits` is set). Unset: True, but False
+            for decoder LMs under the fast presets (as SmoothQuant-class W8A8 does; measured in
+            docs/results/language-modeling.md).
         weight_format (`str`, *optional*):
             Quantize on the grid of a file format, so that exporting to it is lossless: a GGUF type
             (`"gguf:q4_0"`, `"gguf:q4_1"`, `"gguf:q5_0"`, `"gguf:q5_1"`, `"gguf:q8_0"`, and the k-quants
@@ -179,8 +182,9 @@ class QLimitConfig(QuantizationConfigMixin):
         transforms (`list[str]`, *optional*):
             Function-preserving transforms of the FP model before quantization, in this order whatever the list's:
             `"smoothquant[@α]"` or `"os_plus[@α]"` (at most one; α in [0, 1], default 0.5), `"hadamard_down"`,
-            `"hadamard_inputs"` (see `hf_qlimit.transforms.apply`). Unset: `["hadamard_inputs"]` at `act_bits` <= 4
-            where the model can take it (not under `preset="paper"`), else none; `[]` for none at all.
+            `"hadamard_inputs"` (see `hf_qlimit.transforms.apply`). Unset, under the fast presets and where the
+            model can take them: `["hadamard_inputs"]` at `act_bits` <= 4, `["hadamard_down"]` for decoder LMs with
+            8-bit activations, else none; `[]` for none at all.
         act_layout (`str`, *optional*):
             `"per_linear"` (one input quantizer per Linear), `"shared"` (one per tensor: Q/K/V, gate/up) or
             `"block_output"` (shared, and post-LN blocks quantize their output for the next block's Q/K/V).
@@ -212,7 +216,7 @@ class QLimitConfig(QuantizationConfigMixin):
     first_last_bits: int | None = 8
     modules_to_not_convert: list[str] | None = None
     module_bits: dict[str, int] = field(default_factory=dict)
-    quantize_attention: bool = True
+    quantize_attention: bool | None = None
     weight_format: str | None = None
     lp_norm: float = 2.4
     # Calibration
@@ -296,7 +300,8 @@ class QLimitConfig(QuantizationConfigMixin):
         `method`. `preset` stays recorded as given; the filled fields say what ran.
 
         `transform_refusal(names)` says why the model cannot take the table's `transforms` (None: it can); a
-        refused table value is left out, and the summary says why."""
+        refused table value is left out, and the summary says why. A checkpoint's config (`layer_config` filled)
+        comes back as it is: its unset fields were unset when it ran."""
         out = copy.deepcopy(self)
         preset = preset_for(self.preset, causal_lm)
         method = self.method
@@ -305,6 +310,8 @@ class QLimitConfig(QuantizationConfigMixin):
         values, why = resolve(preset, self.weight_bits, self.act_bits, method, causal_lm)
         if method != self.method:
             why["method"] = f"drop_prob {self.drop_prob} set"
+        if self.layer_config:  # a quantized checkpoint's config: what ran is recorded, nothing is left to fill
+            values, why = {"method": self.method}, {}
         refused = None
         if self.transforms is None and values.get("transforms") and transform_refusal is not None:
             refused = transform_refusal([t.partition("@")[0] for t in values["transforms"]])
@@ -390,6 +397,8 @@ class QLimitConfig(QuantizationConfigMixin):
             return self.method == "qdrop"
         if key in ("gptq_act_order", "init_margin") and self.weight_init != "gptq":
             return False
+        if key == "prob_grid" and not self.quantize_attention:
+            return False  # no probabilities are quantized
         if key in _ACTIVATION_CHOICES:  # shown where they differ from the papers' activations
             return self.act_bits is not None and key in resolution.why
         return self.method != "rtn" or key in ("method", "weight_init", "weight_range", "gptq_act_order")

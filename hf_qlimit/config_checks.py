@@ -90,7 +90,7 @@ def scheme(config: Any) -> None:
     integer("group_size", config.group_size, 1, unset=", or None for one scale per output channel")
     flag("weight_sym", config.weight_sym)
     flag("act_sym", config.act_sym)
-    flag("quantize_attention", config.quantize_attention)
+    flag("quantize_attention", config.quantize_attention, ", or None (the preset's)")
     number("lp_norm", config.lp_norm, 0, closed="(]")
     patterns = config.modules_to_not_convert
     if patterns is not None and (not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns)):

@@ -79,23 +79,26 @@ _COMMON = {
     "fisher_damping": 1.0,
     "drop_prob": 0.0,  # no dropping unless the method is QDrop (COMMON_RULES)
     # the activations as the papers quantize them: a calibrated grid per Linear input, probabilities included
+    "quantize_attention": True,
     "act_layout": "per_linear",
     "prob_grid": "uniform",
     "act_dynamic": False,
 }
 
 # Beyond the papers, measured better on the activations (docs/results/glue.md, language-modeling.md); the
-# rotations are left out where the architecture cannot take them (`QLimitConfig.resolved` says why).
+# rotations are left out where the architecture cannot take them (`QLimitConfig.resolved` says why). In order:
+# the 4-bit rule's rotation of every Linear input includes the decoder rule's FFN down one.
 _ACTIVATION_RULES = (
+    Rule(
+        When(weight_only=False, causal_lm=True),
+        {"quantize_attention": False, "act_dynamic": True, "prob_grid": "unit", "transforms": ["hadamard_down"]},
+        "decoder LM: Linear inputs per token with the FFN down input rotated, attention matmuls in FP "
+        "(probabilities on [0, 1] if quantized)",
+    ),
     Rule(
         When(max_act_bits=4),
         {"transforms": ["hadamard_inputs"], "act_layout": "shared"},
         "4-bit activations: rotated Linear inputs, one grid per tensor",
-    ),
-    Rule(
-        When(weight_only=False, causal_lm=True),
-        {"act_dynamic": True, "prob_grid": "unit"},
-        "decoder LM: per-token Linear inputs, attention probabilities on [0, 1] (the sink's are near 1)",
     ),
 )
 

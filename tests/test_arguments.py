@@ -23,7 +23,7 @@ from hf_qlimit.config_checks import (
 from hf_qlimit.presets import METHODS, PRESETS
 
 # Flags with another name (or unit) than their QLimitConfig field, and the quantize_qlimit arguments.
-RENAMED = {"quant_seed": "seed", "size_budget_mb": "size_budget_bytes"}
+RENAMED = {"quant_seed": "seed", "size_budget_mb": "size_budget_bytes", "no_quantize_attention": "quantize_attention"}
 NOT_CONFIG = {"work_dir", "resume", "cache_budget_mb"}
 # QLimitConfig fields without a flag, and why.
 NOT_FLAGS = {
@@ -336,9 +336,15 @@ def test_new_flags_are_checked_by_the_config(argv, field):
 
 
 def test_quantize_attention_is_a_bool_flag():
-    assert _parse().to_config(seed=0).quantize_attention is True
+    unset = _parse().to_config(seed=0)
+    assert unset.quantize_attention is None  # the preset's: encoders quantize the matmuls, decoder LMs not
+    assert unset.resolved(causal_lm=False).quantize_attention is True
+    assert unset.resolved(causal_lm=True).quantize_attention is False
     assert _parse("--no_quantize_attention").to_config(seed=0).quantize_attention is False
     assert _parse("--quantize_attention", "false").to_config(seed=0).quantize_attention is False
+    assert _parse("--quantize_attention", "true").to_config(seed=0).resolved(causal_lm=True).quantize_attention
+    with pytest.raises(ValueError, match="contradict"):
+        _parse("--no_quantize_attention", "--quantize_attention", "true")
 
 
 def test_prob_grid_flag_takes_the_unit_grid():

@@ -72,8 +72,10 @@ def _assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
 def test_weight_only_and_w8a8_load_without_hf_qlimit(tmp_path):
     w4 = _llama()  # asymmetric W4 g16, 8-bit head: pack-quantized
     w3 = _llama(weight_bits=3, weight_sym=True)  # symmetric low bits: served by vLLM too
-    w8a8 = _llama(weight_bits=8, act_bits=8, group_size=None, quantize_attention=False)  # int-quantized
-    models = {"w4": w4, "w3": w3, "w8a8": w8a8}
+    w8a8 = _llama(weight_bits=8, act_bits=8, group_size=None, quantize_attention=False, act_dynamic=False)
+    # per-token input grids at run time (the decoder default): the format's dynamic "token" strategy
+    dynamic = _llama(weight_bits=8, act_bits=8, group_size=None, quantize_attention=False, act_dynamic=True)
+    models = {"w4": w4, "w3": w3, "w8a8": w8a8, "dynamic": dynamic}
     refs = {name: _reference(model) for name, model in models.items()}
     folders = []
     for name, model in models.items():
@@ -84,12 +86,16 @@ def test_weight_only_and_w8a8_load_without_hf_qlimit(tmp_path):
     assert (
         json.loads((tmp_path / "w8a8" / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
     )
+    groups = json.loads((tmp_path / "dynamic" / "config.json").read_text())["quantization_config"]["config_groups"]
+    acts = groups["group_0"]["input_activations"]
+    assert (acts["num_bits"], acts["strategy"], acts["dynamic"]) == (8, "token", True)
     for (name, ref), got in zip(refs.items(), _load_elsewhere(folders, "AutoModelForCausalLM", tmp_path)):
         _assert_close(got, ref)
-    # the reloaded W8A8 model really quantizes its inputs: without them the logits are others
-    with quant_state(w8a8, weights=True, acts=False), torch.no_grad():
-        weights_only = w8a8(input_ids=_ids()).logits
-    assert (weights_only - refs["w8a8"]).abs().max() > 100 * LOGIT_RTOL * refs["w8a8"].abs().max()
+    # the reloaded W8A8 models really quantize their inputs: without them the logits are others
+    for name in ("w8a8", "dynamic"):
+        with quant_state(models[name], weights=True, acts=False), torch.no_grad():
+            weights_only = models[name](input_ids=_ids()).logits
+        assert (weights_only - refs[name]).abs().max() > 100 * LOGIT_RTOL * refs[name].abs().max()
 
 
 @pytest.mark.slow

@@ -25,82 +25,56 @@ MARKER = "w8a8-probs"
 SCRIPT = "examples/language-modeling/run_ppl.py"
 MODEL = Path("/tmp/bl/smollm2")  # `python -m hf_qlimit.cli.gguf_to_hf --output_dir /tmp/bl/smollm2`
 BASE = ["--seq_len", "512", "--weight_bits", "8", "--act_bits", "8", "--num_calib_samples", "32"]
+
+
+def flags(attention: bool, grid: str = "uniform", dynamic: bool = False, first: bool = False, transform: str = "none"):
+    """Every activation option of a row spelled out, so that the row stays what it was whatever the defaults."""
+    out = ["--quantize_attention", str(attention).lower(), "--act_dynamic", str(dynamic).lower()]
+    out += ["--prob_grid", grid, "--transforms", transform] + (["--act_fp_first_token"] if first else [])
+    return out
+
+
+DYNAMIC = "Linear inputs per token at run time (`act_dynamic`)"
 # name -> (label, method, options)
 SETTINGS: dict[str, tuple[str, str, list[str]]] = {
-    "rtn-default": ("the defaults (no option)", "rtn", []),
-    "auto-default": ("the defaults (no option)", "auto", []),
-    "rtn-uniform": (
-        "uniform probabilities, range searched (the default before issue 32)",
-        "rtn",
-        ["--prob_grid", "uniform", "--act_dynamic", "false"],
-    ),
-    "rtn-unit": ("unit probabilities, fixed [0, 1]", "rtn", ["--prob_grid", "unit", "--act_dynamic", "false"]),
-    "rtn-log2": ("log2 probabilities", "rtn", ["--prob_grid", "log2", "--act_dynamic", "false"]),
-    "rtn-noattn": (
-        "attention matmuls FP (Linear inputs only)",
-        "rtn",
-        ["--no_quantize_attention", "--act_dynamic", "false"],
-    ),
+    "rtn-default": ("**the defaults** (no option)", "rtn", []),
+    "auto-default": ("**the defaults** (no option)", "auto", []),
+    "rtn-uniform": ("uniform probabilities, range searched (the default before issue 32)", "rtn", flags(True)),
+    "rtn-unit": ("unit probabilities, fixed [0, 1]", "rtn", flags(True, "unit")),
+    "rtn-log2": ("log2 probabilities", "rtn", flags(True, "log2")),
+    "rtn-noattn": ("attention matmuls FP (Linear inputs only)", "rtn", flags(False)),
     "rtn-uniform-first": (
         "uniform probabilities, first token FP (`act_fp_first_token`)",
         "rtn",
-        ["--prob_grid", "uniform", "--act_fp_first_token", "--act_dynamic", "false"],
+        flags(True, first=True),
     ),
-    "rtn-noattn-first": (
-        "attention matmuls FP, first token FP",
-        "rtn",
-        ["--no_quantize_attention", "--act_fp_first_token", "--act_dynamic", "false"],
-    ),
-    "rtn-uniform-dynamic": (
-        "uniform probabilities, Linear inputs per token at run time (`act_dynamic`)",
-        "rtn",
-        ["--prob_grid", "uniform", "--act_dynamic", "true"],
-    ),
+    "rtn-noattn-first": ("attention matmuls FP, first token FP", "rtn", flags(False, first=True)),
+    "rtn-uniform-dynamic": (f"uniform probabilities, {DYNAMIC}", "rtn", flags(True, dynamic=True)),
     "rtn-dynamic-first": (
-        "uniform probabilities, Linear inputs per token at run time, first token FP",
+        f"uniform probabilities, {DYNAMIC}, first token FP",
         "rtn",
-        ["--prob_grid", "uniform", "--act_dynamic", "true", "--act_fp_first_token"],
+        flags(True, dynamic=True, first=True),
     ),
-    "rtn-dynamic-noattn": (
-        "attention matmuls FP, Linear inputs per token at run time",
-        "rtn",
-        ["--no_quantize_attention", "--act_dynamic", "true"],
-    ),
-    "rtn-dynamic-log2": (
-        "log2 probabilities, Linear inputs per token at run time",
-        "rtn",
-        ["--prob_grid", "log2", "--act_dynamic", "true"],
-    ),
-    "rtn-dynamic-unit": (
-        "unit probabilities, Linear inputs per token at run time",
-        "rtn",
-        ["--prob_grid", "unit", "--act_dynamic", "true"],
-    ),
+    "rtn-dynamic-noattn": (f"attention matmuls FP, {DYNAMIC}", "rtn", flags(False, dynamic=True)),
+    "rtn-dynamic-log2": (f"log2 probabilities, {DYNAMIC}", "rtn", flags(True, "log2", dynamic=True)),
+    "rtn-dynamic-unit": (f"unit probabilities, {DYNAMIC}", "rtn", flags(True, "unit", dynamic=True)),
     "rtn-dynamic-noattn-hdown": (
-        "attention matmuls FP, Linear inputs per token at run time, FFN down input rotated (`hadamard_down`)",
+        f"attention matmuls FP, {DYNAMIC}, FFN down input rotated (`hadamard_down`)",
         "rtn",
-        ["--no_quantize_attention", "--act_dynamic", "true", "--transforms", "hadamard_down"],
+        flags(False, dynamic=True, transform="hadamard_down"),
     ),
     "rtn-dynamic-unit-hdown": (
-        "unit probabilities, Linear inputs per token at run time, FFN down input rotated",
+        f"unit probabilities, {DYNAMIC}, FFN down input rotated",
         "rtn",
-        ["--prob_grid", "unit", "--act_dynamic", "true", "--transforms", "hadamard_down"],
+        flags(True, "unit", dynamic=True, transform="hadamard_down"),
     ),
     "rtn-dynamic-unit-hinputs": (
-        "unit probabilities, Linear inputs per token at run time, every Linear input rotated (`hadamard_inputs`)",
+        f"unit probabilities, {DYNAMIC}, every Linear input rotated (`hadamard_inputs`)",
         "rtn",
-        ["--prob_grid", "unit", "--act_dynamic", "true", "--transforms", "hadamard_inputs"],
+        flags(True, "unit", dynamic=True, transform="hadamard_inputs"),
     ),
-    "auto-uniform": (
-        "uniform probabilities, range searched (the default before issue 32)",
-        "auto",
-        ["--prob_grid", "uniform", "--act_dynamic", "false"],
-    ),
-    "auto-noattn": (
-        "attention matmuls FP (Linear inputs only)",
-        "auto",
-        ["--no_quantize_attention", "--act_dynamic", "false"],
-    ),
+    "auto-uniform": ("uniform probabilities, range searched (the default before issue 32)", "auto", flags(True)),
+    "auto-noattn": ("attention matmuls FP (Linear inputs only)", "auto", flags(False)),
 }
 
 

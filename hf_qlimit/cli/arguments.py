@@ -135,12 +135,14 @@ class QuantizationArguments:
         default=_DEFAULT["weight_sym"], metadata={"help": "Symmetric weight grids (no zero point)."}
     )
     act_sym: bool = field(default=_DEFAULT["act_sym"], metadata={"help": "Symmetric activation grids."})
-    quantize_attention: bool = field(
-        default=_DEFAULT["quantize_attention"],
+    quantize_attention: bool | None = field(
+        default=None,
         metadata={
-            "help": "Quantize the inputs of the attention matmuls too (with --act_bits); --no_quantize_attention: FP."
+            "help": "Quantize the inputs of the attention matmuls too (true/false, with --act_bits). Default: true, "
+            "false for decoder LMs."
         },
     )
+    no_quantize_attention: bool = field(default=False, metadata={"help": "The attention matmuls stay in FP."})
     weight_format: str | None = field(
         default=None,
         metadata={
@@ -289,6 +291,10 @@ class QuantizationArguments:
             seed=self.quant_seed if self.quant_seed is not None else seed,
             size_budget_bytes=None if self.size_budget_mb is None else int(self.size_budget_mb * 1e6),
         )
+        if self.no_quantize_attention:
+            if self.quantize_attention:
+                raise ValueError("--no_quantize_attention and --quantize_attention true contradict: pass one.")
+            values["quantize_attention"] = False
         if self.transforms is not None and [t.lower() for t in self.transforms] in (["none"], []):
             values["transforms"] = []  # --transforms none: no transforms, not the preset's
         if max_length is not None:

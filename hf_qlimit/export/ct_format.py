@@ -5,7 +5,9 @@ that is exactly hf_qlimit's unsigned code q (and zp + 2^(b−1) is hf_qlimit's z
 re-rounded. `pack-quantized` packs codes densely, LSB first, into little-endian int32 words per row of a
 multiple of 32 codes, which is hf_qlimit's byte packing viewed as int32; asymmetric zero points are packed the
 same way along the output rows. `int-quantized` (W8A8) stores int8 codes and a static per-tensor input scale
-(with an int8 input zero point when the activation grid is asymmetric).
+(with an int8 input zero point when the activation grid is asymmetric), or, for per-token inputs
+(`act_dynamic`), nothing for the input: the format's dynamic "token" strategy computes each token's grid from its
+min and max at run time, as hf_qlimit's `DynamicTokenQuantizer` does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from transformers.utils import logging
 from ..nn.modules import QuantWeightMixin
 from ..nn.packing import pack_codes
 from ..quantizers import ActQuantizer
+from ..quantizers.act_grids import DynamicTokenQuantizer
 from .common import ExportError
 
 logger = logging.get_logger(__name__)
@@ -32,6 +35,7 @@ class Scheme:
     group_size: int | None  # None: one scale per output channel
     symmetric: bool
     act_symmetric: bool | None  # None: weight-only
+    act_dynamic: bool = False  # per-token input grids computed at run time
 
     @property
     def format(self) -> str:
@@ -59,8 +63,8 @@ class Scheme:
                 "type": "int",
                 "symmetric": self.act_symmetric,
                 "group_size": None,
-                "strategy": "tensor",
-                "dynamic": False,
+                "strategy": "token" if self.act_dynamic else "tensor",
+                "dynamic": self.act_dynamic,
             }
         return {
             "targets": targets,
@@ -89,17 +93,18 @@ def scheme_of(name: str, weight: QuantWeightMixin, act: ActQuantizer | None, all
         if not allow_unservable:
             raise ExportError(message + ", or pass allow_unservable=True (--allow_unservable) to export anyway.")
         logger.warning_once(message + ". Exported anyway (allow_unservable).")
+    dynamic = isinstance(act, DynamicTokenQuantizer)
     if act is None:
         act_symmetric = None
     elif bits == 8 and act.bits == 8:
-        act_symmetric = round(float(act.zero)) == 128
+        act_symmetric = act.symmetric if dynamic else round(float(act.zero)) == 128
     else:
         raise ExportError(
             f"{name}: W{bits}A{act.bits}. compressed-tensors expresses static activation quantization here only as "
             "W8A8 (`int-quantized`); export a weight-only model (act_bits=None) or a W8A8 one."
         )
     group_size = None if groups == 1 else weight.cols // groups
-    return Scheme(bits, group_size, symmetric, act_symmetric)
+    return Scheme(bits, group_size, symmetric, act_symmetric, dynamic)
 
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -138,6 +143,7 @@ def matrix_tensors(
         out[f"{prefix}.weight"] = (codes.to(torch.int16) - offset).to(torch.int8)
         if not scheme.symmetric:
             out[f"{prefix}.weight_zero_point"] = (zero.to(torch.int16) - offset).to(torch.int8)
+    if scheme.format == "int-quantized" and not scheme.act_dynamic:
         out[f"{prefix}.input_scale"] = act.scale.detach().float().reshape(1).cpu()
         if not scheme.act_symmetric:
             out[f"{prefix}.input_zero_point"] = torch.tensor([round(float(act.zero)) - 128], dtype=torch.int8)
