@@ -27,6 +27,8 @@ from benchmarks.peers import peer_eval
 OUT = common.OUT / "lm_ablation"
 MARKER = "lm-ablation-table"
 # (label, QLimitConfig overrides): rows in table order
+# the decoder activations of the default before issue 32: static grids, attention matmuls quantized, no rotation
+OLD_A8 = {"act_dynamic": False, "quantize_attention": True, "transforms": [], "prob_grid": "uniform"}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("RTN, Lp grid (0 it)", {"method": "rtn", "weight_range": "lp"}),
     "rtn-minmax": ("RTN, min-max grid (0 it)", {"method": "rtn", "weight_range": "minmax"}),
@@ -96,12 +98,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {},
     ),
     "it200": ("RTN init + 200 it signed steps + learned min/max", {"iters": 200}),
-    # W4A8 rows: the default with activations is QDrop (input mixing 0.5) and learned activation steps
+    # W4A8 rows before issue 32: the default with activations was QDrop (input mixing 0.5) with static grids
+    # and learned activation steps, attention matmuls included
     "a8-first-log2": (
         "W4A8: the default + first token (attention sink) in FP + log2 8-bit probabilities",
-        {"act_fp_first_token": True, "prob_grid": "log2"},
+        {**OLD_A8, "act_fp_first_token": True, "prob_grid": "log2"},
     ),
-    "a8-dynamic": ("W4A8: the default with **dynamic per-token** Linear inputs (not static)", {"act_dynamic": True}),
+    "a8-dynamic": (
+        "W4A8: the default with **dynamic per-token** Linear inputs (not static)",
+        {**OLD_A8, "act_dynamic": True},
+    ),
+    # since issue 32 the decoder default with activations has per-token Linear inputs, the FFN down input
+    # rotated and the attention matmuls in FP; these rows vary one choice of it
+    "a8-brecq": ("W4A8: the default without QDrop's input mixing (`drop_prob=0`)", {"drop_prob": 0.0}),
 }
 # the peers' weight-only settings, and W4A8 (issue 19: static per-tensor 8-bit activations, attention matmuls too)
 SETTINGS = {**peer_eval.SETTINGS["smollm2"], "W4A8 g64": peer_eval.Setting("W4A8 g64", 4, 64, 8)}

@@ -30,7 +30,7 @@ DOC = common.RESULTS_DOCS / "squad.md"
 MARKER = "squad-table"
 START, END = common.markers(MARKER)
 ALL_SETTINGS = ["fp"] + [f"{m}-w{w}a8" for m in ("rtn", "qdrop") for w in (8, 4, 2)]
-_SETTING = re.compile(r"^(rtn|adaround|brecq|qdrop)-w(\d)a(\d|none)$")
+_SETTING = re.compile(r"^(rtn|adaround|brecq|qdrop|default)-w(\d)a(\d|none)$")  # default: no --method
 
 
 def setting_args(setting: str, eval_fp: bool = False) -> list[str]:
@@ -41,7 +41,7 @@ def setting_args(setting: str, eval_fp: bool = False) -> list[str]:
     if match is None:
         raise ValueError(f"Unknown setting {setting!r}; use 'fp' or e.g. 'qdrop-w4a8'.")
     method, weight_bits, act_bits = match.groups()
-    flags = ["--method", method, "--weight_bits", weight_bits, "--act_bits", act_bits, *common.drop_flags(method)]
+    flags = [*common.method_flags(method), "--weight_bits", weight_bits, "--act_bits", act_bits]
     # The FP row comes from its own run; quantized runs skip it unless asked (--quick: one run, two rows).
     return flags if eval_fp else flags + ["--no_eval_fp"]
 
@@ -135,7 +135,8 @@ def rows_from(results: dict[str, Any], variant: str = "") -> list[dict[str, Any]
         scores = stages.get("reloaded", stages["quantized"])
         rows.append(
             {
-                "label": {"rtn": "RTN", "qdrop": "QDrop"}.get(method, method) + (f" + {variant}" if variant else ""),
+                "label": {"rtn": "RTN", "qdrop": "QDrop", "brecq": "BRECQ"}.get(method, method)
+                + (f" + {variant}" if variant else ""),
                 "bits": bits[1:].replace("A", "/"),
                 "em": scores["exact_match"],
                 "f1": scores["f1"],

@@ -158,7 +158,12 @@ PAGES = {
     ),
     "benchmarks.glue.convergence": ("design/short-budget-schedule.md", ["convergence-table"]),
     "benchmarks.glue.mixed_precision": ("results/mixed-precision.md", ["mixed-table"]),
-    "benchmarks.squad.table": ("results/squad.md", ["squad-table", "squad-brecq", "squad-default", "squad-outliers"]),
+    "benchmarks.glue.draws": ("results/glue.md", ["default-draws"]),
+    "benchmarks.squad.table": (
+        "results/squad.md",
+        ["squad-table", "squad-brecq", "squad-default", "squad-outliers", "squad-defaults-32"],
+    ),
+    "benchmarks.lm.w8a8_probs": ("results/language-modeling.md", ["w8a8-probs", "w8a8-defaults"]),
     "benchmarks.lm.table": ("results/language-modeling.md", ["causal-lm-table"]),
     "benchmarks.lm.ablation": ("results/language-modeling.md", ["lm-ablation-table"]),
     "benchmarks.lm.attention_sink": ("results/language-modeling.md", ["attention-sink-table"]),

@@ -31,7 +31,9 @@ def _results(label: str | None, em: float, f1: float, reloaded_f1: float | None 
 def test_setting_flags():
     assert squad_table.setting_args("fp") == ["--no_quantize"]
     flags = squad_table.setting_args("qdrop-w2a8")
-    assert flags == ["--method", "qdrop", "--weight_bits", "2", "--act_bits", "8", "--drop_prob", "0.5", "--no_eval_fp"]
+    assert flags == ["--method", "qdrop", "--drop_prob", "0.5", "--weight_bits", "2", "--act_bits", "8", "--no_eval_fp"]
+    # the defaults: no method flag, so the row is whatever QLimitConfig resolves to
+    assert squad_table.setting_args("default-w4a4") == ["--weight_bits", "4", "--act_bits", "4", "--no_eval_fp"]
     assert "--no_eval_fp" not in squad_table.setting_args("rtn-w4anone", eval_fp=True)
     with pytest.raises(ValueError):
         squad_table.setting_args("gptq-w4a8")
