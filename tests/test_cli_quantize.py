@@ -166,6 +166,7 @@ def test_a_dataset_folder_calibrates_like_the_text_file(llama_dir, tmp_path):
         (["--format", "gguf:q4_k", "--export", "compressed-tensors"], "gguf:q4_k add a float offset"),
         (["--format", "gguf:q4_1", "--first-last-bits", "2", "--export", "compressed-tensors"], "gguf:q2_k add"),
         (["--num-samples", "1000"], "fewer --num_samples"),
+        (["--act-bits", "8", "--export", "compressed-tensors"], "Pass --transforms none to export"),
     ],
 )
 def test_bad_input_exits_2_with_the_fix_before_any_work(llama_dir, tmp_path, capsys, change, message):

@@ -148,6 +148,11 @@ def check_export(run: RunArguments, model_config: Any, causal: bool, config: QLi
                 "Use --export gguf, or a format without offsets (gguf:q4_0, q4_1, q5_1, q3_k, q6_k ...) and no "
                 "2-bit --first_last_bits / --module_bits."
             )
+    if run.export == "compressed-tensors" and config.transforms:
+        raise UsageError(
+            f"--export compressed-tensors cannot hold the input rotations {config.transforms} (the default for "
+            "decoder LMs with activations, and at 4-bit activations). Pass --transforms none to export."
+        )
     if run.export == "gguf" and config.act_bits is not None:
         raise UsageError(
             f"--export gguf stores weights only; --act_bits {config.act_bits} quantizes activations. "

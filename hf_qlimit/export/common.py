@@ -34,8 +34,9 @@ def refuse_input_transforms(model: nn.Module, format: str) -> None:
     if found:
         raise ExportError(
             f"{len(found)} Linears run behind an explicit input transform (first: {found[0]!r}: shift, smoothing or an "
-            f"online Hadamard rotation); {format} cannot express it. Quantize without `transforms`, or with ones that "
-            "are absorbed into the weights, to export."
+            f"online Hadamard rotation); {format} cannot express it. Quantize with `transforms=[]` (the defaults rotate "
+            "inputs at 4-bit activations and decoder LMs' FFN down input), or with transforms absorbed into the "
+            "weights, to export."
         )
 
 
