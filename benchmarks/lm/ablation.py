@@ -94,7 +94,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "default": (
         "**default**: RTN init (min-max grid) + 50 it signed steps + learned min/max, batch 4 (8 at W2), "
-        "no input mixing",
+        "no input mixing when weight-only",
         {},
     ),
     "it200": ("RTN init + 200 it signed steps + learned min/max", {"iters": 200}),
@@ -125,6 +125,8 @@ def default_batch(setting: str) -> int:
 def _file_under_batch_rows(out: dict, record: dict[str, Any]) -> None:
     batch = record.get("batch_size")
     rows = [f"batch{batch}"] + (["default"] if batch == default_batch(record["setting"]) else [])
+    if SETTINGS[record["setting"]].act_bits is not None:  # the batch rows are weight-only studies
+        rows = rows[-1:] if rows[-1] == "default" else []
     for row in rows:
         if row in VARIANTS:
             out[row, record["setting"]] = {**record, "variant": row}
@@ -140,8 +142,20 @@ def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
     from hf_qlimit import QLimitConfig
 
     torch.set_num_threads(threads)
-    setting = SETTINGS[label]
     net, tokenizer = peer_eval.load_fp("smollm2", peer_eval.model_path("smollm2"))
+    if variant == FP:  # the reference perplexity, where the peers sitting's record is not at hand
+        metric = peer_eval.evaluate("smollm2", net, tokenizer)
+        return {
+            "variant": FP_TOOL,
+            "setting": "FP32",
+            "ppl": metric["ppl"],
+            "quantize_s": 0.0,
+            "threads": threads,
+            "date": datetime.date.today().isoformat(),
+            "commit": common.commit(),
+            "load": common.load_average(),
+        }
+    setting = SETTINGS[label]
     calib = peer_eval.calibration("smollm2", tokenizer)
     config = QLimitConfig(
         weight_bits=setting.weight_bits,
@@ -174,6 +188,7 @@ def run_one(variant: str, label: str, threads: int) -> dict[str, Any]:
 
 PEERS_RESULTS = OUT.parent / "peers" / "results.jsonl"
 FP_TOOL = "FP32 (reference)"  # the peers sitting's unquantized row: the FP perplexity in the note
+FP = "fp"  # `--variants fp`: measure that reference here
 PEER_ROWS = {
     "llm-compressor GPTQ": "*peer:* llm-compressor GPTQ (min-max grid, FP head)",
     "AutoRound": "*peer:* AutoRound, its light recipe (50 it, FP head)",
@@ -266,7 +281,9 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
         f"SmolLM2-135M-Instruct, WikiText-2 test perplexity over the peers protocol's {peer_eval.LM_EVAL_WINDOWS} "
         f"windows of {peer_eval.LM_SEQ_LEN} tokens (FP {fp_ppl}); "
         f"{peer_eval.LM_CALIB_WINDOWS} calibration windows; weight-only, groups of 64, embeddings and head at 8 bits "
-        f"unless a row says FP. In parentheses: the quantization call's wall time on {machine}, one torch thread "
+        "unless a row says FP. The W4A8 column quantizes activations to 8 bits, and its default row is the decoder "
+        "default with activations since issue 32 (QDrop's input mixing at 0.5, per-token Linear inputs, the FFN down "
+        "input rotated, attention matmuls in FP). In parentheses: the quantization call's wall time on {machine}, one torch thread "
         f"unless the cell says more, load average "
         f"at the end of this script's runs {min(loads, default=0):.1f}–{max(loads, default=0):.1f}; the peers "
         "sitting's runs shared the two cores with 2 to 4 jobs, so every time here is inflated. The default row comes "
@@ -279,7 +296,7 @@ def render(records: dict[tuple[str, str], dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["rtn", "gptq", "default"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["rtn", "gptq", "default"], choices=[*VARIANTS, FP])
     parser.add_argument("--settings", nargs="+", default=["W3A16 g64"], choices=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=OUT / "results.jsonl")
@@ -288,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         "--peers_results", type=Path, default=PEERS_RESULTS, help="Where the default and peer rows may come from."
     )
     parser.add_argument("--table_only", action="store_true")
-    common.add_doc_arguments(parser, DOC)
+    common.add_doc_arguments(parser, DOC, MARKER)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:  # one variant in its own process: its own peak RSS, no state shared between runs
@@ -298,14 +315,14 @@ def main(argv: list[str] | None = None) -> None:
     log = ResultsLog("lm.ablation", env=common.offline_env(args.threads), results=args.results)
     for setting in [] if args.table_only else args.settings:
         for variant in args.variants:
-            if (variant, setting) in records and not args.rerun:
+            if ((FP_TOOL, "FP32") if variant == FP else (variant, setting)) in records and not args.rerun:
                 continue
             child = ["-m", "benchmarks.lm.ablation", "--child", variant, setting, "--threads", str(args.threads)]
             record = log.run_child(child, f"{variant} | {setting}")
             if record is not None:
                 log.log(f"  ppl {record['ppl']:.2f}, {record['quantize_s']:.0f} s")
                 records = load(args.results, args.peers_results)
-    common.publish(render(records), MARKER, common.doc_target(args), "lm.ablation")
+    common.publish(render(records), args.marker, common.doc_target(args), "lm.ablation")
     log.check()
 
 

@@ -165,7 +165,7 @@ PAGES = {
     ),
     "benchmarks.lm.w8a8_probs": ("results/language-modeling.md", ["w8a8-probs", "w8a8-defaults"]),
     "benchmarks.lm.table": ("results/language-modeling.md", ["causal-lm-table"]),
-    "benchmarks.lm.ablation": ("results/language-modeling.md", ["lm-ablation-table"]),
+    "benchmarks.lm.ablation": ("results/language-modeling.md", ["lm-ablation-table", "lm-ablation-a8"]),
     "benchmarks.lm.attention_sink": ("results/language-modeling.md", ["attention-sink-table"]),
     "benchmarks.lm.proxy": ("results/language-modeling.md", ["lm-proxy-table"]),
     "benchmarks.lm.mixed_precision": ("results/mixed-precision.md", ["mixed-lm-table"]),
