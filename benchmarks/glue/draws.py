@@ -29,9 +29,9 @@ MARKER = "default-draws"
 ROWS_FILE = "rows.json"  # row name -> its extra flags, so that --table_only shows every measured row
 
 
-def first_metric(result: dict[str, Any]) -> float:
+def first_metric(result: dict[str, Any], stage: str = "quantized") -> float:
     """The cell's headline metric in percent: accuracy (SST-2), F1 (MRPC), Pearson (STS-B)."""
-    metrics = next(iter(result["quantized"].values()))
+    metrics = next(iter(result[stage].values()))
     key = "f1" if "f1" in metrics else next(iter(metrics))
     return 100 * metrics[key]
 
@@ -54,7 +54,7 @@ def build_table(results: dict, rows: dict[str, list[str]], tasks: list[str], set
                     continue
                 values = [first_metric(r) for r in done]
                 cells = [f"{first_metric(r):.2f}" if r else ("–" if r == {} else "failed") for r in runs]
-                fp = 100 * next(iter(next(iter(done[0]["fp"].values())).values()))
+                fp = first_metric(done[0], "fp")
                 seconds = statistics.mean(r["timings_s"]["quantize_s"] for r in done)
                 metric = "F1" if task == "mrpc" else ("Pearson" if task == "stsb" else "acc")
                 lines.append(
