@@ -126,3 +126,15 @@ def calib_all_models() -> list[dict]:
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+# The activation defaults before issue 32 (static grids per Linear, attention matmuls quantized on a searched
+# range, no rotation). The tests of those mechanisms set them: the defaults now rotate at 4-bit activations, and
+# decoders get per-token inputs, the FFN down rotation and FP matmuls.
+STATIC_ACTIVATIONS = {
+    "quantize_attention": True,
+    "act_dynamic": False,
+    "transforms": [],
+    "act_layout": "per_linear",
+    "prob_grid": "uniform",
+}

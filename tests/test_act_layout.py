@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import AUTO, DECODER_VOCAB, TINY, calib_all_models, logits
+from helpers import AUTO, DECODER_VOCAB, STATIC_ACTIVATIONS, TINY, calib_all_models, logits
 
 from hf_qlimit import QLimitConfig
 from hf_qlimit.models import get_adapter
@@ -17,7 +17,7 @@ from hf_qlimit.quantizers.act_grids import DynamicTokenQuantizer, Log2Quantizer,
 
 def _quantize(arch: str, **kwargs):
     model = TINY[arch]()
-    config = {"weight_bits": 4, "act_bits": 4, "method": "rtn", "batch_size": 8, **kwargs}
+    config = {"weight_bits": 4, "act_bits": 4, "method": "rtn", "batch_size": 8, **STATIC_ACTIVATIONS, **kwargs}
     model.quantize_qlimit(calib_all_models(), QLimitConfig(**config))
     return model
 
@@ -163,7 +163,14 @@ def test_unit_grid_survives_reconstruction_and_reload(tmp_path, inputs):
     ids = inputs % DECODER_VOCAB
     model = TINY["llama"]()
     config = QLimitConfig(
-        weight_bits=8, act_bits=8, prob_grid="unit", method="qdrop", iters=3, num_samples=8, batch_size=4
+        weight_bits=8,
+        act_bits=8,
+        prob_grid="unit",
+        method="qdrop",
+        iters=3,
+        num_samples=8,
+        batch_size=4,
+        **STATIC_ACTIVATIONS,
     )
     model.quantize_qlimit(calib_all_models(), config)
     attentions = [getattr(layer.self_attn, ATTENTION_ATTR) for layer in model.model.layers]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import calib_samples, decoder_calib, tiny_bert, tiny_decoder
+from helpers import STATIC_ACTIVATIONS, calib_samples, decoder_calib, tiny_bert, tiny_decoder
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
@@ -28,6 +28,7 @@ LOGIT_RTOL = 1e-5
 
 def _config(**overrides) -> QLimitConfig:
     base = {"weight_bits": 4, "act_bits": None, "group_size": 16, "method": "rtn", "num_samples": 8, "batch_size": 4}
+    base.update(STATIC_ACTIVATIONS)
     return QLimitConfig(**{**base, **overrides})
 
 

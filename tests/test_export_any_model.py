@@ -42,7 +42,7 @@ COMMON = {"num_samples": 8, "batch_size": 4, "method": "rtn"}
 SETTINGS = {
     "w4g32": {"weight_bits": 4, "group_size": 32, "act_bits": None},
     "w4g32-sym": {"weight_bits": 4, "group_size": 32, "act_bits": None, "weight_sym": True},
-    "w8a8": {"weight_bits": 8, "act_bits": 8, "quantize_attention": False},
+    "w8a8": {"weight_bits": 8, "act_bits": 8, "quantize_attention": False, "act_dynamic": False, "transforms": []},
 }
 # float32 on both sides, the same codes and scales: only the summation order may differ
 LOGIT_RTOL = 1e-5

@@ -257,7 +257,9 @@ def test_refusals(tmp_path):
             llama, tmp_path / "b", format="gguf", tokenizer=tokenizer([*CORPUS, "jumbled zebras vex; pyx kvetch"], 100)
         )
     with pytest.raises(ExportError, match="weight-only"):
-        hf_qlimit.export(model("llama", act_bits=8), tmp_path / "c", format="gguf", tokenizer=tokenizer())
+        hf_qlimit.export(
+            model("llama", act_bits=8, transforms=[]), tmp_path / "c", format="gguf", tokenizer=tokenizer()
+        )
     opt = AutoModelForCausalLM.from_config(AutoConfig.for_model("opt", hidden_size=32, ffn_dim=64,
         num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=32, vocab_size=VOCAB))  # fmt: skip
     with pytest.raises(ExportError, match=r"model type 'opt'.*supported: \['gemma'"):

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DECODER_VOCAB, decoder_calib, tiny_bert, tiny_decoder
+from helpers import DECODER_VOCAB, STATIC_ACTIVATIONS, decoder_calib, tiny_bert, tiny_decoder
 from transformers import AutoModelForCausalLM
 
 import hf_qlimit
 from hf_qlimit import QLimitConfig
 
 # weights alike in every variant (RTN), head and embeddings FP: only the activations differ
-BASE = {"weight_bits": 4, "method": "rtn", "num_samples": 8, "batch_size": 4, "first_last_bits": None}
+BASE = {
+    "weight_bits": 4,
+    "method": "rtn",
+    "num_samples": 8,
+    "batch_size": 4,
+    "first_last_bits": None,
+    **STATIC_ACTIVATIONS,
+}
 
 
 def _quantized(kind: str = "llama", **kwargs):

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import DECODER_VOCAB, decoder_calib, tiny_decoder
+from helpers import DECODER_VOCAB, STATIC_ACTIVATIONS, decoder_calib, tiny_decoder
 from transformers import AutoModelForCausalLM, Cache
 
 import hf_qlimit
@@ -25,6 +25,7 @@ from hf_qlimit.nn.modules import QuantLinear
 
 def qconfig(**kwargs) -> QLimitConfig:
     base = {"weight_bits": 4, "act_bits": 8, "method": "qdrop", "num_samples": 8, "batch_size": 4, "iters": 4}
+    base.update(STATIC_ACTIVATIONS)
     return QLimitConfig(**{**base, **kwargs})
 
 
