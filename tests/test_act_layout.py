@@ -163,14 +163,13 @@ def test_unit_grid_survives_reconstruction_and_reload(tmp_path, inputs):
     ids = inputs % DECODER_VOCAB
     model = TINY["llama"]()
     config = QLimitConfig(
+        **{**STATIC_ACTIVATIONS, "prob_grid": "unit"},
         weight_bits=8,
         act_bits=8,
-        prob_grid="unit",
         method="qdrop",
         iters=3,
         num_samples=8,
         batch_size=4,
-        **STATIC_ACTIVATIONS,
     )
     model.quantize_qlimit(calib_all_models(), config)
     attentions = [getattr(layer.self_attn, ATTENTION_ATTR) for layer in model.model.layers]
