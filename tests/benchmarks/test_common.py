@@ -148,7 +148,7 @@ def test_a_script_runs_as_a_module_from_the_repository_root():
 PAGES = {
     "benchmarks.glue.table": (
         "results/glue.md",
-        ["glue-table", "recon-table-default", "recon-timing", "recon-table-margin", "recon-table"],
+        ["glue-table", "recon-table-default", "recon-timing", "recon-timing-32", "recon-table-margin", "recon-table"],
     ),
     "benchmarks.glue.seed_study": ("results/glue.md", ["seed-study", "seed-study-stsb", "seed-study-stsb-200"]),
     "benchmarks.glue.recon_overhead": ("results/glue.md", ["recon-overhead"]),
