@@ -81,6 +81,15 @@ def load_average() -> float:
         return math.nan
 
 
+def add_commit(path: Path, commit: str) -> Record:
+    """Records in a fresh run's results.json the commit it started on (the example scripts do not), and reads it
+    back with `read_results`."""
+    results = json.loads(Path(path).read_text())
+    results["commit"] = commit
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")
+    return read_results(path)
+
+
 def read_results(path: Path) -> Record:
     """A run's results.json, its date filled from the file's time where the run did not record it (older runs)."""
     path = Path(path)

@@ -12,6 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import config_checks
 from .presets import AUTO, QDROP_PROB, preset_for, resolve
+from .transforms.names import check_transforms
 
 _METHOD_NAMES = {"rtn": "round-to-nearest", "adaround": "AdaRound", "brecq": "BRECQ", "qdrop": "QDrop"}
 # The preset's choices `summary` names: the ones that change what runs, beyond the schedule's numbers.
@@ -314,7 +315,7 @@ class QLimitConfig(QuantizationConfigMixin):
             values, why = {"method": self.method}, {}
         refused = None
         if self.transforms is None and values.get("transforms") and transform_refusal is not None:
-            refused = transform_refusal([t.partition("@")[0] for t in values["transforms"]])
+            refused = transform_refusal([base for base, _ in check_transforms(values["transforms"])])
         if refused is not None:
             values.pop("transforms")
         filled = {}

@@ -23,6 +23,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import ResultsLog
 from benchmarks.glue import table as glue_table
+from benchmarks.glue.seed_study import mean_sd
 
 DOC = glue_table.DOC
 MARKER = "default-draws"
@@ -34,12 +35,6 @@ def first_metric(result: dict[str, Any], stage: str = "quantized") -> float:
     metrics = next(iter(result[stage].values()))
     key = "f1" if "f1" in metrics else next(iter(metrics))
     return 100 * metrics[key]
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) >= 2:
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
-    return f"{values[0]:.2f} (n=1)" if values else "–"
 
 
 def build_table(results: dict, rows: dict[str, list[str]], tasks: list[str], settings: list[str], seeds: list[int]):
@@ -126,22 +121,16 @@ def main(argv: list[str] | None = None) -> str:
                 for seed in args.seeds:
                     out = args.out_dir / row.replace(" ", "-") / f"s{seed}"
                     path = out / task / f"default-{setting.lower()}" / "results.json"
-                    fresh, commit = wanted and not (args.reuse and path.is_file()), common.commit()
+                    fresh = wanted and not (args.reuse and path.is_file())
+                    commit = common.commit() if fresh else None  # the code the run starts on
                     flags = [*extra, f"--seed={seed}"]
                     result = glue_table.run_one(task, "Default", setting, args.shared, out, flags, log)
                     if fresh and result:
-                        result = _add_commit(path, commit)
+                        result = common.add_commit(path, commit)
                     results[row, task, setting, seed] = result
     body = render(results, rows, args, common.command("benchmarks.glue.draws", argv))
     section = common.publish(body, args.marker, common.doc_target(args), "glue.draws")
     return section
-
-
-def _add_commit(path: Path, commit: str) -> dict[str, Any]:
-    results = json.loads(path.read_text())
-    results.setdefault("commit", commit)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return common.read_results(path)
 
 
 if __name__ == "__main__":

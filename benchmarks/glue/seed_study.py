@@ -25,6 +25,13 @@ DOC = glue_table.DOC
 MARKER = "seed-study"
 
 
+def mean_sd(values: list[float]) -> str:
+    """'mean ± sample sd (n=k)' of percentages, '<value> (n=1)' for one, '–' for none."""
+    if len(values) >= 2:
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+    return f"{values[0]:.2f} (n=1)" if values else "–"
+
+
 def build_table(
     results: dict[tuple[str, int, int], dict[str, Any] | None], methods: list[str], iters: list[int], seeds: list[int]
 ) -> str:
@@ -38,11 +45,7 @@ def build_table(
             cells = [
                 glue_table.metric_cell(r["quantized"]) + (" †" if glue_table.gpu(r) else "") if r else "–" for r in runs
             ]
-            if len(values) >= 2:
-                summary = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
-            else:
-                summary = f"{values[0]:.2f} (n=1)" if values else "–"
-            lines.append(f"| {method} | {n} | " + " | ".join(cells) + f" | {summary} |")
+            lines.append(f"| {method} | {n} | " + " | ".join(cells) + f" | {mean_sd(values)} |")
     return "\n".join(lines)
 
 

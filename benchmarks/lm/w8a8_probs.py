@@ -14,7 +14,6 @@ defaults become; the table says which row the defaults give.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +136,6 @@ def render(runs: dict[str, dict[str, Any]], windows: int, names: list[str]) -> s
     return "\n".join(lines)
 
 
-def _add_commit(path: Path, commit: str) -> dict[str, Any]:
-    results = json.loads(path.read_text())
-    results["commit"] = commit
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return common.read_results(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -165,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         commit = common.commit()  # the code the run starts on (results.json records no commit)
         record = run_log.run_example(SCRIPT, arguments(name, args.model, args.windows), args.out_dir / name, name)
         if fresh and record:
-            record = _add_commit(args.out_dir / name / "results.json", commit)
+            record = common.add_commit(args.out_dir / name / "results.json", commit)
         runs[name] = record or {}
         if wanted and record:
             log.log(f"{name}: {record['quantized']['ppl']:.2f} (FP {record['fp']['ppl']:.2f})")
