@@ -81,13 +81,17 @@ def render(results: dict, rows: dict[str, list[str]], args: argparse.Namespace, 
     )
 
 
-def _rows(out_dir: Path, row: str, extra: list[str]) -> dict[str, list[str]]:
+def load_rows(out_dir: Path, row: str, extra: list[str]) -> dict[str, list[str]]:
+    """The measured rows and their flags (rows.json), with `row` added; a row keeps the flags it was measured with."""
     path = out_dir / ROWS_FILE
     rows = json.loads(path.read_text()) if path.is_file() else {}
     rows.setdefault("Default", [])
-    if row not in rows or rows[row] != extra:
-        if row in rows and row != "Default" and not extra:
-            extra = rows[row]  # --table_only of a named row: its saved flags
+    if row in rows and extra and rows[row] != extra:
+        raise SystemExit(
+            f"Row {row!r} was measured with {' '.join(rows[row]) or 'no extra flags'}, not {' '.join(extra)}: "
+            f"name a new row with --row, or delete {path} and its runs to start it over."
+        )
+    if row not in rows:
         rows[row] = extra
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows, indent=2) + "\n")
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.row == "Default" and args.extra:
         parser.error("--extra changes the config: name its row with --row.")
-    rows = _rows(args.out_dir, args.row, args.extra)
+    rows = load_rows(args.out_dir, args.row, args.extra)
     env = common.offline_env(threads=args.threads)
     results: dict[tuple[str, str, str, int], Any] = {}
     for row, extra in rows.items():

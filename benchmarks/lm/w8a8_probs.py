@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         wanted = name in args.settings
         run_log = log if wanted else ResultsLog("lm.w8a8_probs", reuse="only")
         fresh = wanted and not (reuse and (args.out_dir / name / "results.json").is_file())
-        commit = common.commit()  # the code the run starts on (results.json records no commit)
+        commit = common.commit() if fresh else None  # the code a fresh run starts on (results.json has none)
         record = run_log.run_example(SCRIPT, arguments(name, args.model, args.windows), args.out_dir / name, name)
         if fresh and record:
             record = common.add_commit(args.out_dir / name / "results.json", commit)

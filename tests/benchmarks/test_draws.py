@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.glue import draws
 
 
@@ -22,3 +24,12 @@ def test_mean_sd_and_the_headline_metric():
     assert lines[0] == "| task (metric) | setting | row | FP | seed 42 | seed 1 | seed 2 | mean ± sd | time |"
     assert lines[2:] == ["| MRPC (F1) | W4A4 | Default | 80.00 | 84.00 | 82.00 | failed | 83.00 ± 1.41 (n=2) | 100 s |"]
     assert draws.mean_sd([81.0]) == "81.00 (n=1)" and draws.mean_sd([]) == "–"
+
+
+def test_a_row_keeps_the_flags_it_was_measured_with(tmp_path):
+    assert draws.load_rows(tmp_path, "more", ["--iters=400"]) == {"Default": [], "more": ["--iters=400"]}
+    # --table_only names the row without flags: its saved ones are shown
+    assert draws.load_rows(tmp_path, "more", [])["more"] == ["--iters=400"]
+    with pytest.raises(SystemExit, match="measured with --iters=400, not --iters=800"):
+        draws.load_rows(tmp_path, "more", ["--iters=800"])  # other flags would mislabel the runs on disk
+    assert draws.load_rows(tmp_path, "more", [])["more"] == ["--iters=400"]
