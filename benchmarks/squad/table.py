@@ -187,6 +187,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def measured_days(environments: list[dict[str, Any] | None]) -> str:
+    """The day the runs started, or '<first> to <last>' (today for runs that recorded none)."""
+    days = sorted({env["date"][:10] for env in environments if env and env.get("date")})
+    days = days or [datetime.date.today().isoformat()]
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def header(args: argparse.Namespace, environments: list[dict[str, Any] | None]) -> dict[str, str]:
     """What the table's first line says: date, machine, data, preset and the model's reference scores."""
     reference = ""
@@ -196,7 +203,7 @@ def header(args: argparse.Namespace, environments: list[dict[str, Any] | None]) 
         reference = f"Reference FP (`reference.json`): EM {ref['exact_match']:.2f}, F1 {ref['f1']:.2f}."
     n_questions = f"first {args.max_eval_samples} questions" if args.max_eval_samples else "all 4,905 questions"
     return {
-        "date": datetime.date.today().isoformat(),
+        "date": measured_days(environments),
         **_machine(environments),
         "preset": args.preset + (" (--quick: 32 samples, 20 iters)" if args.quick else ""),
         "data": f"SQuAD v1.1 dev, odd title-sorted articles ({n_questions}), max_seq_length 256, doc_stride 64",

@@ -161,7 +161,15 @@ PAGES = {
     "benchmarks.glue.draws": ("results/glue.md", ["default-draws"]),
     "benchmarks.squad.table": (
         "results/squad.md",
-        ["squad-table", "squad-brecq", "squad-default", "squad-outliers", "squad-defaults-32"],
+        [
+            "squad-table",
+            "squad-brecq",
+            "squad-default",
+            "squad-outliers",
+            "squad-defaults-32",
+            "squad-w2a8-fisher",
+            "squad-w2a8-rotations",
+        ],
     ),
     "benchmarks.lm.w8a8_probs": ("results/language-modeling.md", ["w8a8-probs", "w8a8-defaults"]),
     "benchmarks.lm.table": ("results/language-modeling.md", ["causal-lm-table"]),

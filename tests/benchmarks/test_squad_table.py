@@ -87,3 +87,9 @@ def test_machine_comes_from_the_runs_environment():
     assert mixed["machine"] == "NVIDIA H100 80GB HBM3, x86_64" and mixed["torch"] == "2.11.0+cu130, 2.13.0+cpu"
     # results.json of older runs recorded no environment (read_results adds only the date): this machine stands in
     assert squad_table._machine([{"date": "2026-01-01"}])["machine"] == squad_table.common.cpu_name()
+
+
+def test_the_table_is_dated_by_its_runs_not_by_the_day_it_is_drawn():
+    late = {"date": "2026-12-08T00:40:00+00:00"}
+    assert squad_table.measured_days([{"date": "2026-12-07T22:30:15+00:00"}, None, late]) == "2026-12-07 to 2026-12-08"
+    assert squad_table.measured_days([late, late]) == "2026-12-08"
