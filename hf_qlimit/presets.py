@@ -102,6 +102,14 @@ _ACTIVATION_RULES = (
     ),
 )
 
+# Encoders at 2-bit weights: the rotation also spreads the weights' outliers over their rows, which a 2-bit grid
+# per output channel needs most (MiniLM W2A8: glue.md, squad.md); the activation layout stays per Linear.
+_W2_ENCODER_RULE = Rule(
+    When(max_weight_bits=2, weight_only=False, causal_lm=False),
+    {"transforms": ["hadamard_inputs"]},
+    "2-bit weights on an encoder: rotated Linear inputs",
+)
+
 PRESETS: dict[str, Preset] = {
     # The papers' exact setting: 20k iterations of β-annealed rounding from the FP weight on the Lp grid, each
     # step's batch drawn at random from all the samples, QDrop's dropping.
@@ -123,7 +131,7 @@ PRESETS: dict[str, Preset] = {
             "weight_init": "gptq", "weight_range": "lp", "gptq_act_order": False, "init_margin": None,
             "rounding": "progressive", "learn_weight_scale": True, "weight_lr": 3e-3, "act_lr": 4e-4, "scale_lr": 3e-3,
         },
-        rules=_ACTIVATION_RULES,
+        rules=(_W2_ENCODER_RULE, *_ACTIVATION_RULES),
         notes={
             "method": "QDrop's dropping pays only after long schedules",
             "weight_init": "short schedule: start from GPTQ's codes",

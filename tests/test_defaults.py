@@ -52,6 +52,16 @@ def test_the_defaults_by_activation_width_and_model_kind(causal_lm, act_bits, ex
     assert _activations(QLimitConfig(act_bits=act_bits).resolved(causal_lm)) == expected
 
 
+def test_two_bit_weights_rotate_an_encoders_inputs_only():
+    w2a8 = QLimitConfig(weight_bits=2, act_bits=8)
+    assert _activations(w2a8.resolved(causal_lm=False)) == {**PAPERS, "transforms": ["hadamard_inputs"]}
+    assert "2-bit weights on an encoder" in w2a8.resolved(causal_lm=False).summary()
+    assert w2a8.resolved(causal_lm=True).transforms == ["hadamard_down"]  # the decoder rule, as at 4-bit weights
+    assert QLimitConfig(weight_bits=2, act_bits=None).resolved(causal_lm=False).transforms is None
+    assert QLimitConfig(weight_bits=3, act_bits=8).resolved(causal_lm=False).transforms is None
+    assert QLimitConfig(weight_bits=2, act_bits=8, preset="paper").resolved(causal_lm=False).transforms is None
+
+
 @pytest.mark.parametrize("causal_lm", [False, True])
 def test_the_paper_preset_keeps_the_papers_activations_and_set_fields_win(causal_lm):
     paper = QLimitConfig(act_bits=4, preset="paper").resolved(causal_lm)

@@ -93,7 +93,7 @@ def test_group_size_and_weight_only_round_trip(inputs, tmp_path):
 
 def test_weights_lie_on_the_integer_grid():
     model = tiny_bert()
-    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=2, act_bits=8, method="rtn"))
+    model.quantize_qlimit(calib_samples(), QLimitConfig(weight_bits=2, act_bits=8, method="rtn", transforms=[]))
     layer: QuantLinear = model.bert.encoder.layer[1].output.dense
     w = layer.quantized_weight()
     q = w / layer.weight_quantizer.scale + layer.weight_quantizer.zero.float()

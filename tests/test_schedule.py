@@ -104,12 +104,14 @@ def test_harden_fraction_fixes_the_most_decided_first():
 def test_learned_scales_are_learned_and_survive_save_and_reload(tmp_path, inputs):
     from transformers import AutoModelForSequenceClassification
 
-    config = QLimitConfig(weight_bits=2, act_bits=8, iters=40, batch_size=8, num_samples=16)
+    config = QLimitConfig(weight_bits=2, act_bits=8, iters=40, batch_size=8, num_samples=16, transforms=[])
     assert config.resolved(causal_lm=False).learn_weight_scale  # the default for encoders
     model = tiny_bert()
     model.quantize_qlimit(calib_samples(16), config)
     rtn = tiny_bert()
-    rtn.quantize_qlimit(calib_samples(16), QLimitConfig(weight_bits=2, act_bits=8, method="rtn", num_samples=16))
+    rtn.quantize_qlimit(
+        calib_samples(16), QLimitConfig(weight_bits=2, act_bits=8, method="rtn", num_samples=16, transforms=[])
+    )
     learned = model.bert.encoder.layer[0].attention.self.query.weight_quantizer.scale
     initial = rtn.bert.encoder.layer[0].attention.self.query.weight_quantizer.scale
     assert not torch.equal(learned, initial)  # the steps moved away from the Lp grid
