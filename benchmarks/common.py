@@ -104,10 +104,15 @@ def measured(runs: Iterable[Record | None]) -> tuple[str, int | str | None]:
     """('<first day>[ to <last day>]', the CPU runs' torch threads: one count, or '<fewest> to <most>' when they
     differ, None when none recorded it) of results read by `read_results` (None or empty: a failed or missing run)."""
     runs = [r for r in runs if r]
-    days = sorted({r["environment"]["date"][:10] for r in runs}) or [datetime.date.today().isoformat()]
     threads = {r["environment"]["torch_threads"] for r in runs if r["environment"].get("torch_threads")}
     span = (f"{min(threads)} to {max(threads)}" if len(threads) > 1 else threads.pop()) if threads else None
-    return (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"), span
+    return day_span(r["environment"]["date"] for r in runs), span
+
+
+def day_span(dates: Iterable[str]) -> str:
+    """'<day>' or '<first day> to <last day>' of ISO dates or timestamps; today where there are none."""
+    days = sorted({date[:10] for date in dates}) or [datetime.date.today().isoformat()]
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
 # ----------------------------------------------------------------------------------------------- command lines

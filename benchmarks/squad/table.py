@@ -12,7 +12,6 @@ of docs/results/squad.md (`--marker` names another of its tables) is then rewrit
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import shlex
@@ -189,9 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measured_days(environments: list[dict[str, Any] | None]) -> str:
     """The day the runs started, or '<first> to <last>' (today for runs that recorded none)."""
-    days = sorted({env["date"][:10] for env in environments if env and env.get("date")})
-    days = days or [datetime.date.today().isoformat()]
-    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+    return common.day_span(env["date"] for env in environments if env and env.get("date"))
 
 
 def header(args: argparse.Namespace, environments: list[dict[str, Any] | None]) -> dict[str, str]:
